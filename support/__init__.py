@@ -1,0 +1,15 @@
+"""The course's plumbing: start apps in-process, fire load at them, plot and check the results."""
+
+from support.loadgen import LoadResult, RequestRecord, load
+from support.server import Server, ServerFailedToStart, running, serve, stop_all
+
+__all__ = [
+    "LoadResult",
+    "RequestRecord",
+    "Server",
+    "ServerFailedToStart",
+    "load",
+    "running",
+    "serve",
+    "stop_all",
+]

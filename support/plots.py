@@ -1,0 +1,102 @@
+"""The chapters' plots, drawn from ``LoadResult`` runs: request timelines and latency CDFs.
+
+The timeline (one horizontal bar per request, from its start to its end) is the course's signature
+picture: requests that wait for one another form a staircase, requests that overlap form a block.
+Several runs are drawn side by side on shared axes so broken and fixed compare at a glance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from support.loadgen import LoadResult
+
+__all__ = ["compare", "plot_cdf", "plot_timeline"]
+
+_STATUS_COLOURS = {2: "tab:blue", 3: "tab:cyan", 4: "tab:orange", 5: "tab:red"}
+
+
+def _colour(status: int) -> str:
+    return _STATUS_COLOURS.get(status // 100, "black")
+
+
+def _as_runs(results: LoadResult | Sequence[LoadResult] | Mapping[str, LoadResult]) -> dict[str, LoadResult]:
+    if isinstance(results, LoadResult):
+        return {results.label: results}
+    if isinstance(results, Mapping):
+        return dict(results)
+    return {r.label: r for r in results}
+
+
+def plot_timeline(result: LoadResult, ax: Axes | None = None, title: str | None = None) -> Axes:
+    """One bar per request, start to end, in the order requests started (errors in black)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    records = sorted(result.records, key=lambda r: r.start)
+    ax.barh(
+        range(len(records)),
+        [r.latency * 1000 for r in records],
+        left=[r.start * 1000 for r in records],
+        height=0.8,
+        color=[_colour(r.status) for r in records],
+    )
+    ax.set_xlabel("time since the run started (ms)")
+    ax.set_ylabel("request (in order sent)")
+    ax.set_ylim(len(records) - 0.5, -0.5)
+    ax.set_title(title or f"{result.label}\nwall {result.wall * 1000:.0f} ms, p50 {result.p50 * 1000:.0f} ms")
+    return ax
+
+
+def plot_cdf(
+    results: LoadResult | Sequence[LoadResult] | Mapping[str, LoadResult],
+    ax: Axes | None = None,
+    log: bool = False,
+) -> Axes:
+    """The latency distribution of each run as a CDF (the fraction of requests at most this slow)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    for label, result in _as_runs(results).items():
+        values = sorted(v * 1000 for v in result.latencies)
+        n = len(values)
+        ax.step(
+            values,
+            [(i + 1) / n for i in range(n)],
+            where="post",
+            label=f"{label} (p50 {result.p50 * 1000:.0f} ms)",
+        )
+    ax.set_xlabel("latency (ms)" + (", log scale" if log else ""))
+    ax.set_ylabel("fraction of requests")
+    if log:
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    ax.set_title("latency distribution")
+    return ax
+
+
+def compare(
+    results: Sequence[LoadResult] | Mapping[str, LoadResult], cdf: bool = True, log: bool = False
+) -> Figure:
+    """Timelines side by side on shared axes, and (``cdf=True``) their latency CDFs beside them."""
+    runs = _as_runs(results)
+    columns = len(runs) + (1 if cdf else 0)
+    fig, axes = plt.subplots(1, columns, figsize=(4.2 * columns, 3.6), constrained_layout=True)
+    axes = list(axes) if columns > 1 else [axes]
+    timeline_axes = axes[: len(runs)]
+    for ax, (label, result) in zip(timeline_axes, runs.items(), strict=True):
+        plot_timeline(result, ax=ax, title=f"{label}\nwall {result.wall * 1000:.0f} ms")
+    right = max(max(r.ends, default=0) for r in runs.values()) * 1000 * 1.05
+    bottom = max(len(r.records) for r in runs.values()) - 0.5
+    for ax in timeline_axes:
+        ax.set_xlim(0, right)
+        ax.set_ylim(bottom, -0.5)
+    for ax in timeline_axes[1:]:
+        ax.set_ylabel("")
+    if cdf:
+        plot_cdf(runs, ax=axes[-1], log=log)
+    return fig

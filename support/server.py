@@ -1,0 +1,251 @@
+"""Run an ASGI app under uvicorn on a background thread of the current process.
+
+The course's chapters start their apps inside the Jupyter kernel, so that the app, the load and the
+plots live in one notebook. A server here is bound to 127.0.0.1 on a free port, and is registered
+under a key: starting another server under the same key (re-running the same cell) stops the old one
+first, so re-running cells never fails with "address already in use" and never leaks a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+__all__ = ["Server", "ServerFailedToStart", "running", "serve", "stop_all"]
+
+_LOGGER_NAMES = ("uvicorn", "uvicorn.error", "uvicorn.access")
+_registry: dict[str, Server] = {}
+_registry_lock = threading.Lock()
+
+
+class ServerFailedToStart(RuntimeError):
+    """The app did not start, most often because its lifespan raised."""
+
+
+class _ThreadLogRouter(logging.Handler):
+    """Routes uvicorn's log records to the server whose thread emitted them.
+
+    Output printed from a server thread would land in whichever notebook cell happens to be running,
+    so by default nothing is printed: records are kept on the server handle (``server.log``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        server = _by_thread.get(record.threadName or "")
+        if server is not None:
+            server._record(record, self.format(record))
+
+
+_by_thread: dict[str, Server] = {}
+_router = _ThreadLogRouter()
+
+
+def _install_log_router() -> None:
+    for name in _LOGGER_NAMES:
+        logger = logging.getLogger(name)
+        if _router not in logger.handlers:
+            logger.addHandler(_router)
+        logger.propagate = False
+    logging.getLogger("uvicorn").setLevel(logging.INFO)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server with a main loop that wakes as soon as it is asked to stop.
+
+    uvicorn polls ``should_exit`` every 100 ms; waking on an event makes ``stop()`` prompt.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=0.1)
+
+    def request_exit(self) -> None:
+        self.should_exit = True
+        loop, wake = self.loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+
+class Server:
+    """A handle on a running app: ``.url``, ``.stop()``, and what the server logged.
+
+    Use it at top level (``server = serve(app)`` … ``server.stop()``) or as a context manager
+    (``with serve(app) as server: …``).
+    """
+
+    def __init__(self, app: Any, key: str, *, log: bool, graceful_timeout: float) -> None:
+        self.app = app
+        self.key = key
+        self.echo_log = log
+        self.log: list[str] = []
+        self.errors: list[str] = []
+        self._exceptions: list[BaseException] = []
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        # IPPROTO_TCP (not 0) matters: asyncio sets TCP_NODELAY on accepted connections only when the
+        # listening socket says it is TCP; without it keep-alive requests can stall ~40 ms (Nagle).
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=log,
+            timeout_graceful_shutdown=graceful_timeout,
+            backlog=4096,
+        )
+        self._uvicorn = _Uvicorn(config)
+        self._thread = threading.Thread(target=self._run, name=f"serve:{key}:{self.port}", daemon=True)
+        self._exit: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self._uvicorn.run(sockets=[self._sock])
+        except BaseException as exc:  # SystemExit from a failed lifespan, or anything else
+            self._exit = exc
+
+    def _record(self, record: logging.LogRecord, line: str) -> None:
+        self.log.append(line)
+        if record.levelno >= logging.ERROR:
+            self.errors.append(line)
+            if record.exc_info and record.exc_info[1] is not None:
+                self._exceptions.append(record.exc_info[1])
+        if self.echo_log:
+            print(line, file=sys.stderr)
+
+    @property
+    def exceptions(self) -> list[BaseException]:
+        """Exceptions the app raised while serving (uvicorn logged them; nothing was printed)."""
+        return list(self._exceptions)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._uvicorn.should_exit
+
+    def _start(self, timeout: float) -> None:
+        _by_thread[self._thread.name] = self
+        self._thread.start()
+        deadline = time.perf_counter() + timeout
+        while not self._uvicorn.started and self._thread.is_alive():
+            if time.perf_counter() > deadline:
+                self.stop()
+                raise ServerFailedToStart(f"the app did not start within {timeout:.0f} s")
+            time.sleep(0.001)
+        if not self._uvicorn.started:
+            self._thread.join()
+            self._sock.close()
+            _by_thread.pop(self._thread.name, None)
+            raise ServerFailedToStart(f"the app failed to start: {self._failure_reason()}")
+
+    def _failure_reason(self) -> str:
+        """The last line of the last traceback uvicorn logged, e.g. ``ValueError: no database``."""
+        for entry in reversed(self.errors):
+            lines = [line for line in entry.splitlines() if line.strip()]
+            if len(lines) > 1:
+                return f"{lines[-1].strip()} (raised by the app during start-up)"
+        return f"uvicorn exited with {self._exit!r}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving: wait for in-flight requests (bounded by ``graceful_timeout``), then close."""
+        self._uvicorn.request_exit()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self._sock.close()
+        _by_thread.pop(self._thread.name, None)
+        with _registry_lock:
+            if _registry.get(self.key) is self:
+                del _registry[self.key]
+        if self._thread.is_alive():
+            raise RuntimeError(f"server {self.key!r} did not stop within {timeout} s")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Server {self.key!r} {state} at {self.url}>"
+
+
+def _caller_key() -> str:
+    """A key for "the cell that called serve()": the notebook cell's id, else the caller's location."""
+    with contextlib.suppress(Exception):
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        parent = shell.kernel.get_parent() if shell is not None and hasattr(shell, "kernel") else None
+        cell_id = (parent or {}).get("metadata", {}).get("cellId")
+        if cell_id:
+            return f"cell:{cell_id}"
+    frame = sys._getframe(2)
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def serve(
+    app: Any,
+    *,
+    name: str | None = None,
+    log: bool = False,
+    graceful_timeout: float = 5.0,
+    start_timeout: float = 30.0,
+) -> Server:
+    """Start ``app`` under uvicorn on a background thread, on 127.0.0.1 and a free port.
+
+    ``name`` keys the server; by default the key is the calling notebook cell (or source line), so
+    re-running a cell replaces the server it started. ``log=True`` echoes uvicorn's log and access
+    log to stderr; by default they are kept on the handle (``server.log``, ``server.errors``).
+    ``graceful_timeout`` bounds how long ``stop()`` waits for in-flight requests and background tasks.
+    """
+    _install_log_router()
+    key = name or _caller_key()
+    with _registry_lock:
+        old = _registry.pop(key, None)
+    if old is not None:
+        old.stop()
+    server = Server(app, key, log=log, graceful_timeout=graceful_timeout)
+    server._start(start_timeout)
+    with _registry_lock:
+        _registry[key] = server
+    return server
+
+
+def running() -> list[Server]:
+    """The servers started by ``serve()`` that have not been stopped."""
+    with _registry_lock:
+        return list(_registry.values())
+
+
+def stop_all() -> int:
+    """Stop every server started by ``serve()``; returns how many were stopped."""
+    servers = running()
+    for server in servers:
+        server.stop()
+    return len(servers)
+
+
+atexit.register(stop_all)
