@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json as jsonlib
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -88,7 +89,7 @@ class LoadResult:
         values = sorted(self.latencies)
         if not values:
             return float("nan")
-        rank = max(1, min(len(values), round(p / 100 * len(values) + 0.5)))
+        rank = max(1, min(len(values), math.ceil(p / 100 * len(values))))
         return values[rank - 1]
 
     @property

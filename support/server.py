@@ -96,7 +96,7 @@ class Server:
     (``with serve(app) as server: …``).
     """
 
-    def __init__(self, app: Any, key: str, *, log: bool, graceful_timeout: float) -> None:
+    def __init__(self, app: Any, key: str, *, log: bool, graceful_timeout: float, loop: str) -> None:
         self.app = app
         self.key = key
         self.echo_log = log
@@ -116,6 +116,7 @@ class Server:
             access_log=log,
             timeout_graceful_shutdown=graceful_timeout,
             backlog=4096,
+            loop=loop,
         )
         self._uvicorn = _Uvicorn(config)
         self._thread = threading.Thread(target=self._run, name=f"serve:{key}:{self.port}", daemon=True)
@@ -213,6 +214,7 @@ def serve(
     log: bool = False,
     graceful_timeout: float = 5.0,
     start_timeout: float = 30.0,
+    loop: str = "auto",
 ) -> Server:
     """Start ``app`` under uvicorn on a background thread, on 127.0.0.1 and a free port.
 
@@ -220,6 +222,7 @@ def serve(
     re-running a cell replaces the server it started. ``log=True`` echoes uvicorn's log and access
     log to stderr; by default they are kept on the handle (``server.log``, ``server.errors``).
     ``graceful_timeout`` bounds how long ``stop()`` waits for in-flight requests and background tasks.
+    ``loop`` is uvicorn's: ``"auto"`` (uvloop where installed) or ``"asyncio"``.
     """
     _install_log_router()
     key = name or _caller_key()
@@ -227,7 +230,7 @@ def serve(
         old = _registry.pop(key, None)
     if old is not None:
         old.stop()
-    server = Server(app, key, log=log, graceful_timeout=graceful_timeout)
+    server = Server(app, key, log=log, graceful_timeout=graceful_timeout, loop=loop)
     server._start(start_timeout)
     with _registry_lock:
         _registry[key] = server

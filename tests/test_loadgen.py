@@ -1,0 +1,129 @@
+"""support.load, the course's measuring instrument: correct records, and it does not add latency."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import statistics
+
+import pytest
+
+import support
+from support.bench import httpx_rps, ideal_walls, load_rps, wrk_rps
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_records_one_entry_per_request(server: support.Server) -> None:
+    result = run(support.load(server, "/ping", requests=30, concurrency=5))
+    assert len(result.records) == len(result.latencies) == 30
+    assert [r.index for r in result.records] == list(range(30))
+    assert result.statuses == {200: 30} and result.ok == 30
+    assert all(0 <= r.start <= r.end <= result.wall for r in result.records)
+
+
+def test_latency_matches_an_endpoint_of_known_delay(server: support.Server) -> None:
+    result = run(support.load(server, "/sleep?s=0.05", requests=10, concurrency=1))
+    assert min(result.latencies) >= 0.05
+    assert result.p50 < 0.09
+    assert 0.5 <= result.wall <= 1.0  # ten sequential 50 ms requests
+
+
+def test_a_blocked_server_shows_a_staircase(server: support.Server) -> None:
+    """Ten concurrent requests to a handler that blocks the loop 50 ms finish one after another."""
+    result = run(support.load(server, "/block?s=0.05", requests=10, concurrency=10))
+    ends = sorted(result.ends)
+    gaps = [b - a for a, b in itertools.pairwise(ends)]
+    assert result.wall >= 0.45
+    assert statistics.median(gaps) >= 0.04
+
+
+def test_concurrent_sleeps_finish_near_the_ideal(server: support.Server) -> None:
+    """Target 1.5× the ideal (see `python course.py bench`); asserted here with margin for noise."""
+    figure = run(ideal_walls(server, runs=3, n=200, delay=0.1))
+    assert figure.median < 2.0, figure
+
+
+def test_it_is_much_faster_than_an_httpx_loop(server: support.Server) -> None:
+    ours = run(load_rps(server, runs=3, n=2000))
+    theirs = run(httpx_rps(server, runs=1, n=300))
+    assert ours.median > 4 * theirs.median, (ours, theirs)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_it_reaches_a_good_share_of_wrk(server: support.Server) -> None:
+    """Target ≥ 40 % of wrk's requests/s on the same in-process server; asserted at 25 % for noise."""
+    ours = run(load_rps(server, runs=3, n=3000))
+    wrk = wrk_rps(server, runs=3, seconds=2)
+    assert wrk is not None
+    assert ours.median >= 0.25 * wrk.median, (ours, wrk)
+
+
+def test_statuses_and_errors_are_counted(server: support.Server) -> None:
+    result = run(
+        support.load(server, lambda i: f"/status/{404 if i % 2 else 503}", requests=10, concurrency=2)
+    )
+    assert result.statuses == {404: 5, 503: 5}
+    assert result.ok == 0
+
+
+def test_a_timeout_is_recorded_not_raised(server: support.Server) -> None:
+    result = run(support.load(server, "/sleep?s=1", requests=2, concurrency=2, timeout=0.1))
+    assert result.statuses == {0: 2}
+    assert "no response within 0.1 s" in next(iter(result.errors))
+
+
+def test_connection_close_responses_reconnect(server: support.Server) -> None:
+    result = run(support.load(server, "/close", requests=20, concurrency=2))
+    assert result.statuses == {200: 20}
+
+
+def test_json_body_headers_and_bodies(server: support.Server) -> None:
+    result = run(support.load(server, "/echo", method="POST", json={"a": 1}, requests=3, keep_bodies=True))
+    assert {r.body for r in result.records} == {b'{"a":1}'}
+    result = run(
+        support.load(
+            server, "/headers", headers=lambda i: {"X-Client": f"c{i}"}, requests=3, keep_bodies=True
+        )
+    )
+    assert [r.body for r in result.records] == [b'{"client":"c0"}', b'{"client":"c1"}', b'{"client":"c2"}']
+
+
+def test_interval_paces_requests(server: support.Server) -> None:
+    result = run(support.load(server, "/ping", requests=11, concurrency=1, interval=0.02))
+    assert result.wall >= 0.2
+    starts = result.starts
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.015
+
+
+def test_a_stopped_server_gives_a_clear_error(server: support.Server) -> None:
+    server.stop()
+    with pytest.raises(ConnectionError, match="is the server running"):
+        run(support.load(server, "/ping"))
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="http:// URL or a server handle"):
+        run(support.load("localhost:8000", "/"))
+    with pytest.raises(ValueError, match="at least 1"):
+        run(support.load("http://127.0.0.1:9", "/", requests=0))
+
+
+def test_summary_and_display(server: support.Server) -> None:
+    result = run(support.load(server, "/ping", requests=20, concurrency=4, label="ping"))
+    summary = result.summary()
+    assert summary["requests"] == 20 and summary["statuses"] == {200: 20}
+    assert summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
+    assert str(result).startswith("ping: 20 requests at concurrency 4")
+    assert "<table>" in result._repr_html_() and "20×200" in result._repr_html_()
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    records = [support.RequestRecord(i, 0.0, (i + 1) / 100, 200) for i in range(100)]
+    result = support.LoadResult("x", 1, 1.0, records)
+    assert result.p50 == pytest.approx(0.50)
+    assert result.p99 == pytest.approx(0.99)
+    assert result.max == pytest.approx(1.0)

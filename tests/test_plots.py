@@ -1,0 +1,47 @@
+"""support.plots draws from real LoadResults: one bar per request, broken and fixed on shared axes."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+from support.loadgen import LoadResult, RequestRecord
+from support.plots import compare, plot_cdf, plot_timeline
+
+
+def fake_run(label: str, n: int, step: float, status: int = 200) -> LoadResult:
+    """A staircase (step > 0) or a block (step == 0) of n requests of 100 ms."""
+    records = [RequestRecord(i, i * step, i * step + 0.1, status) for i in range(n)]
+    return LoadResult(label, n, max(r.end for r in records), records)
+
+
+def test_timeline_draws_one_bar_per_request() -> None:
+    ax = plot_timeline(fake_run("x", 12, 0.1))
+    assert len(ax.patches) == 12
+    first, last = ax.patches[0], ax.patches[-1]
+    assert first.get_x() == 0 and round(last.get_x()) == 1100  # ms: the staircase
+    assert ax.get_xlabel() == "time since the run started (ms)"
+    plt.close("all")
+
+
+def test_errors_are_drawn_in_another_colour() -> None:
+    ok, failed = plot_timeline(fake_run("ok", 1, 0)), plot_timeline(fake_run("bad", 1, 0, status=503))
+    assert ok.patches[0].get_facecolor() != failed.patches[0].get_facecolor()
+    plt.close("all")
+
+
+def test_compare_shares_axes_and_adds_a_cdf() -> None:
+    fig = compare({"blocking": fake_run("b", 10, 0.1), "offloaded": fake_run("o", 10, 0.0)})
+    timelines, cdf = fig.axes[:2], fig.axes[2]
+    assert len(fig.axes) == 3
+    assert timelines[0].get_xlim() == timelines[1].get_xlim()
+    assert timelines[0].get_xlim()[1] >= 1000  # the slow run fits
+    assert "blocking" in timelines[0].get_title()
+    assert len(cdf.get_lines()) == 2 and cdf.get_xlabel() == "latency (ms)"
+    plt.close(fig)
+
+
+def test_cdf_reaches_one() -> None:
+    ax = plot_cdf([fake_run("a", 5, 0.0)])
+    ys = ax.get_lines()[0].get_ydata()
+    assert ys[0] == 0.2 and ys[-1] == 1.0
+    plt.close("all")

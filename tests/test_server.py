@@ -1,0 +1,126 @@
+"""support.serve: life cycle, replacement, leaks, quiet logs, failures, and its timing targets."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+import support
+from support.bench import serve_cycle_times
+from tests.conftest import make_app
+
+
+def open_fds() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/fd"))
+
+
+def test_serves_on_loopback_and_stops(server: support.Server) -> None:
+    assert server.url.startswith("http://127.0.0.1:")
+    assert httpx.get(server.url + "/ping").json() == {"ok": True}
+    server.stop()
+    assert not server.running
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/ping")
+
+
+def test_context_manager_stops_on_exit() -> None:
+    with support.serve(make_app(), name="cm") as server:
+        assert httpx.get(server.url + "/ping").status_code == 200
+    assert not server.running
+    assert support.running() == []
+
+
+def test_same_key_replaces_the_old_server() -> None:
+    first = support.serve(make_app(), name="same")
+    second = support.serve(make_app(), name="same")
+    assert not first.running and second.running
+    assert support.running() == [second]
+
+
+def test_default_key_is_the_calling_line() -> None:
+    servers = [support.serve(make_app()) for _ in range(3)]  # one line: like re-running one cell
+    assert [s.running for s in servers] == [False, False, True]
+    other = support.serve(make_app())  # another line: another server
+    assert servers[-1].running and other.running
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts file descriptors through /proc")
+def test_twenty_cycles_leak_no_threads_or_sockets() -> None:
+    serve_cycle_times(1)  # warm-up: first-use imports may open files for good
+    threads, fds = threading.active_count(), open_fds()
+    serve_cycle_times(20)
+    assert threading.active_count() == threads
+    assert open_fds() == fds
+
+
+def test_start_and_stop_meet_their_targets() -> None:
+    start, stop = serve_cycle_times(10)
+    # Targets: start ≤ 50 ms and stop ≤ 250 ms (median); asserted with margin for a noisy machine.
+    assert start.median < 100, start
+    assert stop.median < 400, stop
+
+
+def test_nothing_is_printed_and_errors_are_kept(
+    server: support.Server, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert httpx.get(server.url + "/boom").status_code == 500
+    time.sleep(0.05)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert any("boom from the app" in line for line in server.errors)
+    assert isinstance(server.exceptions[-1], RuntimeError)
+
+
+def test_log_true_echoes_the_access_log(capfd: pytest.CaptureFixture[str]) -> None:
+    with support.serve(make_app(), name="loud", log=True) as server:
+        httpx.get(server.url + "/ping")
+        time.sleep(0.05)
+    assert "GET /ping" in capfd.readouterr().err
+
+
+def test_failing_lifespan_raises_a_clear_error() -> None:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        raise ValueError("DATABASE_URL is not set")
+        yield
+
+    threads = threading.active_count()
+    with pytest.raises(support.ServerFailedToStart, match="ValueError: DATABASE_URL is not set"):
+        support.serve(FastAPI(lifespan=lifespan), name="bad")
+    assert threading.active_count() == threads
+    assert support.running() == []
+
+
+def test_stop_waits_for_a_request_in_flight(server: support.Server) -> None:
+    results: list[int] = []
+    client = threading.Thread(
+        target=lambda: results.append(httpx.get(server.url + "/sleep?s=0.3").status_code)
+    )
+    client.start()
+    time.sleep(0.1)
+    server.stop()
+    client.join()
+    assert results == [200]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "auto"])
+def test_keep_alive_requests_are_not_delayed_by_nagle(loop: str) -> None:
+    """Without IPPROTO_TCP on the listening socket, asyncio's loop left keep-alive requests at ~44 ms."""
+    with (
+        support.serve(make_app(), name="nagle", loop=loop) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        client.get("/ping")
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            client.post("/echo", json={"x": "y" * 2000})
+            times.append(time.perf_counter() - t)
+    assert statistics.median(times) < 0.02, f"median {statistics.median(times) * 1000:.1f} ms"
