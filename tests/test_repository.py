@@ -64,8 +64,8 @@ def third_party_imports(source: str) -> set[str]:
 
 
 def notebook_code(path: Path) -> str:
-    cells = json.loads(path.read_text())["cells"]
-    code = ("\n".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells)
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    code = ("".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells)
     return "\n".join(
         line for c in code for line in c.splitlines() if not line.lstrip().startswith(("%", "!"))
     )

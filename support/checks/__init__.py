@@ -74,14 +74,14 @@ def _is_placeholder(exc: BaseException) -> bool:
     return isinstance(exc, NotImplementedError) and bool(PLACEHOLDER.match(str(exc)))
 
 
-def _where_in_learner_code(exc: BaseException) -> str:
+def _where_in_learner_code(exc: BaseException) -> str | None:
     """``line 3 of your cell: return fetch(x)`` for the innermost frame from a notebook cell."""
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
         name = frame.filename
         if "ipykernel_" in name or name.startswith("<ipython-input") or name.startswith("<cell"):
-            return f" (line {frame.lineno} of your cell: {(frame.line or '').strip()})"
-    return ""
+            return f"line {frame.lineno} of your cell: {(frame.line or '').strip()}"
+    return None
 
 
 class _Exercise:
@@ -137,7 +137,7 @@ class _Exercise:
         print(f"       your code raised {type(exc).__name__}{': ' + detail if detail else ''}")
         where = _where_in_learner_code(exc)
         if where:
-            print(f"       where:    {where.strip(' ()')}")
+            print(f"       where:    {where}")
         print("       hint:     fix the error first; the full traceback is in `support.checks.last_error`")
         global last_error
         last_error = exc
@@ -164,6 +164,8 @@ def exercise(exercise_id: str, title: str, solution: str) -> Iterator[_Exercise]
     ex = _Exercise(exercise_id, title, solution)
     try:
         yield ex
+    except Mismatch as wrong:
+        ex._fail("setting up the check with your code", wrong)
     except Exception as exc:
         ex._raised("setting up the check with your code", exc)
     summary = ex.summary()

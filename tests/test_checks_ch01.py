@@ -1,0 +1,378 @@
+"""support.checks.ch01: chapter 1's checks pass right answers and name each plausible wrong one.
+
+Every answer here is written the way a learner would write it in the exercise cell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from fastapi import FastAPI
+
+import support
+import support.checks
+from support.checks import ExerciseIncomplete, placeholder_message, reset_hints
+from support.checks.ch01 import check_loop_lag_probe, check_offload, check_offload_choice
+from support.workloads import LegacyPriceClient
+
+
+def child_processes() -> set[int]:
+    """Process ids whose parent is this process (Linux only; elsewhere an empty set)."""
+    children = set()
+    if sys.platform != "linux":
+        return children
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                children.add(int(entry.name))
+    return children
+
+
+@pytest.fixture(autouse=True)
+def _fresh_and_leaves_nothing_running() -> Iterator[None]:
+    reset_hints()
+    threads, children = set(threading.enumerate()), child_processes()
+    yield
+    support.checks.last_error = None
+    reset_hints()
+    assert support.running() == [], "a check left a server running"
+    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+    assert child_processes() <= children, "a check left a worker process running"
+
+
+def rejected(capsys: pytest.CaptureFixture[str], check: Any, *answer: Any) -> str:
+    """Run a check that must not pass; return what it printed plus its one-line summary."""
+    with pytest.raises(ExerciseIncomplete) as failure:
+        check(*answer)
+    return capsys.readouterr().out + str(failure.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 1.1: fix a blocking endpoint
+# ---------------------------------------------------------------------------------------------------
+
+SHAPE = '{"symbol": "ACME", "price": 127.8}'
+
+
+def price_app(variant: str) -> tuple[FastAPI, LegacyPriceClient]:
+    """The exercise cell, answered one way or another."""
+    client = LegacyPriceClient(delay=0.05)
+    app = FastAPI()
+
+    async def fetch(symbol: str) -> float:  # an async def helper around the blocking call
+        return client.get_price(symbol)
+
+    if variant == "def":
+
+        @app.get("/price/{symbol}")
+        def price_def(symbol: str):
+            return {"symbol": symbol, "price": client.get_price(symbol)}
+
+        return app, client
+
+    one_at_a_time = anyio.CapacityLimiter(1)
+
+    @app.get("/price/{symbol}")
+    async def price(symbol: str):
+        if variant == "to_thread":
+            value = await anyio.to_thread.run_sync(client.get_price, symbol)
+        elif variant == "blocking":
+            value = client.get_price(symbol)
+        elif variant == "async-helper":
+            value = await fetch(symbol)
+        elif variant == "create_task":
+            value = await asyncio.create_task(fetch(symbol))
+        elif variant == "gather":
+            (value,) = await asyncio.gather(fetch(symbol))
+        elif variant == "no-await":
+            value = anyio.to_thread.run_sync(client.get_price, symbol)
+        elif variant == "bare-price":
+            return await anyio.to_thread.run_sync(client.get_price, symbol)
+        elif variant == "one-thread":
+            value = await anyio.to_thread.run_sync(client.get_price, symbol, limiter=one_at_a_time)
+        elif variant == "placeholder":
+            raise NotImplementedError(placeholder_message("1.1"))
+        elif variant == "error":
+            value = {"AAPL": 1.0}[symbol]
+        return {"symbol": symbol, "price": value}
+
+    return app, client
+
+
+@pytest.mark.parametrize("variant", ["to_thread", "def"])
+def test_1_1_offloaded_endpoint_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_offload(*price_app(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 1.1 · Fix a blocking endpoint\n")
+    assert f"  ✅ GET /price/ACME answers {SHAPE}\n" in out
+    assert "  ✅ no call of `client.get_price` ran on the event loop's thread\n" in out
+    assert out.endswith("Exercise 1.1: passed ✅ (4 of 4 checks)\n")
+
+
+def test_1_1_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload, *price_app("placeholder"))
+    assert "⬜ not started: Exercise 1.1's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 1.1: not started")
+
+
+def test_1_1_blocking_call_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload, *price_app("blocking"))
+    assert "❌ no call of `client.get_price` ran on the event loop's thread" in out
+    assert "called straight from your `async def` endpoint" in out
+    assert "at most 1 at once: the requests ran one after another" in out
+    assert out.endswith("Exercise 1.1: not yet — 2 of 4 checks pass")
+
+
+def test_1_1_awaited_async_helper_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload, *price_app("async-helper"))
+    assert "called from an `async def` helper that your endpoint awaited" in out
+
+
+@pytest.mark.parametrize("variant", ["create_task", "gather"])
+def test_1_1_task_on_the_loop_is_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload, *price_app(variant))
+    assert "called from a task of its own" in out
+    assert "a task is another coroutine on the same loop thread" in out
+
+
+def test_1_1_forgotten_await_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload, *price_app("no-await"))
+    assert "a coroutine object (run_sync) in place of the price: it was never awaited" in out
+    assert "your code raised" not in out
+    assert out.endswith("Exercise 1.1: not yet — 1 of 2 checks pass")
+
+
+def test_1_1_wrong_shape_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload, *price_app("bare-price"))
+    assert "expected: the JSON body {'symbol': 'ACME', 'price': 127.8}\n       seen:     127.8\n" in out
+    assert "✅ no call of `client.get_price` ran on the event loop's thread" in out
+
+
+def test_1_1_serialised_threads_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload, *price_app("one-thread"))
+    assert "✅ no call of `client.get_price` ran on the event loop's thread" in out
+    assert "at most 1 at once" in out and "Something serialises the calls" in out
+
+
+def test_1_1_an_error_in_the_endpoint_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload, *price_app("error"))
+    assert "your code raised KeyError: 'ACME'" in out
+    assert "Traceback" not in out
+
+
+def test_1_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    app, client = price_app("blocking")
+    first = rejected(capsys, check_offload, app, client)
+    second = rejected(capsys, check_offload, app, client)
+    assert "anyio.to_thread.run_sync(client.get_price, symbol)" not in first.split("20 concurrent")[0]
+    assert "anyio.to_thread.run_sync(client.get_price, symbol)" in second.split("20 concurrent")[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 1.2: a loop-lag probe
+# ---------------------------------------------------------------------------------------------------
+
+
+def lag_probe(variant: str) -> Any:
+    """``max_loop_lag`` as a learner might write it."""
+
+    async def max_loop_lag(duration: float, interval: float = 0.05) -> Any:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("1.2"))
+        loop = asyncio.get_running_loop()
+        lags: list[float] = []
+        deadline = loop.time() + duration
+        while variant == "forever" or loop.time() < deadline:
+            before = loop.time()
+            if variant == "time.sleep":
+                time.sleep(interval)
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(interval)
+            lag = loop.time() - before
+            lags.append(lag if variant == "no-subtract" else lag - interval)
+            if variant == "one-sample":
+                break
+        if variant == "mean":
+            return statistics.mean(lags)
+        if variant == "sum":
+            return sum(lags)
+        if variant == "list":
+            return lags
+        if variant == "error":
+            return max(lags) / 0
+        return None if variant == "none" else max(lags)
+
+    async def never_awaits(duration: float, interval: float = 0.05) -> float:
+        worst, deadline = 0.0, time.perf_counter() + duration
+        while time.perf_counter() < deadline:
+            before = time.perf_counter()
+            time.sleep(interval)
+            worst = max(worst, time.perf_counter() - before - interval)
+        return worst
+
+    def sync_probe(duration: float, interval: float = 0.05) -> float:
+        return 0.0
+
+    return {"never-awaits": never_awaits, "sync": sync_probe}.get(variant, max_loop_lag)
+
+
+def test_1_2_worst_lag_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    check_loop_lag_probe(lag_probe("right"))
+    out = capsys.readouterr().out
+    assert "  ✅ an idle loop shows less than 0.03 s of lag\n" in out
+    assert "  ✅ a loop blocked three times for 0.2 s shows a worst lag of about 0.2 s\n" in out
+    assert out.endswith("Exercise 1.2: passed ✅ (4 of 4 checks)\n")
+
+
+def test_1_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_loop_lag_probe, lag_probe("placeholder"))
+    assert "⬜ not started: Exercise 1.2's cell" in out
+    assert out.endswith("Exercise 1.2: not started")
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("mean", "far less than one stall; the stalls were averaged with the on-time wake-ups"),
+        ("sum", "more than the longest stall (0.2 s); the lags were added up"),
+        ("no-subtract", "about the interval itself (0.05 s): the sleep was counted as lag"),
+        ("one-sample", "it returned after 0.0"),
+    ],
+)
+def test_1_2_wrong_measures_are_named(variant: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_loop_lag_probe, lag_probe(variant))
+    assert message in out
+    assert out.endswith("Exercise 1.2: not yet — 3 of 4 checks pass")
+
+
+@pytest.mark.parametrize("variant", ["time.sleep", "never-awaits"])
+def test_1_2_a_probe_that_blocks_the_loop_is_rejected(
+    variant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_loop_lag_probe, lag_probe(variant))
+    assert "❌ it awaits while it sleeps: other tasks on the loop keep running" in out
+    assert "the probe blocks the loop it measures" in out
+    assert out.endswith("Exercise 1.2: not yet — 1 of 2 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("list", "seen:     a list of 10 values"),
+        ("none", "seen:     None: the function returns nothing"),
+        ("sync", "expected: an awaitable: `max_loop_lag` defined with `async def`"),
+        ("error", "your code raised ZeroDivisionError: float division by zero"),
+    ],
+)
+def test_1_2_not_a_number_of_seconds(variant: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_loop_lag_probe, lag_probe(variant))
+    assert message in out
+    assert out.endswith("Exercise 1.2: not yet — 0 of 1 checks pass")
+
+
+def test_1_2_a_probe_that_never_returns_is_stopped(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_loop_lag_probe, lag_probe("forever"))
+    assert (
+        "expected: max_loop_lag(0.5) to return after about 0.5 s\n       seen:     no return within 3.5 s\n"
+        in out
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 1.3: the right offload for each kind of work
+# ---------------------------------------------------------------------------------------------------
+
+
+def offloader(variant: str) -> Any:
+    """``run_offloaded`` as a learner might write it."""
+
+    async def run_offloaded(kind: str, func: Any, *args: Any) -> Any:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("1.3"))
+        if variant == "right":
+            if kind == "python_cpu":
+                return await anyio.to_process.run_sync(func, *args)
+            return await anyio.to_thread.run_sync(func, *args)
+        if variant == "asyncio.to_thread":
+            if kind == "python_cpu":
+                return await anyio.to_process.run_sync(func, *args)
+            return await asyncio.to_thread(func, *args)
+        if variant == "all-threads":
+            return await anyio.to_thread.run_sync(func, *args)
+        if variant == "all-processes":
+            return await anyio.to_process.run_sync(func, *args)
+        if variant == "inline":
+            return func(*args)
+        if variant == "no-return":
+            await anyio.to_thread.run_sync(func, *args)
+            return None
+        strategies = {"io": anyio.to_thread.run_sync, "cpu": anyio.to_process.run_sync}
+        return await strategies[kind](func, *args)  # variant "error": the kinds misspelt
+
+    def not_async(kind: str, func: Any, *args: Any) -> Any:
+        return func(*args)
+
+    return not_async if variant == "not-async" else run_offloaded
+
+
+@pytest.mark.parametrize("variant", ["right", "asyncio.to_thread"])
+def test_1_3_threads_and_a_process_pass(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_offload_choice(offloader(variant))
+    out = capsys.readouterr().out
+    assert '  ✅ "python_cpu": pure-Python CPU work (`count_primes`) runs in another process\n' in out
+    assert out.endswith("Exercise 1.3: passed ✅ (3 of 3 checks)\n")
+
+
+def test_1_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload_choice, offloader("placeholder"))
+    assert "⬜ not started: Exercise 1.3's cell" in out
+    assert out.endswith("Exercise 1.3: not started")
+
+
+def test_1_3_everything_in_a_thread_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload_choice, offloader("all-threads"))
+    assert "it ran in a worker thread of this process: pure Python holds the GIL" in out
+    assert out.endswith("Exercise 1.3: not yet — 2 of 3 checks pass")
+
+
+def test_1_3_everything_in_a_process_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload_choice, offloader("all-processes"))
+    assert "it ran in another process: a process start (~0.5 s the first time) and pickling" in out
+    assert "its 8 MB buffer was pickled through a pipe to the worker, for no gain" in out
+    assert out.endswith("Exercise 1.3: not yet — 1 of 3 checks pass")
+
+
+def test_1_3_everything_inline_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload_choice, offloader("inline"))
+    assert out.count("it ran on the event loop's thread, inline") == 3
+    assert out.endswith("Exercise 1.3: not yet — 0 of 3 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("no-return", "expected: run_offloaded to return what `func(*args)` returned\n       seen:     None"),
+        ("not-async", "'not_async' is not a coroutine function"),
+        ("error", "your code raised KeyError: 'blocking_io'"),
+    ],
+)
+def test_1_3_other_mistakes_are_named(variant: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_offload_choice, offloader(variant))
+    assert message in out
+    assert not re.search(r"passed ✅", out)
