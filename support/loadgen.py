@@ -242,8 +242,9 @@ class _Progress:
             self.handle.update(text)
 
     def close(self) -> None:
+        """Remove the progress line: the result's own display replaces it."""
         if self.handle is not None:
-            self.handle.update(f"{self.label}: done")
+            self.handle.update({"text/plain": ""}, raw=True)
 
 
 async def load(

@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from support.loadgen import LoadResult
 
-__all__ = ["compare", "plot_cdf", "plot_timeline"]
+__all__ = ["bar_chart", "compare", "plot_cdf", "plot_timeline"]
 
 _STATUS_COLOURS = {2: "tab:blue", 3: "tab:cyan", 4: "tab:orange", 5: "tab:red"}
 
@@ -47,6 +48,7 @@ def plot_timeline(result: LoadResult, ax: Axes | None = None, title: str | None 
     ax.set_xlabel("time since the run started (ms)")
     ax.set_ylabel("request (in order sent)")
     ax.set_ylim(len(records) - 0.5, -0.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title or f"{result.label}\nwall {result.wall * 1000:.0f} ms, p50 {result.p50 * 1000:.0f} ms")
     return ax
 
@@ -100,3 +102,25 @@ def compare(
     if cdf:
         plot_cdf(runs, ax=axes[-1], log=log)
     return fig
+
+
+def bar_chart(
+    values: Mapping[str, float],
+    xlabel: str,
+    title: str = "",
+    unit: str = "ms",
+    log: bool = False,
+    ax: Axes | None = None,
+) -> Axes:
+    """One labelled horizontal bar per entry of ``values`` (label → number), first entry on top."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(values)), constrained_layout=True)
+    bars = ax.barh(list(values), list(values.values()), color="tab:blue")
+    ax.bar_label(bars, fmt=f"%.{1 if unit == 'ms' else 2}f {unit}", padding=3)
+    ax.set_ylim(len(values) - 0.5, -0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    if log:
+        ax.set_xscale("log")
+    ax.margins(x=0.25)
+    return ax

@@ -103,6 +103,7 @@ class Server:
         self.log: list[str] = []
         self.errors: list[str] = []
         self._exceptions: list[BaseException] = []
+        self._raised = threading.Event()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         # IPPROTO_TCP (not 0) matters: asyncio sets TCP_NODELAY on accepted connections only when the
         # listening socket says it is TCP; without it keep-alive requests can stall ~40 ms (Nagle).
@@ -134,6 +135,7 @@ class Server:
             self.errors.append(line)
             if record.exc_info and record.exc_info[1] is not None:
                 self._exceptions.append(record.exc_info[1])
+                self._raised.set()
         if self.echo_log:
             print(line, file=sys.stderr)
 
@@ -141,6 +143,15 @@ class Server:
     def exceptions(self) -> list[BaseException]:
         """Exceptions the app raised while serving (uvicorn logged them; nothing was printed)."""
         return list(self._exceptions)
+
+    def wait_for_exception(self, timeout: float = 2.0) -> BaseException | None:
+        """The latest exception the app raised, waiting up to ``timeout`` s for one (else None).
+
+        A client sees the 500 before uvicorn logs the exception behind it, so a check that has just
+        received a 500 waits here rather than reading ``exceptions`` at once.
+        """
+        self._raised.wait(timeout)
+        return self._exceptions[-1] if self._exceptions else None
 
     @property
     def running(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from support.loadgen import LoadResult, RequestRecord
-from support.plots import compare, plot_cdf, plot_timeline
+from support.plots import bar_chart, compare, plot_cdf, plot_timeline
 
 
 def fake_run(label: str, n: int, step: float, status: int = 200) -> LoadResult:
@@ -44,4 +44,12 @@ def test_cdf_reaches_one() -> None:
     ax = plot_cdf([fake_run("a", 5, 0.0)])
     ys = ax.get_lines()[0].get_ydata()
     assert ys[0] == 0.2 and ys[-1] == 1.0
+    plt.close("all")
+
+
+def test_bar_chart_labels_each_bar_in_order() -> None:
+    ax = bar_chart({"blocking": 4000.0, "offloaded": 140.0}, "wall time (ms)")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["blocking", "offloaded"]
+    assert [t.get_text() for t in ax.texts] == ["4000.0 ms", "140.0 ms"]
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]  # first entry on top
     plt.close("all")

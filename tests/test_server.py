@@ -124,3 +124,10 @@ def test_keep_alive_requests_are_not_delayed_by_nagle(loop: str) -> None:
             client.post("/echo", json={"x": "y" * 2000})
             times.append(time.perf_counter() - t)
     assert statistics.median(times) < 0.02, f"median {statistics.median(times) * 1000:.1f} ms"
+
+
+def test_wait_for_exception_returns_what_the_app_raised(server: support.Server) -> None:
+    assert server.wait_for_exception(timeout=0.05) is None
+    assert httpx.get(server.url + "/boom").status_code == 500
+    error = server.wait_for_exception()
+    assert isinstance(error, RuntimeError) and str(error) == "boom from the app"

@@ -212,15 +212,6 @@ class _CallTracker:
         return "other-task" if self.endpoint_code is not None else "unknown"
 
 
-def _server_exception(server: Server, wait: float = 2.0) -> BaseException | None:
-    """The first exception the served app raised (uvicorn logs it just after the 500 goes out)."""
-    deadline = time.monotonic() + wait
-    while not server.exceptions and time.monotonic() < deadline:
-        time.sleep(0.01)
-    found = server.exceptions
-    return found[0] if found else None
-
-
 def _unawaited_coroutine(exc: BaseException) -> Any:
     """A never-awaited coroutine object found among the locals of the frames that raised ``exc``."""
 
@@ -262,7 +253,7 @@ def _check_answer(server: Server, answer: _Answer) -> None:
     answer.status = response.status_code
     expected = {"symbol": _SYMBOL, "price": price_of(_SYMBOL)}
     if response.status_code >= 500:
-        raised = _server_exception(server)
+        raised = server.wait_for_exception()
         if raised is None:
             raise Mismatch("status 200", f"status {response.status_code}: {response.text[:80]}")
         coroutine = _unawaited_coroutine(raised)
