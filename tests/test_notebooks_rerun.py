@@ -1,0 +1,45 @@
+"""Every notebook runs twice in one kernel, and leaves nothing running (nbval runs each once)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted([*(ROOT / "notebooks").glob("*.ipynb"), *(ROOT / "solutions").glob("*.ipynb")])
+PROBE = """
+import json, os, threading, support
+print(json.dumps({"servers": len(support.running()), "threads": threading.active_count(),
+                  "fds": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0}))
+"""
+
+
+def leftovers(client: NotebookClient, probe: nbformat.NotebookNode, index: int) -> dict[str, int]:
+    probe.outputs = []
+    client.execute_cell(probe, index)
+    return json.loads(probe.outputs[-1]["text"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_runs_twice_in_one_kernel_and_cleans_up(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    lesson = list(nb.cells)
+    probe = nbformat.v4.new_code_cell(PROBE)
+    nb.cells.append(probe)
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(path.parent)}}
+    )
+    after = []
+    with client.setup_kernel():
+        for _ in range(2):
+            for index, cell in enumerate(lesson):
+                client.execute_cell(cell, index)  # raises CellExecutionError on the first failing cell
+            after.append(leftovers(client, probe, len(lesson)))
+    first, second = after
+    assert first["servers"] == second["servers"] == 0, "the last cell must stop every server"
+    assert second["threads"] <= first["threads"], f"threads grew from one run to the next: {after}"
+    assert second["fds"] <= first["fds"] + 2, f"file descriptors grew from one run to the next: {after}"
