@@ -42,10 +42,12 @@ class Figure:
         return statistics.median(self.runs)
 
     def __str__(self) -> str:
-        lo, hi = min(self.runs), max(self.runs)
-        return (
-            f"{self.name}: {self.median:,.3g} {self.unit} (median of {len(self.runs)}; {lo:,.3g}–{hi:,.3g})"
-        )
+        lo, hi = (_fmt(v) for v in (min(self.runs), max(self.runs)))
+        return f"{self.name}: {_fmt(self.median)} {self.unit} (median of {len(self.runs)}; {lo}–{hi})"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def bench_app() -> FastAPI:
