@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 
@@ -11,22 +10,15 @@ import pytest
 from fastapi import FastAPI, Header, Response
 
 import support
+from support.bench import bench_app
 from support.checks import reset_hints
 
 matplotlib.use("Agg")
 
 
 def make_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping() -> dict[str, bool]:
-        return {"ok": True}
-
-    @app.get("/sleep")
-    async def sleep(s: float = 0.05) -> dict[str, float]:
-        await asyncio.sleep(s)
-        return {"slept": s}
+    """The benchmark's ``/ping`` and ``/sleep?s=…``, plus endpoints of known misbehaviour."""
+    app = bench_app()
 
     @app.get("/block")
     async def block(s: float = 0.05) -> dict[str, float]:
