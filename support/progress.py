@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,12 @@ def read_checks(nb: nbformat.NotebookNode, chapter: str) -> list[Row]:
             rows.append(Row(chapter, f"check {number + 1}", "error", detail))
             continue
         first_failure = FAILED_LINE.search(printed)
-        detail = first_failure["text"].strip() if first_failure and match["status"] != "passed" else ""
+        if match["status"] == "not started":
+            detail = "replace the `raise NotImplementedError` line in its cell"
+        elif match["status"] == "not yet" and first_failure:
+            detail = f"failing: {first_failure['text'].strip()}"
+        else:
+            detail = ""
         rows.append(Row(chapter, match["id"], match["status"], detail))
     return rows
 
@@ -66,7 +72,8 @@ def run_notebook(path: Path, timeout: int = 300) -> nbformat.NotebookNode:
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
-    client.execute()
+    # The kernel's own stderr (ipykernel's start-up warnings) would clutter the table's terminal.
+    client.execute(stderr=subprocess.DEVNULL)
     return nb
 
 
