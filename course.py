@@ -74,7 +74,14 @@ def ensure_environment() -> Path:
     python = _venv_python()
     if not python.exists():
         print("creating .venv …", flush=True)
-        venv.create(VENV, with_pip=True)
+        try:
+            venv.create(VENV, with_pip=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise SystemExit(
+                f"could not create .venv ({exc}).\n"
+                "On Debian or Ubuntu, Python's venv module is a separate package: "
+                "sudo apt install python3-venv, then run this command again."
+            ) from None
     if not STAMP.exists() or STAMP.read_text() != _requirements_digest():
         print("installing the pinned packages into .venv (a few minutes the first time) …", flush=True)
         pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
@@ -92,6 +99,8 @@ def main(argv: list[str]) -> int:
     python = str(ensure_environment())
     if command == "lab":
         args = [python, "-m", "jupyterlab", "--notebook-dir", str(ROOT), *rest]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers often run as root; JupyterLab refuses
+            args.append("--allow-root")
     elif command == "test":
         args = [python, "-m", "pytest", *rest]
     else:
