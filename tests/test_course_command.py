@@ -10,9 +10,7 @@ from unittest import mock
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import course  # noqa: E402
+import course
 
 
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:

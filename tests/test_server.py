@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 import support
 from support.bench import serve_cycle_times
-from tests.conftest import make_app
+from tests.apps import make_app
 
 
 def open_fds() -> int:
