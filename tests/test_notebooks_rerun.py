@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted([*(ROOT / "notebooks").glob("*.ipynb"), *(ROOT / "solutions").glob("*.ipynb")])
 PROBE = """
 import json, os, threading, support
-print(json.dumps({"servers": len(support.running()), "threads": threading.active_count(),
+print(json.dumps({"servers": len(support.running()), "workers": len(support.running_workers()),
+                  "threads": threading.active_count(),
                   "fds": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0}))
 """
 
@@ -41,5 +42,6 @@ def test_runs_twice_in_one_kernel_and_cleans_up(path: Path) -> None:
             after.append(leftovers(client, probe, len(lesson)))
     first, second = after
     assert first["servers"] == second["servers"] == 0, "the last cell must stop every server"
+    assert first["workers"] == second["workers"] == 0, "the last cell must stop every worker"
     assert second["threads"] <= first["threads"], f"threads grew from one run to the next: {after}"
     assert second["fds"] <= first["fds"] + 2, f"file descriptors grew from one run to the next: {after}"

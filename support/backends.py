@@ -1,0 +1,78 @@
+"""The course's stores: an embedded Redis (fakeredis) unless ``REDIS_URL`` names a real server.
+
+Every chapter that uses Redis gets its client from here, so the notebook code is the same for both:
+
+    redis = support.redis_client()          # fakeredis, or the server at $REDIS_URL
+    await redis.set("ch02:greeting", "hi")
+
+All fakeredis clients share one in-process server, whatever thread or event loop they run on, so an
+app on a server thread, a worker on its own thread and the notebook see the same keys, as they would
+with a real Redis. A client belongs to the event loop it is first used on: create one per loop.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import fakeredis
+import redis.asyncio
+
+__all__ = ["delete_keys", "describe_redis", "redis_client", "redis_url"]
+
+_fake_server: fakeredis.FakeServer | None = None
+_fake_server_lock = threading.Lock()
+
+
+def redis_url() -> str | None:
+    """The real Redis to use (``$REDIS_URL``), or None for the embedded one."""
+    return os.environ.get("REDIS_URL") or None
+
+
+def _shared_fake_server() -> fakeredis.FakeServer:
+    global _fake_server
+    with _fake_server_lock:
+        if _fake_server is None:
+            _fake_server = fakeredis.FakeServer()
+        return _fake_server
+
+
+def redis_client(*, decode_responses: bool = False, **kwargs: Any) -> redis.asyncio.Redis:
+    """An asyncio Redis client: on ``$REDIS_URL`` if set, else on the shared embedded fakeredis.
+
+    ``kwargs`` go to the client (for example ``max_connections``). Close it with ``await
+    client.aclose()`` when done; the embedded server itself lives as long as the kernel.
+    """
+    url = redis_url()
+    if url:
+        return redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, **kwargs)
+    return fakeredis.FakeAsyncRedis(server=_shared_fake_server(), decode_responses=decode_responses, **kwargs)
+
+
+def describe_redis() -> str:
+    """One line for a notebook: which Redis this kernel is using."""
+    url = redis_url()
+    if url:
+        return f"Redis at {url.split('@')[-1]} (from REDIS_URL)"
+    return "embedded fakeredis (in this kernel; set REDIS_URL to use a real server)"
+
+
+async def delete_keys(client: redis.asyncio.Redis, pattern: str) -> int:
+    """Delete the keys matching ``pattern`` (e.g. ``"ch02:*"``); returns how many were deleted.
+
+    Chapters call this at their start so that running a notebook twice, or against a Redis that
+    outlives the kernel, begins from the same empty state. It never touches keys outside the pattern.
+    """
+    if not pattern or pattern in ("*", "**"):
+        raise ValueError("delete_keys needs a namespaced pattern such as 'ch02:*', not every key")
+    deleted = 0
+    batch: list[Any] = []
+    async for key in client.scan_iter(match=pattern, count=500):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += await client.delete(*batch)
+            batch.clear()
+    if batch:
+        deleted += await client.delete(*batch)
+    return deleted

@@ -1,0 +1,88 @@
+"""Durable job queues (SAQ) on the course's Redis, with the worker in-process.
+
+The chapters use SAQ ("Simple Async Queue"): asyncio-native, maintained, and durable in the way that
+matters here. A job lives in Redis from ``enqueue`` until a worker *finishes* it; a worker that dies
+mid-job leaves it marked active, and another worker's periodic sweep finds it stuck (past its
+``timeout`` or ``heartbeat``) and runs it again. Retries with exponential backoff are built in.
+
+Two adjustments, both plumbing:
+
+- fakeredis has no ``INFO`` command, which SAQ uses only to learn the server's version; the queue
+  reports the version fakeredis emulates instead.
+- When the sweep finds a stuck job it first asks the job's worker to abort it and waits for an
+  answer (5 s by default). A crashed worker never answers; the wait here is shorter
+  (``abort_wait``) so that crash recovery fits in a notebook cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from saq import Worker
+from saq.queue.redis import RedisQueue
+
+from support.backends import redis_client, redis_url
+from support.server import _caller_key
+from support.workers import BackgroundLoop, start_in_thread
+
+__all__ = ["CourseQueue", "job_queue", "start_worker"]
+
+
+class CourseQueue(RedisQueue):
+    """SAQ's Redis queue, working on fakeredis too, with a configurable sweep abort wait."""
+
+    def __init__(self, *args: Any, abort_wait: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.abort_wait = abort_wait
+
+    async def version(self) -> tuple[int, ...]:
+        if redis_url() is None:
+            return (7, 4, 0)  # fakeredis emulates Redis 7 but has no INFO command
+        return await super().version()
+
+    async def sweep(self, lock: int = 60, abort: float | None = None) -> list[str]:
+        return await super().sweep(lock, abort=self.abort_wait if abort is None else abort)
+
+
+def job_queue(name: str, *, abort_wait: float = 0.1) -> CourseQueue:
+    """A SAQ queue called ``name`` on the course's Redis, for the event loop that uses it.
+
+    Create one per event loop (the app's lifespan, the notebook, each worker): they share the jobs
+    through Redis. ``await queue.connect()`` before use and ``await queue.disconnect()`` after.
+    """
+    return CourseQueue(redis_client(), name=name, abort_wait=abort_wait)
+
+
+def start_worker(
+    queue_name: str,
+    functions: Iterable[Callable[..., Any]],
+    *,
+    concurrency: int = 10,
+    sweep_every: int = 1,
+    name: str | None = None,
+    **worker_options: Any,
+) -> BackgroundLoop:
+    """Start a SAQ worker for ``queue_name`` on its own thread and event loop.
+
+    ``functions`` are the job functions (``async def job(ctx, **kwargs)``), registered by name.
+    ``sweep_every`` (seconds) is how often this worker looks for stuck jobs of crashed workers.
+    Other keyword arguments go to ``saq.Worker``. The handle's ``stop()`` shuts the worker down
+    gracefully (jobs in progress go back to the queue); ``kill()`` crashes it.
+    """
+    key = name or _caller_key()
+    functions = list(functions)
+
+    async def main() -> None:
+        queue = job_queue(queue_name)
+        await queue.connect()
+        timers = {"sweep": sweep_every, "schedule": 1, "abort": 1}
+        timers.update(worker_options.pop("timers", {}))
+        worker = Worker(queue, functions=functions, concurrency=concurrency, timers=timers, **worker_options)
+        worker.SIGNALS = ()  # type: ignore[misc]  # signal handlers belong to the main thread
+        try:
+            await worker.start()
+        finally:
+            await queue.disconnect()
+
+    return start_in_thread(main, key=key, loggers=("saq",))

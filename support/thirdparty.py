@@ -1,0 +1,130 @@
+"""Stand-ins for third-party services a request handler calls: slow, and failing on a schedule.
+
+They record every call, so notebooks and checks can count what happened (sent, failed, sent twice)
+instead of reading it off a clock. Failures are deterministic (every ``fail_every``-th call), so a
+run shows the same story every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+__all__ = ["EmailProvider", "ProviderError", "SentEmail"]
+
+
+class ProviderError(RuntimeError):
+    """The third party failed (a 5xx, a timeout): the caller may retry."""
+
+
+@dataclass(frozen=True)
+class SentEmail:
+    to: str
+    subject: str
+    idempotency_key: str | None
+    at: float  # time.perf_counter() when the provider accepted it
+
+
+class EmailProvider:
+    """A fake email API: each ``send`` takes ``delay`` seconds; every ``fail_every``-th call fails.
+
+    ``fail_after_send=True`` makes the failing calls fail *after* the email went out (the provider
+    accepted it but the response was lost): the caller sees an error although the email was sent,
+    which is what makes blind retries send twice. ``dedupe=True`` makes the provider honour
+    idempotency keys, as real email APIs do: a repeated key is accepted without sending again.
+    """
+
+    def __init__(
+        self,
+        delay: float = 0.2,
+        *,
+        fail_every: int = 0,
+        fail_after_send: bool = False,
+        dedupe: bool = False,
+    ) -> None:
+        if delay < 0 or fail_every < 0:
+            raise ValueError("delay and fail_every must be >= 0")
+        self.delay = delay
+        self.fail_every = fail_every
+        self.fail_after_send = fail_after_send
+        self.dedupe = dedupe
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every call (keep the settings)."""
+        with self._lock:
+            self.calls = 0
+            self.failures = 0
+            self.sent: list[SentEmail] = []
+            self.in_flight = 0
+            self.max_in_flight = 0
+
+    def _begin(self) -> bool:
+        with self._lock:
+            self.calls += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return bool(self.fail_every) and self.calls % self.fail_every == 0
+
+    def _record(self, to: str, subject: str, key: str | None) -> None:
+        with self._lock:
+            if self.dedupe and key is not None and any(m.idempotency_key == key for m in self.sent):
+                return
+            self.sent.append(SentEmail(to, subject, key, time.perf_counter()))
+
+    def _complete(self, fails: bool, to: str, subject: str, key: str | None) -> None:
+        if fails and not self.fail_after_send:
+            self._failed()
+            raise ProviderError(f"email provider unavailable (call {self.calls})")
+        self._record(to, subject, key)
+        if fails:
+            self._failed()
+            raise ProviderError("email provider timed out after accepting the message")
+
+    def _failed(self) -> None:
+        with self._lock:
+            self.failures += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    async def send(self, to: str, subject: str = "Welcome!", *, idempotency_key: str | None = None) -> None:
+        """Send one email (asynchronously); raises ``ProviderError`` on the scheduled failures."""
+        fails = self._begin()
+        try:
+            await asyncio.sleep(self.delay)
+            self._complete(fails, to, subject, idempotency_key)
+        finally:
+            self._end()
+
+    def send_blocking(
+        self, to: str, subject: str = "Welcome!", *, idempotency_key: str | None = None
+    ) -> None:
+        """The same call through a synchronous SDK: blocks the calling thread for ``delay`` s."""
+        fails = self._begin()
+        try:
+            time.sleep(self.delay)
+            self._complete(fails, to, subject, idempotency_key)
+        finally:
+            self._end()
+
+    def sent_to(self, to: str) -> int:
+        """How many emails went to ``to``."""
+        with self._lock:
+            return sum(1 for m in self.sent if m.to == to)
+
+    def duplicates(self) -> int:
+        """Emails beyond the first to the same recipient with the same subject."""
+        with self._lock:
+            keys = [(m.to, m.subject) for m in self.sent]
+        return len(keys) - len(set(keys))
+
+    def __repr__(self) -> str:
+        return (
+            f"<EmailProvider calls={self.calls} sent={len(self.sent)} failures={self.failures} "
+            f"duplicates={self.duplicates()}>"
+        )

@@ -1,0 +1,201 @@
+"""Run an async worker on its own thread and event loop, as a stand-in for a separate worker process.
+
+A queue worker normally runs in its own process. In a notebook it runs here instead: on a background
+thread with its own event loop, so the kernel stays free and the worker shares nothing with the app
+but the store (Redis) they both talk to. Two ways to end it:
+
+- ``stop()`` is a graceful shutdown: the worker's main task is cancelled and its cleanup runs, as on
+  SIGTERM.
+- ``kill()`` is a crash, as on ``kill -9``: the loop halts between two steps and nothing else the
+  worker would have done runs, no ``except``, no ``finally``, no last write to Redis. Its tasks are
+  abandoned (kept referenced, so garbage collection never runs their cleanup either).
+
+Like ``serve()``, a worker is registered under a key (the notebook cell by default): starting another
+under the same key stops the old one first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from support.server import _caller_key
+
+__all__ = ["BackgroundLoop", "running_workers", "start_in_thread", "stop_workers"]
+
+_registry: dict[str, BackgroundLoop] = {}
+_registry_lock = threading.Lock()
+# Tasks of killed loops. Holding them means their coroutines are never closed, so no cleanup code
+# of a "crashed" worker ever runs, not even at garbage collection.
+_abandoned: list[Any] = []
+
+
+class _ThreadLogRouter(logging.Handler):
+    """Keeps the log records a worker's thread emits on its handle (``worker.log``), unprinted.
+
+    Printed from a background thread, they would land in whichever notebook cell happens to run.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        worker = _by_thread.get(record.threadName or "")
+        if worker is not None:
+            line = self.format(record)
+            worker.log.append(line)
+            if record.levelno >= logging.ERROR:
+                worker.errors.append(line)
+
+
+_by_thread: dict[str, BackgroundLoop] = {}
+_router = _ThreadLogRouter()
+
+
+def _capture(logger_names: tuple[str, ...]) -> None:
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        if _router not in logger.handlers:
+            logger.addHandler(_router)
+        logger.propagate = False
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+class BackgroundLoop:
+    """A handle on ``main()`` running on its own thread and event loop.
+
+    ``log`` and ``errors`` hold what the worker logged (on the loggers named at start), one
+    formatted line per record.
+    """
+
+    def __init__(self, main: Callable[[], Awaitable[Any]], key: str) -> None:
+        self.key = key
+        self.log: list[str] = []
+        self.errors: list[str] = []
+        self._main = main
+        self._loop = asyncio.new_event_loop()
+        self._task: asyncio.Task[Any] | None = None
+        self._killed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"worker:{key}", daemon=True)
+
+    def _run(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        self._task = loop.create_task(self._main_wrapper())
+        self._task.add_done_callback(lambda _: loop.stop())
+        loop.run_forever()
+        if self._killed:
+            abandoned = list(asyncio.all_tasks(loop))
+            for task in abandoned:
+                task._log_destroy_pending = False  # type: ignore[attr-defined]  # a crash says nothing
+            _abandoned.append(abandoned)
+        else:
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+    async def _main_wrapper(self) -> None:
+        try:
+            await self._main()
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:
+            self.error = exc
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._killed
+
+    def call(self, coro: Awaitable[Any], timeout: float = 10.0) -> Any:
+        """Run ``coro`` on the worker's loop and return its result (from another thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful shutdown: cancel the main task, let its cleanup run, close the loop."""
+        if self._thread.is_alive() and self._task is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._finish(timeout)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """Crash: halt the loop where it is; none of the worker's remaining code runs."""
+        if self._thread.is_alive() and not self._loop.is_closed():
+            self._killed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._finish(timeout)
+
+    def _finish(self, timeout: float) -> None:
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        with _registry_lock:
+            if _registry.get(self.key) is self:
+                del _registry[self.key]
+        if not self._thread.is_alive():
+            _by_thread.pop(self._thread.name, None)
+        if self._thread.is_alive():
+            raise RuntimeError(f"worker {self.key!r} did not stop within {timeout} s")
+
+    def __enter__(self) -> BackgroundLoop:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "killed" if self._killed else "running" if self.running else "stopped"
+        return f"<BackgroundLoop {self.key!r} {state}>"
+
+
+def start_in_thread(
+    main: Callable[[], Awaitable[Any]],
+    *,
+    name: str | None = None,
+    key: str | None = None,
+    loggers: tuple[str, ...] = (),
+) -> BackgroundLoop:
+    """Run ``main()`` on a new thread with its own event loop; returns the handle.
+
+    ``name`` keys the worker (default: the calling notebook cell), so re-running a cell replaces
+    the worker it started. ``key`` is for callers that compute the key themselves. Records the
+    thread logs on ``loggers`` are kept on the handle instead of being printed.
+    """
+    _capture(loggers)
+    key = name or key or _caller_key()
+    with _registry_lock:
+        old = _registry.pop(key, None)
+    if old is not None:
+        old.stop()
+    worker = BackgroundLoop(main, key)
+    with _registry_lock:
+        _registry[key] = worker
+    _by_thread[worker._thread.name] = worker
+    worker._thread.start()
+    return worker
+
+
+def running_workers() -> list[BackgroundLoop]:
+    """The workers started by ``start_in_thread()`` that have not been stopped or killed."""
+    with _registry_lock:
+        return list(_registry.values())
+
+
+def stop_workers() -> int:
+    """Stop every running worker gracefully; returns how many were stopped."""
+    workers = running_workers()
+    for worker in workers:
+        worker.stop()
+    return len(workers)
+
+
+atexit.register(stop_workers)

@@ -1,0 +1,139 @@
+"""support.queues: SAQ on the course's Redis, a worker in-process; retries, crash and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+
+from saq.job import Status
+
+from support.backends import delete_keys, redis_client
+from support.queues import job_queue, start_worker
+
+QUEUE = "tests-queue"
+runs: Counter[str] = Counter()
+runs_lock = threading.Lock()
+started = threading.Event()
+
+
+async def flaky(ctx: dict, *, name: str) -> str:
+    with runs_lock:
+        runs[name] += 1
+    if ctx["job"].attempts < 3:
+        raise RuntimeError("third party down")
+    return name
+
+
+async def slow(ctx: dict, *, name: str) -> str:
+    with runs_lock:
+        runs[name] += 1
+    started.set()
+    await asyncio.sleep(0.3)
+    return name
+
+
+async def clear() -> None:
+    client = redis_client()
+    await delete_keys(client, f"saq:*{QUEUE}*")
+    await client.aclose()
+
+
+async def wait_for_statuses(queue, jobs, wanted: set[Status], timeout: float) -> list[Status]:
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = [(await queue.job(job.key)).status for job in jobs]
+        if all(status in wanted for status in statuses) or time.monotonic() > deadline:
+            return statuses
+        await asyncio.sleep(0.05)
+
+
+def setup_function() -> None:
+    runs.clear()
+    started.clear()
+    asyncio.run(clear())
+
+
+def test_the_queue_version_works_without_info_on_fakeredis() -> None:
+    async def scenario() -> tuple[int, ...]:
+        queue = job_queue(QUEUE)
+        await queue.connect()
+        try:
+            return await queue.version()
+        finally:
+            await queue.disconnect()
+
+    assert asyncio.run(scenario()) >= (6, 2, 0)
+
+
+def test_a_flaky_job_is_retried_until_it_succeeds() -> None:
+    worker = start_worker(QUEUE, [flaky], name="retries")
+
+    async def scenario() -> list[Status]:
+        queue = job_queue(QUEUE)
+        await queue.connect()
+        jobs = [await queue.enqueue("flaky", name=f"job{i}", retries=5) for i in range(3)]
+        statuses = await wait_for_statuses(queue, jobs, {Status.COMPLETE, Status.FAILED}, 10)
+        await queue.disconnect()
+        return statuses
+
+    assert asyncio.run(scenario()) == [Status.COMPLETE] * 3
+    assert runs == {"job0": 3, "job1": 3, "job2": 3}
+    assert any("Retrying" in line for line in worker.log), worker.log[-5:]
+    worker.stop()
+
+
+def test_jobs_of_a_killed_worker_are_run_again_by_the_next_one() -> None:
+    first = start_worker(QUEUE, [slow], name="first")
+
+    async def enqueue() -> list:
+        queue = job_queue(QUEUE)
+        await queue.connect()
+        jobs = [await queue.enqueue("slow", name=f"job{i}", retries=3, timeout=1) for i in range(4)]
+        await queue.disconnect()
+        return jobs
+
+    jobs = asyncio.run(enqueue())
+    assert started.wait(5)
+    first.kill()
+    assert sum(runs.values()) == 4  # all four were in progress when the worker died
+    start_worker(QUEUE, [slow], name="second")
+
+    async def outcome() -> list[Status]:
+        queue = job_queue(QUEUE)
+        await queue.connect()
+        statuses = await wait_for_statuses(queue, jobs, {Status.COMPLETE}, 15)
+        await queue.disconnect()
+        return statuses
+
+    assert asyncio.run(outcome()) == [Status.COMPLETE] * 4, "a job of the killed worker was lost"
+    assert runs == {f"job{i}": 2 for i in range(4)}
+
+
+def test_a_graceful_stop_puts_the_job_in_progress_back_on_the_queue() -> None:
+    first = start_worker(QUEUE, [slow], name="first")
+
+    async def enqueue():
+        queue = job_queue(QUEUE)
+        await queue.connect()
+        job = await queue.enqueue("slow", name="job", retries=3, timeout=10)
+        await queue.disconnect()
+        return job
+
+    job = asyncio.run(enqueue())
+    assert started.wait(5)
+    first.stop()
+    start_worker(QUEUE, [slow], name="second")
+
+    async def outcome() -> list[Status]:
+        queue = job_queue(QUEUE)
+        await queue.connect()
+        statuses = await wait_for_statuses(queue, [job], {Status.COMPLETE}, 10)
+        await queue.disconnect()
+        return statuses
+
+    start = time.monotonic()
+    assert asyncio.run(outcome()) == [Status.COMPLETE]
+    assert time.monotonic() - start < 5, "the job waited for the sweep instead of being re-queued at once"
+    assert runs == {"job": 2}

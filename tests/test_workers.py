@@ -1,0 +1,141 @@
+"""support.workers: a worker on its own thread and loop; stop() is graceful, kill() is a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+import support
+from support.workers import start_in_thread
+
+
+def open_fds() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/fd"))
+
+
+def wait_until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def make_main(events: dict[str, threading.Event]):
+    async def main() -> None:
+        events["started"].set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            events["cleaned_up"].set()
+
+    return main
+
+
+def fresh_events() -> dict[str, threading.Event]:
+    return {"started": threading.Event(), "cleaned_up": threading.Event()}
+
+
+def test_runs_on_its_own_thread_and_loop() -> None:
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        seen["thread"] = threading.current_thread().name
+        seen["loop"] = asyncio.get_running_loop()
+
+    worker = start_in_thread(main, name="own-loop")
+    assert wait_until(lambda: not worker._thread.is_alive())
+    assert seen["thread"] == "worker:own-loop"
+    assert seen["loop"] is not None
+    assert worker.error is None
+
+
+def test_stop_lets_the_cleanup_run() -> None:
+    events = fresh_events()
+    worker = start_in_thread(make_main(events), name="graceful")
+    assert events["started"].wait(5)
+    worker.stop()
+    assert events["cleaned_up"].is_set()
+    assert not worker.running
+    assert support.running_workers() == []
+
+
+def test_kill_runs_none_of_the_remaining_code_not_even_at_garbage_collection() -> None:
+    events = fresh_events()
+    worker = start_in_thread(make_main(events), name="crash")
+    assert events["started"].wait(5)
+    worker.kill()
+    gc.collect()
+    assert not worker._thread.is_alive()
+    assert not events["cleaned_up"].is_set()
+    assert "killed" in repr(worker)
+    assert support.running_workers() == []
+
+
+def test_kill_and_stop_leak_no_thread_or_descriptor() -> None:
+    threads, fds = threading.active_count(), open_fds()
+    for _ in range(5):
+        events = fresh_events()
+        worker = start_in_thread(make_main(events), name="leaks")
+        assert events["started"].wait(5)
+        worker.kill()
+        events = fresh_events()
+        worker = start_in_thread(make_main(events), name="leaks")
+        assert events["started"].wait(5)
+        worker.stop()
+    assert threading.active_count() == threads
+    assert open_fds() <= fds
+
+
+def test_same_key_replaces_and_stop_all_stops_workers() -> None:
+    first, second = fresh_events(), fresh_events()
+    start_in_thread(make_main(first), name="same")
+    assert first["started"].wait(5)
+    start_in_thread(make_main(second), name="same")
+    assert first["cleaned_up"].wait(5), "the replaced worker was not stopped"
+    assert second["started"].wait(5)
+    assert len(support.running_workers()) == 1
+    assert support.stop_all() == 1
+    assert second["cleaned_up"].is_set()
+
+
+def test_an_exception_in_main_is_kept_on_the_handle() -> None:
+    async def main() -> None:
+        raise ValueError("no queue")
+
+    worker = start_in_thread(main, name="fails")
+    assert wait_until(lambda: not worker._thread.is_alive())
+    assert isinstance(worker.error, ValueError)
+
+
+def test_the_worker_threads_log_is_kept_on_the_handle_not_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    log = logging.getLogger("tests.worker")
+
+    async def main() -> None:
+        log.info("working")
+        log.error("job failed")
+
+    worker = start_in_thread(main, name="logs", loggers=("tests.worker",))
+    assert wait_until(lambda: not worker._thread.is_alive())
+    assert worker.log == ["INFO tests.worker: working", "ERROR tests.worker: job failed"]
+    assert worker.errors == ["ERROR tests.worker: job failed"]
+    assert capsys.readouterr().err == ""
+
+
+def test_call_runs_a_coroutine_on_the_workers_loop() -> None:
+    events = fresh_events()
+    worker = start_in_thread(make_main(events), name="call")
+    assert events["started"].wait(5)
+
+    async def where() -> str:
+        return threading.current_thread().name
+
+    assert worker.call(where()) == "worker:call"
+    worker.stop()
