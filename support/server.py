@@ -20,6 +20,8 @@ from typing import Any
 
 import uvicorn
 
+from support import threadlog
+
 __all__ = ["Server", "ServerFailedToStart", "running", "serve", "stop_all"]
 
 _LOGGER_NAMES = ("uvicorn", "uvicorn.error", "uvicorn.access")
@@ -31,34 +33,8 @@ class ServerFailedToStart(RuntimeError):
     """The app did not start, most often because its lifespan raised."""
 
 
-class _ThreadLogRouter(logging.Handler):
-    """Routes uvicorn's log records to the server whose thread emitted them.
-
-    Output printed from a server thread would land in whichever notebook cell happens to be running,
-    so by default nothing is printed: records are kept on the server handle (``server.log``).
-    """
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        server = _by_thread.get(record.threadName or "")
-        if server is not None:
-            server._record(record, self.format(record))
-
-
-_by_thread: dict[str, Server] = {}
-_router = _ThreadLogRouter()
-
-
 def _install_log_router() -> None:
-    for name in _LOGGER_NAMES:
-        logger = logging.getLogger(name)
-        if _router not in logger.handlers:
-            logger.addHandler(_router)
-        logger.propagate = False
-    logging.getLogger("uvicorn").setLevel(logging.INFO)
+    threadlog.capture(_LOGGER_NAMES)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -158,7 +134,7 @@ class Server:
         return self._thread.is_alive() and not self._uvicorn.should_exit
 
     def _start(self, timeout: float) -> None:
-        _by_thread[self._thread.name] = self
+        threadlog.route(self._thread.name, self._record)
         self._thread.start()
         deadline = time.perf_counter() + timeout
         while not self._uvicorn.started and self._thread.is_alive():
@@ -169,7 +145,7 @@ class Server:
         if not self._uvicorn.started:
             self._thread.join()
             self._sock.close()
-            _by_thread.pop(self._thread.name, None)
+            threadlog.unroute(self._thread.name, self._record)
             raise ServerFailedToStart(f"the app failed to start: {self._failure_reason()}")
 
     def _failure_reason(self) -> str:
@@ -186,7 +162,7 @@ class Server:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         self._sock.close()
-        _by_thread.pop(self._thread.name, None)
+        threadlog.unroute(self._thread.name, self._record)
         with _registry_lock:
             if _registry.get(self.key) is self:
                 del _registry[self.key]

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from support import threadlog
 from support.server import _caller_key
 
 __all__ = ["BackgroundLoop", "running_workers", "start_in_thread", "stop_workers"]
@@ -32,39 +33,6 @@ _registry_lock = threading.Lock()
 # Tasks of killed loops. Holding them means their coroutines are never closed, so no cleanup code
 # of a "crashed" worker ever runs, not even at garbage collection.
 _abandoned: list[Any] = []
-
-
-class _ThreadLogRouter(logging.Handler):
-    """Keeps the log records a worker's thread emits on its handle (``worker.log``), unprinted.
-
-    Printed from a background thread, they would land in whichever notebook cell happens to run.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        worker = _by_thread.get(record.threadName or "")
-        if worker is not None:
-            line = self.format(record)
-            worker.log.append(line)
-            if record.levelno >= logging.ERROR:
-                worker.errors.append(line)
-
-
-_by_thread: dict[str, BackgroundLoop] = {}
-_router = _ThreadLogRouter()
-
-
-def _capture(logger_names: tuple[str, ...]) -> None:
-    for name in logger_names:
-        logger = logging.getLogger(name)
-        if _router not in logger.handlers:
-            logger.addHandler(_router)
-        logger.propagate = False
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
-            logger.setLevel(logging.INFO)
 
 
 class BackgroundLoop:
@@ -114,6 +82,11 @@ class BackgroundLoop:
         except BaseException as exc:
             self.error = exc
 
+    def _record(self, record: logging.LogRecord, line: str) -> None:
+        self.log.append(line)
+        if record.levelno >= logging.ERROR:
+            self.errors.append(line)
+
     @property
     def running(self) -> bool:
         return self._thread.is_alive() and not self._killed
@@ -142,7 +115,7 @@ class BackgroundLoop:
             if _registry.get(self.key) is self:
                 del _registry[self.key]
         if not self._thread.is_alive():
-            _by_thread.pop(self._thread.name, None)
+            threadlog.unroute(self._thread.name, self._record)
         if self._thread.is_alive():
             raise RuntimeError(f"worker {self.key!r} did not stop within {timeout} s")
 
@@ -170,7 +143,7 @@ def start_in_thread(
     the worker it started. ``key`` is for callers that compute the key themselves. Records the
     thread logs on ``loggers`` are kept on the handle instead of being printed.
     """
-    _capture(loggers)
+    threadlog.capture(loggers)
     key = name or key or _caller_key()
     with _registry_lock:
         old = _registry.pop(key, None)
@@ -179,7 +152,7 @@ def start_in_thread(
     worker = BackgroundLoop(main, key)
     with _registry_lock:
         _registry[key] = worker
-    _by_thread[worker._thread.name] = worker
+    threadlog.route(worker._thread.name, worker._record)
     worker._thread.start()
     return worker
 
