@@ -12,6 +12,7 @@ with a real Redis. A client belongs to the event loop it is first used on: creat
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from typing import Any
@@ -38,16 +39,38 @@ def _shared_fake_server() -> fakeredis.FakeServer:
         return _fake_server
 
 
-def redis_client(*, decode_responses: bool = False, **kwargs: Any) -> redis.asyncio.Redis:
+def redis_client(
+    *, decode_responses: bool = False, latency: float = 0.0, **kwargs: Any
+) -> redis.asyncio.Redis:
     """An asyncio Redis client: on ``$REDIS_URL`` if set, else on the shared embedded fakeredis.
 
+    ``latency`` (seconds) is added before every command, as a network round trip would be. The
+    embedded fakeredis answers a command without letting another task run in between, so races
+    between a read and a later write (check-then-set), which a real network exposes, never show
+    without it. It applies to single commands, not to pipelines or scripts.
     ``kwargs`` go to the client (for example ``max_connections``). Close it with ``await
     client.aclose()`` when done; the embedded server itself lives as long as the kernel.
     """
     url = redis_url()
     if url:
-        return redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, **kwargs)
-    return fakeredis.FakeAsyncRedis(server=_shared_fake_server(), decode_responses=decode_responses, **kwargs)
+        client = redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, **kwargs)
+    else:
+        client = fakeredis.FakeAsyncRedis(
+            server=_shared_fake_server(), decode_responses=decode_responses, **kwargs
+        )
+    if latency > 0:
+        _add_round_trip(client, latency)
+    return client
+
+
+def _add_round_trip(client: redis.asyncio.Redis, latency: float) -> None:
+    execute = client.execute_command
+
+    async def execute_after_a_round_trip(*args: Any, **options: Any) -> Any:
+        await asyncio.sleep(latency)
+        return await execute(*args, **options)
+
+    client.execute_command = execute_after_a_round_trip  # type: ignore[method-assign]
 
 
 def describe_redis() -> str:

@@ -82,3 +82,22 @@ def test_redis_url_selects_a_real_server_and_hides_credentials(monkeypatch: pyte
 def test_support_exports_the_backends() -> None:
     assert support.redis_client is redis_client
     assert support.delete_keys is delete_keys
+
+
+def test_latency_lets_a_check_then_set_race_show_as_on_a_network() -> None:
+    async def check_then_set(client) -> bool:
+        if await client.get("tests:claim") is None:
+            await client.set("tests:claim", 1)
+            return True
+        return False
+
+    async def winners(latency: float) -> int:
+        client = redis_client(latency=latency)
+        await client.delete("tests:claim")
+        won = await asyncio.gather(*(check_then_set(client) for _ in range(10)))
+        await client.delete("tests:claim")
+        await client.aclose()
+        return sum(won)
+
+    assert asyncio.run(winners(0.0)) == 1  # fakeredis never interleaves the GET and the SET
+    assert asyncio.run(winners(0.001)) == 10  # with a round trip, every copy looks before any sets

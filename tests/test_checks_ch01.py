@@ -22,9 +22,10 @@ from fastapi import FastAPI
 
 import support
 import support.checks
-from support.checks import ExerciseIncomplete, placeholder_message, reset_hints
+from support.checks import placeholder_message, reset_hints
 from support.checks.ch01 import check_loop_lag_probe, check_offload, check_offload_choice
 from support.workloads import LegacyPriceClient
+from tests.checking import rejected
 
 
 def child_processes() -> set[int]:
@@ -53,13 +54,6 @@ def _fresh_and_leaves_nothing_running() -> Iterator[None]:
     assert support.running() == [], "a check left a server running"
     assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
     assert child_processes() <= children, "a check left a worker process running"
-
-
-def rejected(capsys: pytest.CaptureFixture[str], check: Any, *answer: Any) -> str:
-    """Run a check that must not pass; return what it printed plus its one-line summary."""
-    with pytest.raises(ExerciseIncomplete) as failure:
-        check(*answer)
-    return capsys.readouterr().out + str(failure.value)
 
 
 # ---------------------------------------------------------------------------------------------------

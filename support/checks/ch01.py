@@ -16,17 +16,16 @@ import inspect
 import math
 import os
 import sys
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import CodeType, FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
 from support.checks import Mismatch, exercise, expect
+from support.checks.running import NoReturn, joins_new_threads, run_in_fresh_loop, short
 from support.loadgen import load
 from support.server import Server, serve
 from support.workloads import LegacyPriceClient, count_primes, on_event_loop_thread, price_of, where
@@ -34,74 +33,6 @@ from support.workloads import LegacyPriceClient, count_primes, on_event_loop_thr
 __all__ = ["check_loop_lag_probe", "check_offload", "check_offload_choice"]
 
 SOLUTION = "solutions/01_async_correctness_exercises.ipynb"
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Plumbing shared by the checks
-# ---------------------------------------------------------------------------------------------------
-
-
-class _NoReturn(Exception):
-    """The learner's coroutine did not finish in time (``stuck``: it did not even give its thread back)."""
-
-    def __init__(self, seconds: float, *, stuck: bool) -> None:
-        super().__init__(f"no return within {seconds:g} s")
-        self.seconds, self.stuck = seconds, stuck
-
-
-@contextmanager
-def _joins_new_threads(grace: float = 3.0) -> Iterator[None]:
-    """Wait (up to ``grace`` seconds in all) for threads started inside the block to finish."""
-    before = set(threading.enumerate())
-    try:
-        yield
-    finally:
-        deadline = time.monotonic() + grace
-        for thread in threading.enumerate():
-            if thread not in before and thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
-
-
-def _run_in_fresh_loop(main: Callable[[], Awaitable[T]], *, timeout: float, name: str) -> T:
-    """Run ``main()`` with ``asyncio.run`` in a new thread; return its result or raise its exception.
-
-    A notebook's kernel already runs an event loop in the main thread, so ``asyncio.run`` cannot run
-    there; a thread of our own gives the learner's coroutine a loop that nothing else shares.
-    Raises ``_NoReturn`` when ``main()`` takes longer than ``timeout`` seconds. Callers wrap it in
-    ``_joins_new_threads()`` to wait for the worker threads the loop started.
-    """
-    box: dict[str, Any] = {}
-
-    async def bounded() -> T:
-        scope = asyncio.timeout(timeout)
-        try:
-            async with scope:
-                return await main()
-        except TimeoutError:
-            if scope.expired():
-                raise _NoReturn(timeout, stuck=False) from None
-            raise
-
-    def target() -> None:
-        try:
-            box["result"] = asyncio.run(bounded())
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    thread.join(timeout + 10)
-    if thread.is_alive():  # the learner's code holds the loop and never gives it back
-        raise _NoReturn(timeout, stuck=True)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,7 +224,7 @@ def _check_answer(server: Server, answer: _Answer) -> None:
     expect(
         right,
         f"the JSON body {expected}",
-        _short(body),
+        short(body),
         "The body is JSON: return a dict with exactly the keys `symbol` and `price`; FastAPI serialises it.",
         'Return `{"symbol": symbol, "price": price}`, where `price` is what `client.get_price(symbol)` '
         "returned.",
@@ -322,7 +253,7 @@ def _check_off_loop(client: LegacyPriceClient, tracker: _CallTracker) -> None:
 
 def _check_overlap(server: Server, client: LegacyPriceClient) -> None:
     client.reset()
-    result = _run_in_fresh_loop(
+    result = run_in_fresh_loop(
         lambda: load(server, f"/price/{_SYMBOL}", requests=_CONCURRENT, concurrency=_CONCURRENT),
         timeout=60,
         name="check-1.1-load",
@@ -376,7 +307,7 @@ def check_offload(app: Any, client: LegacyPriceClient) -> None:
         client.reset()
         tracker.install()
         try:
-            with _joins_new_threads(), serve(app, name="check-1.1") as server:
+            with joins_new_threads(), serve(app, name="check-1.1") as server:
                 answer = _Answer()
                 shown = f'{{"symbol": "{_SYMBOL}", "price": {price_of(_SYMBOL)}}}'
                 ex.step(f"GET /price/{_SYMBOL} answers {shown}", lambda: _check_answer(server, answer))
@@ -457,11 +388,11 @@ async def _measure_probe(probe: Callable[..., Any], duration: float, stalls: tup
 
 def _run_probe(probe: Callable[..., Any], duration: float, stalls: tuple[float, ...] = ()) -> _ProbeRun:
     try:
-        with _joins_new_threads():
-            return _run_in_fresh_loop(
+        with joins_new_threads():
+            return run_in_fresh_loop(
                 lambda: _measure_probe(probe, duration, stalls), timeout=duration + 3, name="check-1.2-loop"
             )
-    except _NoReturn as late:
+    except NoReturn as late:
         raise Mismatch(
             f"max_loop_lag({duration}) to return after about {duration} s",
             f"no return within {late.seconds:g} s"
@@ -483,7 +414,7 @@ def _check_probe_returns(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) 
     expect(
         run.awaitable,
         "an awaitable: `max_loop_lag` defined with `async def`",
-        f"a plain function that returned {_short(value)} without awaiting",
+        f"a plain function that returned {short(value)} without awaiting",
         "The probe must run on the loop it measures, taking turns with the other tasks: "
         "`async def max_loop_lag(…)`.",
     )
@@ -505,7 +436,7 @@ def _check_probe_returns(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) 
     expect(
         isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
         "a number of seconds (a float)",
-        f"{type(value).__name__}: {_short(value)}",
+        f"{type(value).__name__}: {short(value)}",
         "Return the worst lag as a float, in seconds.",
     )
     expect(
@@ -569,7 +500,7 @@ def _check_probe_stalled(probe: Callable[..., Any]) -> None:
     expect(
         isinstance(value, int | float) and not isinstance(value, bool),
         "a number of seconds",
-        _short(value),
+        short(value),
         "Return the worst lag as a float, in seconds.",
     )
     expect(
@@ -796,13 +727,13 @@ def _judge(work: _Workload, outcome: _Outcome) -> None:
     expect(
         outcome.awaitable,
         "an awaitable from `run_offloaded(…)`",
-        f"it returned {_short(value)} without awaiting",
+        f"it returned {short(value)} without awaiting",
         "Define it with `async def` and `await` the thread or the process.",
     )
     expect(
         isinstance(value, Ran) and value.result == work.expected(),
         "run_offloaded to return what `func(*args)` returned",
-        _short(value),
+        short(value),
         "`return await …` the result of the offloaded call.",
     )
     place = "loop" if value.on_event_loop else ("process" if value.pid != os.getpid() else "thread")
@@ -848,9 +779,9 @@ def check_offload_choice(run_offloaded: Callable[..., Awaitable[Any]]) -> None:
 
 def _offload_all(run_offloaded: Callable[..., Any]) -> dict[str, _Outcome]:
     try:
-        with _joins_new_threads():
-            return _run_in_fresh_loop(lambda: _offload_each(run_offloaded), timeout=60, name="check-1.3-loop")
-    except _NoReturn as late:
+        with joins_new_threads():
+            return run_in_fresh_loop(lambda: _offload_each(run_offloaded), timeout=60, name="check-1.3-loop")
+    except NoReturn as late:
         raise Mismatch(
             "each `await run_offloaded(…)` to return within seconds",
             f"no return within {late.seconds:g} s"

@@ -1,0 +1,76 @@
+"""Running a learner's code from a check: on a fresh event loop, bounded in time, tidy afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+__all__ = ["NoReturn", "joins_new_threads", "run_in_fresh_loop", "short"]
+
+T = TypeVar("T")
+
+
+class NoReturn(Exception):
+    """The learner's coroutine did not finish in time (``stuck``: it did not even give its thread back)."""
+
+    def __init__(self, seconds: float, *, stuck: bool) -> None:
+        super().__init__(f"no return within {seconds:g} s")
+        self.seconds, self.stuck = seconds, stuck
+
+
+@contextmanager
+def joins_new_threads(grace: float = 3.0) -> Iterator[None]:
+    """Wait (up to ``grace`` seconds in all) for threads started inside the block to finish."""
+    before = set(threading.enumerate())
+    try:
+        yield
+    finally:
+        deadline = time.monotonic() + grace
+        for thread in threading.enumerate():
+            if thread not in before and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def run_in_fresh_loop(main: Callable[[], Awaitable[T]], *, timeout: float, name: str) -> T:
+    """Run ``main()`` with ``asyncio.run`` in a new thread; return its result or raise its exception.
+
+    A notebook's kernel already runs an event loop in the main thread, so ``asyncio.run`` cannot run
+    there; a thread of our own gives the learner's coroutine a loop that nothing else shares.
+    Raises ``NoReturn`` when ``main()`` takes longer than ``timeout`` seconds. Callers wrap it in
+    ``joins_new_threads()`` to wait for the worker threads the loop started.
+    """
+    box: dict[str, Any] = {}
+
+    async def bounded() -> T:
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                return await main()
+        except TimeoutError:
+            if scope.expired():
+                raise NoReturn(timeout, stuck=False) from None
+            raise
+
+    def target() -> None:
+        try:
+            box["result"] = asyncio.run(bounded())
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout + 10)
+    if thread.is_alive():  # the learner's code holds the loop and never gives it back
+        raise NoReturn(timeout, stuck=True)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

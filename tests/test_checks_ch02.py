@@ -1,0 +1,474 @@
+"""support.checks.ch02: chapter 2's checks pass right answers and name each plausible wrong one.
+
+Every answer here is written the way a learner would write it in the exercise cell; the given code
+around it (the request-ID middleware, `fulfil`, the queue's consumer) is the notebook's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+import support
+import support.checks
+from support.checks import placeholder_message, reset_hints
+from support.checks.ch02 import check_bounded_queue, check_idempotent_job, check_request_id_in_jobs
+from support.thirdparty import ProviderError
+from tests.checking import rejected
+
+
+@pytest.fixture(autouse=True)
+def _fresh_and_leaves_nothing_running() -> Iterator[None]:
+    reset_hints()
+    threads = set(threading.enumerate())
+    yield
+    support.checks.last_error = None
+    reset_hints()
+    assert support.running() == [], "a check left a server running"
+    assert support.running_workers() == [], "a check left a queue worker running"
+    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 2.1: carry the request ID into a queued job
+# ---------------------------------------------------------------------------------------------------
+
+QUEUE = "ch02-test-orders"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+
+
+class RequestIDMiddleware:
+    """The notebook's middleware: the request's ID in `request_id_var` and in the response."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        token = request_id_var.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+def orders_answer(variant: str) -> tuple[FastAPI, Any, dict[str, str], str]:
+    """The exercise cell, answered one way or another: (app, process_order, worked_for, QUEUE)."""
+    worked_for: dict[str, str] = {}
+    shared = {"current": "-"}  # a module-level "current request id", as a learner might keep one
+
+    async def fulfil(order_id: str) -> None:
+        await asyncio.sleep(0.01)
+        worked_for[order_id] = request_id_var.get()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        app.state.queue = support.job_queue(QUEUE)
+        await app.state.queue.connect()
+        yield
+        await app.state.queue.disconnect()
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(RequestIDMiddleware)
+
+    @app.post("/orders/{order_id}", status_code=202)
+    async def place_order(order_id: str, request: Request) -> Any:
+        queue = request.app.state.queue
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("2.1"))
+        if variant in ("not-passed", "read-var-in-job"):
+            await queue.enqueue("process_order", order_id=order_id)
+        elif variant == "global":
+            shared["current"] = request_id_var.get()
+            await queue.enqueue("process_order", order_id=order_id)
+        elif variant == "app-state":
+            request.app.state.request_id = request_id_var.get()
+            await queue.enqueue("process_order", order_id=order_id)
+        elif variant == "wrong-name":
+            await queue.enqueue("process", order_id=order_id, request_id=request_id_var.get())
+        else:
+            await queue.enqueue("process_order", order_id=order_id, request_id=request_id_var.get())
+        return {"order_id": order_id, "queued": True}
+
+    async def process_order(ctx: dict, *, order_id: str, request_id: str = "-") -> None:
+        if variant == "placeholder-job":
+            raise NotImplementedError(placeholder_message("2.1"))
+        if variant == "error":
+            raise KeyError(order_id)
+        if variant in ("ignored", "read-var-in-job"):
+            await fulfil(order_id)  # trusts request_id_var to still hold the request's ID
+            return
+        if variant == "set-only":  # right too: the worker runs each job in a context of its own
+            request_id_var.set(request_id)
+            await fulfil(order_id)
+            return
+        value = {"global": shared["current"], "app-state": getattr(app.state, "request_id", "-")}
+        token = request_id_var.set(value.get(variant, request_id))
+        try:
+            await fulfil(order_id)
+        finally:
+            request_id_var.reset(token)
+
+    return app, process_order, worked_for, QUEUE
+
+
+@pytest.mark.parametrize("variant", ["right", "set-only"])
+def test_2_1_passing_the_id_with_the_job_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_request_id_in_jobs(*orders_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 2.1 · Carry the request ID into a queued job\n")
+    assert "  ✅ 20 requests at once, each with its own X-Request-ID, enqueue 20 jobs\n" in out
+    assert "  ✅ every job worked for the request that enqueued it\n" in out
+    assert out.endswith("Exercise 2.1: passed ✅ (4 of 4 checks)\n")
+
+
+@pytest.mark.parametrize("variant", ["placeholder", "placeholder-job"])
+def test_2_1_placeholder_is_not_started(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer(variant))
+    assert "⬜ not started: Exercise 2.1's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 2.1: not started")
+
+
+@pytest.mark.parametrize("variant", ["not-passed", "read-var-in-job"])
+def test_2_1_an_id_not_passed_is_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer(variant))
+    assert "❌ every job worked for the request that enqueued it" in out
+    assert (
+        "       expected: each job to work for the request that enqueued it (20 of 20)\n"
+        "       seen:     20 of 20 jobs worked for no request: the job for 'o-00' ran with request_id_var "
+        "= '-', not 'ex21-req-00'. The job's arguments (order_id) did not carry the request's ID, and a "
+        "context variable does not travel through the queue: in the worker it holds only its default\n"
+    ) in out
+    assert "hint:     The job runs later, on the worker, in another context" in out
+    assert out.endswith("Exercise 2.1: not yet — 3 of 4 checks pass")
+
+
+def test_2_1_an_id_passed_but_not_set_in_the_job_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer("ignored"))
+    assert (
+        "The job received the ID (request_id='ex21-req-00') but did not put it back in the context "
+        "variable, which in the worker holds only its default"
+    ) in out
+    assert "hint:     The worker runs each job in a context of its own" in out
+    assert out.endswith("Exercise 2.1: not yet — 3 of 4 checks pass")
+
+
+@pytest.mark.parametrize("variant", ["global", "app-state"])
+def test_2_1_a_shared_current_id_is_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer(variant))
+    assert re.search(
+        r"seen:     19 of 20 jobs worked for another request's ID: all 20 worked for 'ex21-req-\d\d', "
+        r"the request that came last\. A value shared by all requests",
+        out,
+    )
+    assert "hint:     Jobs run after the requests that enqueued them" in out
+    assert out.endswith("Exercise 2.1: not yet — 3 of 4 checks pass")
+
+
+def test_2_1_a_job_enqueued_by_another_name_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer("wrong-name"))
+    assert "❌ a worker started afterwards runs the 20 jobs" in out
+    assert "seen:     0 ran; the worker reported KeyError: 'process'\n" in out
+    assert out.endswith("Exercise 2.1: not yet — 2 of 3 checks pass")
+
+
+def test_2_1_an_error_in_the_job_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer("error"))
+    assert "your code raised KeyError: 'o-" in out
+    assert "Traceback" not in out
+
+
+def test_2_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    answer = orders_answer("not-passed")
+    first = rejected(capsys, check_request_id_in_jobs, *answer)
+    second = rejected(capsys, check_request_id_in_jobs, *answer)
+    assert "request_id=request_id_var.get()" not in first
+    assert "request_id=request_id_var.get()" in second
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 2.2: an idempotent job
+# ---------------------------------------------------------------------------------------------------
+
+
+def welcome_job(variant: str) -> Any:
+    """``send_welcome_once`` as a learner might write it."""
+
+    async def send_welcome_once(redis: Any, provider: Any, user_id: str, email: str) -> None:
+        key = f"ch02:welcome:{user_id}"
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("2.2"))
+        if variant == "no-guard":
+            await provider.send(email, "Welcome!")
+            return
+        if variant in ("get-then-set", "get-send-set"):
+            if await redis.get(key):
+                return
+            if variant == "get-send-set":
+                await provider.send(email, "Welcome!")
+                await redis.set(key, "sent")
+                return
+            await redis.set(key, "sending", ex=60)
+        elif variant == "two-keys":  # right too: a claim with an expiry, and a separate mark
+            if await redis.exists(f"{key}:sent") or not await redis.set(f"{key}:claim", 1, nx=True, ex=30):
+                return
+        else:
+            ttl = None if variant == "no-ttl" else 60
+            if not await redis.set(key, "sending", nx=True, ex=ttl):
+                return
+        if variant == "no-release":
+            await provider.send(email, "Welcome!")
+            return
+        if variant == "release-always":
+            try:
+                await provider.send(email, "Welcome!")
+            finally:
+                await redis.delete(key)
+            return
+        try:
+            await provider.send(email, "Welcome!")
+        except ProviderError:
+            await redis.delete(f"{key}:claim" if variant == "two-keys" else key)
+            if variant == "swallow":
+                return
+            raise
+        if variant == "two-keys":
+            await redis.set(f"{key}:sent", 1)
+            await redis.delete(f"{key}:claim")
+        else:
+            await redis.set(key, "sent")
+
+    def not_async(redis: Any, provider: Any, user_id: str, email: str) -> None:
+        return None
+
+    return not_async if variant == "not-async" else send_welcome_once
+
+
+@pytest.mark.parametrize("variant", ["right", "two-keys"])
+def test_2_2_an_atomic_claim_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_idempotent_job(welcome_job(variant))
+    out = capsys.readouterr().out
+    assert "  ✅ 10 copies of the job at once send one email\n" in out
+    assert "  ✅ after a failed attempt (ProviderError), the retry sends the email, once\n" in out
+    assert out.endswith("Exercise 2.2: passed ✅ (6 of 6 checks)\n")
+
+
+def test_2_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("placeholder"))
+    assert "⬜ not started: Exercise 2.2's cell" in out
+    assert out.endswith("Exercise 2.2: not started")
+
+
+def test_2_2_no_guard_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("no-guard"))
+    assert (
+        "❌ the same job run twice sends one email\n"
+        "       expected: 1 email to ex22-ada@example.com after the same job ran twice\n"
+        "       seen:     2: the second run sent again\n"
+    ) in out
+    assert "seen:     10: the copies all looked before any of them marked the user" in out
+    assert "no key mentioning the user existed during the send" in out
+    assert out.endswith("Exercise 2.2: not yet — 3 of 6 checks pass")
+
+
+@pytest.mark.parametrize(("variant", "passing"), [("get-then-set", 5), ("get-send-set", 4)])
+def test_2_2_a_check_then_set_is_rejected(
+    variant: str, passing: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job(variant))
+    assert (
+        "❌ 10 copies of the job at once send one email\n"
+        "       expected: 1 email to ex22-edsger@example.com from 10 copies of the job run at once\n"
+        "       seen:     10: the copies all looked before any of them marked the user\n"
+        "       hint:     Looking (GET) and marking (SET) are two round trips"
+    ) in out
+    assert out.endswith(f"Exercise 2.2: not yet — {passing} of 6 checks pass")
+
+
+def test_2_2_a_claim_kept_after_a_failure_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("no-release"))
+    assert (
+        "       expected: 1 email to ex22-alan@example.com once the retry ran\n"
+        "       seen:     0: the first attempt failed, and its claim was still there when the retry ran, "
+        "so the retry skipped the user; the email is lost\n"
+    ) in out
+    assert out.endswith("Exercise 2.2: not yet — 5 of 6 checks pass")
+
+
+def test_2_2_a_claim_without_expiry_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("no-ttl"))
+    assert (
+        "seen:     ch02:welcome:ex22-barbara had no expiry: if the worker crashed mid-send, the claim "
+        "would stay for ever"
+    ) in out
+    assert out.endswith("Exercise 2.2: not yet — 5 of 6 checks pass")
+
+
+def test_2_2_a_swallowed_failure_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("swallow"))
+    assert "it returned normally without sending: the queue would mark the job done" in out
+    assert out.endswith("Exercise 2.2: not yet — 5 of 6 checks pass")
+
+
+def test_2_2_a_claim_released_after_success_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("release-always"))
+    assert "seen:     2: the second run sent again" in out
+    assert out.endswith("Exercise 2.2: not yet — 5 of 6 checks pass")
+
+
+def test_2_2_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("not-async"))
+    assert "expected: an awaitable: `send_welcome_once` defined with `async def`" in out
+    assert out.endswith("Exercise 2.2: not yet — 0 of 1 checks pass")
+
+
+def test_2_2_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    first = rejected(capsys, check_idempotent_job, welcome_job("get-then-set"))
+    second = rejected(capsys, check_idempotent_job, welcome_job("get-then-set"))
+    assert "succeeds for exactly one caller" not in first
+    assert "succeeds for exactly one caller" in second
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 2.3: bound a queue with a proper 503
+# ---------------------------------------------------------------------------------------------------
+
+QUEUE_SIZE, CONSUMERS, JOB_SECONDS = 5, 1, 0.1
+
+
+def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
+    """The exercise cell, answered one way or another: (app, processed, QUEUE_SIZE, CONSUMERS)."""
+    processed: list[str] = []
+
+    async def consume(queue: asyncio.Queue) -> None:
+        while True:
+            job_id = await queue.get()
+            try:
+                await asyncio.sleep(JOB_SECONDS)
+                processed.append(job_id)
+            finally:
+                queue.task_done()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("2.3"))
+        bounded = variant not in ("unbounded", "maxsize-0")
+        app.state.queue = asyncio.Queue(maxsize=QUEUE_SIZE if bounded else 0)
+        consumers = [asyncio.create_task(consume(app.state.queue)) for _ in range(CONSUMERS)]
+        yield
+        for task in consumers:
+            task.cancel()
+        await asyncio.gather(*consumers, return_exceptions=True)
+
+    app = FastAPI(lifespan=lifespan)
+    retry_after = {"no-retry-after": None, "float": "0.5", "zero": "0"}.get(
+        variant, str(max(1, math.ceil(QUEUE_SIZE * JOB_SECONDS / CONSUMERS)))
+    )
+
+    @app.post("/jobs/{job_id}", status_code=202)
+    async def submit_job(job_id: str, request: Request) -> Any:
+        queue = request.app.state.queue
+        if variant == "await-put":
+            await queue.put(job_id)
+            return {"job_id": job_id, "queued": True}
+        if variant == "unhandled":
+            queue.put_nowait(job_id)
+            return {"job_id": job_id, "queued": True}
+        try:
+            queue.put_nowait(job_id)
+        except asyncio.QueueFull:
+            headers = {"Retry-After": retry_after} if retry_after is not None else None
+            if variant == "json-response":
+                return JSONResponse({"detail": "busy"}, status_code=503, headers=headers)
+            raise HTTPException(429 if variant == "429" else 503, "queue full", headers=headers) from None
+        return {"job_id": job_id, "queued": True}
+
+    return app, processed, QUEUE_SIZE, CONSUMERS
+
+
+@pytest.mark.parametrize("variant", ["right", "json-response"])
+def test_2_3_a_bounded_queue_with_503_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_bounded_queue(*jobs_answer(variant))
+    out = capsys.readouterr().out
+    assert "  ✅ once the queue is full, the rest are refused with 503\n" in out
+    assert "  ✅ every 503 carries Retry-After: whole seconds, at least 1\n" in out
+    assert out.endswith("Exercise 2.3: passed ✅ (6 of 6 checks)\n")
+
+
+def test_2_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("placeholder"))
+    assert "⬜ not started: Exercise 2.3's cell" in out
+    assert out.endswith("Exercise 2.3: not started")
+
+
+@pytest.mark.parametrize("variant", ["unbounded", "maxsize-0"])
+def test_2_3_an_unbounded_queue_is_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_bounded_queue, *jobs_answer(variant))
+    assert "❌ once the queue is full, the rest are refused with 503" in out
+    assert "seen:     30 × 202: the queue took every job\n" in out
+    assert out.endswith("Exercise 2.3: not yet — 3 of 4 checks pass")
+
+
+def test_2_3_waiting_for_room_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("await-put"))
+    assert "expected: an answer to each request within 1.5 s (a full queue refuses at once)" in out
+    assert re.search(r"seen:     \d+ of 30 got no answer in time.*: the endpoint waited for room", out)
+    assert out.endswith("Exercise 2.3: not yet — 2 of 3 checks pass")
+
+
+def test_2_3_an_uncaught_queue_full_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("unhandled"))
+    assert re.search(
+        r"seen:     \d+ of 30 got 500: `put_nowait` raised asyncio.QueueFull and nothing caught it", out
+    )
+    assert "your code raised" not in out
+    assert out.endswith("Exercise 2.3: not yet — 2 of 3 checks pass")
+
+
+def test_2_3_a_503_without_retry_after_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("no-retry-after"))
+    assert "       expected: a Retry-After header on every 503\n" in out
+    assert re.search(r"seen:     (\d+) of \1 503s without one", out)
+    assert out.endswith("Exercise 2.3: not yet — 5 of 6 checks pass")
+
+
+@pytest.mark.parametrize(("variant", "shown"), [("float", "'0.5'"), ("zero", "'0'")])
+def test_2_3_a_retry_after_that_is_not_whole_seconds_is_rejected(
+    variant: str, shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_bounded_queue, *jobs_answer(variant))
+    assert (
+        '       expected: Retry-After as a whole number of seconds, at least 1 (e.g. "1")\n'
+        f"       seen:     Retry-After: {shown}\n"
+    ) in out
+    assert out.endswith("Exercise 2.3: not yet — 5 of 6 checks pass")
+
+
+def test_2_3_a_429_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("429"))
+    assert "expected: 503 (Service Unavailable) for the requests refused" in out
+    assert "429 would blame the client's own rate" in out
+    assert out.endswith("Exercise 2.3: not yet — 3 of 4 checks pass")
