@@ -20,6 +20,8 @@ from typing import Any
 import fakeredis
 import redis.asyncio
 
+from support.workers import on_kill
+
 __all__ = ["delete_keys", "describe_redis", "redis_client", "redis_url"]
 
 _fake_server: fakeredis.FakeServer | None = None
@@ -71,6 +73,34 @@ def _add_round_trip(client: redis.asyncio.Redis, latency: float) -> None:
         return await execute(*args, **options)
 
     client.execute_command = execute_after_a_round_trip  # type: ignore[method-assign]
+
+
+def _forget_clients_of(loop: asyncio.AbstractEventLoop) -> None:
+    """Drop the embedded server's wake-up callbacks for commands blocked on a killed worker's loop.
+
+    A worker waiting for a job is blocked in a command (``BRPOPLPUSH``). When a real worker process
+    dies, its connection closes and Redis forgets the command; here the blocked command's callback
+    would stay registered and raise "Event loop is closed" in whichever client next changes a key.
+    """
+    if _fake_server is None:
+        return
+    with _fake_server.lock:
+        for db in list(_fake_server.dbs.values()):
+            callbacks = db._change_callbacks  # fakeredis internals, pinned version
+            for callback in list(callbacks):
+                cells = callback.__closure__ or ()
+                if any(_cell_holds(cell, loop) for cell in cells):
+                    callbacks.discard(callback)
+
+
+def _cell_holds(cell: Any, value: object) -> bool:
+    try:
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False
+
+
+on_kill(_forget_clients_of)
 
 
 def describe_redis() -> str:

@@ -7,8 +7,10 @@ mid-job leaves it marked active, and another worker's periodic sweep finds it st
 
 Two adjustments, both plumbing:
 
-- fakeredis has no ``INFO`` command, which SAQ uses only to learn the server's version; the queue
-  reports the version fakeredis emulates instead.
+- fakeredis has no ``INFO`` command, which SAQ uses only to learn the server's version. The queue
+  reports 6.0 there: from 6.2 on SAQ waits for jobs with ``BLMOVE``, which fakeredis answers at once
+  instead of blocking (an idle worker then spins a whole core); below it, SAQ uses ``BRPOPLPUSH``,
+  which blocks.
 - When the sweep finds a stuck job it first asks the job's worker to abort it and waits for an
   answer (5 s by default). A crashed worker never answers; the wait here is shorter
   (``abort_wait``) so that crash recovery fits in a notebook cell.
@@ -38,7 +40,7 @@ class CourseQueue(RedisQueue):
 
     async def version(self) -> tuple[int, ...]:
         if redis_url() is None:
-            return (7, 4, 0)  # fakeredis emulates Redis 7 but has no INFO command
+            return (6, 0, 0)  # fakeredis has no INFO, and its BLMOVE does not block: see above
         return await super().version()
 
     async def sweep(self, lock: int = 60, abort: float | None = None) -> list[str]:
@@ -59,16 +61,21 @@ def start_worker(
     functions: Iterable[Callable[..., Any]],
     *,
     concurrency: int = 10,
-    sweep_every: int = 1,
+    sweep_every: int = 60,
     name: str | None = None,
     **worker_options: Any,
 ) -> BackgroundLoop:
     """Start a SAQ worker for ``queue_name`` on its own thread and event loop.
 
     ``functions`` are the job functions (``async def job(ctx, **kwargs)``), registered by name.
-    ``sweep_every`` (seconds) is how often this worker looks for stuck jobs of crashed workers.
-    Other keyword arguments go to ``saq.Worker``. The handle's ``stop()`` shuts the worker down
-    gracefully (jobs in progress go back to the queue); ``kill()`` crashes it.
+    ``sweep_every`` (seconds) is how often this worker looks for the stuck jobs of crashed workers
+    (SAQ's default, 60). Sweeping often recovers them sooner, but SAQ's sweep can also catch a job
+    that a live worker has just taken and not yet marked active, and run it a second time (SAQ
+    issues #124 and #277): with frequent sweeps, expect duplicates, and make jobs idempotent. A
+    sweep also locks out the other workers' sweeps of the queue for ``sweep_every`` seconds.
+    Other keyword arguments go to ``saq.Worker``. The handle's ``stop()`` shuts the worker down as
+    SIGTERM would; ``kill()`` crashes it. Either way a job in progress stays in Redis and a sweep
+    runs it again (SAQ's own shutdown, with no grace period, cancels its attempt to re-queue it).
     """
     key = name or _caller_key()
     functions = list(functions)

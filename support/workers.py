@@ -26,13 +26,21 @@ from typing import Any
 from support import threadlog
 from support.server import _caller_key
 
-__all__ = ["BackgroundLoop", "running_workers", "start_in_thread", "stop_workers"]
+__all__ = ["BackgroundLoop", "on_kill", "running_workers", "start_in_thread", "stop_workers"]
 
 _registry: dict[str, BackgroundLoop] = {}
 _registry_lock = threading.Lock()
 # Tasks of killed loops. Holding them means their coroutines are never closed, so no cleanup code
 # of a "crashed" worker ever runs, not even at garbage collection.
 _abandoned: list[Any] = []
+_kill_hooks: list[Callable[[asyncio.AbstractEventLoop], None]] = []
+
+
+def on_kill(hook: Callable[[asyncio.AbstractEventLoop], None]) -> None:
+    """Call ``hook(loop)`` after a worker's loop is killed: where the operating system would close a
+    dead process's connections, an in-process store must forget the dead loop's clients itself."""
+    if hook not in _kill_hooks:
+        _kill_hooks.append(hook)
 
 
 class BackgroundLoop:
@@ -64,6 +72,8 @@ class BackgroundLoop:
             for task in abandoned:
                 task._log_destroy_pending = False  # type: ignore[attr-defined]  # a crash says nothing
             _abandoned.append(abandoned)
+            for hook in _kill_hooks:
+                hook(loop)
         else:
             leftovers = asyncio.all_tasks(loop)
             for task in leftovers:
