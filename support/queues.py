@@ -18,17 +18,20 @@ Two adjustments, both plumbing:
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from saq import Worker
+from saq.job import TERMINAL_STATUSES, Job
 from saq.queue.redis import RedisQueue
 
 from support.backends import redis_client, redis_url
-from support.server import _caller_key
+from support.registry import caller_key
 from support.workers import BackgroundLoop, start_in_thread
 
-__all__ = ["CourseQueue", "job_queue", "start_worker"]
+__all__ = ["CourseQueue", "finished_job", "job_queue", "start_worker"]
 
 
 class CourseQueue(RedisQueue):
@@ -56,6 +59,21 @@ def job_queue(name: str, *, abort_wait: float = 0.1) -> CourseQueue:
     return CourseQueue(redis_client(), name=name, abort_wait=abort_wait)
 
 
+async def finished_job(queue: RedisQueue, key: str, timeout: float = 5.0) -> Job:
+    """Wait until the job ``key`` has finished (complete, failed or aborted); returns the job.
+
+    It polls the job in Redis. SAQ's ``job.refresh(until_complete=...)`` waits on pub/sub instead,
+    which lagged about half a second behind on the embedded Redis. Raises ``TimeoutError``.
+    """
+    deadline = time.perf_counter() + timeout
+    while (job := await queue.job(key)) is None or job.status not in TERMINAL_STATUSES:
+        if time.perf_counter() > deadline:
+            state = "missing" if job is None else f"still {job.status.value}"
+            raise TimeoutError(f"job {key} {state} after {timeout} s")
+        await asyncio.sleep(0.02)
+    return job
+
+
 def start_worker(
     queue_name: str,
     functions: Iterable[Callable[..., Any]],
@@ -77,7 +95,7 @@ def start_worker(
     SIGTERM would; ``kill()`` crashes it. Either way a job in progress stays in Redis and a sweep
     runs it again (SAQ's own shutdown, with no grace period, cancels its attempt to re-queue it).
     """
-    key = name or _caller_key()
+    key = name or caller_key()
     functions = list(functions)
 
     async def main() -> None:

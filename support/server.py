@@ -21,12 +21,12 @@ from typing import Any
 import uvicorn
 
 from support import threadlog
+from support.registry import Registry, caller_key
 
 __all__ = ["Server", "ServerFailedToStart", "running", "serve", "stop_all"]
 
 _LOGGER_NAMES = ("uvicorn", "uvicorn.error", "uvicorn.access")
-_registry: dict[str, Server] = {}
-_registry_lock = threading.Lock()
+_servers: Registry[Server] = Registry()
 
 
 class ServerFailedToStart(RuntimeError):
@@ -163,9 +163,7 @@ class Server:
             self._thread.join(timeout)
         self._sock.close()
         threadlog.unroute(self._thread.name, self._record)
-        with _registry_lock:
-            if _registry.get(self.key) is self:
-                del _registry[self.key]
+        _servers.discard(self.key, self)
         if self._thread.is_alive():
             raise RuntimeError(f"server {self.key!r} did not stop within {timeout} s")
 
@@ -178,20 +176,6 @@ class Server:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<Server {self.key!r} {state} at {self.url}>"
-
-
-def _caller_key() -> str:
-    """A key for "the cell that called serve()": the notebook cell's id, else the caller's location."""
-    with contextlib.suppress(Exception):
-        from IPython import get_ipython
-
-        shell = get_ipython()
-        parent = shell.kernel.get_parent() if shell is not None and hasattr(shell, "kernel") else None
-        cell_id = (parent or {}).get("metadata", {}).get("cellId")
-        if cell_id:
-            return f"cell:{cell_id}"
-    frame = sys._getframe(2)
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
 def serve(
@@ -212,30 +196,22 @@ def serve(
     ``loop`` is uvicorn's: ``"auto"`` (uvloop where installed) or ``"asyncio"``.
     """
     _install_log_router()
-    key = name or _caller_key()
-    with _registry_lock:
-        old = _registry.pop(key, None)
-    if old is not None:
-        old.stop()
+    key = name or caller_key()
+    _servers.stop_old(key)
     server = Server(app, key, log=log, graceful_timeout=graceful_timeout, loop=loop)
     server._start(start_timeout)
-    with _registry_lock:
-        _registry[key] = server
+    _servers.add(key, server)
     return server
 
 
 def running() -> list[Server]:
     """The servers started by ``serve()`` that have not been stopped."""
-    with _registry_lock:
-        return list(_registry.values())
+    return _servers.handles()
 
 
 def stop_all() -> int:
     """Stop every server started by ``serve()``; returns how many were stopped."""
-    servers = running()
-    for server in servers:
-        server.stop()
-    return len(servers)
+    return _servers.stop_all()
 
 
 atexit.register(stop_all)

@@ -24,12 +24,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from support import threadlog
-from support.server import _caller_key
+from support.registry import Registry, caller_key
 
 __all__ = ["BackgroundLoop", "on_kill", "running_workers", "start_in_thread", "stop_workers"]
 
-_registry: dict[str, BackgroundLoop] = {}
-_registry_lock = threading.Lock()
+_workers: Registry[BackgroundLoop] = Registry()
 # Tasks of killed loops. Holding them means their coroutines are never closed, so no cleanup code
 # of a "crashed" worker ever runs, not even at garbage collection.
 _abandoned: list[Any] = []
@@ -101,10 +100,6 @@ class BackgroundLoop:
     def running(self) -> bool:
         return self._thread.is_alive() and not self._killed
 
-    def call(self, coro: Awaitable[Any], timeout: float = 10.0) -> Any:
-        """Run ``coro`` on the worker's loop and return its result (from another thread)."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
-
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful shutdown: cancel the main task, let its cleanup run, close the loop."""
         if self._thread.is_alive() and self._task is not None and not self._loop.is_closed():
@@ -121,9 +116,7 @@ class BackgroundLoop:
     def _finish(self, timeout: float) -> None:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-        with _registry_lock:
-            if _registry.get(self.key) is self:
-                del _registry[self.key]
+        _workers.discard(self.key, self)
         if not self._thread.is_alive():
             threadlog.unroute(self._thread.name, self._record)
         if self._thread.is_alive():
@@ -154,14 +147,10 @@ def start_in_thread(
     thread logs on ``loggers`` are kept on the handle instead of being printed.
     """
     threadlog.capture(loggers)
-    key = name or key or _caller_key()
-    with _registry_lock:
-        old = _registry.pop(key, None)
-    if old is not None:
-        old.stop()
+    key = name or key or caller_key()
+    _workers.stop_old(key)
     worker = BackgroundLoop(main, key)
-    with _registry_lock:
-        _registry[key] = worker
+    _workers.add(key, worker)
     threadlog.route(worker._thread.name, worker._record)
     worker._thread.start()
     return worker
@@ -169,16 +158,12 @@ def start_in_thread(
 
 def running_workers() -> list[BackgroundLoop]:
     """The workers started by ``start_in_thread()`` that have not been stopped or killed."""
-    with _registry_lock:
-        return list(_registry.values())
+    return _workers.handles()
 
 
 def stop_workers() -> int:
     """Stop every running worker gracefully; returns how many were stopped."""
-    workers = running_workers()
-    for worker in workers:
-        worker.stop()
-    return len(workers)
+    return _workers.stop_all()
 
 
 atexit.register(stop_workers)

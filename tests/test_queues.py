@@ -7,10 +7,11 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 from saq.job import Status
 
 from support.backends import delete_keys, redis_client
-from support.queues import job_queue, start_worker
+from support.queues import finished_job, job_queue, start_worker
 
 QUEUE = "tests-queue"
 runs: Counter[str] = Counter()
@@ -40,13 +41,8 @@ async def clear() -> None:
     await client.aclose()
 
 
-async def wait_for_statuses(queue, jobs, wanted: set[Status], timeout: float) -> list[Status]:
-    deadline = time.monotonic() + timeout
-    while True:
-        statuses = [(await queue.job(job.key)).status for job in jobs]
-        if all(status in wanted for status in statuses) or time.monotonic() > deadline:
-            return statuses
-        await asyncio.sleep(0.05)
+async def final_statuses(queue, jobs, timeout: float) -> list[Status]:
+    return [(await finished_job(queue, job.key, timeout)).status for job in jobs]
 
 
 def setup_function() -> None:
@@ -84,7 +80,7 @@ def test_a_flaky_job_is_retried_until_it_succeeds() -> None:
         queue = job_queue(QUEUE)
         await queue.connect()
         jobs = [await queue.enqueue("flaky", name=f"job{i}", retries=5) for i in range(3)]
-        statuses = await wait_for_statuses(queue, jobs, {Status.COMPLETE, Status.FAILED}, 10)
+        statuses = await final_statuses(queue, jobs, 10)
         await queue.disconnect()
         return statuses
 
@@ -115,7 +111,7 @@ def test_jobs_of_a_killed_worker_are_run_again_by_the_next_one() -> None:
     async def outcome() -> list[Status]:
         queue = job_queue(QUEUE)
         await queue.connect()
-        statuses = await wait_for_statuses(queue, jobs, {Status.COMPLETE}, 15)
+        statuses = await final_statuses(queue, jobs, 15)
         await queue.disconnect()
         return statuses
 
@@ -147,9 +143,23 @@ def test_a_job_in_progress_at_a_graceful_stop_is_run_again_by_the_next_workers_s
     async def outcome() -> list[Status]:
         queue = job_queue(QUEUE)
         await queue.connect()
-        statuses = await wait_for_statuses(queue, [job], {Status.COMPLETE}, 10)
+        statuses = await final_statuses(queue, [job], 10)
         await queue.disconnect()
         return statuses
 
     assert asyncio.run(outcome()) == [Status.COMPLETE]
     assert runs["job"] >= 2
+
+
+def test_finished_job_says_what_it_was_waiting_for() -> None:
+    async def scenario() -> None:
+        queue = job_queue(QUEUE)
+        await queue.connect()
+        try:
+            job = await queue.enqueue("slow", name="never-run")  # no worker
+            await finished_job(queue, job.key, timeout=0.1)
+        finally:
+            await queue.disconnect()
+
+    with pytest.raises(TimeoutError, match=r"job .* still queued after 0\.1 s"):
+        asyncio.run(scenario())

@@ -127,15 +127,3 @@ def test_the_worker_threads_log_is_kept_on_the_handle_not_printed(capsys: pytest
     assert worker.log == ["INFO tests.worker: working", "ERROR tests.worker: job failed"]
     assert worker.errors == ["ERROR tests.worker: job failed"]
     assert capsys.readouterr().err == ""
-
-
-def test_call_runs_a_coroutine_on_the_workers_loop() -> None:
-    events = fresh_events()
-    worker = start_in_thread(make_main(events), name="call")
-    assert events["started"].wait(5)
-
-    async def where() -> str:
-        return threading.current_thread().name
-
-    assert worker.call(where()) == "worker:call"
-    worker.stop()
