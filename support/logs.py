@@ -15,19 +15,35 @@ __all__ = ["LogCollector", "collect_logs"]
 class LogCollector(logging.Handler):
     """A logging handler that keeps records in ``.records``; ``close()`` detaches it from its logger."""
 
-    def __init__(self, logger: logging.Logger, level: int) -> None:
+    def __init__(self, logger: logging.Logger, level: int, key: str | None = None) -> None:
         super().__init__(level=level)
         self.logger = logger
+        self.key = key
         self.records: list[logging.LogRecord] = []
+        self.lines_: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+        if self.formatter is not None:
+            # Formatted now, on the thread that logged: a formatter that reads a context variable
+            # (a request ID, a trace ID) sees the request's value, not the notebook's.
+            try:
+                self.lines_.append(self.format(record))
+            except Exception:
+                self.handleError(record)
 
     def messages(self) -> list[str]:
         return [record.getMessage() for record in self.records]
 
+    def lines(self) -> list[str]:
+        """The records as the collector's formatter wrote them (``collect_logs(..., formatter=...)``)."""
+        if self.formatter is None:
+            raise ValueError("this collector has no formatter; pass formatter= to collect_logs()")
+        return list(self.lines_)
+
     def clear(self) -> None:
         self.records.clear()
+        self.lines_.clear()
 
     def close(self) -> None:
         self.logger.removeHandler(self)
@@ -40,12 +56,28 @@ class LogCollector(logging.Handler):
         self.close()
 
 
-def collect_logs(name: str, level: int = logging.WARNING) -> LogCollector:
+def collect_logs(
+    name: str,
+    level: int = logging.WARNING,
+    formatter: logging.Formatter | None = None,
+    key: str | None = None,
+) -> LogCollector:
     """Start collecting what logger ``name`` (and its children) log at ``level`` or above.
 
-    Use it as a context manager, or call ``.close()`` when done.
+    With a ``formatter``, each record is also formatted as it is logged (``.lines()``). With a
+    ``key``, an earlier collector with the same key on the same logger is closed first, so re-running
+    the cell that made it does not leave two collectors attached. Use it as a context manager, or call
+    ``.close()`` when done.
     """
     logger = logging.getLogger(name)
-    collector = LogCollector(logger, level)
+    if key is not None:
+        for handler in list(logger.handlers):
+            if isinstance(handler, LogCollector) and handler.key == key:
+                handler.close()
+    if logger.level == logging.NOTSET or logger.level > level:
+        logger.setLevel(level)
+    collector = LogCollector(logger, level, key)
+    if formatter is not None:
+        collector.setFormatter(formatter)
     logger.addHandler(collector)
     return collector

@@ -7,7 +7,8 @@ Several runs are drawn side by side on shared axes so broken and fixed compare a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
@@ -16,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from support.loadgen import LoadResult
 
-__all__ = ["bar_chart", "compare", "plot_cdf", "plot_timeline"]
+__all__ = ["bar_chart", "compare", "plot_cdf", "plot_timeline", "plot_waterfall"]
 
 _STATUS_COLOURS = {2: "tab:blue", 3: "tab:cyan", 4: "tab:orange", 5: "tab:red"}
 
@@ -123,4 +124,88 @@ def bar_chart(
     if log:
         ax.set_xscale("log")
     ax.margins(x=0.25)
+    return ax
+
+
+def _service(span: Any) -> str:
+    resource = getattr(span, "resource", None)
+    return str(resource.attributes.get("service.name", "?")) if resource is not None else "?"
+
+
+def _tree_order(spans: list[Any]) -> list[tuple[Any, int]]:
+    """Spans depth-first from the roots, children in start order, with their depth."""
+    ids = {s.context.span_id for s in spans}
+    kids: dict[int, list[Any]] = {}
+    roots = []
+    for span in sorted(spans, key=lambda s: s.start_time):
+        parent = span.parent.span_id if span.parent is not None else None
+        if parent in ids:
+            kids.setdefault(parent, []).append(span)
+        else:
+            roots.append(span)
+    ordered: list[tuple[Any, int]] = []
+
+    def visit(span: Any, depth: int) -> None:
+        ordered.append((span, depth))
+        for child in kids.get(span.context.span_id, []):
+            visit(child, depth + 1)
+
+    for root in roots:
+        visit(root, 0)
+    return ordered
+
+
+def plot_waterfall(
+    spans: Iterable[Any], ax: Axes | None = None, title: str | None = None, min_ms: float = 0.0
+) -> Axes:
+    """One trace's spans as a waterfall: one bar per span, nested under its parent, coloured by service.
+
+    The span with the most time of its own (not spent in its children) is outlined in red: in a slow
+    request, that is where the time went. Spans shorter than ``min_ms`` are left out of the picture
+    (the title says how many).
+    """
+    from support.telemetry import self_time
+
+    spans = [s for s in spans if s.end_time is not None]
+    if not spans:
+        raise ValueError("no finished spans to draw")
+    if len({s.context.trace_id for s in spans}) > 1:
+        raise ValueError("plot_waterfall draws one trace; group spans with support.telemetry.by_trace()")
+    shown = {id(s) for s in spans if (s.end_time - s.start_time) / 1e6 >= min_ms}
+    ordered = [(s, depth) for s, depth in _tree_order(spans) if id(s) in shown]
+    t0 = min(s.start_time for s in spans)
+    services = list(dict.fromkeys(_service(s) for s, _ in ordered))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(services)}
+    own = {id(s): self_time(s, spans) for s in spans}
+    slowest = max(spans, key=lambda s: own[id(s)])
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 0.6 + 0.32 * len(ordered)), constrained_layout=True)
+    for row, (span, _) in enumerate(ordered):
+        start = (span.start_time - t0) / 1e6
+        length = (span.end_time - span.start_time) / 1e6
+        is_slowest = span is slowest
+        ax.barh(
+            row,
+            max(length, 0.05),
+            left=start,
+            height=0.7,
+            color=colours[_service(span)],
+            edgecolor="red" if is_slowest else "none",
+            linewidth=2 if is_slowest else 0,
+        )
+        note = f" {length:.1f} ms" + (f"  ← {own[id(span)] * 1000:.0f} ms of its own" if is_slowest else "")
+        colour = "red" if is_slowest else "black"
+        ax.text(start + length, row, note, va="center", fontsize="small", color=colour)
+    ax.set_yticks(range(len(ordered)))
+    ax.set_yticklabels(["  " * depth + f"{_service(s)}: {s.name}" for s, depth in ordered], fontsize="small")
+    ax.set_ylim(len(ordered) - 0.5, -0.5)
+    ax.set_xlabel("time since the trace started (ms)")
+    total = (max(s.end_time for s in spans) - t0) / 1e6
+    ax.set_xlim(0, total * 1.6)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name in services]
+    ax.legend(handles, services, loc="lower right", fontsize="small")
+    hidden = len(spans) - len(ordered)
+    note = f" ({hidden} under {min_ms:g} ms not shown)" if hidden else ""
+    ax.set_title(title or f"one trace: {len(spans)} spans{note}, {total:.0f} ms")
     return ax

@@ -72,7 +72,9 @@ class Server:
     (``with serve(app) as server: …``).
     """
 
-    def __init__(self, app: Any, key: str, *, log: bool, graceful_timeout: float, loop: str) -> None:
+    def __init__(
+        self, app: Any, key: str, *, log: bool, graceful_timeout: float, loop: str, http: str = "auto"
+    ) -> None:
         self.app = app
         self.key = key
         self.echo_log = log
@@ -94,6 +96,7 @@ class Server:
             timeout_graceful_shutdown=graceful_timeout,
             backlog=4096,
             loop=loop,
+            http=http,
         )
         self._uvicorn = _Uvicorn(config)
         self._thread = threading.Thread(target=self._run, name=f"serve:{key}:{self.port}", daemon=True)
@@ -186,6 +189,7 @@ def serve(
     graceful_timeout: float = 5.0,
     start_timeout: float = 30.0,
     loop: str = "auto",
+    http: str = "auto",
 ) -> Server:
     """Start ``app`` under uvicorn on a background thread, on 127.0.0.1 and a free port.
 
@@ -193,12 +197,13 @@ def serve(
     re-running a cell replaces the server it started. ``log=True`` echoes uvicorn's log and access
     log to stderr; by default they are kept on the handle (``server.log``, ``server.errors``).
     ``graceful_timeout`` bounds how long ``stop()`` waits for in-flight requests and background tasks.
-    ``loop`` is uvicorn's: ``"auto"`` (uvloop where installed) or ``"asyncio"``.
+    ``loop`` is uvicorn's: ``"auto"`` (uvloop where installed) or ``"asyncio"``; so is ``http``:
+    ``"auto"`` (httptools where installed) or ``"h11"`` (the pure-Python parser).
     """
     _install_log_router()
     key = name or caller_key()
     _servers.stop_old(key)
-    server = Server(app, key, log=log, graceful_timeout=graceful_timeout, loop=loop)
+    server = Server(app, key, log=log, graceful_timeout=graceful_timeout, loop=loop, http=http)
     server._start(start_timeout)
     _servers.add(key, server)
     return server

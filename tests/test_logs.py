@@ -25,3 +25,31 @@ def test_collects_from_other_threads_at_the_level_asked(capfd: pytest.CaptureFix
     logger.warning("after close")
     assert logs.records == []
     assert logs not in logger.handlers
+
+
+def test_formats_on_the_logging_thread_and_rerun_replaces_the_collector() -> None:
+    from contextvars import ContextVar
+
+    request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+    class WithId(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"{request_id.get()} {record.getMessage()}"
+
+    logger = logging.getLogger("course.test.fmt")
+    logger.propagate = False
+    first = support.collect_logs("course.test.fmt", logging.INFO, formatter=WithId(), key="cell-1")
+    second = support.collect_logs("course.test.fmt", logging.INFO, formatter=WithId(), key="cell-1")
+    assert first not in logger.handlers and second in logger.handlers
+
+    def in_request() -> None:
+        request_id.set("req-7")
+        logger.info("hello")
+
+    worker = threading.Thread(target=in_request)
+    worker.start()
+    worker.join()
+    assert second.lines() == ["req-7 hello"]  # the request's value, read when the line was logged
+    second.close()
+    with support.collect_logs("course.test.fmt") as plain, pytest.raises(ValueError, match="formatter"):
+        plain.lines()

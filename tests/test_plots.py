@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import matplotlib.pyplot as plt
+import pytest
 
 from support.loadgen import LoadResult, RequestRecord
 from support.plots import bar_chart, compare, plot_cdf, plot_timeline
@@ -53,3 +56,30 @@ def test_bar_chart_labels_each_bar_in_order() -> None:
     assert [t.get_text() for t in ax.texts] == ["4000.0 ms", "140.0 ms"]
     assert ax.get_ylim()[0] > ax.get_ylim()[1]  # first entry on top
     plt.close("all")
+
+
+def test_waterfall_nests_spans_and_outlines_the_one_with_most_time_of_its_own() -> None:
+    import support
+    from support.plots import plot_waterfall
+
+    tracing = support.tracing("svc", name="t-waterfall")
+    tracer = tracing.tracer
+    with tracer.start_as_current_span("request"):
+        with tracer.start_as_current_span("fast"):
+            time.sleep(0.002)
+        with tracer.start_as_current_span("slow"):
+            time.sleep(0.03)
+        with tracer.start_as_current_span("tiny"):
+            pass
+    ax = plot_waterfall(tracing.spans(), min_ms=1)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["svc: request", "  svc: fast", "  svc: slow"]  # "tiny" is under 1 ms
+    assert "1 under 1 ms not shown" in ax.get_title()
+    outlined = [i for i, bar in enumerate(ax.patches[:3]) if bar.get_linewidth() > 0]
+    assert outlined == [2]
+    assert any("of its own" in t.get_text() for t in ax.texts)
+    plt.close("all")
+    with pytest.raises(ValueError, match="one trace"):
+        with tracer.start_as_current_span("another trace"):
+            pass
+        plot_waterfall(tracing.spans())

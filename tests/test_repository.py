@@ -71,15 +71,20 @@ def notebook_code(path: Path) -> str:
     )
 
 
+def canonical(name: str) -> str:
+    """A distribution's name as PEP 503 compares them (prometheus_client == prometheus-client)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def test_everything_imported_is_a_pinned_requirement() -> None:
     sources = [p.read_text() for p in ROOT.glob("support/**/*.py")]
     sources += [p.read_text() for p in ROOT.glob("tests/*.py")]
     sources += [notebook_code(p) for p in NOTEBOOKS]
     distributions = metadata.packages_distributions()
-    pinned = set(course._pins())
+    pinned = {canonical(name) for name in course._pins()}
     missing = set()
     for module in set().union(*(third_party_imports(s) for s in sources)):
-        names = {d.lower() for d in distributions.get(module, [module])}
+        names = {canonical(d) for d in distributions.get(module, [module])}
         if not names & pinned:
             missing.add(f"{module} (from {', '.join(sorted(names))})")
     # pyyaml comes with jupyter; the tests use it to read environment.yml

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import threading
 import time
@@ -131,3 +132,25 @@ def test_wait_for_exception_returns_what_the_app_raised(server: support.Server) 
     assert httpx.get(server.url + "/boom").status_code == 500
     error = server.wait_for_exception()
     assert isinstance(error, RuntimeError) and str(error) == "boom from the app"
+
+
+def _raw_status(server: support.Server, header_value: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /headers HTTP/1.1\r\nHost: x\r\nX-Client: "
+            + header_value
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+def test_http_chooses_the_parser_and_the_parsers_differ_on_control_characters() -> None:
+    """Chapter 3 relies on this: httptools refuses an ESC in a header value, h11 passes it on."""
+    with support.serve(make_app(), name="t-httptools") as default:
+        assert _raw_status(default, b"abc\x1b[31m") == 400
+        assert _raw_status(default, b"a" * 100_000) == 200  # no length limit
+    with support.serve(make_app(), name="t-h11", http="h11") as h11:
+        assert _raw_status(h11, b"abc\x1b[31m") == 200
