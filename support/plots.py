@@ -112,12 +112,18 @@ def bar_chart(
     unit: str = "ms",
     log: bool = False,
     ax: Axes | None = None,
+    decimals: int | None = None,
 ) -> Axes:
-    """One labelled horizontal bar per entry of ``values`` (label → number), first entry on top."""
+    """One labelled horizontal bar per entry of ``values`` (label → number), first entry on top.
+
+    Bar labels show ``decimals`` digits after the point (default: 1 for ms, else 2), then ``unit``.
+    """
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(values)), constrained_layout=True)
     bars = ax.barh(list(values), list(values.values()), color="tab:blue")
-    ax.bar_label(bars, fmt=f"%.{1 if unit == 'ms' else 2}f {unit}", padding=3)
+    if decimals is None:
+        decimals = 1 if unit == "ms" else 2
+    ax.bar_label(bars, fmt=f"%.{decimals}f {unit}", padding=3)
     ax.set_ylim(len(values) - 0.5, -0.5)
     ax.set_xlabel(xlabel)
     ax.set_title(title)

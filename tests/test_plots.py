@@ -58,6 +58,12 @@ def test_bar_chart_labels_each_bar_in_order() -> None:
     plt.close("all")
 
 
+def test_bar_chart_rounds_labels_to_the_digits_asked_for() -> None:
+    ax = bar_chart({"none": 2511.4, "traced": 1107.6}, "requests/s", unit="req/s", decimals=0)
+    assert [t.get_text() for t in ax.texts] == ["2511 req/s", "1108 req/s"]
+    plt.close("all")
+
+
 def test_waterfall_nests_spans_and_outlines_the_one_with_most_time_of_its_own() -> None:
     import support
     from support.plots import plot_waterfall
