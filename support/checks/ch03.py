@@ -1,0 +1,1163 @@
+"""Checks for chapter 3's exercises: observability.
+
+Exercise 3.1's middleware is called straight through its ASGI interface (``support.asgi.call``), so
+the check can send header bytes no HTTP client would, and needs no server. Exercise 3.2's spans go to
+a tracer provider of the check's own, with a ``SimpleSpanProcessor`` and an in-memory exporter, so
+every span is there the moment it ends. Exercise 3.3's app is served in-process and scraped.
+
+Where time matters (which checkout step is slow), the slow step sleeps several times longer than
+anything it is compared with, and each comparison is a ratio, not a deadline. Every server and
+tracer provider a check starts is stopped before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import math
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import prometheus_client
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import Tracer
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+
+from support.asgi import AsgiResponse, call
+from support.checks import Mismatch, exercise, expect, placeholder_message
+from support.checks.running import joins_new_threads, run_in_fresh_loop, short
+from support.metrics import histogram_quantile
+from support.server import Server, ServerFailedToStart, serve
+from support.telemetry import Tracing, self_time, tracing
+
+__all__ = ["check_checkout_spans", "check_latency_histogram", "check_request_id_middleware"]
+
+SOLUTION = "solutions/03_observability_exercises.ipynb"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plumbing shared by the checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def _route(app: Any, method: str, path: str, app_name: str) -> Any:
+    """The endpoint function of ``method path``; a ``Mismatch`` if the app has none."""
+    routes = getattr(app, "routes", None)
+    expect(
+        routes is not None,
+        "a FastAPI app",
+        f"{type(app).__name__} (no routes)",
+        f"Pass `{app_name}`, the app your middleware is added to.",
+    )
+    paths = []
+    for route in routes:
+        route_path = getattr(route, "path", None)
+        paths.append(route_path)
+        if route_path == path and method in (getattr(route, "methods", None) or ()):
+            return route.endpoint
+    raise Mismatch(
+        f"a {method} {path} endpoint",
+        f"routes {sorted(p for p in paths if p)}",
+        [f'Keep the decorator `@{app_name}.{method.lower()}("{path}", …)` given in the cell.'],
+    )
+
+
+def _in_loop(main: Callable[[], Awaitable[Any]], *, timeout: float, name: str) -> Any:
+    with joins_new_threads():
+        return run_in_fresh_loop(main, timeout=timeout, name=name)
+
+
+def _serve(app: Any, name: str, exercise_id: str) -> Server:
+    """``serve(app)``; a placeholder that stops the app from starting reads as "not started"."""
+    try:
+        return serve(app, name=name, graceful_timeout=1.0)
+    except ServerFailedToStart as failed:
+        if placeholder_message(exercise_id) in str(failed):
+            raise NotImplementedError(placeholder_message(exercise_id)) from None
+        raise Mismatch(
+            "the app to start",
+            str(failed),
+            ["The app failed while starting: fix its error, run the cell again, then this check."],
+        ) from None
+
+
+def _raise_server_error(server: Server, statuses: Sequence[int], what: str) -> None:
+    """After a 5xx: re-raise what the app raised (a placeholder, or the learner's own error)."""
+    raised = server.wait_for_exception()
+    if isinstance(raised, ValueError) and "Duplicated timeseries" in str(raised):
+        raise Mismatch(
+            "the histogram created in the registry the middleware is given",
+            "prometheus_client refused to register it: 'Duplicated timeseries'. A metric of that name "
+            "is already in the registry it went to: the global default REGISTRY, filled when the cell "
+            "first ran",
+            [
+                "A metric created without `registry=` goes into the default registry, which lives as "
+                "long as the kernel: creating it again, from a re-run cell, fails.",
+                "`Histogram(…, registry=registry)`; then restart the kernel (or re-run every cell from "
+                "the top) to forget the one in the default registry.",
+            ],
+        ) from None
+    if raised is not None:
+        raise raised
+    raise Mismatch(what, f"statuses {dict(Counter(statuses))}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 3.1: a correlation-ID middleware
+# ---------------------------------------------------------------------------------------------------
+
+_WHOAMI = "/whoami"
+_SANE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CONCURRENT = 20
+_CALL_3_1 = "Call the check as `check_request_id_middleware(ids_app, request_id_var)`."
+_KEPT: dict[str, bytes] = {
+    "a sane ID": b"checkout-42.a_b",
+    "64 characters, the longest allowed": b"req-" + b"0123456789" * 6,
+}
+_MISSING: dict[str, bytes | None] = {"no X-Request-ID header": None, "an empty X-Request-ID": b""}
+_FULLMATCH_HINT = (
+    'Accept the header only if `re.fullmatch(r"[A-Za-z0-9._-]{1,64}", incoming)`, '
+    "else use `uuid.uuid4().hex`."
+)
+_NO_CHECK_HINT = (
+    "The header is whatever the client sent, and it ends up in every log line: accept it only if it "
+    "is 1 to 64 ASCII letters, digits, `.`, `_` or `-`."
+)
+
+_EMPTY_HINTS = (
+    "An empty ID is no ID: every request that sends one would share it in the logs.",
+    "`{1,64}` asks for at least one character; `*` or `{0,64}` accepts none. " + _FULLMATCH_HINT,
+)
+
+
+@dataclass(frozen=True)
+class _Hostile:
+    label: str
+    value: bytes
+    hints: tuple[str, ...]
+
+
+_HOSTILE = (
+    _Hostile(
+        "65 characters",
+        b"a" * 65,
+        (
+            "An ID a character too long was kept: bound the length at 64.",
+            "`{1,64}` bounds it; `+` or `*` does not. " + _FULLMATCH_HINT,
+        ),
+    ),
+    _Hostile(
+        "10 kB",
+        b"A" * 10_000,
+        (
+            "A 10 kB ID would be copied into every log line of the request: bound the length at 64.",
+            "`{1,64}` bounds it; `+` or `*` does not. " + _FULLMATCH_HINT,
+        ),
+    ),
+    _Hostile(
+        "a newline (a forged log line)",
+        b"abc\n2026-01-01 INFO payment refunded",
+        (_NO_CHECK_HINT, _FULLMATCH_HINT),
+    ),
+    _Hostile(
+        "a trailing newline",
+        b"abc123\n",
+        (
+            "`$` matches at the very end *and* just before a final newline, so `re.match(r'^…$')` "
+            "accepts 'abc123\\n'.",
+            "Match the whole string, and nothing after it: `re.fullmatch(pattern, incoming)` (or `\\Z`).",
+        ),
+    ),
+    _Hostile("an escape character (ESC)", b"\x1b[31mred\x1b[0m", (_NO_CHECK_HINT, _FULLMATCH_HINT)),
+    _Hostile(
+        "non-ASCII digits",
+        "١٢٣".encode(),
+        (
+            "`\\w` and `\\d` match any Unicode letter or digit, such as Arabic-Indic '١٢٣', not only "
+            "ASCII ones.",
+            "Spell the class out: `[A-Za-z0-9._-]` (or compile with `re.ASCII`).",
+        ),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """One request through the middleware: what was sent, what the handler saw, what came back."""
+
+    label: str
+    sent: bytes | None
+    status: int
+    handler: str | None  # the ID the handler read from request_id_var
+    echoed: str | None  # the response's X-Request-ID
+
+    def kept(self) -> bool:
+        if self.sent is None or self.handler is None:
+            return False
+        return self.handler in {self.sent.decode("latin-1"), self.sent.decode("utf-8", "replace")}
+
+
+def _from_handler(response: AsgiResponse) -> str | None:
+    try:
+        value = json.loads(response.body)["request_id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+async def _send(app: Any, label: str, value: bytes | None) -> _Seen:
+    headers = [] if value is None else [(b"x-request-id", value)]
+    response = await call(app, _WHOAMI, headers=headers)
+    return _Seen(label, value, response.status, _from_handler(response), response.header("x-request-id"))
+
+
+def _check_answered(seen: _Seen) -> None:
+    expect(
+        seen.status == 200,
+        f"status 200 for a request with {seen.label}",
+        f"status {seen.status}",
+        "Do not refuse a request for its ID: replace a missing or bad ID with a fresh one and go on.",
+    )
+    expect(
+        seen.handler is not None,
+        'the handler\'s answer, {"request_id": …}',
+        short(seen.handler),
+        f"Keep the given endpoint `GET {_WHOAMI}`: it returns `request_id_var.get()`.",
+    )
+
+
+def _check_echoed(seen: _Seen) -> None:
+    expect(
+        seen.echoed is not None,
+        f"an X-Request-ID header on the response (for {seen.label})",
+        "none",
+        "The client needs the ID to quote it in a bug report: add it to the response's headers.",
+        "Wrap `send`: on the `http.response.start` message, "
+        '`message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]`.',
+    )
+    expect(
+        seen.echoed == seen.handler,
+        f"the response to echo the ID the handler saw (for {seen.label})",
+        f"echoed {short(seen.echoed)}, the handler saw {short(seen.handler)}",
+        "Echo the ID you decided on (the incoming one, or the fresh one), not the raw header.",
+    )
+
+
+def _is_piece_of(candidate: str, sent: bytes) -> bool:
+    """Whether ``candidate`` is made of the sent header's characters, in order (truncated, cleaned)."""
+    for text in {sent.decode("latin-1"), sent.decode("utf-8", "replace")}:
+        rest = iter(text)
+        if all(char in rest for char in candidate):
+            return True
+    return False
+
+
+def _check_fresh(results: list[_Seen]) -> None:
+    """Each request whose header was missing or bad got a sane ID of its own, echoed."""
+    for seen in results:
+        _check_answered(seen)
+    kept = [s for s in results if s.kept()]
+    if kept:
+        hints = {h.label: h.hints for h in _HOSTILE} | {"an empty X-Request-ID": _EMPTY_HINTS}
+        listed = "; ".join(f"{s.label}: {short(s.handler, 40)}" for s in kept)
+        raise Mismatch(
+            "each missing or bad ID replaced with a fresh one",
+            f"{len(kept)} of {len(results)} kept as sent ({listed})",
+            hints.get(kept[0].label, (_NO_CHECK_HINT, _FULLMATCH_HINT)),
+        )
+    for seen in results:
+        assert seen.handler is not None
+        expect(
+            _SANE.fullmatch(seen.handler),
+            f"a fresh, sane ID for {seen.label} (1 to 64 of A-Z a-z 0-9 . _ -)",
+            f"the handler saw {short(seen.handler)}",
+            "Make the new ID with `uuid.uuid4().hex`: 32 hex digits.",
+        )
+        expect(
+            seen.sent is None or seen.sent == b"" or not _is_piece_of(seen.handler, seen.sent),
+            f"a fresh ID for {seen.label}, not a piece of the header",
+            f"the handler saw {short(seen.handler)}, cut or cleaned from {short(seen.sent)}",
+            "Truncating or cleaning an untrusted ID still lets the client choose it: replace it.",
+            "Use the header only if it fullmatches as it is; otherwise `uuid.uuid4().hex`.",
+        )
+        _check_echoed(seen)
+    ids = Counter(s.handler for s in results)
+    repeated = [rid for rid, n in ids.items() if n > 1]
+    expect(
+        not repeated,
+        f"a different fresh ID for each of the {len(results)} requests",
+        f"{ids[repeated[0]]} requests got {short(repeated[0])}" if repeated else "",
+        "A constant fallback ('-', 'unknown') ties unrelated requests together in the logs.",
+        "Make a new one for each request: `uuid.uuid4().hex`.",
+    )
+
+
+def _check_kept(app: Any) -> None:
+    async def main() -> list[_Seen]:
+        return [await _send(app, label, value) for label, value in _KEPT.items()]
+
+    for seen in _in_loop(main, timeout=10, name="check-3.1-kept"):
+        _check_answered(seen)
+        expect(
+            seen.kept(),
+            f"{seen.label} ({short(seen.sent, 40)}) kept, so the request keeps its ID across services",
+            f"the handler saw {short(seen.handler)}",
+            "Accept an incoming ID of 1 to 64 ASCII letters, digits, `.`, `_` or `-`: other services "
+            "send theirs, and the logs of both must share it.",
+            "Set the context variable to the incoming ID when it fullmatches "
+            "`[A-Za-z0-9._-]{1,64}` (64 included).",
+        )
+        _check_echoed(seen)
+
+
+def _check_missing(app: Any) -> None:
+    async def main() -> list[_Seen]:
+        return [await _send(app, label, value) for label, value in _MISSING.items()]
+
+    _check_fresh(_in_loop(main, timeout=10, name="check-3.1-missing"))
+
+
+def _check_hostile(app: Any) -> None:
+    async def main() -> list[_Seen]:
+        return [await _send(app, h.label, h.value) for h in _HOSTILE]
+
+    _check_fresh(_in_loop(main, timeout=10, name="check-3.1-hostile"))
+
+
+def _check_concurrent(app: Any) -> None:
+    ids = [f"ex31-req-{i:02d}" for i in range(_CONCURRENT)]
+
+    async def main() -> list[_Seen]:
+        return list(await asyncio.gather(*(_send(app, rid, rid.encode()) for rid in ids)))
+
+    results = _in_loop(main, timeout=10, name="check-3.1-concurrent")
+    for seen in results:
+        _check_answered(seen)
+    wrong = [s for s in results if s.handler != s.label]
+    if wrong:
+        example = f"the handler of {wrong[0].label!r} saw {short(wrong[0].handler)}"
+        raise Mismatch(
+            f"each of {_CONCURRENT} concurrent requests to see its own ID",
+            f"{len(wrong)} of {_CONCURRENT} saw another one ({example}): a value shared by all requests "
+            "(a module-level variable, an attribute of the middleware) was overwritten by a later request",
+            [
+                "Each request runs in its own task, with its own copy of the context: a context "
+                "variable set in the middleware is that request's alone.",
+                "Keep the ID in the context variable: `token = request_id_var.set(rid)`, and let the "
+                "handler read `request_id_var.get()`.",
+            ],
+        )
+    echoed = [s for s in results if s.echoed != s.label]
+    if echoed:
+        example = f"{echoed[0].label!r} came back as {short(echoed[0].echoed)}"
+        raise Mismatch(
+            f"each of {_CONCURRENT} concurrent responses to echo its own request's ID",
+            f"{len(echoed)} of {_CONCURRENT} echoed another one ({example}): the middleware object is "
+            "shared by all requests, and a later request overwrote what it kept",
+            [
+                "One middleware instance serves every request at once: nothing per-request belongs on "
+                "`self` or in a module-level variable.",
+                "Keep the ID in a local variable of `__call__`, which the `send` wrapper defined inside "
+                "`__call__` closes over.",
+            ],
+        )
+
+
+_OUTSIDE = "ex31-outside"
+
+
+def _check_reset(app: Any, request_id_var: ContextVar[str]) -> None:
+    async def main() -> tuple[str, str]:
+        request_id_var.set(_OUTSIDE)  # this task's own context: the notebook's is not touched
+        await _send(app, "a sane ID", b"ex31-inside")
+        return _OUTSIDE, request_id_var.get()
+
+    before, after = _in_loop(main, timeout=10, name="check-3.1-reset")
+    expect(
+        after == before,
+        f"request_id_var back to {before!r} once the request is done",
+        f"{after!r}",
+        "What runs after the request in the same context (the server's next step, a test, another "
+        "app around this one) would still see this request's ID.",
+        "`token = request_id_var.set(rid)`, then `try: await self.app(scope, receive, send_with_id)` "
+        "and `finally: request_id_var.reset(token)`.",
+    )
+
+
+def check_request_id_middleware(app: Any, request_id_var: ContextVar[str]) -> None:
+    """Check Exercise 3.1: the middleware keeps a sane X-Request-ID, replaces anything else, returns it.
+
+    Calls ``app`` (with the learner's middleware) through ASGI, ``GET /whoami``, whose handler returns
+    ``request_id_var.get()``: a sane ID and one of 64 characters are kept, seen by the handler and
+    echoed in ``X-Request-ID``; a missing or empty header, 65 characters, 10 kB, a newline, a trailing
+    newline, an ESC and non-ASCII digits each get a fresh, sane, distinct ID, seen and echoed; 20
+    concurrent requests each see and get back their own; and ``request_id_var`` is reset afterwards.
+    """
+    with exercise("3.1", "A correlation-ID middleware", SOLUTION) as ex:
+
+        def arguments() -> None:
+            _route(app, "GET", _WHOAMI, "ids_app")
+            expect(
+                isinstance(request_id_var, ContextVar),
+                "the context variable `request_id_var`",
+                short(request_id_var),
+                _CALL_3_1,
+            )
+
+        if not ex.step(f"the app has a GET {_WHOAMI} endpoint", arguments):
+            return
+        if not ex.step(
+            "a sane X-Request-ID (up to 64 characters) is kept, seen by the handler and echoed",
+            lambda: _check_kept(app),
+        ):
+            return
+        ex.step(
+            "a missing or empty X-Request-ID gets a fresh ID, seen by the handler and echoed",
+            lambda: _check_missing(app),
+        )
+        ex.step(
+            "a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits) is replaced by a fresh one",
+            lambda: _check_hostile(app),
+        )
+        ex.step(
+            f"{_CONCURRENT} concurrent requests each see, and get back, their own ID",
+            lambda: _check_concurrent(app),
+        )
+        ex.step("request_id_var is reset once the request is done", lambda: _check_reset(app, request_id_var))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 3.2: custom spans, and the slow step
+# ---------------------------------------------------------------------------------------------------
+
+_STEPS = ("validate", "price", "reserve")
+_PARENT = "checkout"
+_CHILD = "db.query"
+_SLOW = 0.1  # the slow step sleeps this long, in its own code
+_QUERIES, _QUERY = 8, 0.02  # the busy step makes this many child spans, each this long: longer, not slower
+_FAST = 0.005
+_CALL_3_2 = "Call the check as `check_checkout_spans(checkout, slowest_step)`."
+_START_AS_CURRENT = (
+    '`with tracer.start_as_current_span(f"checkout.{name}", attributes={"order.id": order["id"]}):` '
+    "around `await steps[name](order)`."
+)
+
+
+def _span_name(step: str) -> str:
+    return f"{_PARENT}.{step}"
+
+
+@dataclass
+class _Checkout:
+    """One checkout the check ran: which step was slow, which was busy, and what came of it."""
+
+    slow: str
+    busy: str
+    order_id: str
+    calls: list[str] = field(default_factory=list)
+    spans: list[ReadableSpan] = field(default_factory=list)  # in the order they ended
+    parent: ReadableSpan | None = None
+
+    def step_spans(self, step: str) -> list[ReadableSpan]:
+        return [s for s in self.spans if s.name == _span_name(step)]
+
+
+def _plan() -> list[tuple[str, str]]:
+    """Two checkouts' (slow step, busy step): the slow steps differ, the busy step is another one."""
+    first, second = random.sample(_STEPS, 2)
+    return [(slow, random.choice([s for s in _STEPS if s != slow])) for slow in (first, second)]
+
+
+async def _reference_checkout(order: dict[str, Any], tracer: Tracer, steps: dict[str, Any]) -> None:
+    for name in _STEPS:
+        with tracer.start_as_current_span(_span_name(name), attributes={"order.id": order["id"]}):
+            await steps[name](order)
+
+
+async def _run_checkout(checkout: Callable[..., Any], traced: Tracing, slow: str, busy: str) -> _Checkout:
+    traced.clear()
+    tracer = traced.tracer
+    run = _Checkout(slow, busy, f"ord-{random.randrange(16**6):06x}")
+    made: list[Coroutine[Any, Any, None]] = []
+
+    async def work(step: str) -> None:
+        run.calls.append(step)
+        if step == slow:
+            await asyncio.sleep(_SLOW)
+        elif step == busy:
+            for _ in range(_QUERIES):
+                with tracer.start_as_current_span(_CHILD):
+                    await asyncio.sleep(_QUERY)
+        else:
+            await asyncio.sleep(_FAST)
+
+    def step_function(step: str) -> Callable[[dict[str, Any]], Coroutine[Any, Any, None]]:
+        def step_call(order: dict[str, Any]) -> Coroutine[Any, Any, None]:
+            coroutine = work(step)
+            made.append(coroutine)
+            return coroutine
+
+        step_call.__name__ = step
+        return step_call
+
+    steps = {name: step_function(name) for name in _STEPS}
+    order = {"id": run.order_id, "items": ["lamp", "book"]}
+    try:
+        with tracer.start_as_current_span(_PARENT) as parent:
+            result = checkout(order, tracer, steps)
+            expect(
+                inspect.isawaitable(result),
+                "an awaitable: `checkout` defined with `async def`",
+                f"a plain function that returned {short(result)}",
+                "The steps are coroutines, so `checkout` must be `async def checkout(…)` and "
+                "`await steps[name](order)`.",
+            )
+            await result
+    finally:
+        for coroutine in made:
+            if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+                coroutine.close()  # a step called but never awaited: no "never awaited" warning
+    run.parent = next((s for s in traced.spans() if s.context == parent.get_span_context()), None)
+    run.spans = sorted(traced.spans(), key=lambda s: s.end_time or 0)
+    return run
+
+
+def _run_all(checkout: Callable[..., Any], plan: list[tuple[str, str]]) -> list[_Checkout]:
+    traced = tracing("ch03-check", processor="simple", name="check-3.2")
+    try:
+
+        async def main() -> list[_Checkout]:
+            return [await _run_checkout(checkout, traced, slow, busy) for slow, busy in plan]
+
+        return _in_loop(main, timeout=10, name="check-3.2")
+    finally:
+        traced.stop()
+
+
+def _check_steps_called(runs: list[_Checkout]) -> None:
+    for run in runs:
+        expect(
+            run.calls == list(_STEPS),
+            f"the steps called once each, in order: {', '.join(_STEPS)}",
+            f"{', '.join(run.calls) or 'none'}",
+            "Call each step once, in order, and await it: `await steps[name](order)` for `name` in "
+            f"{_STEPS}.",
+        )
+
+
+def _check_named_spans(runs: list[_Checkout]) -> None:
+    for run in runs:
+        names = Counter(s.name for s in run.spans if s is not run.parent and s.name != _CHILD)
+        missing = [_span_name(step) for step in _STEPS if not run.step_spans(step)]
+        if missing and not names:
+            raise Mismatch(
+                f"a finished span for each step: {', '.join(map(_span_name, _STEPS))}",
+                "no finished span other than the check's own: spans that are never ended are never exported",
+                [
+                    "A span reaches the exporter when it ends: `tracer.start_span(…)` returns a span you "
+                    "must end yourself.",
+                    "Let a `with` block end it: " + _START_AS_CURRENT,
+                ],
+            )
+        expect(
+            not missing,
+            f"a finished span for each step: {', '.join(map(_span_name, _STEPS))}",
+            f"spans {dict(names)}",
+            f"Name each step's span `checkout.<step>`, e.g. {_span_name(_STEPS[0])!r}: a dashboard "
+            "finds spans by name.",
+            '`with tracer.start_as_current_span(f"checkout.{name}", …):`',
+        )
+        many = {step: len(run.step_spans(step)) for step in _STEPS if len(run.step_spans(step)) > 1}
+        expect(
+            not many,
+            "one span per step",
+            ", ".join(f"{n} spans named {_span_name(step)!r}" for step, n in many.items()),
+            "Start one span around each step's call, and nothing else under that name.",
+        )
+
+
+def _check_parents(runs: list[_Checkout]) -> None:
+    for run in runs:
+        assert run.parent is not None and run.parent.context is not None
+        parent_id = run.parent.context.span_id
+        for step in _STEPS:
+            (span,) = run.step_spans(step)
+            if span.parent is None:
+                raise Mismatch(
+                    f"{span.name} a child of the current span ({_PARENT!r}), in its trace",
+                    f"{span.name} is the root of a trace of its own: the waterfall of this checkout "
+                    "would not show it",
+                    [
+                        "A span started without an explicit `context=` takes the current span as its "
+                        "parent; a new, empty `Context()` starts a new trace.",
+                        "Do not pass `context=`: " + _START_AS_CURRENT,
+                    ],
+                )
+            if span.parent.span_id != parent_id:
+                other = next((s.name for s in run.spans if s.context.span_id == span.parent.span_id), "?")
+                raise Mismatch(
+                    f"{span.name} a child of the current span ({_PARENT!r})",
+                    f"its parent is {other!r}: each step's span should end before the next one starts",
+                    [
+                        "End each step's span when its step returns: one `with` block per step, one after "
+                        "the other, not nested."
+                    ],
+                )
+
+
+def _check_attributes(runs: list[_Checkout]) -> None:
+    for run in runs:
+        for step in _STEPS:
+            (span,) = run.step_spans(step)
+            attributes = dict(span.attributes or {})
+            expect(
+                attributes.get("order.id") == run.order_id,
+                f"the attribute order.id = {run.order_id!r} on {span.name}",
+                f"attributes {short(attributes)}",
+                "An attribute lets you find every span of one order: "
+                '`attributes={"order.id": order["id"]}` when you start the span.',
+                '`tracer.start_as_current_span(name, attributes={"order.id": order["id"]})` '
+                "(the key is 'order.id', with a dot).",
+            )
+
+
+def _check_nesting(runs: list[_Checkout]) -> None:
+    for run in runs:
+        (busy,) = run.step_spans(run.busy)
+        assert busy.context is not None
+        queries = [s for s in run.spans if s.name == _CHILD]
+        elsewhere = [s for s in queries if s.parent is None or s.parent.span_id != busy.context.span_id]
+        expect(
+            not elsewhere,
+            f"the {_CHILD!r} spans made inside step {run.busy!r} nested under {busy.name}",
+            f"{len(elsewhere)} of {len(queries)} were not: they went to the step's parent, so the "
+            "step's span was not the current span while the step ran",
+            "`tracer.start_span(…)` (even in a `with`) starts a span without making it current; what "
+            "the step's code traces then hangs off the step's parent instead.",
+            "Make it current: " + _START_AS_CURRENT,
+        )
+
+
+def _check_slowest(slowest_step: Callable[..., Any], runs: list[_Checkout]) -> None:
+    for run in runs:
+        expected = _span_name(run.slow)
+        answer = slowest_step(list(run.spans))
+        if not isinstance(answer, str) and hasattr(answer, "name"):
+            raise Mismatch(
+                f"the name of the slow step's span, a str: {expected!r}",
+                f"a {type(answer).__name__} (named {short(getattr(answer, 'name', None))})",
+                ["Return the span's name: `….name`."],
+            )
+        if answer == expected:
+            continue
+        durations = "; ".join(
+            f"{s.name} {((s.end_time or 0) - (s.start_time or 0)) / 1e6:.0f} ms long, "
+            f"{self_time(s, run.spans) * 1000:.0f} ms its own"
+            for s in sorted(run.spans, key=lambda s: s.start_time or 0)
+            if s.name != _CHILD
+        )
+        if answer == _PARENT:
+            why = "the root span: it is always the longest, but its time is its children's"
+        elif answer == _span_name(run.busy):
+            why = (
+                f"the longest step, whose time was spent in its {_QUERIES} {_CHILD!r} children, "
+                "not in its own code"
+            )
+        else:
+            why = "not the span with the most time of its own"
+        raise Mismatch(
+            f"{expected!r}, the span with the most time of its own (when {run.slow!r} is the slow step)",
+            f"{short(answer)}: {why}. The spans: {durations}",
+            [
+                "A span's own time is its duration minus the time covered by its children; the slow "
+                "step is the one with the most of it, whichever step that is.",
+                "`return max(spans, key=lambda span: self_time(span, spans)).name`, with `self_time` "
+                "from `support.telemetry`.",
+            ],
+        )
+
+
+def check_checkout_spans(checkout: Callable[..., Awaitable[None]], slowest_step: Callable[..., Any]) -> None:
+    """Check Exercise 3.2: a span per checkout step, and the slow step found from the spans alone.
+
+    Runs ``await checkout(order, tracer, steps)`` twice inside a ``checkout`` span, with a tracer
+    provider of the check's own (a ``SimpleSpanProcessor`` to memory, stopped before returning). In
+    each run one step, chosen at random and different in the two runs, sleeps 100 ms; another makes
+    8 ``db.query`` child spans of 20 ms (longer, but not its own time); the third sleeps 5 ms. Each
+    step must run once, in order, in a finished span ``checkout.<step>`` that is a child of the
+    ``checkout`` span, carries ``order.id`` and is current while the step runs; and
+    ``slowest_step(spans)`` must name the slow step's span.
+    """
+    with exercise("3.2", "Custom spans, and the slow step", SOLUTION) as ex:
+
+        def arguments() -> None:
+            for name, function in (("checkout", checkout), ("slowest_step", slowest_step)):
+                expect(callable(function), f"the function `{name}`", short(function), _CALL_3_2)
+
+        if not ex.step("checkout and slowest_step are functions", arguments):
+            return
+        plan = _plan()
+        runs: list[_Checkout] = []
+
+        def run_checkouts() -> None:
+            runs.extend(_run_all(checkout, plan))
+            _check_steps_called(runs)
+
+        if not ex.step(
+            "checkout(order, tracer, steps) runs validate, price and reserve, once each, in order",
+            run_checkouts,
+        ):
+            return
+        if not ex.step(
+            "each step runs in a finished span named checkout.validate, checkout.price, checkout.reserve",
+            lambda: _check_named_spans(runs),
+        ):
+            return
+        structure = [
+            ex.step(
+                "each step's span is a child of the current span, 'checkout'", lambda: _check_parents(runs)
+            ),
+            ex.step("each step's span carries the attribute order.id", lambda: _check_attributes(runs)),
+            ex.step(
+                "spans made inside a step nest under the step's span (it is current)",
+                lambda: _check_nesting(runs),
+            ),
+        ]
+        if not all(structure):
+            runs = _run_all(_reference_checkout, plan)  # spans of the right shape, to check slowest_step
+        ex.step(
+            "slowest_step(spans) names the step with the most time of its own, in two checkouts",
+            lambda: _check_slowest(slowest_step, runs),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 3.3: a latency histogram, and p99 from it
+# ---------------------------------------------------------------------------------------------------
+
+_METRIC = "http_request_duration_seconds"
+_ITEM_ROUTE = "/items/{item_id}"
+_SLO = 0.1
+_REQUESTS = 60
+_SLOW_ITEM_SECONDS, _SLOW_ITEMS = 0.08, 6  # the given endpoint: items ending in 7 sleep 80 ms
+_CALL_3_3 = "Call the check as `check_latency_histogram(shop_app, p99_from_metrics)`."
+_DEFAULT_ONLY = ("python_gc_", "python_info", "process_")  # what only the default REGISTRY exports
+_RESPONSE_HINT = (
+    "`return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)`: the text "
+    "itself, not JSON."
+)
+_P99_HINT = (
+    "Find the rank 0.99 × count in the cumulative buckets, and interpolate linearly inside the bucket "
+    "that reaches it; `support.metrics.histogram_quantile(0.99, buckets)` shows the arithmetic."
+)
+
+
+@dataclass
+class _Page:
+    """What the check read from the app's /metrics page."""
+
+    text: str = ""
+    kind: str | None = None  # the type of the family named _METRIC, if any
+    series: dict[tuple[tuple[str, str], ...], dict[str, Any]] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+
+    def routes(self) -> list[str | None]:
+        return sorted({dict(labels).get("route") for labels in self.series}, key=str)
+
+    def total(self, route: str | None = None) -> tuple[float, float]:
+        """(count, sum) over the series (of ``route``, if given)."""
+        chosen = [
+            s for labels, s in self.series.items() if route is None or dict(labels).get("route") == route
+        ]
+        return sum(s["count"] for s in chosen), sum(s["sum"] for s in chosen)
+
+    def buckets(self, route: str | None = None) -> list[tuple[float, float]]:
+        merged: dict[float, float] = {}
+        for labels, s in self.series.items():
+            if route is None or dict(labels).get("route") == route:
+                for le, n in s["buckets"].items():
+                    merged[le] = merged.get(le, 0.0) + n
+        return sorted(merged.items())
+
+
+def _parse(text: str) -> _Page:
+    page = _Page(text=text)
+    expect(
+        not text.lstrip().startswith('"'),
+        "the Prometheus text format on GET /metrics",
+        f"a JSON string: {short(text, 50)}",
+        "FastAPI turns whatever an endpoint returns into JSON, unless it is a `Response`.",
+        _RESPONSE_HINT,
+    )
+    try:
+        families = list(text_string_to_metric_families(text))
+    except Exception as exc:
+        first = text.strip().splitlines()[0] if text.strip() else "an empty page"
+        raise Mismatch(
+            "the Prometheus text format on GET /metrics",
+            f"{short(first, 60)} (the parser said: {short(str(exc), 60)})",
+            ["`generate_latest(registry)` writes the page; return it as it is.", _RESPONSE_HINT],
+        ) from None
+    page.names = sorted(f.name for f in families)
+    for family in families:
+        if family.name != _METRIC:
+            continue
+        page.kind = family.type
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in ("le", "quantile")))
+            series = page.series.setdefault(labels, {"buckets": {}, "count": 0.0, "sum": 0.0})
+            if sample.name == f"{_METRIC}_bucket":
+                series["buckets"][float(sample.labels["le"])] = sample.value
+            elif sample.name == f"{_METRIC}_count":
+                series["count"] = sample.value
+            elif sample.name == f"{_METRIC}_sum":
+                series["sum"] = sample.value
+    return page
+
+
+@dataclass
+class _Shop:
+    before: _Page = field(default_factory=_Page)
+    after: _Page = field(default_factory=_Page)
+    statuses: list[int] = field(default_factory=list)
+    client_seconds: float = 0.0  # the requests' latencies as the client measured them, summed
+
+
+async def _get_metrics(server: Server) -> tuple[int, str]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10, trust_env=False) as http:
+        response = await http.get("/metrics")
+    return response.status_code, response.text
+
+
+def _scrape(server: Server) -> _Page:
+    status, text = _in_loop(lambda: _get_metrics(server), timeout=15, name="check-3.3-scrape")
+    if status >= 500:
+        _raise_server_error(server, [status], "status 200 for GET /metrics")
+    expect(
+        status == 200,
+        "status 200 for GET /metrics",
+        f"status {status}",
+        'Keep the given endpoint `@shop_app.get("/metrics")`.',
+    )
+    return _parse(text)
+
+
+def _check_metrics_page(server: Server, shop: _Shop) -> None:
+    shop.before = _scrape(server)
+
+
+async def _get_items(server: Server) -> tuple[list[int], float]:
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=10)
+    async with httpx.AsyncClient(base_url=server.url, timeout=10, limits=limits, trust_env=False) as http:
+
+        async def get(item: int) -> tuple[int, float]:
+            start = time.perf_counter()
+            response = await http.get(f"/items/{item}")
+            return response.status_code, time.perf_counter() - start
+
+        answers = await asyncio.gather(*(get(item) for item in range(_REQUESTS)))
+    return [status for status, _ in answers], sum(seconds for _, seconds in answers)
+
+
+def _check_items(server: Server, shop: _Shop) -> None:
+    shop.statuses, shop.client_seconds = _in_loop(lambda: _get_items(server), timeout=30, name="check-3.3")
+    if any(status >= 500 for status in shop.statuses):
+        _raise_server_error(server, shop.statuses, f"{_REQUESTS} responses with status 200")
+    expect(
+        all(status == 200 for status in shop.statuses),
+        f"{_REQUESTS} responses with status 200",
+        f"statuses {dict(Counter(shop.statuses))}",
+        f"Keep the given endpoint `GET {_ITEM_ROUTE}`.",
+    )
+
+
+def _counted(shop: _Shop) -> float:
+    return shop.after.total()[0] - shop.before.total()[0]
+
+
+def _scrape_after(server: Server, shop: _Shop) -> None:
+    """Scrape once the requests are counted (an observation may land just after its response)."""
+    deadline = time.monotonic() + 1.0
+    shop.after = _scrape(server)
+    while shop.after.kind == "histogram" and _counted(shop) < _REQUESTS and time.monotonic() < deadline:
+        time.sleep(0.05)
+        shop.after = _scrape(server)
+
+
+def _in_default_registry() -> bool:
+    names = getattr(prometheus_client.REGISTRY, "_names_to_collectors", {})
+    return f"{_METRIC}_bucket" in names or _METRIC in names
+
+
+def _check_histogram(page: _Page) -> None:
+    if page.kind is None:
+        if _in_default_registry():
+            raise Mismatch(
+                f"the histogram {_METRIC} on GET /metrics",
+                f"not on the page, which has: {', '.join(page.names) or 'nothing'}. A metric of that "
+                "name is in prometheus_client's default REGISTRY, which this page does not show",
+                [
+                    "A metric created without `registry=` goes into the global default registry; "
+                    "re-running its cell then fails with 'Duplicated timeseries'.",
+                    f'`Histogram("{_METRIC}", "…", ["route"], buckets=…, registry=registry)`.',
+                ],
+            )
+        raise Mismatch(
+            f"the histogram {_METRIC} on GET /metrics",
+            f"the page has: {', '.join(page.names) or 'nothing'}",
+            [
+                f"Name the metric {_METRIC!r} (a base unit, seconds, in the name), in the registry "
+                "that /metrics shows.",
+                f'`Histogram("{_METRIC}", "…", ["route"], buckets=…, registry=registry)`, with '
+                "`generate_latest(metrics_registry)` in /metrics.",
+            ],
+        )
+    why = {
+        "summary": "a Summary's quantiles are computed per process and cannot be summed across "
+        "instances, nor re-read with other percentiles later",
+        "gauge": "a Gauge keeps only the last value: every other request is lost",
+        "counter": "a Counter only adds up: no distribution",
+    }.get(page.kind or "", "")
+    expect(
+        page.kind == "histogram",
+        f"{_METRIC} to be a histogram (with _bucket series)",
+        f"a {page.kind}" + (f": {why}" if why else ""),
+        "A histogram counts requests per bucket; buckets can be summed across instances and any "
+        "percentile read from them.",
+        f'`Histogram("{_METRIC}", "…", ["route"], buckets=…, registry=registry)`.',
+    )
+    expect(
+        page.series and all(s["buckets"] for s in page.series.values()),
+        f"{_METRIC} with _bucket series",
+        "no _bucket samples on the page",
+        "Observe each request's duration: `self.latency.labels(route=…).observe(seconds)`.",
+    )
+
+
+def _check_own_registry(page: _Page) -> None:
+    default = sorted({n for n in page.names if n.startswith(_DEFAULT_ONLY)})
+    expect(
+        not default,
+        "the metrics of the app's own registry only",
+        f"{', '.join(default[:3])}{' …' if len(default) > 3 else ''}: metrics that only prometheus_client's "
+        "default REGISTRY has",
+        "The default REGISTRY is global: a histogram registered there once cannot be created again, so "
+        "re-running its cell fails with 'Duplicated timeseries'.",
+        "Create the histogram with `registry=registry`, and serve `generate_latest(metrics_registry)`.",
+    )
+
+
+def _check_route_label(page: _Page) -> None:
+    labels = sorted({name for series in page.series for name, _ in series})
+    expect(
+        "route" in labels,
+        f"{_METRIC} labelled by 'route'",
+        f"labels {labels}",
+        f'Declare the label when creating the histogram: `Histogram("{_METRIC}", "…", ["route"], …)`.',
+    )
+    routes = page.routes()
+    shown = ", ".join(repr(r) for r in routes[:4]) + (" …" if len(routes) > 4 else "")
+    expect(
+        routes == [_ITEM_ROUTE],
+        f'one series, route="{_ITEM_ROUTE}", for all {_REQUESTS} items',
+        f"{len(routes)} series: route = {shown}",
+        "A raw path makes one series per item: Prometheus stores each series separately, and their "
+        "number grows without bound.",
+        'Label by the route template, which the router puts in the scope: `scope["route"].path` '
+        "(read it after `await self.app(…)` has routed the request).",
+    )
+
+
+def _check_slo_bucket(page: _Page) -> None:
+    bounds = [le for le, _ in page.buckets() if not math.isinf(le)]
+    below = [le for le in bounds if le < _SLO]
+    above = [le for le in bounds if le > _SLO]
+    nearest = ([f"{below[-1]:g}"] if below else []) + ([f"{above[0]:g}"] if above else [])
+    expect(
+        any(math.isclose(le, _SLO, rel_tol=1e-9) for le in bounds),
+        f'a bucket boundary at the objective, SLO_SECONDS = {_SLO:g} s (le="{_SLO:g}")',
+        f"{len(bounds)} boundaries, the nearest {' and '.join(nearest) or 'none'}: the share of requests "
+        f"within {_SLO:g} s can only be interpolated",
+        "With a boundary at the objective, the share of requests within it is counted exactly, not "
+        "estimated; a dashboard or an alert on the objective reads that bucket.",
+        "Put `SLO_SECONDS` in your list: `buckets=[0.005, 0.01, 0.025, 0.05, 0.075, SLO_SECONDS, 0.25, "
+        "0.5, 1.0]`.",
+    )
+
+
+def _check_counted(shop: _Shop) -> None:
+    counted = _counted(shop)
+    expect(
+        counted == _REQUESTS,
+        f"the {_REQUESTS} requests counted in the histogram, once each",
+        f"{counted:g} more than before they were sent",
+        "Observe once per request, when its last body message is sent "
+        '(`message["type"] == "http.response.body" and not message.get("more_body", False)`).',
+    )
+    seconds = shop.after.total()[1] - shop.before.total()[1]
+    slept = _SLOW_ITEM_SECONDS * _SLOW_ITEMS
+    expect(
+        0.8 * slept <= seconds <= 1.5 * shop.client_seconds + 0.1,
+        f"the requests' durations in seconds, summing to about what they took "
+        f"(at least {0.8 * slept:.2f} s, at most {1.5 * shop.client_seconds + 0.1:.2f} s)",
+        f"a sum of {seconds:g}",
+        "Observe the time from the request's arrival to its last body message, in seconds: "
+        "`start = time.perf_counter()` first, then `observe(time.perf_counter() - start)`.",
+    )
+
+
+def _known_page() -> str:
+    """A /metrics page whose p99 is 0.2 s: 392 requests of 4 ms, 6 of 200 ms and 2 of 700 ms.
+
+    The rank (396) falls two thirds into the bucket 0.1–0.25 s, so the estimate differs from that
+    bucket's bounds, from the highest bucket with requests (1 s), and from the mean (10 ms).
+    """
+    registry = CollectorRegistry()
+    latency = Histogram(
+        _METRIC, "Request duration", ["route"], buckets=[0.01, 0.05, 0.1, 0.25, 0.5, 1.0], registry=registry
+    )
+    series = latency.labels(route=_ITEM_ROUTE)
+    for seconds, times in ((0.004, 392), (0.2, 6), (0.7, 2)):
+        for _ in range(times):
+            series.observe(seconds)
+    return prometheus_client.generate_latest(registry).decode()
+
+
+def _p99_mismatch(answer: Any, expected: float, where: str, buckets: list[tuple[float, float]]) -> Mismatch:
+    total = buckets[-1][1] if buckets else 0.0
+    bounds = [le for le, count in buckets if not math.isinf(le)]
+    top = next((le for le, count in buckets if count >= total and not math.isinf(le)), None)
+    rank_bound = next((le for le, count in buckets if count >= 0.99 * total and not math.isinf(le)), None)
+    why = ""
+    if isinstance(answer, int | float):
+        if math.isclose(answer, expected * 1000, rel_tol=0.01):
+            why = ": that is in milliseconds; Prometheus works in seconds"
+        elif top is not None and math.isclose(answer, top, rel_tol=1e-6) and rank_bound == top:
+            why = ": the upper bound of the bucket that holds the rank, without interpolating inside it"
+        elif top is not None and math.isclose(answer, top, rel_tol=1e-6):
+            why = ": the upper bound of the highest bucket with requests in it, a maximum, not p99"
+        elif rank_bound is not None and math.isclose(answer, rank_bound, rel_tol=1e-6):
+            why = ": the upper bound of the bucket that holds the rank, without interpolating inside it"
+        elif answer < expected / 3:
+            why = ": far below it; a mean? The few slow requests barely move a mean, but they make the p99"
+    shown = ", ".join(f"{le:g}: {count:g}" for le, count in buckets if not math.isinf(le))
+    return Mismatch(
+        f"p99 ≈ {expected:.4g} s on {where}, as Prometheus's histogram_quantile(0.99, …) estimates it",
+        f"{_number(answer)}{why}"
+        + (f" (cumulative buckets le → count: {shown}, +Inf: {total:g})" if bounds else ""),
+        [
+            "p99 is the value 99 % of requests stay under: with 100 requests, the 99th, found in the "
+            "cumulative bucket counts.",
+            _P99_HINT,
+            "`from support.metrics import read_histogram`, then "
+            f'`return read_histogram(text, "{_METRIC}").quantile(0.99)`.',
+        ],
+    )
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return short(value)
+
+
+def _agrees(answer: Any, expected: float) -> bool:
+    return (
+        isinstance(answer, int | float)
+        and not isinstance(answer, bool)
+        and math.isfinite(answer)
+        and math.isclose(answer, expected, rel_tol=0.01, abs_tol=1e-6)
+    )
+
+
+def _check_p99_known(p99_from_metrics: Callable[[str], Any]) -> None:
+    text = _known_page()
+    page = _parse(text)
+    buckets = page.buckets()
+    expected = histogram_quantile(0.99, buckets)
+    answer = p99_from_metrics(text)
+    if not _agrees(answer, expected):
+        raise _p99_mismatch(answer, expected, "a page with known buckets", buckets)
+
+
+def _check_p99_app(p99_from_metrics: Callable[[str], Any], page: _Page) -> None:
+    answer = p99_from_metrics(page.text)
+    expected = {
+        histogram_quantile(0.99, buckets)
+        for buckets in (page.buckets(_ITEM_ROUTE), page.buckets())
+        if buckets and math.isinf(buckets[-1][0])
+    }
+    if not any(_agrees(answer, value) for value in expected):
+        raise _p99_mismatch(answer, min(expected), "your app's page", page.buckets())
+
+
+def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) -> None:
+    """Check Exercise 3.3: a latency histogram per route template, on /metrics, and p99 read from it.
+
+    Serves ``app``; scrapes ``GET /metrics``; sends 60 ``GET /items/{item_id}`` (the given endpoint
+    makes one item in ten take 80 ms); scrapes again. ``http_request_duration_seconds`` must be a
+    histogram in the app's own registry (no default-registry metrics on the page), with one series,
+    ``route="/items/{item_id}"``, a bucket boundary at 0.1 s, and 60 more requests counted, in seconds.
+    ``p99_from_metrics(text)`` must then agree (within 1 %) with PromQL's ``histogram_quantile(0.99,
+    …)``: on a page the check makes (p99 0.2 s), and on the app's.
+    """
+    with exercise("3.3", "A latency histogram, and p99 from it", SOLUTION) as ex:
+
+        def arguments() -> None:
+            _route(app, "GET", _ITEM_ROUTE, "shop_app")
+            _route(app, "GET", "/metrics", "shop_app")
+            expect(
+                callable(p99_from_metrics),
+                "the function `p99_from_metrics`",
+                short(p99_from_metrics),
+                _CALL_3_3,
+            )
+
+        if not ex.step(f"the app has GET {_ITEM_ROUTE} and GET /metrics", arguments):
+            return
+        shop = _Shop()
+        with joins_new_threads(), _serve(app, "check-3.3", "3.3") as server:
+            if not ex.step(
+                "GET /metrics answers with the Prometheus text format",
+                lambda: _check_metrics_page(server, shop),
+            ):
+                return
+            if not ex.step(
+                f"{_REQUESTS} requests to GET {_ITEM_ROUTE}, one in ten slow, are answered",
+                lambda: _check_items(server, shop),
+            ):
+                return
+            if not ex.step(
+                f"{_METRIC} on /metrics is a histogram",
+                lambda: (_scrape_after(server, shop), _check_histogram(shop.after)),
+            ):
+                return
+        ex.step(
+            "it is in the app's own registry, not the default one", lambda: _check_own_registry(shop.after)
+        )
+        ex.step(
+            f'it has one series per route template: route="{_ITEM_ROUTE}", not one per item',
+            lambda: _check_route_label(shop.after),
+        )
+        ex.step(
+            f"its buckets have a boundary at the objective, {_SLO:g} s", lambda: _check_slo_bucket(shop.after)
+        )
+        ex.step(f"it counted the {_REQUESTS} requests, in seconds", lambda: _check_counted(shop))
+        if not ex.step(
+            "p99_from_metrics(text) estimates p99 as Prometheus does, on a page with known buckets",
+            lambda: _check_p99_known(p99_from_metrics),
+        ):
+            return
+        ex.step(
+            "p99_from_metrics(text) agrees with Prometheus's estimate on your app's page",
+            lambda: _check_p99_app(p99_from_metrics, shop.after),
+        )

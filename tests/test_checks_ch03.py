@@ -1,0 +1,663 @@
+"""support.checks.ch03: chapter 3's checks pass right answers and name each plausible wrong one.
+
+Every answer here is written the way a learner would write it in the exercise cell; the given code
+around it (the `/whoami` and `/items/{item_id}` endpoints, the registry) is the notebook's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+import prometheus_client
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import Tracer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+import support
+import support.checks
+from support.checks import placeholder_message, reset_hints
+from support.checks.ch03 import check_checkout_spans, check_latency_histogram, check_request_id_middleware
+from support.metrics import read_histogram
+from support.telemetry import children, self_time
+from tests.checking import rejected
+
+
+@pytest.fixture(autouse=True)
+def _fresh_and_leaves_nothing_running() -> Iterator[None]:
+    reset_hints()
+    threads = set(threading.enumerate())
+    yield
+    support.checks.last_error = None
+    reset_hints()
+    assert support.running() == [], "a check left a server running"
+    assert support.running_tracing() == [], "a check left a tracer provider running"
+    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 3.1: a correlation-ID middleware
+# ---------------------------------------------------------------------------------------------------
+
+
+def ids_answer(variant: str) -> tuple[FastAPI, ContextVar[str]]:
+    """The exercise cell, answered one way or another: (ids_app, request_id_var)."""
+    request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+    shared = {"current": "-"}  # a module-level "current request id", as a learner might keep one
+
+    def accept(incoming: str) -> bool:
+        if variant == "no-validation":
+            return bool(incoming)
+        if variant == "dollar":
+            return bool(re.match(r"^[A-Za-z0-9._-]{1,64}$", incoming))
+        if variant == "word-class":
+            return bool(re.fullmatch(r"[\w.-]{1,64}", incoming))
+        if variant == "unbounded":
+            return bool(re.fullmatch(r"[A-Za-z0-9._-]+", incoming))
+        if variant == "ascii-flag":  # right too
+            return bool(re.fullmatch(r"[\w.-]{1,64}", incoming, re.ASCII))
+        if variant == "backslash-z":  # right too
+            return bool(re.match(r"[A-Za-z0-9._-]{1,64}\Z", incoming))
+        return bool(re.fullmatch(r"[A-Za-z0-9._-]{1,64}", incoming))
+
+    class RequestIDMiddleware:
+        def __init__(self, app: Callable) -> None:
+            self.app = app
+
+        async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            if variant == "placeholder":
+                raise NotImplementedError(placeholder_message("3.1"))
+            raw = dict(scope["headers"]).get(b"x-request-id", b"")
+            incoming = raw.decode() if variant == "word-class" else raw.decode("latin-1")
+            if variant == "truncate":
+                incoming = incoming[:64]
+            if variant == "refuse" and not accept(incoming):
+                await JSONResponse({"detail": "bad X-Request-ID"}, status_code=400)(scope, receive, send)
+                return
+            fallback = "-" if variant == "constant" else uuid.uuid4().hex
+            rid = incoming if accept(incoming) else fallback
+            if variant == "error":
+                raise KeyError("x-request-id")
+            if variant == "attribute":
+                self.rid = rid
+
+            async def send_with_id(message: dict) -> None:
+                if message["type"] == "http.response.start" and variant != "no-echo":
+                    echo = self.rid if variant == "attribute" else rid
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", echo.encode())]
+                await send(message)
+
+            if variant == "global":
+                shared["current"] = rid
+            if variant == "no-reset":
+                request_id_var.set(rid)
+                await self.app(scope, receive, send_with_id)
+                return
+            token = request_id_var.set(rid)
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                request_id_var.reset(token)
+
+    ids_app = FastAPI()
+    ids_app.add_middleware(RequestIDMiddleware)
+
+    @ids_app.get("/whoami")
+    async def whoami() -> dict[str, str]:
+        await asyncio.sleep(0.01)  # other requests run meanwhile
+        return {"request_id": shared["current"] if variant == "global" else request_id_var.get()}
+
+    return ids_app, request_id_var
+
+
+@pytest.mark.parametrize("variant", ["right", "ascii-flag", "backslash-z"])
+def test_3_1_a_validating_middleware_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_request_id_middleware(*ids_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 3.1 · A correlation-ID middleware\n")
+    assert "  ✅ a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits) is replaced" in out
+    assert "  ✅ 20 concurrent requests each see, and get back, their own ID\n" in out
+    assert out.endswith("Exercise 3.1: passed ✅ (6 of 6 checks)\n")
+
+
+def test_3_1_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("placeholder"))
+    assert "⬜ not started: Exercise 3.1's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 3.1: not started")
+
+
+def test_3_1_no_validation_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("no-validation"))
+    assert "❌ a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits)" in out
+    assert "       expected: each missing or bad ID replaced with a fresh one\n" in out
+    assert "       seen:     6 of 6 kept as sent (65 characters: 'aaaa" in out
+    assert "hint:     An ID a character too long was kept: bound the length at 64." in out
+    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+
+
+def test_3_1_a_dollar_anchor_with_re_match_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("dollar"))
+    assert "       seen:     1 of 6 kept as sent (a trailing newline: 'abc123\\n')\n" in out
+    assert "hint:     `$` matches at the very end *and* just before a final newline" in out
+    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+
+
+def test_3_1_a_word_class_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("word-class"))
+    assert "       seen:     1 of 6 kept as sent (non-ASCII digits: '١٢٣')\n" in out
+    assert "hint:     `\\w` and `\\d` match any Unicode letter or digit" in out
+    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+
+
+def test_3_1_no_length_bound_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("unbounded"))
+    assert "       seen:     2 of 6 kept as sent (65 characters: 'aaa" in out
+    assert "; 10 kB: 'AAA" in out
+    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+
+
+def test_3_1_a_truncated_id_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("truncate"))
+    assert "       expected: a fresh ID for 65 characters, not a piece of the header\n" in out
+    assert "hint:     Truncating or cleaning an untrusted ID still lets the client choose it" in out
+    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+
+
+def test_3_1_a_constant_fallback_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("constant"))
+    assert "       expected: a different fresh ID for each of the 2 requests\n" in out
+    assert "       seen:     2 requests got '-'\n" in out
+    assert out.endswith("Exercise 3.1: not yet — 4 of 6 checks pass")
+
+
+def test_3_1_refusing_a_bad_id_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("refuse"))
+    assert "       expected: status 200 for a request with no X-Request-ID header\n" in out
+    assert "       seen:     status 400\n" in out
+    assert out.endswith("Exercise 3.1: not yet — 4 of 6 checks pass")
+
+
+def test_3_1_a_global_variable_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("global"))
+    assert "❌ 20 concurrent requests each see, and get back, their own ID" in out
+    assert re.search(r"seen:     1\d of 20 saw another one \(the handler of 'ex31-req-\d\d' saw", out)
+    assert "hint:     Each request runs in its own task, with its own copy of the context" in out
+    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+
+
+def test_3_1_an_id_kept_on_the_middleware_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("attribute"))
+    assert "       expected: each of 20 concurrent responses to echo its own request's ID\n" in out
+    assert "the middleware object is shared by all requests" in out
+    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+
+
+def test_3_1_no_echo_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("no-echo"))
+    assert (
+        "❌ a sane X-Request-ID (up to 64 characters) is kept, seen by the handler and echoed\n"
+        "       expected: an X-Request-ID header on the response (for a sane ID)\n"
+        "       seen:     none\n"
+    ) in out
+    assert out.endswith("Exercise 3.1: not yet — 1 of 2 checks pass")
+
+
+def test_3_1_a_variable_never_reset_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("no-reset"))
+    assert (
+        "❌ request_id_var is reset once the request is done\n"
+        "       expected: request_id_var back to 'ex31-outside' once the request is done\n"
+        "       seen:     'ex31-inside'\n"
+    ) in out
+    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+
+
+def test_3_1_an_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer("error"))
+    assert "your code raised KeyError: 'x-request-id'" in out
+    assert "Traceback" not in out
+
+
+def test_3_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    answer = ids_answer("dollar")
+    first = rejected(capsys, check_request_id_middleware, *answer)
+    second = rejected(capsys, check_request_id_middleware, *answer)
+    assert "re.fullmatch(pattern, incoming)" not in first
+    assert "re.fullmatch(pattern, incoming)" in second
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 3.2: custom spans, and the slow step
+# ---------------------------------------------------------------------------------------------------
+
+STEPS = ("validate", "price", "reserve")
+
+
+def checkout_answer(variant: str) -> Any:
+    """``checkout`` as a learner might write it."""
+
+    async def checkout(order: dict, tracer: Tracer, steps: dict[str, Any]) -> None:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("3.2"))
+        for name in STEPS:
+            attributes = {} if variant == "no-attribute" else {"order.id": order["id"]}
+            span_name = name if variant == "wrong-names" else f"checkout.{name}"
+            if variant == "not-ended":
+                tracer.start_span(span_name, attributes=attributes)
+                await steps[name](order)
+            elif variant == "start-span":
+                with tracer.start_span(span_name, attributes=attributes):
+                    await steps[name](order)
+            else:
+                context = Context() if variant == "new-root" else None
+                with tracer.start_as_current_span(span_name, context=context, attributes=attributes):
+                    await steps[name](order)
+
+    def not_async(order: dict, tracer: Tracer, steps: dict[str, Any]) -> None:
+        for name in STEPS:
+            with tracer.start_as_current_span(f"checkout.{name}", attributes={"order.id": order["id"]}):
+                steps[name](order)
+
+    return not_async if variant == "not-async" else checkout
+
+
+def duration(span: ReadableSpan) -> float:
+    return ((span.end_time or 0) - (span.start_time or 0)) / 1e9
+
+
+def slowest_answer(variant: str) -> Any:
+    """``slowest_step`` as a learner might write it."""
+
+    def slowest_step(spans: list[ReadableSpan]) -> Any:
+        steps = [s for s in spans if s.name.startswith("checkout.")]
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("3.2"))
+        if variant == "longest":
+            return max(spans, key=duration).name
+        if variant == "longest-step":
+            return max(steps, key=duration).name
+        if variant == "last-started":
+            return max(steps, key=lambda s: s.start_time or 0).name
+        if variant == "hard-coded":
+            return "checkout.price"
+        if variant == "span":
+            return max(spans, key=lambda span: self_time(span, spans))
+        if variant == "by-hand":  # right too: duration minus the children's, among the steps
+            return max(steps, key=lambda s: duration(s) - sum(duration(c) for c in children(s, spans))).name
+        return max(spans, key=lambda span: self_time(span, spans)).name
+
+    return slowest_step
+
+
+@pytest.mark.parametrize("slowest", ["right", "by-hand"])
+def test_3_2_spans_per_step_and_self_time_pass(slowest: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_checkout_spans(checkout_answer("right"), slowest_answer(slowest))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 3.2 · Custom spans, and the slow step\n")
+    assert "  ✅ spans made inside a step nest under the step's span (it is current)\n" in out
+    assert "  ✅ slowest_step(spans) names the step with the most time of its own, in two checkouts\n" in out
+    assert out.endswith("Exercise 3.2: passed ✅ (7 of 7 checks)\n")
+
+
+@pytest.mark.parametrize(("checkout", "slowest"), [("placeholder", "right"), ("right", "placeholder")])
+def test_3_2_placeholder_is_not_started(
+    checkout: str, slowest: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer(checkout), slowest_answer(slowest))
+    assert "⬜ not started: Exercise 3.2's cell" in out
+    assert out.endswith("Exercise 3.2: not started")
+
+
+def test_3_2_spans_never_ended_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("not-ended"), slowest_answer("right"))
+    assert (
+        "❌ each step runs in a finished span named checkout.validate, checkout.price, checkout.reserve\n"
+        "       expected: a finished span for each step: checkout.validate, checkout.price, "
+        "checkout.reserve\n"
+        "       seen:     no finished span other than the check's own: spans that are never ended are never "
+        "exported\n"
+    ) in out
+    assert out.endswith("Exercise 3.2: not yet — 2 of 3 checks pass")
+
+
+def test_3_2_wrong_names_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("wrong-names"), slowest_answer("right"))
+    assert "       seen:     spans {'validate': 1, 'price': 1, 'reserve': 1}\n" in out
+    assert out.endswith("Exercise 3.2: not yet — 2 of 3 checks pass")
+
+
+def test_3_2_a_new_trace_per_step_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("new-root"), slowest_answer("right"))
+    assert (
+        "❌ each step's span is a child of the current span, 'checkout'\n"
+        "       expected: checkout.validate a child of the current span ('checkout'), in its trace\n"
+        "       seen:     checkout.validate is the root of a trace of its own"
+    ) in out
+    assert "  ✅ slowest_step(spans) names the step with the most time of its own" in out
+    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+
+
+def test_3_2_a_span_that_is_not_current_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("start-span"), slowest_answer("right"))
+    assert "❌ spans made inside a step nest under the step's span (it is current)" in out
+    assert re.search(r"seen:     8 of 8 were not: they went to the step's parent", out)
+    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+
+
+def test_3_2_a_missing_attribute_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("no-attribute"), slowest_answer("right"))
+    assert re.search(r"expected: the attribute order.id = 'ord-[0-9a-f]{6}' on checkout.validate\n", out)
+    assert "       seen:     attributes {}\n" in out
+    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+
+
+def test_3_2_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("not-async"), slowest_answer("right"))
+    assert "expected: an awaitable: `checkout` defined with `async def`" in out
+    assert out.endswith("Exercise 3.2: not yet — 1 of 2 checks pass")
+
+
+def test_3_2_the_longest_span_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer("longest"))
+    assert re.search(
+        r"seen:     'checkout': the root span: it is always the longest, but its time is its children's\. "
+        r"The spans: checkout \d+ ms long, \d+ ms its own; checkout.validate",
+        out,
+    )
+    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+
+
+def test_3_2_the_longest_step_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer("longest-step"))
+    assert re.search(r"whose time was spent in its 8 'db.query' children, not in its own code", out)
+    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+
+
+@pytest.mark.parametrize("variant", ["last-started", "hard-coded"])
+def test_3_2_a_step_not_found_from_the_spans_is_rejected(
+    variant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer(variant))
+    assert "❌ slowest_step(spans) names the step with the most time of its own, in two checkouts" in out
+    assert re.search(r"expected: 'checkout\.\w+', the span with the most time of its own \(when '\w+'", out)
+    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+
+
+def test_3_2_a_span_instead_of_its_name_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer("span"))
+    assert "hint:     Return the span's name: `….name`." in out
+
+
+def test_3_2_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    first = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer("longest"))
+    second = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer("longest"))
+    assert "self_time(span, spans)).name" not in first
+    assert "self_time(span, spans)).name" in second
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 3.3: a latency histogram, and p99 from it
+# ---------------------------------------------------------------------------------------------------
+
+SLO_SECONDS = 0.1
+METRIC = "http_request_duration_seconds"
+
+
+@pytest.fixture
+def default_registry() -> Iterator[None]:
+    """Unregister from the default REGISTRY what an answer put there."""
+    yield
+    registry = prometheus_client.REGISTRY
+    for collector in list(getattr(registry, "_collector_to_names", {})):
+        if any(name.startswith(METRIC) for name in registry._collector_to_names[collector]):
+            registry.unregister(collector)
+
+
+def shop_answer(variant: str) -> FastAPI:
+    """The exercise cell, answered one way or another: ``shop_app``."""
+    metrics_registry = CollectorRegistry()
+    in_default = variant in ("default-registry", "default-registry-hidden")
+
+    class LatencyMiddleware:
+        def __init__(self, app: Callable, registry: CollectorRegistry) -> None:
+            self.app = app
+            if variant == "placeholder":
+                raise NotImplementedError(placeholder_message("3.3"))
+            buckets = [0.005, 0.01, 0.025, 0.05, 0.075, SLO_SECONDS, 0.25, 0.5, 1.0]
+            if variant == "fine-buckets":  # the lesson's, 25 % apart: no boundary at 0.1
+                buckets = [round(0.001 * 1.25**i, 5) for i in range(32)]
+            where = {} if in_default else {"registry": registry}
+            if variant == "summary":
+                self.latency = Summary(METRIC, "Request duration", ["route"], **where)
+            elif variant == "gauge":
+                self.latency = Gauge(METRIC, "Request duration", ["route"], **where)
+            else:
+                self.latency = Histogram(METRIC, "Request duration", ["route"], buckets=buckets, **where)
+
+        async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+            if scope["type"] != "http" or scope["path"] == "/metrics":
+                await self.app(scope, receive, send)
+                return
+            start = time.perf_counter()
+
+            async def timed_send(message: dict) -> None:
+                await send(message)
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    route = scope["route"].path if "route" in scope else "unmatched"
+                    if variant == "raw-path":
+                        route = scope["path"]
+                    seconds = time.perf_counter() - start
+                    if variant == "milliseconds":
+                        seconds *= 1000
+                    if variant == "gauge":
+                        self.latency.labels(route=route).set(seconds)
+                    else:
+                        self.latency.labels(route=route).observe(seconds)
+
+            await self.app(scope, receive, timed_send)
+
+    shop_app = FastAPI()
+    shop_app.add_middleware(LatencyMiddleware, registry=metrics_registry)
+
+    @shop_app.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        await asyncio.sleep(0.08 if item_id % 10 == 7 else 0.005)
+        return {"item_id": item_id}
+
+    @shop_app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Any:
+        if variant == "placeholder-metrics":
+            raise NotImplementedError(placeholder_message("3.3"))
+        served = prometheus_client.REGISTRY if variant == "default-registry" else metrics_registry
+        if variant == "bytes":
+            return generate_latest(served)
+        return Response(generate_latest(served), media_type=CONTENT_TYPE_LATEST)
+
+    return shop_app
+
+
+def p99_answer(variant: str) -> Any:
+    """``p99_from_metrics`` as a learner might write it."""
+
+    def p99_from_metrics(text: str) -> float:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("3.3"))
+        if variant == "helper":
+            return read_histogram(text, METRIC).quantile(0.99)
+        buckets: dict[float, float] = {}
+        total_sum = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == f"{METRIC}_bucket":
+                    le = float(sample.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+                elif sample.name == f"{METRIC}_sum":
+                    total_sum += sample.value
+        ordered = sorted(buckets.items())
+        total = ordered[-1][1]
+        if variant == "mean":
+            return total_sum / total
+        if variant == "max":  # the highest bucket with requests in it
+            return next(le for le, count in ordered if count >= total)
+        rank = 0.99 * total
+        if variant == "no-interpolation":
+            return next(le for le, count in ordered if count >= rank)
+        lower, below = 0.0, 0.0
+        for upper, count in ordered:
+            if count >= rank:
+                if math.isinf(upper):
+                    return lower
+                return lower + (upper - lower) * (rank - below) / (count - below)
+            lower, below = upper, count
+        return lower
+
+    return p99_from_metrics
+
+
+@pytest.mark.parametrize("p99", ["right", "helper"])
+def test_3_3_a_histogram_per_route_passes(p99: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_latency_histogram(shop_answer("right"), p99_answer(p99))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 3.3 · A latency histogram, and p99 from it\n")
+    assert '  ✅ it has one series per route template: route="/items/{item_id}", not one per item\n' in out
+    assert out.endswith("Exercise 3.3: passed ✅ (10 of 10 checks)\n")
+
+
+def test_3_3_the_same_app_checked_twice_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    app, p99 = shop_answer("right"), p99_answer("right")
+    check_latency_histogram(app, p99)
+    check_latency_histogram(app, p99)  # the histogram holds both runs' requests: only the new ones count
+    assert capsys.readouterr().out.endswith("Exercise 3.3: passed ✅ (10 of 10 checks)\n")
+
+
+@pytest.mark.parametrize(
+    ("shop", "p99"), [("placeholder", "right"), ("placeholder-metrics", "right"), ("right", "placeholder")]
+)
+def test_3_3_placeholder_is_not_started(shop: str, p99: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer(shop), p99_answer(p99))
+    assert "⬜ not started: Exercise 3.3's cell" in out
+    assert out.endswith("Exercise 3.3: not started")
+
+
+def test_3_3_raw_path_labels_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer("raw-path"), p99_answer("right"))
+    assert (
+        '       expected: one series, route="/items/{item_id}", for all 60 items\n'
+        "       seen:     60 series: route = '/items/0', '/items/1', '/items/10', '/items/11' …\n"
+    ) in out
+    assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "why"),
+    [
+        ("summary", "a summary: a Summary's quantiles"),
+        ("gauge", "a gauge: a Gauge keeps only the last value"),
+    ],
+)
+def test_3_3_not_a_histogram_is_rejected(variant: str, why: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer(variant), p99_answer("right"))
+    assert "       expected: http_request_duration_seconds to be a histogram (with _bucket series)\n" in out
+    assert f"       seen:     {why}" in out
+    assert out.endswith("Exercise 3.3: not yet — 3 of 4 checks pass")
+
+
+@pytest.mark.usefixtures("default_registry")
+def test_3_3_the_default_registry_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer("default-registry"), p99_answer("right"))
+    assert "❌ it is in the app's own registry, not the default one" in out
+    assert "metrics that only prometheus_client's default REGISTRY has" in out
+    assert "hint:     The default REGISTRY is global" in out
+    assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
+
+
+@pytest.mark.usefixtures("default_registry")
+def test_3_3_a_histogram_left_in_the_default_registry_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(
+        capsys, check_latency_histogram, shop_answer("default-registry-hidden"), p99_answer("right")
+    )
+    assert (
+        "A metric of that name is in prometheus_client's default REGISTRY, which this page does not show"
+        in out
+    )
+    assert out.endswith("Exercise 3.3: not yet — 3 of 4 checks pass")
+
+
+@pytest.mark.usefixtures("default_registry")
+def test_3_3_a_histogram_registered_again_in_the_default_registry_is_named(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rejected(capsys, check_latency_histogram, shop_answer("default-registry"), p99_answer("right"))
+    out = rejected(capsys, check_latency_histogram, shop_answer("default-registry"), p99_answer("right"))
+    assert "       seen:     prometheus_client refused to register it: 'Duplicated timeseries'." in out
+    assert "your code raised" not in out
+    assert out.endswith("Exercise 3.3: not yet — 1 of 2 checks pass")
+
+
+def test_3_3_buckets_without_the_objective_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer("fine-buckets"), p99_answer("right"))
+    assert (
+        "❌ its buckets have a boundary at the objective, 0.1 s\n"
+        '       expected: a bucket boundary at the objective, SLO_SECONDS = 0.1 s (le="0.1")\n'
+        "       seen:     32 boundaries, the nearest 0.08674 and 0.10842: the share of requests within "
+        "0.1 s can only be interpolated\n"
+    ) in out
+    assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
+
+
+def test_3_3_milliseconds_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer("milliseconds"), p99_answer("right"))
+    assert "❌ it counted the 60 requests, in seconds" in out
+    assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
+
+
+def test_3_3_bytes_returned_as_json_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer("bytes"), p99_answer("right"))
+    assert "       seen:     a JSON string: '\"# HELP" in out
+    assert out.endswith("Exercise 3.3: not yet — 1 of 2 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "why"),
+    [
+        ("max", "seen:     1: the upper bound of the highest bucket with requests in it, a maximum"),
+        ("mean", "far below it; a mean?"),
+        (
+            "no-interpolation",
+            "0.25: the upper bound of the bucket that holds the rank, without interpolating",
+        ),
+    ],
+)
+def test_3_3_p99_not_interpolated_is_rejected(
+    variant: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer("right"), p99_answer(variant))
+    assert (
+        "❌ p99_from_metrics(text) estimates p99 as Prometheus does, on a page with known buckets\n"
+        "       expected: p99 ≈ 0.2 s on a page with known buckets, as Prometheus's "
+        "histogram_quantile(0.99, …) estimates it\n"
+    ) in out
+    assert why in out
+    assert out.endswith("Exercise 3.3: not yet — 8 of 9 checks pass")
