@@ -27,7 +27,7 @@ import redis.asyncio
 
 from support.backends import delete_keys, redis_client
 from support.checks import Mismatch, exercise, expect, placeholder_message
-from support.checks.running import NoReturn, joins_new_threads, run_in_fresh_loop, short
+from support.checks.running import NoReturn, find_route, joins_new_threads, run_in_fresh_loop, short
 from support.queues import job_queue, start_worker
 from support.server import Server, ServerFailedToStart, serve
 from support.thirdparty import EmailProvider, ProviderError
@@ -40,28 +40,6 @@ SOLUTION = "solutions/02_background_tasks_exercises.ipynb"
 # ---------------------------------------------------------------------------------------------------
 # Plumbing shared by the checks
 # ---------------------------------------------------------------------------------------------------
-
-
-def _route(app: Any, method: str, path: str, app_name: str) -> Any:
-    """The endpoint function of ``method path``; a ``Mismatch`` if the app has none."""
-    routes = getattr(app, "routes", None)
-    expect(
-        routes is not None,
-        "a FastAPI app",
-        f"{type(app).__name__} (no routes)",
-        f"Pass `{app_name}`, the app your endpoint is registered on.",
-    )
-    paths = []
-    for route in routes:
-        route_path = getattr(route, "path", None)
-        paths.append(route_path)
-        if route_path == path and method in (getattr(route, "methods", None) or ()):
-            return route.endpoint
-    raise Mismatch(
-        f"a {method} {path} endpoint",
-        f"routes {sorted(p for p in paths if p)}",
-        [f'Keep the decorator `@{app_name}.{method.lower()}("{path}", …)` above your endpoint.'],
-    )
 
 
 def _serve(app: Any, name: str, exercise_id: str) -> Server:
@@ -301,7 +279,7 @@ def check_request_id_in_jobs(
     with exercise("2.1", "Carry the request ID into a queued job", SOLUTION) as ex:
 
         def arguments() -> None:
-            _route(app, "POST", _ORDER_PATH, "orders_app")
+            find_route(app, "POST", _ORDER_PATH, "orders_app")
             expect(
                 callable(process_order),
                 "the job function `process_order`",
@@ -794,7 +772,7 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
     with exercise("2.3", "Bound a queue with a proper 503", SOLUTION) as ex:
 
         def arguments() -> None:
-            _route(app, "POST", _JOB_PATH, "jobs_app")
+            find_route(app, "POST", _JOB_PATH, "jobs_app")
             expect(
                 isinstance(processed, list),
                 "the list `processed` that the consumer appends to",

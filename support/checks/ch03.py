@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.asgi import AsgiResponse, call
 from support.checks import Mismatch, exercise, expect, placeholder_message
-from support.checks.running import joins_new_threads, run_in_fresh_loop, short
+from support.checks.running import find_route, joins_new_threads, run_in_fresh_loop, short
 from support.metrics import histogram_quantile
 from support.server import Server, ServerFailedToStart, serve
 from support.telemetry import Tracing, self_time, tracing
@@ -47,28 +47,6 @@ SOLUTION = "solutions/03_observability_exercises.ipynb"
 # ---------------------------------------------------------------------------------------------------
 # Plumbing shared by the checks
 # ---------------------------------------------------------------------------------------------------
-
-
-def _route(app: Any, method: str, path: str, app_name: str) -> Any:
-    """The endpoint function of ``method path``; a ``Mismatch`` if the app has none."""
-    routes = getattr(app, "routes", None)
-    expect(
-        routes is not None,
-        "a FastAPI app",
-        f"{type(app).__name__} (no routes)",
-        f"Pass `{app_name}`, the app your middleware is added to.",
-    )
-    paths = []
-    for route in routes:
-        route_path = getattr(route, "path", None)
-        paths.append(route_path)
-        if route_path == path and method in (getattr(route, "methods", None) or ()):
-            return route.endpoint
-    raise Mismatch(
-        f"a {method} {path} endpoint",
-        f"routes {sorted(p for p in paths if p)}",
-        [f'Keep the decorator `@{app_name}.{method.lower()}("{path}", …)` given in the cell.'],
-    )
 
 
 def _in_loop(main: Callable[[], Awaitable[Any]], *, timeout: float, name: str) -> Any:
@@ -405,7 +383,7 @@ def check_request_id_middleware(app: Any, request_id_var: ContextVar[str]) -> No
     with exercise("3.1", "A correlation-ID middleware", SOLUTION) as ex:
 
         def arguments() -> None:
-            _route(app, "GET", _WHOAMI, "ids_app")
+            find_route(app, "GET", _WHOAMI, "ids_app")
             expect(
                 isinstance(request_id_var, ContextVar),
                 "the context variable `request_id_var`",
@@ -1113,8 +1091,8 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
     with exercise("3.3", "A latency histogram, and p99 from it", SOLUTION) as ex:
 
         def arguments() -> None:
-            _route(app, "GET", _ITEM_ROUTE, "shop_app")
-            _route(app, "GET", "/metrics", "shop_app")
+            find_route(app, "GET", _ITEM_ROUTE, "shop_app")
+            find_route(app, "GET", "/metrics", "shop_app")
             expect(
                 callable(p99_from_metrics),
                 "the function `p99_from_metrics`",

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["NoReturn", "joins_new_threads", "run_in_fresh_loop", "short"]
+__all__ = ["NoReturn", "find_route", "joins_new_threads", "run_in_fresh_loop", "short"]
 
 T = TypeVar("T")
 
@@ -74,3 +74,27 @@ def run_in_fresh_loop(main: Callable[[], Awaitable[T]], *, timeout: float, name:
 def short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def find_route(app: Any, method: str, path: str, app_name: str) -> Any:
+    """The endpoint function of ``method path`` in the learner's app; a ``Mismatch`` if it has none."""
+    from support.checks import Mismatch, expect
+
+    routes = getattr(app, "routes", None)
+    expect(
+        routes is not None,
+        "a FastAPI app",
+        f"{type(app).__name__} (no routes)",
+        f"Pass `{app_name}`, the app the exercise defines.",
+    )
+    paths = []
+    for route in routes:
+        route_path = getattr(route, "path", None)
+        paths.append(route_path)
+        if route_path == path and method in (getattr(route, "methods", None) or ()):
+            return route.endpoint
+    raise Mismatch(
+        f"a {method} {path} endpoint",
+        f"routes {sorted(p for p in paths if p)}",
+        [f'Keep the decorator `@{app_name}.{method.lower()}("{path}", …)` from the exercise cell.'],
+    )
