@@ -26,14 +26,17 @@ import httpx
 import redis.asyncio
 
 from support.backends import delete_keys, redis_client
-from support.checks import Mismatch, exercise, expect, placeholder_message
-from support.checks.running import NoReturn, find_route, joins_new_threads, run_in_fresh_loop, short
+from support.checks import Mismatch, exercise, expect
+from support.checks.running import NoReturn, find_route, in_fresh_loop, joins_new_threads, serve_answer, short
 from support.queues import job_queue, start_worker
-from support.server import Server, ServerFailedToStart, serve
+from support.server import Server
 from support.thirdparty import EmailProvider, ProviderError
 
 __all__ = ["check_bounded_queue", "check_idempotent_job", "check_request_id_in_jobs"]
 
+_SERVE_FAILED = (
+    "The app's lifespan failed before `yield`: fix its error, run the cell again, then this check."
+)
 SOLUTION = "solutions/02_background_tasks_exercises.ipynb"
 
 
@@ -42,31 +45,12 @@ SOLUTION = "solutions/02_background_tasks_exercises.ipynb"
 # ---------------------------------------------------------------------------------------------------
 
 
-def _serve(app: Any, name: str, exercise_id: str) -> Server:
-    """``serve(app)``; a placeholder left in the app's lifespan reads as "not started"."""
-    try:
-        return serve(app, name=name, graceful_timeout=1.0)
-    except ServerFailedToStart as failed:
-        if placeholder_message(exercise_id) in str(failed):
-            raise NotImplementedError(placeholder_message(exercise_id)) from None
-        raise Mismatch(
-            "the app to start",
-            str(failed),
-            ["The app's lifespan failed before `yield`: fix its error, run the cell again, then this check."],
-        ) from None
-
-
 def _raise_server_error(server: Server, statuses: list[int], what: str) -> None:
     """After a 5xx: re-raise what the app raised (a placeholder, or the learner's own error)."""
     raised = server.wait_for_exception()
     if raised is not None:
         raise raised
     raise Mismatch(what, f"statuses {dict(Counter(statuses))}")
-
-
-def _in_loop(main: Callable[[], Awaitable[Any]], *, timeout: float, name: str) -> Any:
-    with joins_new_threads():
-        return run_in_fresh_loop(main, timeout=timeout, name=name)
 
 
 async def _clear(*patterns: str) -> None:
@@ -127,7 +111,7 @@ async def _count_queued(queue_name: str, within: float = 1.0) -> int:
 
 
 def _check_orders_accepted(server: Server, queue_name: str, run: _OrdersRun) -> None:
-    _in_loop(lambda: _place_orders(server, run), timeout=20, name="check-2.1-requests")
+    in_fresh_loop(lambda: _place_orders(server, run), timeout=20, name="check-2.1-requests")
     if any(status >= 500 for status in run.statuses):
         _raise_server_error(server, run.statuses, f"{_ORDERS} responses with status 202")
     expect(
@@ -136,7 +120,7 @@ def _check_orders_accepted(server: Server, queue_name: str, run: _OrdersRun) -> 
         f"statuses {dict(Counter(run.statuses))}",
         f"Keep the route `POST {_ORDER_PATH}` and its parameter `order_id: str`.",
     )
-    run.queued = _in_loop(lambda: _count_queued(queue_name), timeout=10, name="check-2.1-count")
+    run.queued = in_fresh_loop(lambda: _count_queued(queue_name), timeout=10, name="check-2.1-count")
     expect(
         run.queued == _ORDERS,
         f"{_ORDERS} jobs waiting on the queue {queue_name!r}, one per request",
@@ -303,10 +287,10 @@ def check_request_id_in_jobs(
             return
         run = _OrdersRun()
         worked_for.clear()
-        _in_loop(
+        in_fresh_loop(
             lambda: _clear(f"saq:{queue_name}:*", f"saq:job:{queue_name}:*"), timeout=10, name="check-2.1"
         )
-        with joins_new_threads(), _serve(app, "check-2.1", "2.1") as server:
+        with joins_new_threads(), serve_answer(app, "check-2.1", "2.1", _SERVE_FAILED) as server:
             accepted = ex.step(
                 f"{_ORDERS} requests at once, each with its own X-Request-ID, enqueue {_ORDERS} jobs",
                 lambda: _check_orders_accepted(server, queue_name, run),
@@ -389,7 +373,7 @@ def _scenario(job: Callable[..., Any], body: Callable[[_Scene], Awaitable[None]]
             await client.aclose()
 
     try:
-        _in_loop(main, timeout=5, name=f"check-2.2-{name}")
+        in_fresh_loop(main, timeout=5, name=f"check-2.2-{name}")
     except NoReturn as late:
         raise Mismatch(
             "each run of `send_welcome_once` to return within a second or so",
@@ -616,7 +600,7 @@ def _wait_processed(processed: list[Any], jobs: set[str], within: float) -> None
 
 
 def _check_one_job(server: Server, processed: list[Any]) -> None:
-    (answer,) = _in_loop(lambda: _post_jobs(server, ["first"]), timeout=10, name="check-2.3-first")
+    (answer,) = in_fresh_loop(lambda: _post_jobs(server, ["first"]), timeout=10, name="check-2.3-first")
     if answer.status >= 500:
         _raise_server_error(server, [answer.status], "status 202 for one job")
     expect(
@@ -637,7 +621,7 @@ def _check_one_job(server: Server, processed: list[Any]) -> None:
 def _check_spike_answered(server: Server, processed: list[Any], spike: _Spike) -> None:
     processed.clear()
     jobs = [f"j-{i:02d}" for i in range(_SPIKE)]
-    spike.answers = _in_loop(lambda: _post_jobs(server, jobs), timeout=30, name="check-2.3-spike")
+    spike.answers = in_fresh_loop(lambda: _post_jobs(server, jobs), timeout=30, name="check-2.3-spike")
     spike.processed_by_then = len(processed)
     statuses = Counter(a.status for a in spike.answers)
     unanswered = statuses.get(0, 0)
@@ -792,7 +776,7 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
             return
         processed.clear()
         spike = _Spike()
-        with joins_new_threads(), _serve(app, "check-2.3", "2.3") as server:
+        with joins_new_threads(), serve_answer(app, "check-2.3", "2.3", _SERVE_FAILED) as server:
             if not ex.step(
                 "one job on an idle queue is accepted (202) and processed",
                 lambda: _check_one_job(server, processed),

@@ -33,39 +33,27 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.asgi import AsgiResponse, call
-from support.checks import Mismatch, exercise, expect, placeholder_message
-from support.checks.running import find_route, joins_new_threads, run_in_fresh_loop, short
+from support.checks import Mismatch, exercise, expect
+from support.checks.running import (
+    find_route,
+    in_fresh_loop,
+    joins_new_threads,
+    serve_answer,
+    short,
+)
 from support.metrics import histogram_quantile
-from support.server import Server, ServerFailedToStart, serve
+from support.server import Server
 from support.telemetry import Tracing, self_time, tracing
 
 __all__ = ["check_checkout_spans", "check_latency_histogram", "check_request_id_middleware"]
 
+_SERVE_FAILED = "The app failed while starting: fix its error, run the cell again, then this check."
 SOLUTION = "solutions/03_observability_exercises.ipynb"
 
 
 # ---------------------------------------------------------------------------------------------------
 # Plumbing shared by the checks
 # ---------------------------------------------------------------------------------------------------
-
-
-def _in_loop(main: Callable[[], Awaitable[Any]], *, timeout: float, name: str) -> Any:
-    with joins_new_threads():
-        return run_in_fresh_loop(main, timeout=timeout, name=name)
-
-
-def _serve(app: Any, name: str, exercise_id: str) -> Server:
-    """``serve(app)``; a placeholder that stops the app from starting reads as "not started"."""
-    try:
-        return serve(app, name=name, graceful_timeout=1.0)
-    except ServerFailedToStart as failed:
-        if placeholder_message(exercise_id) in str(failed):
-            raise NotImplementedError(placeholder_message(exercise_id)) from None
-        raise Mismatch(
-            "the app to start",
-            str(failed),
-            ["The app failed while starting: fix its error, run the cell again, then this check."],
-        ) from None
 
 
 def _raise_server_error(server: Server, statuses: Sequence[int], what: str) -> None:
@@ -283,7 +271,7 @@ def _check_kept(app: Any) -> None:
     async def main() -> list[_Seen]:
         return [await _send(app, label, value) for label, value in _KEPT.items()]
 
-    for seen in _in_loop(main, timeout=10, name="check-3.1-kept"):
+    for seen in in_fresh_loop(main, timeout=10, name="check-3.1-kept"):
         _check_answered(seen)
         expect(
             seen.kept(),
@@ -301,14 +289,14 @@ def _check_missing(app: Any) -> None:
     async def main() -> list[_Seen]:
         return [await _send(app, label, value) for label, value in _MISSING.items()]
 
-    _check_fresh(_in_loop(main, timeout=10, name="check-3.1-missing"))
+    _check_fresh(in_fresh_loop(main, timeout=10, name="check-3.1-missing"))
 
 
 def _check_hostile(app: Any) -> None:
     async def main() -> list[_Seen]:
         return [await _send(app, h.label, h.value) for h in _HOSTILE]
 
-    _check_fresh(_in_loop(main, timeout=10, name="check-3.1-hostile"))
+    _check_fresh(in_fresh_loop(main, timeout=10, name="check-3.1-hostile"))
 
 
 def _check_concurrent(app: Any) -> None:
@@ -317,7 +305,7 @@ def _check_concurrent(app: Any) -> None:
     async def main() -> list[_Seen]:
         return list(await asyncio.gather(*(_send(app, rid, rid.encode()) for rid in ids)))
 
-    results = _in_loop(main, timeout=10, name="check-3.1-concurrent")
+    results = in_fresh_loop(main, timeout=10, name="check-3.1-concurrent")
     for seen in results:
         _check_answered(seen)
     wrong = [s for s in results if s.handler != s.label]
@@ -359,7 +347,7 @@ def _check_reset(app: Any, request_id_var: ContextVar[str]) -> None:
         await _send(app, "a sane ID", b"ex31-inside")
         return _OUTSIDE, request_id_var.get()
 
-    before, after = _in_loop(main, timeout=10, name="check-3.1-reset")
+    before, after = in_fresh_loop(main, timeout=10, name="check-3.1-reset")
     expect(
         after == before,
         f"request_id_var back to {before!r} once the request is done",
@@ -516,7 +504,7 @@ def _run_all(checkout: Callable[..., Any], plan: list[tuple[str, str]]) -> list[
         async def main() -> list[_Checkout]:
             return [await _run_checkout(checkout, traced, slow, busy) for slow, busy in plan]
 
-        return _in_loop(main, timeout=10, name="check-3.2")
+        return in_fresh_loop(main, timeout=10, name="check-3.2")
     finally:
         traced.stop()
 
@@ -817,7 +805,7 @@ async def _get_metrics(server: Server) -> tuple[int, str]:
 
 
 def _scrape(server: Server) -> _Page:
-    status, text = _in_loop(lambda: _get_metrics(server), timeout=15, name="check-3.3-scrape")
+    status, text = in_fresh_loop(lambda: _get_metrics(server), timeout=15, name="check-3.3-scrape")
     if status >= 500:
         _raise_server_error(server, [status], "status 200 for GET /metrics")
     expect(
@@ -847,7 +835,9 @@ async def _get_items(server: Server) -> tuple[list[int], float]:
 
 
 def _check_items(server: Server, shop: _Shop) -> None:
-    shop.statuses, shop.client_seconds = _in_loop(lambda: _get_items(server), timeout=30, name="check-3.3")
+    shop.statuses, shop.client_seconds = in_fresh_loop(
+        lambda: _get_items(server), timeout=30, name="check-3.3"
+    )
     if any(status >= 500 for status in shop.statuses):
         _raise_server_error(server, shop.statuses, f"{_REQUESTS} responses with status 200")
     expect(
@@ -1103,7 +1093,7 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
         if not ex.step(f"the app has GET {_ITEM_ROUTE} and GET /metrics", arguments):
             return
         shop = _Shop()
-        with joins_new_threads(), _serve(app, "check-3.3", "3.3") as server:
+        with joins_new_threads(), serve_answer(app, "check-3.3", "3.3", _SERVE_FAILED) as server:
             if not ex.step(
                 "GET /metrics answers with the Prometheus text format",
                 lambda: _check_metrics_page(server, shop),

@@ -9,7 +9,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["NoReturn", "find_route", "joins_new_threads", "run_in_fresh_loop", "short"]
+__all__ = [
+    "NoReturn",
+    "find_route",
+    "in_fresh_loop",
+    "joins_new_threads",
+    "run_in_fresh_loop",
+    "serve_answer",
+    "short",
+]
 
 T = TypeVar("T")
 
@@ -98,3 +106,22 @@ def find_route(app: Any, method: str, path: str, app_name: str) -> Any:
         f"routes {sorted(p for p in paths if p)}",
         [f'Keep the decorator `@{app_name}.{method.lower()}("{path}", …)` from the exercise cell.'],
     )
+
+
+def in_fresh_loop(main: Callable[[], Awaitable[Any]], *, timeout: float, name: str) -> Any:
+    """``run_in_fresh_loop``, failing if the learner's code leaves a new thread running."""
+    with joins_new_threads():
+        return run_in_fresh_loop(main, timeout=timeout, name=name)
+
+
+def serve_answer(app: Any, name: str, exercise_id: str, failed_hint: str) -> Any:
+    """``serve(app)`` for a check: a placeholder that stops the app from starting reads as "not started"."""
+    from support.checks import Mismatch, placeholder_message
+    from support.server import ServerFailedToStart, serve
+
+    try:
+        return serve(app, name=name, graceful_timeout=1.0)
+    except ServerFailedToStart as failed:
+        if placeholder_message(exercise_id) in str(failed):
+            raise NotImplementedError(placeholder_message(exercise_id)) from None
+        raise Mismatch("the app to start", str(failed), [failed_hint]) from None
