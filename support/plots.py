@@ -116,14 +116,15 @@ def bar_chart(
 ) -> Axes:
     """One labelled horizontal bar per entry of ``values`` (label → number), first entry on top.
 
-    Bar labels show ``decimals`` digits after the point (default: 1 for ms, else 2), then ``unit``.
+    Bar labels show ``decimals`` digits after the point (default: 1 for ms, else 2), then ``unit``
+    (``unit=""`` for a plain count).
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(values)), constrained_layout=True)
     bars = ax.barh(list(values), list(values.values()), color="tab:blue")
     if decimals is None:
         decimals = 1 if unit == "ms" else 2
-    ax.bar_label(bars, fmt=f"%.{decimals}f {unit}", padding=3)
+    ax.bar_label(bars, fmt=f"%.{decimals}f {unit}".rstrip(), padding=3)
     ax.set_ylim(len(values) - 0.5, -0.5)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
