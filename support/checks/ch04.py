@@ -1,0 +1,1274 @@
+"""Checks for chapter 4's exercises: async database sessions.
+
+Every check makes an engine of its own, on a fresh database (``support.database.fresh_database``:
+an SQLite file unless ``$DATABASE_URL`` is set), with tables named ``ch04x_…``; it drops them and
+disposes the engine before returning, on the event loop that used the engine.
+
+How the checks avoid flakiness: they assert mechanisms, not clocks. Whether a row was stored, which
+status a request got, how many connections are checked out (counted by the pool's own events,
+``support.database.PoolWatch``) and how many SQL statements ran do not depend on the machine's speed.
+Before reading them, a check waits (at most 2 s) until the app has finished every request, including
+the code FastAPI runs after the response has gone. The one clock, "a refused request is refused
+within 3 s", gives a pool wait of at most 1 s a threefold margin; the pool settings are read from the
+engine before any load is sent, so a 30 s default wait is named at once instead of being sat through.
+Exercise 4.2's slow query holds its connection 0.3 s, so that twenty requests on two connections
+always leave some waiting longer than any accepted pool wait.
+
+What a wrong answer leaves behind is tidied too: sessions it never closed are closed by the check
+(so no connection is left for the garbage collector to complain about), and the "coroutine was never
+awaited" warning that a lazy load under asyncio can leave is silenced while the check runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import json
+import re
+import threading
+import time
+import typing
+import warnings
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import httpx
+import sqlalchemy
+from fastapi import FastAPI, HTTPException, params
+from sqlalchemy import Row, String, insert, select
+from sqlalchemy.exc import InvalidRequestError, MissingGreenlet, NoInspectionAvailable
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm.exc import DetachedInstanceError
+
+from support.checks import Mismatch, exercise, expect
+from support.checks.running import in_fresh_loop, joins_new_threads, run_in_fresh_loop, serve_answer, short
+from support.database import PoolWatch, fresh_database, install_sleep, slow_query
+from support.server import Server
+
+__all__ = ["check_orders_with_lines", "check_pool_fail_fast", "check_session_dependency"]
+
+SOLUTION = "solutions/04_async_database_exercises.ipynb"
+_SERVE_FAILED = "The app failed while starting: fix its error, run the cell again, then this check."
+_SETTLE = 2.0  # how long a check waits for the app to finish a request and give its connection back
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plumbing shared by the checks
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Answer:
+    """One HTTP response as the check's client saw it."""
+
+    status: int
+    headers: httpx.Headers
+    text: str
+    seconds: float
+
+
+async def _send(server: Server, method: str, paths: Sequence[str]) -> list[_Answer]:
+    """Send one request per path, all at once; each answer with its latency."""
+    limits = httpx.Limits(max_connections=len(paths), max_keepalive_connections=len(paths))
+    async with httpx.AsyncClient(base_url=server.url, timeout=10, limits=limits, trust_env=False) as http:
+
+        async def one(path: str) -> _Answer:
+            start = time.perf_counter()
+            response = await http.request(method, path)
+            return _Answer(response.status_code, response.headers, response.text, time.perf_counter() - start)
+
+        return list(await asyncio.gather(*(one(path) for path in paths)))
+
+
+def _request(server: Server, method: str, paths: Sequence[str], name: str) -> list[_Answer]:
+    # Not in_fresh_loop: the server opens pooled connections (aiosqlite threads) meanwhile, which
+    # live until the engine is disposed; the check's outer joins_new_threads() waits for those.
+    return run_in_fresh_loop(lambda: _send(server, method, paths), timeout=30, name=name)
+
+
+def _new_exceptions(server: Server, before: int, wait: float) -> list[BaseException]:
+    """Exceptions the app raised since ``before`` were logged, waiting up to ``wait`` s for the first."""
+    deadline = time.monotonic() + wait
+    while len(server.exceptions) <= before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server.exceptions[before:]
+
+
+def _dialect(engine: AsyncEngine) -> str:
+    return engine.dialect.name
+
+
+async def _dispose(engines: Sequence[AsyncEngine]) -> None:
+    for engine in engines:
+        await engine.dispose()
+
+
+class _InFlight:
+    """ASGI wrapper: counts the requests the app has not finished, and tidies up at shutdown.
+
+    FastAPI runs the code after a dependency's ``yield`` (default scope) after the response has been
+    sent, but before the app's ASGI call returns: counting calls, not responses, tells the check when
+    that code has run. ``cleanup`` runs on the server's loop, after the app's own shutdown.
+    """
+
+    def __init__(self, app: Any, cleanup: Callable[[], Awaitable[None]]) -> None:
+        self.app, self.cleanup = app, cleanup
+        self.count = 0
+        self.cleaned = False
+        self._lock = threading.Lock()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+
+            async def send_then_clean(message: dict) -> None:
+                if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                    await self._clean()
+                await send(message)
+
+            await self.app(scope, receive, send_then_clean)
+            return
+        with self._lock:
+            self.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            with self._lock:
+                self.count -= 1
+
+    async def _clean(self) -> None:
+        if not self.cleaned:
+            self.cleaned = True
+            await self.cleanup()
+
+    def settle(self, watch: PoolWatch | None = None, wait: float = _SETTLE) -> None:
+        """Wait (at most ``wait`` s) until no request is in the app and no connection is checked out."""
+        deadline = time.monotonic() + wait
+        while (self.count or (watch is not None and watch.in_use)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+@contextmanager
+def _quiet_unawaited() -> Iterator[None]:
+    """Silence "coroutine … was never awaited" while a lazy load may fail under asyncio.
+
+    SQLAlchemy refuses IO outside its greenlet (``MissingGreenlet``) after aiosqlite has already made
+    a coroutine for the query; that coroutine is never awaited, and Python warns when it is collected.
+    The collection is forced here, while the warning is filtered, so it never reaches the notebook.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning
+        )
+        try:
+            yield
+        finally:
+            gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 4.1: a session per request, committed or rolled back
+# ---------------------------------------------------------------------------------------------------
+
+
+class _CheckBase(DeclarativeBase):
+    pass
+
+
+class _Placed(_CheckBase):
+    """An order row of Exercise 4.1's check: its sku is unique, so a duplicate fails only at commit."""
+
+    __tablename__ = "ch04x_session_orders"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sku: Mapped[str] = mapped_column(String(40), unique=True)
+
+
+_CONCURRENT_41 = 10
+_OVERLAP = 0.2  # each concurrent request keeps its session this long, so that they overlap
+_CALL_4_1 = "Call the check as `check_session_dependency(Session, SessionDep)`."
+_ASYNC_WITH = (
+    "`async with Session() as session:` around `try: yield session` / `except Exception: await "
+    "session.rollback(); raise` / `else: await session.commit()`."
+)
+
+
+def _call_once(dependency: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+    async def main() -> None:
+        result = await dependency()
+        if isinstance(result, AsyncSession):
+            await result.close()
+
+    return main
+
+
+def _dependency_of(Session: Any, SessionDep: Any) -> params.Depends:
+    """The ``Depends`` in ``SessionDep``, once its function is known to be an async generator."""
+    expect(
+        isinstance(Session, async_sessionmaker),
+        "`Session`, an async_sessionmaker",
+        short(Session),
+        _CALL_4_1,
+    )
+    found = [m for m in getattr(SessionDep, "__metadata__", ()) if isinstance(m, params.Depends)]
+    expect(
+        typing.get_origin(SessionDep) is Annotated and bool(found),
+        "SessionDep = Annotated[AsyncSession, Depends(get_session, …)]",
+        short(SessionDep),
+        "Keep the given line `SessionDep = Annotated[…]` from the exercise cell.",
+        _CALL_4_1,
+    )
+    depends = found[-1]
+    dependency = depends.dependency
+    if inspect.isasyncgenfunction(dependency):
+        return depends
+    if inspect.iscoroutinefunction(dependency):
+        parameters = inspect.signature(dependency).parameters.values()
+        if not any(
+            p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            for p in parameters
+        ):
+            in_fresh_loop(_call_once(dependency), timeout=10, name="check-4.1-call")  # a placeholder raises
+        raise Mismatch(
+            "get_session to `yield` the session (an async generator)",
+            "an `async def` that returns: FastAPI cannot run anything after the handler, so nothing "
+            "commits, rolls back or closes the session",
+            [
+                "A dependency with `yield` hands its value to the handler, and resumes after the handler "
+                "has finished (with the handler's exception, if it raised).",
+                _ASYNC_WITH,
+            ],
+        )
+    kind = (
+        "a generator defined with plain `def`"
+        if inspect.isgeneratorfunction(dependency)
+        else short(dependency)
+    )
+    raise Mismatch(
+        "get_session defined with `async def`, yielding the session",
+        kind,
+        ["An AsyncSession is committed and closed with `await`: write `async def get_session():`."],
+    )
+
+
+@contextmanager
+def _bound(Session: async_sessionmaker[Any], engine: AsyncEngine) -> Iterator[None]:
+    """Point ``Session`` at the check's engine for the duration of the check, then back."""
+    missing = object()
+    before = Session.kw.get("bind", missing)
+    Session.configure(bind=engine)
+    try:
+        yield
+    finally:
+        if before is missing:
+            Session.kw.pop("bind", None)
+        else:
+            Session.configure(bind=before)
+
+
+async def _close_all(sessions: list[Any], engine: AsyncEngine) -> int:
+    """Close every session a request was given (a wrong answer may have left some open).
+
+    A session made before the check (bound to the notebook's engine) took its connection on the
+    server's loop: that engine's pool is emptied too, so no connection of it outlives the server.
+    """
+    closed = 0
+    others: dict[int, AsyncEngine] = {}
+    for session in {id(s): s for s in sessions}.values():
+        if isinstance(session, AsyncSession):
+            bind = session.bind
+            if isinstance(bind, AsyncEngine) and bind is not engine:
+                others[id(bind)] = bind
+            try:
+                await session.close()
+                closed += 1
+            except Exception:  # a session of an engine already disposed: nothing more to do
+                pass
+    for other in others.values():
+        await other.dispose()
+    return closed
+
+
+def _session_app(session_dep: Any, engine: AsyncEngine, seen: list[Any]) -> FastAPI:
+    """The check's own shop: its handlers take the learner's SessionDep, and remember each session."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with engine.begin() as conn:
+            await conn.run_sync(_CheckBase.metadata.drop_all)
+            await conn.run_sync(_CheckBase.metadata.create_all)
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    async def place(sku: str, session: Any) -> dict[str, str]:
+        seen.append(session)
+        session.add(_Placed(sku=sku))  # no flush: a duplicate sku fails only when committed
+        return {"sku": sku}
+
+    async def place_then_fail(sku: str, session: Any) -> None:
+        seen.append(session)
+        session.add(_Placed(sku=sku))
+        await session.flush()  # the row is in the transaction now: only a rollback keeps it out
+        raise HTTPException(status_code=409, detail="out of stock")
+
+    async def place_slowly(sku: str, session: Any) -> dict[str, str]:
+        seen.append(session)
+        session.add(_Placed(sku=sku))
+        await asyncio.sleep(_OVERLAP)  # the other requests arrive meanwhile
+        return {"sku": sku}
+
+    for path, endpoint in (
+        ("/orders/{sku}", place),
+        ("/orders/{sku}/fail", place_then_fail),
+        ("/orders/{sku}/slow", place_slowly),
+    ):
+        endpoint.__annotations__ = {"sku": str, "session": session_dep}  # the learner's SessionDep
+        app.add_api_route(path, endpoint, methods=["POST"])
+
+    async def skus() -> list[str]:
+        async with engine.connect() as conn:
+            return sorted((await conn.scalars(select(_Placed.sku))).all())
+
+    async def seed(sku: str) -> dict[str, str]:
+        async with engine.begin() as conn:
+            await conn.execute(insert(_Placed).values(sku=sku))
+        return {"sku": sku}
+
+    async def release() -> dict[str, int]:
+        return {"closed": await _close_all(seen, engine)}
+
+    skus.__annotations__ = {}
+    seed.__annotations__ = {"sku": str}
+    release.__annotations__ = {}
+    app.add_api_route("/_ch04x/skus", skus, methods=["GET"])
+    app.add_api_route("/_ch04x/seed/{sku}", seed, methods=["POST"])
+    app.add_api_route("/_ch04x/release", release, methods=["POST"])
+    return app
+
+
+@dataclass
+class _SessionRun:
+    """The check's handle on its served shop: send requests, settle, read what was stored."""
+
+    server: Server
+    wrapper: _InFlight
+    watch: PoolWatch
+    engine: AsyncEngine
+    depends: params.Depends
+    seen: list[Any] = field(default_factory=list)
+
+    def post(self, path: str) -> _Answer:
+        return _request(self.server, "POST", [path], "check-4.1")[0]
+
+    def settle(self) -> int:
+        """Connections still checked out once the app is done (then closed by the check)."""
+        self.wrapper.settle(self.watch)
+        leaked = self.watch.in_use
+        if leaked:
+            _request(self.server, "POST", ["/_ch04x/release"], "check-4.1-release")
+            self.wrapper.settle(self.watch, wait=1.0)
+        return leaked
+
+    def skus(self) -> list[str]:
+        (answer,) = _request(self.server, "GET", ["/_ch04x/skus"], "check-4.1-rows")
+        return json.loads(answer.text) if answer.status == 200 else []
+
+    def raise_server_error(self, before: int, status: int, what: str) -> None:
+        for raised in _new_exceptions(self.server, before, 2.0):
+            raise raised
+        raise Mismatch(what, f"status {status}")
+
+    def expect_session(self, sessions: list[Any], requests: str) -> None:
+        expect(
+            bool(sessions),
+            f"the handler of {requests} to be given a session",
+            "it never ran: get_session raised or never yielded",
+            "`yield session` once, inside `async with Session() as session:`.",
+        )
+        for session in sessions:
+            expect(
+                isinstance(session, AsyncSession),
+                "an AsyncSession in the handler",
+                f"a {type(session).__name__}: {short(session)}",
+                "Yield the session itself: `async with Session() as session: … yield session`.",
+            )
+            if session.bind is not self.engine:
+                raise Mismatch(
+                    "a session made by `Session()` when the request arrived",
+                    "a session bound to another engine than `Session`'s, so made before the check "
+                    "pointed `Session` at its own database: one session made once and shared by "
+                    "every request?",
+                    [
+                        "A session is a unit of work: one per request, made when the request arrives "
+                        "and closed when it is done; one shared session mixes requests' changes.",
+                        _ASYNC_WITH,
+                    ],
+                )
+
+    def expect_returned(self, leaked: int, after: str, hints: Sequence[str] = ()) -> None:
+        expect(
+            leaked == 0,
+            f"every connection back in the pool {after}",
+            f"{leaked} still checked out {_SETTLE:g} s later: the session was never closed",
+            *(
+                hints
+                or (
+                    "A session holds its connection until it is committed, rolled back or closed: "
+                    "close it whatever happens.",
+                    "Let `async with Session() as session:` close it, around the `yield`.",
+                )
+            ),
+        )
+
+    def succeeds(self) -> None:
+        before_errors, before_seen = len(self.server.exceptions), len(self.seen)
+        answer = self.post("/orders/ch04x-ok")
+        leaked = self.settle()
+        self.expect_session(self.seen[before_seen:], "POST /orders/ch04x-ok")
+        if answer.status >= 500:
+            self.raise_server_error(before_errors, answer.status, "status 200 for a request that succeeds")
+        expect(answer.status == 200, "status 200 for a request that succeeds", f"status {answer.status}")
+        stored = self.skus()
+        expect(
+            "ch04x-ok" in stored,
+            "the row of a request that succeeded stored in the database",
+            f"not there (the table holds {stored or 'nothing'}): the session was closed without a commit, "
+            "and closing rolls back",
+            "Commit when the handler has returned without raising: the code after `yield` runs then.",
+            "`try: yield session` / `except Exception: await session.rollback(); raise` / "
+            "`else: await session.commit()`.",
+        )
+        self.expect_returned(leaked, "after a request that succeeded")
+
+    def fails(self) -> None:
+        before_seen = len(self.seen)
+        answer = self.post("/orders/ch04x-refused/fail")
+        leaked = self.settle()
+        self.expect_session(self.seen[before_seen:], "POST /orders/ch04x-refused/fail")
+        expect(
+            answer.status == 409,
+            "status 409, the HTTPException the handler raised",
+            f"status {answer.status}: {short(answer.text, 60)}",
+            "Re-raise the handler's exception after rolling back: `except Exception: await "
+            "session.rollback(); raise`.",
+        )
+        stored = self.skus()
+        expect(
+            "ch04x-refused" not in stored,
+            "no row from a request whose handler raised",
+            "its row was stored: the handler had flushed it into the transaction, and something "
+            "committed that transaction anyway",
+            "Commit only when the handler returned; a `finally:` runs when it raised too.",
+            "`except Exception: await session.rollback(); raise` / `else: await session.commit()`: "
+            "`else` runs only when no exception came through the `yield`.",
+        )
+        self.expect_returned(
+            leaked,
+            "after a request whose handler raised",
+            (
+                "The handler's exception comes out of your `yield`: whatever follows it in the same "
+                "block does not run, and the session stays open with its transaction.",
+                "Let `async with Session() as session:` close it: the `async with` exits even when "
+                "the exception passes through.",
+            ),
+        )
+
+    def concurrent(self) -> None:
+        before_errors, before_seen = len(self.server.exceptions), len(self.seen)
+        paths = [f"/orders/ch04x-c{i}/slow" for i in range(_CONCURRENT_41)]
+        answers = _request(self.server, "POST", paths, "check-4.1-concurrent")
+        leaked = self.settle()
+        sessions = self.seen[before_seen:]
+        self.expect_session(sessions, f"{_CONCURRENT_41} concurrent requests")
+        distinct = len({id(s) for s in sessions})
+        expect(
+            distinct == len(sessions) == _CONCURRENT_41,
+            f"{_CONCURRENT_41} different sessions, one per request",
+            f"{distinct} different for {len(sessions)} requests"
+            + (": one session shared by all of them" if distinct == 1 else ""),
+            "Concurrent requests must never share a session: it is one transaction, on one "
+            "connection, and not safe to use from several tasks at once.",
+            "Make the session inside get_session, per call: " + _ASYNC_WITH,
+        )
+        statuses = [a.status for a in answers]
+        if any(s >= 500 for s in statuses):
+            self.raise_server_error(
+                before_errors, max(statuses), f"{_CONCURRENT_41} responses with status 200"
+            )
+        expect(
+            all(s == 200 for s in statuses),
+            f"{_CONCURRENT_41} responses with status 200",
+            f"statuses {dict(Counter(statuses))}",
+        )
+        self.expect_returned(leaked, f"after {_CONCURRENT_41} concurrent requests")
+
+    def commit_fails(self) -> None:
+        seeded = _request(self.server, "POST", ["/_ch04x/seed/ch04x-taken"], "check-4.1-seed")[0]
+        assert seeded.status == 200, f"the check could not seed its table: {seeded.text}"
+        before_errors = len(self.server.exceptions)
+        answer = self.post("/orders/ch04x-taken")
+        leaked = self.settle()
+        late = [e for e in _new_exceptions(self.server, before_errors, 0.2) if "UNIQUE" in str(e).upper()]
+        if answer.status < 400:
+            when = "; the commit failed after the response had gone (the server logged it)" if late else ""
+            if self.depends.scope != "function":
+                hints = [
+                    "With the default scope, FastAPI runs the code after `yield` once the response "
+                    "has been sent: the client has its 200 before the commit has even started.",
+                    '`SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]`: '
+                    "the code after `yield` then runs before the response is sent.",
+                ]
+            else:
+                hints = [
+                    "The commit's exception must reach FastAPI, which answers 500: do not catch it in "
+                    "get_session (or re-raise it).",
+                    "`else: await session.commit()` after `try: yield session`, with nothing around the "
+                    "commit that swallows its error.",
+                ]
+            raise Mismatch(
+                "an error status (500) for a request whose commit failed",
+                f"status {answer.status}: the client was told its order was placed, but it could not be "
+                f"stored (a row with that unique sku was already there){when}",
+                hints,
+            )
+        self.expect_returned(
+            leaked,
+            "after a request whose commit failed",
+            (
+                "When `commit()` raises, the session is left in a failed transaction, holding its "
+                "connection, until it is rolled back or closed.",
+                "Let `async with Session() as session:` close it, around the whole `try`.",
+            ),
+        )
+
+
+def check_session_dependency(Session: Any, SessionDep: Any) -> None:
+    """Check Exercise 4.1: a session per request, committed when the handler succeeded, else rolled back.
+
+    Points ``Session`` at a database of the check's own for the duration of the check, then serves
+    an app whose handlers take ``SessionDep``: one adds a row and returns, one flushes a row and
+    raises ``HTTPException(409)``, one adds a row while nine others do the same. The first row must
+    be stored, the second not; every request must get a session of its own, made by ``Session()``;
+    after each request no connection may stay checked out; and a request whose commit fails (a
+    duplicate unique sku, seen only at commit) must get an error status, not 200.
+    """
+    with exercise("4.1", "A session per request, committed or rolled back", SOLUTION) as ex:
+        found: list[params.Depends] = []
+        if not ex.step(
+            "SessionDep declares get_session, an async generator, as its dependency",
+            lambda: found.append(_dependency_of(Session, SessionDep)),
+        ):
+            return
+        engine = create_async_engine(
+            fresh_database("ch04x-check-4-1"), pool_size=5, max_overflow=5, pool_timeout=5
+        )
+        watch = PoolWatch(engine)
+        seen: list[Any] = []
+
+        async def cleanup() -> None:
+            await _close_all(seen, engine)
+            try:
+                async with engine.begin() as conn:
+                    await conn.run_sync(_CheckBase.metadata.drop_all)
+            finally:
+                await engine.dispose()
+
+        wrapper = _InFlight(_session_app(SessionDep, engine, seen), cleanup)
+        try:
+            with (
+                _bound(Session, engine),
+                joins_new_threads(),
+                serve_answer(wrapper, "check-4.1", "4.1", _SERVE_FAILED) as server,
+            ):
+                run = _SessionRun(server, wrapper, watch, engine, found[0], seen)
+                if not ex.step(
+                    "a request that succeeds: it gets a new session, its row is stored, its connection "
+                    "given back",
+                    run.succeeds,
+                ):
+                    return
+                ex.step(
+                    "a request whose handler raises: its row is not stored, its connection given back",
+                    run.fails,
+                )
+                ex.step(
+                    f"{_CONCURRENT_41} concurrent requests: each gets a session of its own", run.concurrent
+                )
+                ex.step(
+                    "a request whose commit fails (a duplicate sku) gets an error status, not 200",
+                    run.commit_fails,
+                )
+        finally:
+            if not wrapper.cleaned:  # the app never started, so its shutdown never ran
+                in_fresh_loop(lambda: _dispose([engine]), timeout=10, name="check-4.1-dispose")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 4.2: fail fast when the pool is exhausted
+# ---------------------------------------------------------------------------------------------------
+
+_POOL = 2
+_MAX_WAIT = 1.0  # the longest pool_timeout accepted, in seconds
+_REQUESTS_42 = 20
+_HOLD = 0.3  # each request keeps its connection this long
+_REFUSED_WITHIN = 3.0
+_HOLD_PATH = "/_ch04x/hold"
+_BUG_PATH = "/_ch04x/bug"
+_CALL_4_2 = "Call the check as `check_pool_fail_fast(make_engine, make_app)`."
+_HANDLER = (
+    "`@app.exception_handler(sqlalchemy.exc.TimeoutError)` on an `async def` that returns "
+    '`JSONResponse({"detail": "…"}, status_code=503, headers={"Retry-After": "1"})`.'
+)
+
+
+class _BugError(Exception):
+    """What the check's route raises: a bug, not a busy database."""
+
+
+def _make_engine(make_engine: Callable[..., Any], url: str, engines: list[AsyncEngine]) -> None:
+    engine = make_engine(url, _POOL)
+    if isinstance(engine, AsyncEngine):
+        engines.append(engine)
+        return
+    if isinstance(engine, sqlalchemy.Engine):
+        engine.dispose()
+    raise Mismatch(
+        "an AsyncEngine, from `create_async_engine(url, …)`",
+        short(engine),
+        ["An async app needs an async engine: `create_async_engine(url, pool_size=pool_size, …)`."],
+    )
+
+
+def _check_pool_settings(engine: AsyncEngine) -> None:
+    pool = engine.pool
+    size, timeout = getattr(pool, "size", None), getattr(pool, "timeout", None)
+    expect(
+        callable(size) and callable(timeout),
+        "a queue pool, sized by pool_size and max_overflow",
+        f"a {type(pool).__name__}",
+        "Leave `poolclass` out: `create_async_engine` gives a file database a queue pool.",
+    )
+    assert callable(size) and callable(timeout)
+    expect(
+        size() == _POOL,
+        f"pool_size={_POOL}, the size passed to make_engine",
+        f"pool_size {size()}",
+        "`create_async_engine(url, pool_size=pool_size, …)`: the caller chooses the size.",
+    )
+    overflow = getattr(pool, "_max_overflow", None)
+    expect(
+        overflow == 0,
+        "max_overflow=0: never more connections than the pool's",
+        "max_overflow -1: no limit at all, so a burst opens as many connections as it has requests"
+        if overflow == -1
+        else f"max_overflow {overflow}: a burst opens up to {overflow} connections more than the pool's "
+        "(the default is 10)",
+        "The database has a connection limit of its own, shared by every instance of the app; the "
+        "pool's size is this instance's share of it, so a burst must not grow it.",
+        "`max_overflow=0`.",
+    )
+    wait = timeout()
+    expect(
+        0 < wait <= _MAX_WAIT,
+        f"pool_timeout between 0 and {_MAX_WAIT:g} s: how long a request waits for a free connection",
+        f"pool_timeout {wait:g} s"
+        + (
+            ", the default: when the pool is busy, each request beyond it waits 30 s before failing"
+            if wait == 30
+            else ": a request would not wait at all, not even for a connection about to be free"
+            if wait <= 0
+            else ""
+        ),
+        "A request that cannot get a connection soon should be refused soon, so that the client "
+        "can retry or go elsewhere, instead of piling up behind the others.",
+        "`pool_timeout=0.5` (seconds).",
+    )
+
+
+def _add_check_routes(app: FastAPI, engine: AsyncEngine) -> None:
+    dialect = _dialect(engine)
+
+    async def hold() -> dict[str, float]:
+        async with engine.connect() as conn:
+            await conn.execute(slow_query(_HOLD, dialect))
+        return {"held": _HOLD}
+
+    async def bug() -> None:
+        raise _BugError("a bug in a handler, not a busy database")
+
+    hold.__annotations__ = {}
+    bug.__annotations__ = {}
+    app.add_api_route(_HOLD_PATH, hold, methods=["GET"])
+    app.add_api_route(_BUG_PATH, bug, methods=["GET"])
+
+
+def _build_app(make_app: Callable[[AsyncEngine], Any], engine: AsyncEngine, apps: list[FastAPI]) -> None:
+    app = make_app(engine)
+    expect(
+        isinstance(app, FastAPI),
+        "make_app(engine) to return a FastAPI app",
+        short(app),
+        "Keep the given `return app` at the end of make_app.",
+    )
+    _add_check_routes(app, engine)
+    apps.append(app)
+
+
+@dataclass
+class _Burst:
+    answers: list[_Answer] = field(default_factory=list)
+    exceptions: list[BaseException] = field(default_factory=list)
+    peak: int = 0
+
+    def statuses(self) -> dict[int, int]:
+        return dict(sorted(Counter(a.status for a in self.answers).items()))
+
+    def with_status(self, status: int) -> list[_Answer]:
+        return [a for a in self.answers if a.status == status]
+
+
+def _send_burst(server: Server, watch: PoolWatch, burst: _Burst) -> None:
+    before = len(server.exceptions)
+    burst.answers = _request(server, "GET", [_HOLD_PATH] * _REQUESTS_42, "check-4.2")
+    burst.peak = watch.peak
+    if any(a.status == 500 and a.text == "Internal Server Error" for a in burst.answers):
+        burst.exceptions = _new_exceptions(server, before, 2.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``QueuePool limit of size 2 …, timeout 0.50``: the message, without SQLAlchemy's link."""
+    return str(exc).splitlines()[0].split(" (Background on this error")[0]
+
+
+def _handles_builtin_timeout(app: FastAPI) -> bool:
+    return any(key in (TimeoutError, asyncio.TimeoutError) for key in app.exception_handlers)
+
+
+def _check_served(burst: _Burst, app: FastAPI) -> None:
+    failed = burst.with_status(500)
+    if failed:
+        pool_timeouts = [e for e in burst.exceptions if isinstance(e, sqlalchemy.exc.TimeoutError)]
+        if pool_timeouts:
+            hints = [
+                "The pool raises `sqlalchemy.exc.TimeoutError` when no connection frees up in time; "
+                "without a handler for it, FastAPI answers 500, which says the server is broken.",
+                _HANDLER,
+            ]
+            if _handles_builtin_timeout(app):
+                hints.insert(
+                    0,
+                    "Your handler is registered for Python's built-in TimeoutError; SQLAlchemy's "
+                    "`sqlalchemy.exc.TimeoutError` is another class, which does not derive from it.",
+                )
+            raise Mismatch(
+                "no 500: a request refused by the pool answered by your handler",
+                f"{len(failed)} of {_REQUESTS_42} got 500: {_first_line(pool_timeouts[-1])} "
+                "reached the client unhandled",
+                hints,
+            )
+        for raised in burst.exceptions:
+            raise raised
+        raise Mismatch(
+            "no 500: a request refused by the pool gets 503, Service Unavailable",
+            f"{len(failed)} of {_REQUESTS_42} got 500 from your handler: {short(failed[0].text, 60)}",
+            [
+                "500 says the server is broken, and a client should not retry; 503 says it is busy "
+                "for now, and Retry-After says when to try again.",
+                _HANDLER,
+            ],
+        )
+    served = burst.with_status(200)
+    expect(
+        len(served) >= _POOL,
+        f"at least {_POOL} of {_REQUESTS_42} served (one per connection in the pool)",
+        f"statuses {burst.statuses()}",
+        "Keep the given endpoints; only a request that cannot get a connection should be refused.",
+    )
+
+
+def _retry_after_problem(answer: _Answer) -> str | None:
+    value = answer.headers.get("retry-after")
+    if value is None:
+        return "no Retry-After header"
+    if not re.fullmatch(r"\d+", value.strip()) or int(value) < 1:
+        return f"Retry-After: {value!r}, not a whole number of seconds (at least 1)"
+    if not answer.headers.get("content-type", "").startswith("application/json"):
+        return f"a {answer.headers.get('content-type', 'untyped')} body, not JSON: {short(answer.text, 50)}"
+    try:
+        body = json.loads(answer.text)
+    except ValueError:
+        return f"a body that is not JSON: {short(answer.text, 50)}"
+    if not isinstance(body, dict):
+        return f"the JSON body {short(body, 50)}, not an object"
+    return None
+
+
+def _check_refused(burst: _Burst) -> None:
+    refused = burst.with_status(503)
+    expect(
+        bool(refused),
+        f"some of the {_REQUESTS_42} requests refused with 503 (only {_POOL} connections, each held "
+        f"{_HOLD:g} s)",
+        f"statuses {burst.statuses()}",
+        "A request that waited pool_timeout seconds without a connection raises "
+        "`sqlalchemy.exc.TimeoutError`; answer it with 503.",
+        _HANDLER,
+    )
+    others = {s: n for s, n in burst.statuses().items() if s not in (200, 503)}
+    expect(
+        not others,
+        "only 200 (served) and 503 (refused)",
+        f"statuses {burst.statuses()}",
+        "503 Service Unavailable is the status for 'busy now, try again later'.",
+    )
+    problems = [p for p in map(_retry_after_problem, refused) if p]
+    expect(
+        not problems,
+        "every 503 with Retry-After (whole seconds) and a short JSON body",
+        f"{len(problems)} of {len(refused)} with {problems[0] if problems else ''}",
+        "Retry-After tells the client how many seconds to wait before trying again; a client that "
+        "gets none tends to retry at once, making the burst worse.",
+        _HANDLER,
+    )
+
+
+def _check_refused_fast(burst: _Burst) -> None:
+    refused = burst.with_status(503)
+    slowest = max(a.seconds for a in refused)
+    expect(
+        slowest < _REFUSED_WITHIN,
+        f"each 503 within {_REFUSED_WITHIN:g} s of the request",
+        f"the slowest after {slowest:.1f} s",
+        "A request refused after a long wait has held a worker, a socket and the client for nothing; "
+        "the pool's wait bounds it.",
+        "`pool_timeout=0.5` in make_engine.",
+    )
+
+
+def _check_bug(server: Server, app: FastAPI) -> None:
+    (answer,) = _request(server, "GET", [_BUG_PATH], "check-4.2-bug")
+    catch_all = Exception in app.exception_handlers
+    expect(
+        answer.status == 500,
+        "status 500 for a handler that raised another exception (a bug)",
+        f"status {answer.status}"
+        + (": a handler for every Exception answers 'busy, retry later' to bugs too" if catch_all else ""),
+        "Register the handler for the pool's exception only, so that a bug still shows as one "
+        "(500, and a traceback in the log) instead of hiding behind 'retry later'.",
+        "`@app.exception_handler(sqlalchemy.exc.TimeoutError)`, not `Exception`.",
+    )
+
+
+def check_pool_fail_fast(make_engine: Callable[..., Any], make_app: Callable[[AsyncEngine], Any]) -> None:
+    """Check Exercise 4.2: a small pool that refuses quickly, and 503 with Retry-After when it does.
+
+    ``make_engine(url, 2)`` must return an async engine whose pool has 2 connections, no overflow and a
+    pool_timeout above 0 and at most 1 s (read from the engine, before any load). The app from
+    ``make_app(engine)`` then gets two routes of the check's: one holding a connection for a 0.3 s
+    query, one raising an exception of its own. Twenty requests at once to the first: at least two are
+    served, none gets 500, the others get 503 with a whole-seconds ``Retry-After`` and a JSON body,
+    each within 3 s; the second route still answers 500. If the pool settings are wrong, the app is
+    checked on an engine of the check's own (pool of 2, no overflow, 0.3 s wait).
+    """
+    with exercise("4.2", "Fail fast when the pool is exhausted", SOLUTION) as ex:
+
+        def arguments() -> None:
+            for name, function in (("make_engine", make_engine), ("make_app", make_app)):
+                expect(callable(function), f"the function `{name}`", short(function), _CALL_4_2)
+
+        if not ex.step("make_engine and make_app are functions", arguments):
+            return
+        url = fresh_database("ch04x-check-4-2")
+        engines: list[AsyncEngine] = []
+        disposed: list[AsyncEngine] = []
+        try:
+            if not ex.step(
+                f"make_engine(url, {_POOL}) returns an async engine",
+                lambda: _make_engine(make_engine, url, engines),
+            ):
+                return
+            engine = engines[0]
+            if not ex.step(
+                f"its pool: {_POOL} connections, no overflow, a wait of at most {_MAX_WAIT:g} s for one",
+                lambda: _check_pool_settings(engine),
+            ):
+                # check the handler all the same, on a pool that is right
+                engine = create_async_engine(url, pool_size=_POOL, max_overflow=0, pool_timeout=0.3)
+                engines.append(engine)
+            install_sleep(engine)
+            watch = PoolWatch(engine)
+            apps: list[FastAPI] = []
+            if not ex.step(
+                "make_app(engine) returns a FastAPI app", lambda: _build_app(make_app, engine, apps)
+            ):
+                return
+            app = apps[0]
+
+            async def cleanup() -> None:
+                disposed.append(engine)
+                await engine.dispose()
+
+            burst = _Burst()
+            wrapper = _InFlight(app, cleanup)
+            with joins_new_threads(), serve_answer(wrapper, "check-4.2", "4.2", _SERVE_FAILED) as server:
+                answered = ex.step(
+                    f"{_REQUESTS_42} requests at once on {_POOL} connections: those that get one are "
+                    "served, none fails with 500",
+                    lambda: (_send_burst(server, watch, burst), _check_served(burst, app)),
+                )
+                refused = answered and ex.step(
+                    "the others get 503, with Retry-After in whole seconds and a JSON body",
+                    lambda: _check_refused(burst),
+                )
+                if refused:
+                    ex.step(
+                        f"each 503 comes within {_REFUSED_WITHIN:g} s, not after a long wait",
+                        lambda: _check_refused_fast(burst),
+                    )
+                ex.step(
+                    "a request that raises another exception still gets 500", lambda: _check_bug(server, app)
+                )
+        finally:
+            rest = [e for e in engines if e not in disposed]
+            if rest:
+                in_fresh_loop(lambda: _dispose(rest), timeout=10, name="check-4.2-dispose")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 4.3: orders with their lines, loaded before the session closes
+# ---------------------------------------------------------------------------------------------------
+
+_ORDERS, _LINES = 20, 3  # the customer asked about
+_OTHER_ORDERS, _OTHER_LINES = 4, 2  # another customer, whose orders must not come back
+_MAX_QUERIES = 3
+_CALL_4_3 = "Call the check as `check_orders_with_lines(orders_with_lines, Customer, Order, OrderLine)`."
+_SELECTIN = (
+    "`select(Order).where(Order.customer_id == customer_id).options(selectinload(Order.lines))`, "
+    "then `return list((await session.scalars(query)).all())`."
+)
+
+
+@dataclass
+class _Loading:
+    """What Exercise 4.3's check saw: the truth, the answer, and what reading the answer did."""
+
+    truth: dict[int, list[int]] = field(default_factory=dict)  # order id → its line ids
+    others: set[int] = field(default_factory=set)  # the other customer's order ids
+    returned: str = ""  # a short repr: the object itself may hold a coroutine never awaited
+    items: list[Any] | None = None
+    not_async: bool = False
+    returned_coroutine: bool = False
+    error: str | None = None  # "unique", "missing-greenlet" or "detached": an error translated
+    error_text: str = ""
+    statements: list[str] = field(default_factory=list)
+    open_read: dict[int, list[int]] | None = None  # order id → line ids, read while the session is open
+    open_error: str | None = None
+    open_statements: int = 0
+    closed_read: dict[int, list[int]] | None = None  # the same, once the session is closed
+    closed_error: str | None = None
+
+
+def _translate(exc: BaseException) -> str | None:
+    """The kind of a loading error the check explains itself, or None for any other exception."""
+    if isinstance(exc, MissingGreenlet) or isinstance(getattr(exc, "orig", None), MissingGreenlet):
+        return "missing-greenlet"
+    if isinstance(exc, DetachedInstanceError):
+        return "detached"
+    if isinstance(exc, InvalidRequestError) and "unique()" in str(exc):
+        return "unique"
+    return None
+
+
+def _read_lines(items: list[Any]) -> dict[int, list[int]]:
+    return {order.id: sorted(line.id for line in order.lines) for order in items}
+
+
+def _mapped(cls: Any, name: str) -> None:
+    try:
+        sqlalchemy.inspect(cls)
+    except NoInspectionAvailable:
+        raise Mismatch(f"`{name}`, the mapped class from the exercise", short(cls), [_CALL_4_3]) from None
+
+
+async def _load(
+    orders_with_lines: Callable[..., Any], Customer: Any, Order: Any, OrderLine: Any, seen: _Loading
+) -> None:
+    engine = create_async_engine(fresh_database("ch04x-check-4-3"))
+    tables = [Customer.__table__, Order.__table__, OrderLine.__table__]
+    metadata = Customer.metadata
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: metadata.drop_all(sync, tables=tables))
+            await conn.run_sync(lambda sync: metadata.create_all(sync, tables=tables))
+        Session = async_sessionmaker(engine, expire_on_commit=False)
+
+        def customer(name: str, orders: int, lines: int) -> Any:
+            return Customer(
+                name=name,
+                orders=[
+                    Order(lines=[OrderLine(sku=f"sku-{o}-{n}", quantity=n + 1) for n in range(lines)])
+                    for o in range(orders)
+                ],
+            )
+
+        async with Session() as session:
+            other = customer("ch04x-other", _OTHER_ORDERS, _OTHER_LINES)
+            target = customer("ch04x-asked", _ORDERS, _LINES)
+            session.add_all([other, target])
+            await session.commit()
+            seen.truth = {o.id: sorted(line.id for line in o.lines) for o in target.orders}
+            seen.others = {o.id for o in other.orders}
+            target_id = target.id
+        watch = PoolWatch(engine)
+        async with Session() as session:
+            try:
+                result = orders_with_lines(session, target_id)
+                if inspect.isawaitable(result):
+                    result = await result
+                else:
+                    seen.not_async = True
+                seen.returned = short(result)
+                if inspect.iscoroutine(result):
+                    seen.returned_coroutine = True
+                    result.close()  # e.g. `return session.scalars(…)`, never awaited
+                elif hasattr(result, "__iter__") and not isinstance(result, str | bytes | dict):
+                    seen.items = list(result)
+            except Exception as exc:
+                kind = _translate(exc)
+                if kind is None:
+                    raise
+                seen.error, seen.error_text = kind, str(exc).splitlines()[0]
+            seen.statements = list(watch.statements)
+            orders = [item for item in seen.items or () if isinstance(item, Order)]
+            if seen.error is None and orders:
+                try:
+                    seen.open_read = _read_lines(orders)
+                except Exception as exc:
+                    seen.open_error = _translate(exc) or f"{type(exc).__name__}: {exc}"
+                seen.open_statements = len(watch.statements) - len(seen.statements)
+        if seen.error is None and orders:
+            try:
+                seen.closed_read = _read_lines(orders)
+            except Exception as exc:
+                seen.closed_error = _translate(exc) or f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(lambda sync: metadata.drop_all(sync, tables=tables))
+        finally:
+            await engine.dispose()
+
+
+def _run_load(orders_with_lines: Callable[..., Any], Customer: Any, Order: Any, OrderLine: Any) -> _Loading:
+    seen = _Loading()
+    with _quiet_unawaited():
+        in_fresh_loop(
+            lambda: _load(orders_with_lines, Customer, Order, OrderLine, seen), timeout=30, name="check-4.3"
+        )
+    return seen
+
+
+_UNIQUE = Mismatch(
+    "the customer's orders, each once",
+    "SQLAlchemy refused the result: 'The unique() method must be invoked on this Result, as it "
+    "contains results that include joined eager loads against collections'",
+    [
+        "`joinedload(Order.lines)` joins each order to its lines, so an order comes back once per line; "
+        "SQLAlchemy 2 makes you say that you want each order once.",
+        "`(await session.execute(query)).unique().scalars().all()`; or `selectinload(Order.lines)`, "
+        "which needs no `.unique()`.",
+    ],
+)
+
+
+def _not_loaded(kind: str, where: str) -> Mismatch:
+    if kind == "missing-greenlet":
+        seen = (
+            f"{where}: `order.lines` was not loaded, so reading it started a query from plain "
+            "(synchronous) attribute access, which SQLAlchemy refuses under asyncio: MissingGreenlet"
+        )
+    elif kind == "detached":
+        seen = (
+            f"{where}: `order.lines` was not loaded, and the session that could load it is closed "
+            "(DetachedInstanceError)"
+        )
+    else:
+        seen = f"{where}: {kind}"
+    return Mismatch(
+        "each order's lines loaded by orders_with_lines, before it returns",
+        seen,
+        [
+            "Under asyncio nothing may load lazily: what the response needs must be loaded by the "
+            "query, with a loader option.",
+            _SELECTIN,
+        ],
+    )
+
+
+def _check_returned(seen: _Loading, Order: Any) -> None:
+    if seen.error == "unique":
+        raise _UNIQUE
+    if seen.error is not None:
+        raise _not_loaded(seen.error, "inside orders_with_lines")
+    expect(
+        not seen.not_async,
+        "an awaitable: orders_with_lines defined with `async def`",
+        f"a plain function that returned {seen.returned}",
+        "Queries on an AsyncSession are awaited: `async def orders_with_lines(…)`, and "
+        "`await session.scalars(…)` inside.",
+    )
+    items = seen.items
+    if seen.returned_coroutine:
+        raise Mismatch(
+            f"a list of the customer's {len(seen.truth)} Order objects",
+            f"a coroutine, {seen.returned}: a query that was never awaited, so never ran",
+            [
+                "`session.scalars(…)` and `session.execute(…)` are coroutines on an AsyncSession: "
+                "nothing runs until they are awaited.",
+                "`return list((await session.scalars(query)).all())`.",
+            ],
+        )
+    if items is None:
+        raise Mismatch(
+            f"a list of the customer's {len(seen.truth)} Order objects",
+            seen.returned,
+            ["Return the orders themselves: `return list((await session.scalars(query)).all())`."],
+        )
+    if items and all(isinstance(item, Row) for item in items):
+        raise Mismatch(
+            f"a list of the customer's {len(seen.truth)} Order objects",
+            f"{len(items)} Row objects (tuples of columns), such as {short(items[0], 50)}",
+            [
+                "`session.execute(select(Order))` gives rows; `session.scalars(…)` (or "
+                "`.scalars()` on the result) gives the Order objects.",
+                _SELECTIN,
+            ],
+        )
+    strangers = [item for item in items if not isinstance(item, Order)]
+    expect(
+        not strangers,
+        f"a list of the customer's {len(seen.truth)} Order objects",
+        f"{len(strangers)} of {len(items)} are not orders, such as "
+        f"{short(strangers[0] if strangers else None, 50)}",
+        "Return the Order objects the query loaded: `list((await session.scalars(query)).all())`.",
+    )
+    ids = [order.id for order in items]
+    returned = set(ids)
+    expected = set(seen.truth)
+    foreign = returned & seen.others
+    expect(
+        not foreign,
+        f"only the {len(expected)} orders of the customer asked for",
+        f"{len(returned)} orders, {len(foreign)} of them another customer's",
+        "Filter on the customer: `.where(Order.customer_id == customer_id)`.",
+    )
+    expect(
+        returned == expected,
+        f"the customer's {len(expected)} orders",
+        f"{len(returned)} of them" + (f", {len(expected - returned)} missing" if expected - returned else ""),
+        "Select every order of the customer: `select(Order).where(Order.customer_id == customer_id)`.",
+    )
+    expect(
+        len(ids) == len(returned),
+        f"each of the {len(expected)} orders once",
+        f"{len(ids)} objects for {len(returned)} orders: each order repeated once per line (a join)",
+        "A join to the lines returns one row per line; load the lines with an option instead.",
+        _SELECTIN,
+    )
+
+
+def _check_lines_loaded(seen: _Loading) -> None:
+    if seen.open_error is not None:
+        raise _not_loaded(seen.open_error, "reading `order.lines` in the open session, as a handler would")
+    expect(
+        seen.open_statements == 0,
+        "every order's lines already loaded (reading them runs no query)",
+        f"{seen.open_statements} queries while reading them",
+        _SELECTIN,
+    )
+    wrong = [oid for oid, lines in (seen.open_read or {}).items() if lines != seen.truth.get(oid)]
+    expect(
+        not wrong,
+        f"each order with its own {_LINES} lines",
+        f"{len(wrong)} of {len(seen.truth)} orders with other lines, e.g. order {wrong[0] if wrong else ''}: "
+        f"{(seen.open_read or {}).get(wrong[0]) if wrong else ''}",
+        "Load the relationship as it is: `selectinload(Order.lines)`, without extra criteria.",
+    )
+
+
+def _check_queries(seen: _Loading) -> None:
+    count = len(seen.statements)
+    per_order = count > len(seen.truth)
+    expect(
+        count <= _MAX_QUERIES,
+        f"a fixed number of queries, at most {_MAX_QUERIES}, whatever the number of orders",
+        f"{count} queries for {len(seen.truth)} orders"
+        + (": one for the orders, then one more per order (the N+1 problem)" if per_order else ""),
+        "Each `await order.awaitable_attrs.lines` is a query of its own: with 1,000 orders, 1,001 "
+        "round trips to the database.",
+        "Load every order's lines in one more query: " + _SELECTIN,
+    )
+
+
+def _check_after_close(seen: _Loading) -> None:
+    if seen.closed_error is not None:
+        raise _not_loaded(seen.closed_error, "reading `order.lines` after the session closed")
+    expect(
+        seen.closed_read == {oid: lines for oid, lines in seen.truth.items()},
+        f"the {len(seen.truth)} orders and their lines readable after the session closed",
+        short(seen.closed_read),
+        _SELECTIN,
+    )
+
+
+def check_orders_with_lines(
+    orders_with_lines: Callable[..., Any], Customer: Any, Order: Any, OrderLine: Any
+) -> None:
+    """Check Exercise 4.3: a customer's orders, with their lines loaded up front, in a few queries.
+
+    On a database of the check's own, one customer has 20 orders of 3 lines and another 4 orders of
+    2. ``await orders_with_lines(session, customer_id)`` must return the first customer's 20 Order
+    objects, each once; reading every ``order.lines`` in the still-open session must run no query
+    (a lazy load raises MissingGreenlet under asyncio) and give each order its own lines; the call
+    must run at most 3 SQL statements (not one per order); and the lines must still read after the
+    session has closed, as when FastAPI serialises a response.
+    """
+    with exercise("4.3", "Orders with their lines, loaded before the session closes", SOLUTION) as ex:
+
+        def arguments() -> None:
+            expect(
+                callable(orders_with_lines),
+                "the function `orders_with_lines`",
+                short(orders_with_lines),
+                _CALL_4_3,
+            )
+            for cls, name in ((Customer, "Customer"), (Order, "Order"), (OrderLine, "OrderLine")):
+                _mapped(cls, name)
+
+        if not ex.step("orders_with_lines is a function; Customer, Order, OrderLine are mapped", arguments):
+            return
+        found: list[_Loading] = []
+        if not ex.step(
+            f"orders_with_lines(session, customer_id) returns the customer's {_ORDERS} orders, each once",
+            lambda: (
+                found.append(_run_load(orders_with_lines, Customer, Order, OrderLine)),
+                _check_returned(found[0], Order),
+            ),
+        ):
+            return
+        seen = found[0]
+        if not ex.step(
+            "each order's lines are loaded: reading them in the open session runs no query",
+            lambda: _check_lines_loaded(seen),
+        ):
+            return
+        ex.step(f"in at most {_MAX_QUERIES} queries, not one per order", lambda: _check_queries(seen))
+        ex.step(
+            "the lines still read after the session has closed, as when FastAPI serialises them",
+            lambda: _check_after_close(seen),
+        )

@@ -1,0 +1,624 @@
+"""support.checks.ch04: chapter 4's checks pass right answers and name each plausible wrong one.
+
+Every answer here is written the way a learner would write it in the exercise cell; the given code
+around it (the notebook's engine and `Session`, `make_app`'s route, the models) is the notebook's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
+
+import pytest
+import sqlalchemy
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import ForeignKey, String, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncAttrs,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
+
+import support
+import support.checks
+from support.checks import placeholder_message, reset_hints
+from support.checks.ch04 import check_orders_with_lines, check_pool_fail_fast, check_session_dependency
+from support.database import fresh_database, install_sleep, slow_query
+from tests.checking import rejected
+
+
+@pytest.fixture(autouse=True)
+def _fresh_and_leaves_nothing_running() -> Iterator[None]:
+    reset_hints()
+    threads = set(threading.enumerate())
+    yield
+    support.checks.last_error = None
+    reset_hints()
+    assert support.running() == [], "a check left a server running"
+    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 4.1: a session per request, committed or rolled back
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notebook_engines() -> Iterator[list[AsyncEngine]]:
+    """The engines the notebook's cell made (the check points `Session` elsewhere while it runs)."""
+    engines: list[AsyncEngine] = []
+    yield engines
+
+    async def dispose() -> None:
+        for engine in engines:
+            await engine.dispose()
+
+    asyncio.run(dispose())
+
+
+def session_answer(variant: str, engines: list[AsyncEngine]) -> tuple[async_sessionmaker[AsyncSession], Any]:
+    """The exercise cell, answered one way or another: (Session, SessionDep)."""
+    engine = create_async_engine(fresh_database("test-ch04-notebook"))
+    engines.append(engine)
+    Session = async_sessionmaker(engine, expire_on_commit=False)
+    shared = Session() if variant == "shared" else None  # made once, when the cell runs
+    cache: dict[str, AsyncSession] = {}
+
+    async def get_session() -> AsyncIterator[AsyncSession]:
+        if variant == "no-commit":
+            async with Session() as session:
+                yield session
+        elif variant == "begin":  # right too: Session.begin() commits, or rolls back, and closes
+            async with Session.begin() as session:
+                yield session
+        elif variant == "commit-in-finally":
+            async with Session() as session:
+                try:
+                    yield session
+                finally:
+                    await session.commit()
+        elif variant == "not-closed":
+            session = Session()
+            try:
+                yield session
+            except Exception:
+                await session.rollback()
+                raise
+            else:
+                await session.commit()
+        elif variant == "bare":
+            session = Session()
+            yield session
+            await session.commit()
+        elif variant == "swallowed":
+            async with Session() as session:
+                try:
+                    yield session
+                except Exception:
+                    await session.rollback()
+                    raise
+                try:
+                    await session.commit()
+                except SQLAlchemyError:
+                    await session.rollback()
+        elif variant in ("shared", "shared-lazy"):
+            if variant == "shared":
+                assert shared is not None
+                session = shared
+            else:
+                session = cache.setdefault("session", Session())
+            try:
+                yield session
+            except Exception:
+                await session.rollback()
+                raise
+            else:
+                await session.commit()
+        else:
+            async with Session() as session:
+                try:
+                    yield session
+                except Exception:
+                    await session.rollback()
+                    raise
+                else:
+                    await session.commit()
+
+    async def not_started() -> AsyncIterator[AsyncSession]:
+        raise NotImplementedError(placeholder_message("4.1"))
+
+    async def returns() -> AsyncSession:
+        return Session()
+
+    dependency: Any = {"placeholder": not_started, "returns": returns}.get(variant, get_session)
+    if variant == "default-scope":
+        return Session, Annotated[AsyncSession, Depends(dependency)]
+    return Session, Annotated[AsyncSession, Depends(dependency, scope="function")]
+
+
+@pytest.mark.parametrize("variant", ["right", "begin"])
+def test_4_1_a_session_per_request_passes(
+    variant: str, notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    Session, SessionDep = session_answer(variant, notebook_engines)
+    check_session_dependency(Session, SessionDep)
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 4.1 · A session per request, committed or rolled back\n")
+    assert "  ✅ 10 concurrent requests: each gets a session of its own\n" in out
+    assert out.endswith("Exercise 4.1: passed ✅ (5 of 5 checks)\n")
+    assert Session.kw["bind"] is notebook_engines[0], "the check must point Session back at its engine"
+
+
+def test_4_1_placeholder_is_not_started(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("placeholder", notebook_engines))
+    assert "⬜ not started: Exercise 4.1's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 4.1: not started")
+
+
+def test_4_1_returning_a_session_is_rejected(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("returns", notebook_engines))
+    assert "       expected: get_session to `yield` the session (an async generator)\n" in out
+    assert (
+        "       seen:     an `async def` that returns: FastAPI cannot run anything after the handler" in out
+    )
+    assert out.endswith("Exercise 4.1: not yet — 0 of 1 checks pass")
+
+
+def test_4_1_no_commit_is_rejected(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("no-commit", notebook_engines))
+    assert "       expected: the row of a request that succeeded stored in the database\n" in out
+    assert (
+        "       seen:     not there (the table holds nothing): the session was closed without a commit, "
+        "and closing rolls back\n"
+    ) in out
+    assert "hint:     Commit when the handler has returned without raising" in out
+    assert out.endswith("Exercise 4.1: not yet — 1 of 2 checks pass")
+
+
+def test_4_1_commit_in_finally_is_rejected(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("commit-in-finally", notebook_engines))
+    assert (
+        "  ❌ a request whose handler raises: its row is not stored, its connection given back\n"
+        "       expected: no row from a request whose handler raised\n"
+        "       seen:     its row was stored: the handler had flushed it into the transaction, and "
+        "something committed that transaction anyway\n"
+        "       hint:     Commit only when the handler returned; a `finally:` runs when it raised too.\n"
+    ) in out
+    assert out.endswith("Exercise 4.1: not yet — 4 of 5 checks pass")
+
+
+def test_4_1_a_session_never_closed_is_rejected(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("not-closed", notebook_engines))
+    assert (
+        "  ❌ a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
+        "       expected: every connection back in the pool after a request whose commit failed\n"
+        "       seen:     1 still checked out 2 s later: the session was never closed\n"
+        "       hint:     When `commit()` raises, the session is left in a failed transaction"
+    ) in out
+    assert out.endswith("Exercise 4.1: not yet — 4 of 5 checks pass")
+
+
+def test_4_1_a_bare_yield_is_rejected(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("bare", notebook_engines))
+    assert (
+        "  ❌ a request whose handler raises: its row is not stored, its connection given back\n"
+        "       expected: every connection back in the pool after a request whose handler raised\n"
+        "       seen:     1 still checked out 2 s later: the session was never closed\n"
+        "       hint:     The handler's exception comes out of your `yield`"
+    ) in out
+    assert "  ✅ 10 concurrent requests: each gets a session of its own\n" in out  # the leak was tidied
+    assert out.endswith("Exercise 4.1: not yet — 3 of 5 checks pass")
+
+
+def test_4_1_the_default_scope_is_rejected(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("default-scope", notebook_engines))
+    assert (
+        "  ❌ a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
+        "       expected: an error status (500) for a request whose commit failed\n"
+        "       seen:     status 200: the client was told its order was placed, but it could not be stored "
+        "(a row with that unique sku was already there); the commit failed after the response had gone "
+        "(the server logged it)\n"
+        "       hint:     With the default scope, FastAPI runs the code after `yield` once the response "
+        "has been sent"
+    ) in out
+    assert out.endswith("Exercise 4.1: not yet — 4 of 5 checks pass")
+
+
+def test_4_1_a_swallowed_commit_error_is_rejected(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("swallowed", notebook_engines))
+    assert "       seen:     status 200: the client was told its order was placed, but it could not be" in out
+    assert "hint:     The commit's exception must reach FastAPI, which answers 500" in out
+    assert out.endswith("Exercise 4.1: not yet — 4 of 5 checks pass")
+
+
+def test_4_1_a_session_made_once_is_rejected(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("shared", notebook_engines))
+    assert (
+        "       expected: a session made by `Session()` when the request arrived\n"
+        "       seen:     a session bound to another engine than `Session`'s, so made before the check "
+        "pointed `Session` at its own database: one session made once and shared by every request?\n"
+    ) in out
+    assert out.endswith("Exercise 4.1: not yet — 1 of 2 checks pass")
+
+
+def test_4_1_one_session_for_every_request_is_rejected(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_session_dependency, *session_answer("shared-lazy", notebook_engines))
+    assert (
+        "  ❌ 10 concurrent requests: each gets a session of its own\n"
+        "       expected: 10 different sessions, one per request\n"
+        "       seen:     1 different for 10 requests: one session shared by all of them\n"
+    ) in out
+    assert "Exercise 4.1: not yet" in out
+
+
+def test_4_1_hints_get_more_specific(
+    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    answer = session_answer("default-scope", notebook_engines)
+    first = rejected(capsys, check_session_dependency, *answer)
+    second = rejected(capsys, check_session_dependency, *answer)
+    assert 'Depends(get_session, scope="function")' not in first
+    assert 'Depends(get_session, scope="function")' in second
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 4.2: fail fast when the pool is exhausted
+# ---------------------------------------------------------------------------------------------------
+
+REPORT_SECONDS = 0.25
+
+
+def pool_answer(variant: str) -> tuple[Any, Any]:
+    """The exercise cell, answered one way or another: (make_engine, make_app)."""
+
+    def make_engine(url: str, pool_size: int) -> AsyncEngine:
+        if variant == "placeholder-engine":
+            raise NotImplementedError(placeholder_message("4.2"))
+        options: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": 0.5}
+        if variant == "default-timeout":
+            del options["pool_timeout"]
+        elif variant == "default-overflow":
+            del options["max_overflow"]
+        elif variant == "unbounded":
+            options["max_overflow"] = -1
+        return create_async_engine(url, **options)
+
+    def make_app(engine: AsyncEngine) -> FastAPI:
+        app = FastAPI()
+        install_sleep(engine)
+
+        @app.get("/report")
+        async def report() -> dict[str, str]:
+            async with engine.connect() as conn:
+                await conn.execute(slow_query(REPORT_SECONDS, engine.dialect.name))
+            return {"report": "ready"}
+
+        if variant == "placeholder-app":
+            raise NotImplementedError(placeholder_message("4.2"))
+        if variant == "no-handler":
+            return app
+        caught: Any = {"builtin-timeout": TimeoutError, "catch-all": Exception}.get(
+            variant, sqlalchemy.exc.TimeoutError
+        )
+
+        @app.exception_handler(caught)
+        async def database_busy(request: Request, exc: Exception) -> Any:
+            body = {"detail": "the database is busy; retry shortly"}
+            if variant == "500":
+                return JSONResponse(body, status_code=500)
+            if variant == "text-body":
+                return PlainTextResponse("busy", status_code=503, headers={"Retry-After": "1"})
+            headers = {"no-retry-after": {}, "fractional": {"Retry-After": "0.5"}}.get(
+                variant, {"Retry-After": "1"}
+            )
+            return JSONResponse(body, status_code=503, headers=headers)
+
+        return app
+
+    return make_engine, make_app
+
+
+def test_4_2_a_small_pool_and_a_503_handler_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    check_pool_fail_fast(*pool_answer("right"))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 4.2 · Fail fast when the pool is exhausted\n")
+    assert "  ✅ its pool: 2 connections, no overflow, a wait of at most 1 s for one\n" in out
+    assert "  ✅ the others get 503, with Retry-After in whole seconds and a JSON body\n" in out
+    assert out.endswith("Exercise 4.2: passed ✅ (8 of 8 checks)\n")
+
+
+@pytest.mark.parametrize("variant", ["placeholder-engine", "placeholder-app"])
+def test_4_2_placeholder_is_not_started(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer(variant))
+    assert "⬜ not started: Exercise 4.2's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 4.2: not started")
+
+
+def test_4_2_the_default_pool_timeout_is_rejected_without_waiting(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer("default-timeout"))
+    assert (
+        "       expected: pool_timeout between 0 and 1 s: how long a request waits for a free connection\n"
+        "       seen:     pool_timeout 30 s, the default: when the pool is busy, each request beyond it "
+        "waits 30 s before failing\n"
+    ) in out
+    assert "  ✅ each 503 comes within 3 s, not after a long wait\n" in out  # on the check's own pool
+    assert out.endswith("Exercise 4.2: not yet — 7 of 8 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "seen"),
+    [
+        (
+            "unbounded",
+            "max_overflow -1: no limit at all, so a burst opens as many connections as it has requests",
+        ),
+        ("default-overflow", "max_overflow 10: a burst opens up to 10 connections more than the pool's"),
+    ],
+)
+def test_4_2_an_overflowing_pool_is_rejected(
+    variant: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer(variant))
+    assert "       expected: max_overflow=0: never more connections than the pool's\n" in out
+    assert f"       seen:     {seen}" in out
+    assert out.endswith("Exercise 4.2: not yet — 7 of 8 checks pass")
+
+
+def test_4_2_no_handler_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer("no-handler"))
+    assert "       expected: no 500: a request refused by the pool answered by your handler\n" in out
+    assert re.search(
+        r"seen:     \d+ of 20 got 500: QueuePool limit of size 2 overflow 0 reached, connection timed out, "
+        r"timeout 0.50 reached the client unhandled\n",
+        out,
+    )
+    assert (
+        "hint:     The pool raises `sqlalchemy.exc.TimeoutError` when no connection frees up in time" in out
+    )
+    assert out.endswith("Exercise 4.2: not yet — 5 of 6 checks pass")
+
+
+def test_4_2_a_handler_for_the_builtin_timeout_error_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer("builtin-timeout"))
+    assert "hint:     Your handler is registered for Python's built-in TimeoutError" in out
+    assert out.endswith("Exercise 4.2: not yet — 5 of 6 checks pass")
+
+
+def test_4_2_a_handler_answering_500_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer("500"))
+    assert "       expected: no 500: a request refused by the pool gets 503, Service Unavailable\n" in out
+    assert re.search(r"seen:     \d+ of 20 got 500 from your handler: '\{\"detail\":", out)
+    assert out.endswith("Exercise 4.2: not yet — 5 of 6 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "seen"),
+    [
+        ("no-retry-after", "with no Retry-After header"),
+        ("fractional", "with Retry-After: '0.5', not a whole number of seconds (at least 1)"),
+        ("text-body", "with a text/plain; charset=utf-8 body, not JSON: 'busy'"),
+    ],
+)
+def test_4_2_a_503_without_a_good_retry_after_is_rejected(
+    variant: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer(variant))
+    assert "       expected: every 503 with Retry-After (whole seconds) and a short JSON body\n" in out
+    assert re.search(rf"seen:     (\d+) of \1 {re.escape(seen)}", out)
+    assert out.endswith("Exercise 4.2: not yet — 6 of 7 checks pass")
+
+
+def test_4_2_a_handler_for_every_exception_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer("catch-all"))
+    assert (
+        "  ❌ a request that raises another exception still gets 500\n"
+        "       expected: status 500 for a handler that raised another exception (a bug)\n"
+        "       seen:     status 503: a handler for every Exception answers 'busy, retry later' to bugs too\n"
+    ) in out
+    assert out.endswith("Exercise 4.2: not yet — 7 of 8 checks pass")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 4.3: orders with their lines, loaded before the session closes
+# ---------------------------------------------------------------------------------------------------
+
+
+class Base(AsyncAttrs, DeclarativeBase):
+    pass
+
+
+class Customer(Base):
+    __tablename__ = "ch04x_customers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(80))
+    orders: Mapped[list[Order]] = relationship(back_populates="customer")
+
+
+class Order(Base):
+    __tablename__ = "ch04x_orders"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("ch04x_customers.id"))
+    customer: Mapped[Customer] = relationship(back_populates="orders")
+    lines: Mapped[list[OrderLine]] = relationship(back_populates="order")
+
+
+class OrderLine(Base):
+    __tablename__ = "ch04x_order_lines"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[int] = mapped_column(ForeignKey("ch04x_orders.id"))
+    sku: Mapped[str] = mapped_column(String(40))
+    quantity: Mapped[int]
+    order: Mapped[Order] = relationship(back_populates="lines")
+
+
+MODELS = (Customer, Order, OrderLine)
+
+
+def loading_answer(variant: str) -> Any:
+    """``orders_with_lines`` as a learner might write it."""
+
+    async def orders_with_lines(session: AsyncSession, customer_id: int) -> Any:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("4.3"))
+        mine = select(Order).where(Order.customer_id == customer_id)
+        if variant == "selectin":
+            return list((await session.scalars(mine.options(selectinload(Order.lines)))).all())
+        if variant == "joined-unique":  # right too, in one query
+            result = await session.execute(mine.options(joinedload(Order.lines)))
+            return list(result.unique().scalars().all())
+        if variant == "via-customer":  # right too, in three queries
+            customer = await session.get(
+                Customer, customer_id, options=[selectinload(Customer.orders).selectinload(Order.lines)]
+            )
+            assert customer is not None
+            return customer.orders
+        if variant == "plain":
+            return list((await session.scalars(mine)).all())
+        if variant == "n+1":
+            orders = list((await session.scalars(mine)).all())
+            for order in orders:
+                await order.awaitable_attrs.lines
+            return orders
+        if variant == "orders-only":
+            customer = await session.get(Customer, customer_id, options=[selectinload(Customer.orders)])
+            assert customer is not None
+            return customer.orders
+        if variant == "joined":
+            return list((await session.scalars(mine.options(joinedload(Order.lines)))).all())
+        if variant == "join":
+            query = mine.join(Order.lines).options(selectinload(Order.lines))
+            return list((await session.scalars(query)).all())
+        if variant == "rows":
+            return list((await session.execute(mine.options(selectinload(Order.lines)))).all())
+        if variant == "every-customer":
+            return list((await session.scalars(select(Order).options(selectinload(Order.lines)))).all())
+        if variant == "not-awaited":
+            return session.scalars(mine.options(selectinload(Order.lines)))
+        if variant == "touches-lines":
+            orders = (await session.scalars(mine)).all()
+            return [order for order in orders if order.lines]
+        raise AssertionError(variant)
+
+    return orders_with_lines
+
+
+@pytest.mark.parametrize("variant", ["selectin", "joined-unique", "via-customer"])
+def test_4_3_eager_loading_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_orders_with_lines(loading_answer(variant), *MODELS)
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 4.3 · Orders with their lines, loaded before the session closes\n")
+    assert "  ✅ in at most 3 queries, not one per order\n" in out
+    assert out.endswith("Exercise 4.3: passed ✅ (5 of 5 checks)\n")
+
+
+def test_4_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_orders_with_lines, loading_answer("placeholder"), *MODELS)
+    assert "⬜ not started: Exercise 4.3's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 4.3: not started")
+
+
+@pytest.mark.parametrize("variant", ["plain", "orders-only"])
+def test_4_3_lines_not_loaded_are_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_orders_with_lines, loading_answer(variant), *MODELS)
+    assert (
+        "  ❌ each order's lines are loaded: reading them in the open session runs no query\n"
+        "       expected: each order's lines loaded by orders_with_lines, before it returns\n"
+        "       seen:     reading `order.lines` in the open session, as a handler would: `order.lines` was "
+        "not loaded, so reading it started a query from plain (synchronous) attribute access, which "
+        "SQLAlchemy refuses under asyncio: MissingGreenlet\n"
+    ) in out
+    assert "Traceback" not in out
+    assert out.endswith("Exercise 4.3: not yet — 2 of 3 checks pass")
+
+
+def test_4_3_a_lazy_load_inside_the_function_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_orders_with_lines, loading_answer("touches-lines"), *MODELS)
+    assert "       seen:     inside orders_with_lines: `order.lines` was not loaded" in out
+    assert "MissingGreenlet" in out and "your code raised" not in out
+    assert out.endswith("Exercise 4.3: not yet — 1 of 2 checks pass")
+
+
+def test_4_3_one_query_per_order_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_orders_with_lines, loading_answer("n+1"), *MODELS)
+    assert (
+        "  ❌ in at most 3 queries, not one per order\n"
+        "       expected: a fixed number of queries, at most 3, whatever the number of orders\n"
+        "       seen:     21 queries for 20 orders: one for the orders, then one more per order "
+        "(the N+1 problem)\n"
+    ) in out
+    assert "  ✅ the lines still read after the session has closed, as when FastAPI serialises them\n" in out
+    assert out.endswith("Exercise 4.3: not yet — 4 of 5 checks pass")
+
+
+def test_4_3_joinedload_without_unique_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_orders_with_lines, loading_answer("joined"), *MODELS)
+    assert (
+        "       expected: the customer's orders, each once\n"
+        "       seen:     SQLAlchemy refused the result: 'The unique() method must be invoked on this Result"
+    ) in out
+    assert "hint:     `joinedload(Order.lines)` joins each order to its lines" in out
+    assert out.endswith("Exercise 4.3: not yet — 1 of 2 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected", "seen"),
+    [
+        ("join", "each of the 20 orders once", "60 objects for 20 orders: each order repeated once per line"),
+        ("rows", "a list of the customer's 20 Order objects", "20 Row objects (tuples of columns), such as"),
+        (
+            "every-customer",
+            "only the 20 orders of the customer asked for",
+            "24 orders, 4 of them another customer's",
+        ),
+        (
+            "not-awaited",
+            "a list of the customer's 20 Order objects",
+            "a coroutine, <coroutine object AsyncSession.scalars at",
+        ),
+    ],
+)
+def test_4_3_the_wrong_orders_are_rejected(
+    variant: str, expected: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_orders_with_lines, loading_answer(variant), *MODELS)
+    assert f"       expected: {expected}\n" in out
+    assert f"       seen:     {seen}" in out
+    assert out.endswith("Exercise 4.3: not yet — 1 of 2 checks pass")
+
+
+def test_4_3_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    first = rejected(capsys, check_orders_with_lines, loading_answer("plain"), *MODELS)
+    second = rejected(capsys, check_orders_with_lines, loading_answer("plain"), *MODELS)
+    assert "selectinload(Order.lines)" not in first
+    assert "selectinload(Order.lines)" in second
