@@ -1,0 +1,1257 @@
+"""Checks for chapter 5's exercises: caching strategies.
+
+The checks count instead of timing: database reads, loads started, loads in flight at once, and the
+keys, values and TTLs in Redis. Where a race is the point, the check orders it itself instead of
+hoping for it: Exercise 5.1's database can hold a write half-done until the check has read in the
+middle of it, and Exercise 5.2's loads wait on events the check sets, so that the outcome is the same
+on an idle laptop and on a loaded 2-core runner. The few waits that are bounded by a clock (a load
+waiting for a second one to start) are a second or more, for something that takes one turn of the
+event loop.
+
+The learner's coroutines run on a fresh event loop in a thread of the check's own, bounded in time.
+Exercise 5.1 uses Redis keys under ``ex05:`` (cleared before and after each scenario, with any other
+key the learner's code wrote) and a client of its own, closed before the check returns. Exercise 5.3
+computes keys in two short-lived Python processes with other hash seeds.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import types
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis.asyncio
+import redis.exceptions
+
+from support.backends import delete_keys, redis_client
+from support.checks import Mismatch, exercise, expect
+from support.checks.running import NoReturn, in_fresh_loop, short
+
+__all__ = ["check_cache_aside", "check_coalescer", "check_recommendations_key"]
+
+SOLUTION = "solutions/05_caching_exercises.ipynb"
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plumbing shared by the checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def _quiet_loop() -> None:
+    """Keep asyncio's "Task exception was never retrieved" (from a wrong answer) out of the output."""
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
+
+
+class _Hung(Mismatch):
+    """The learner's code did not return in time: the later steps would only hang again."""
+
+
+def _late(late: NoReturn, what: str, *hints: str) -> Mismatch:
+    return _Hung(
+        what,
+        f"no return within {late.seconds:g} s"
+        + (" (and it still holds its thread: restart the kernel)" if late.stuck else ""),
+        hints,
+    )
+
+
+def _watch(hangs: list[str], scenario: Callable[[], object]) -> Callable[[], None]:
+    """``scenario``, noting in ``hangs`` when it did not return in time."""
+
+    def watched() -> None:
+        try:
+            scenario()
+        except _Hung:
+            hangs.append("no return")
+            raise
+
+    return watched
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 5.1: cache-aside, invalidated on write
+# ---------------------------------------------------------------------------------------------------
+
+_NAMESPACE = "ex05:*"
+_ID = 7
+_PRODUCT = {"id": _ID, "name": "desk lamp", "price_cents": 1999}
+_NEW_PRICE = 2499
+_MISSING = 404
+_KEY = re.compile(rf"ex05:product:v\d+:{_ID}")
+_KEY_SHOWN = f"ex05:product:v1:{_ID}"
+_MAX_TTL = 86_400
+_WRITES = frozenset({"SET", "SETEX", "PSETEX", "SETNX", "GETSET", "APPEND", "HSET", "HMSET"})
+_DELETES = frozenset({"DEL", "UNLINK"})
+_STORE_HINT = "`await redis.set(key, json.dumps(product), ex=TTL_SECONDS)`, after reading the database."
+_DELETE_AFTER_HINT = (
+    "`await db.write(product_id, price_cents)` first, then `await redis.delete(product_key(product_id))`."
+)
+
+
+class _CheckDatabase:
+    """The notebook's ``ProductDatabase``, for the check: 20 ms a read, counted per product.
+
+    ``hold``, when set to an event, pauses every write in the middle (before it commits) until the
+    event is set; ``writing`` is set as soon as a write begins.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[int, dict[str, Any]] = {_ID: dict(_PRODUCT)}
+        self.reads: Counter[int] = Counter()
+        self.hold: asyncio.Event | None = None
+        self.writing = asyncio.Event()
+
+    async def read(self, product_id: int) -> dict[str, Any] | None:
+        self.reads[product_id] += 1
+        await asyncio.sleep(0.02)
+        row = self.rows.get(product_id)
+        return dict(row) if row is not None else None
+
+    async def write(self, product_id: int, price_cents: int) -> None:
+        self.writing.set()
+        await asyncio.sleep(0.02)
+        if self.hold is not None:
+            await self.hold.wait()
+        self.rows[product_id]["price_cents"] = price_cents  # committed when this returns
+
+    def price(self, product_id: int) -> int:
+        return int(self.rows[product_id]["price_cents"])
+
+
+def _record_keys(client: redis.asyncio.Redis, written: list[str], deleted: list[str]) -> None:
+    """Note the keys that the learner's code writes and deletes through ``client``."""
+    execute = client.execute_command
+
+    async def recording(*args: Any, **options: Any) -> Any:
+        command = str(args[0]).upper() if args else ""
+        keys = [a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in args[1:]]
+        keys = [k for k in keys if isinstance(k, str)]
+        if command in _WRITES and keys:
+            written.append(keys[0])
+        elif command in ("MSET", "MSETNX"):
+            written.extend(keys[::2])
+        elif command in _DELETES:
+            deleted.extend(keys)
+        return await execute(*args, **options)
+
+    client.execute_command = recording  # type: ignore[method-assign]
+
+
+@dataclass
+class _Entry:
+    """One key the learner's code wrote, as Redis holds it."""
+
+    key: str
+    kind: str  # Redis's TYPE: string, hash, …
+    raw: bytes | None  # the value, for a string
+    ttl: int  # -1: no expiry
+
+
+@dataclass
+class _Scene:
+    redis: redis.asyncio.Redis  # the learner's: answers str
+    raw: redis.asyncio.Redis  # the check's own: answers bytes
+    db: _CheckDatabase
+    get_product: Callable[..., Any]
+    update_price: Callable[..., Any]
+    written: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    async def get(self, product_id: int) -> Any:
+        result = self.get_product(self.redis, self.db, product_id)
+        expect(
+            inspect.isawaitable(result),
+            "an awaitable: `get_product` defined with `async def`",
+            f"a plain function that returned {short(result)}",
+            "It awaits Redis and the database, so it must be `async def get_product(…)`.",
+        )
+        return await result
+
+    async def update(self, product_id: int, price_cents: int) -> None:
+        result = self.update_price(self.redis, self.db, product_id, price_cents)
+        expect(
+            inspect.isawaitable(result),
+            "an awaitable: `update_price` defined with `async def`",
+            f"a plain function that returned {short(result)}",
+            "It awaits the database and Redis, so it must be `async def update_price(…)`.",
+        )
+        await result
+
+    async def entries(self) -> list[_Entry]:
+        """The keys the learner's code wrote that still exist."""
+        found = []
+        for key in dict.fromkeys(self.written):
+            kind = await self.raw.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            if kind == "none":
+                continue
+            raw = await self.raw.get(key) if kind == "string" else None
+            found.append(_Entry(key, kind, raw, await self.raw.ttl(key)))
+        return found
+
+
+def _scenario(
+    get_product: Callable[..., Any],
+    update_price: Callable[..., Any],
+    body: Callable[[_Scene], Awaitable[T]],
+    name: str,
+) -> T:
+    """Run ``body`` on a fresh loop with a fresh database, clients of the check's own, and clean keys."""
+
+    async def main() -> T:
+        _quiet_loop()
+        client = redis_client(decode_responses=True)
+        raw = redis_client()
+        scene = _Scene(client, raw, _CheckDatabase(), get_product, update_price)
+        _record_keys(client, scene.written, scene.deleted)
+        try:
+            await delete_keys(raw, _NAMESPACE)
+            return await body(scene)
+        finally:
+            try:
+                outside = [k for k in set(scene.written) if not k.startswith("ex05:")]
+                if outside:
+                    await raw.delete(*outside)
+                await delete_keys(raw, _NAMESPACE)
+            finally:
+                await client.aclose()
+                await raw.aclose()
+
+    try:
+        return in_fresh_loop(main, timeout=5, name=f"check-5.1-{name}")
+    except NoReturn as late:
+        raise _late(
+            late,
+            "get_product and update_price to return within a second or so",
+            "Does your code wait for something that never comes (a lock, an event, a loop that "
+            "never ends)? Each function makes a few Redis calls and at most one database call.",
+        ) from None
+    except redis.exceptions.DataError as refused:
+        raise Mismatch(
+            "a value Redis can store: the product as a JSON string",
+            f"redis-py refused it: {refused}",
+            [
+                "Redis stores strings and bytes, not dicts or None: serialise the product first.",
+                _STORE_HINT + " A missing product (None) is not stored at all: `if product is not None:`.",
+            ],
+        ) from None
+    except UnicodeDecodeError:
+        raise Mismatch(
+            "the cached value read back as text (the client answers str)",
+            "reading it failed: it is not UTF-8 text, so it was not stored as JSON (a pickle?)",
+            ["Store JSON, `json.dumps(product)`, and read it back with `json.loads(cached)`."],
+        ) from None
+
+
+@dataclass
+class _FirstRead:
+    value: Any = None
+    reads: int = 0
+    entries: list[_Entry] = field(default_factory=list)
+
+    def entry(self) -> _Entry | None:
+        """The entry under the expected key, else the first one written."""
+        named = [e for e in self.entries if _KEY.fullmatch(e.key)]
+        return (named or self.entries or [None])[0]
+
+
+def _first_read(get_product: Callable[..., Any], update_price: Callable[..., Any], run: _FirstRead) -> None:
+    async def body(scene: _Scene) -> None:
+        run.value = await scene.get(_ID)
+        run.reads = scene.db.reads[_ID]
+        run.entries = await scene.entries()
+
+    _scenario(get_product, update_price, body, "first-read")
+    expect(
+        run.value == _PRODUCT,
+        f"the product, {_PRODUCT}",
+        short(run.value),
+        "On a miss, read the database, `product = await db.read(product_id)`, and return what it gave.",
+    )
+    expect(
+        run.reads == 1,
+        "1 database read for a first call, with nothing cached yet",
+        f"{run.reads}",
+        "Read the database once, on a miss: `product = await db.read(product_id)`.",
+    )
+
+
+def _check_key(run: _FirstRead) -> None:
+    expect(
+        run.entries,
+        "the product stored in Redis by the first call (a miss)",
+        "no key written by get_product was there afterwards",
+        "Cache-aside fills the cache on a miss: after reading the database, store what you read.",
+        _STORE_HINT,
+    )
+    keys = [e.key for e in run.entries]
+    expect(
+        any(_KEY.fullmatch(key) for key in keys),
+        f"the product cached under {_KEY_SHOWN!r}: the namespace ex05:product, a version, the id",
+        f"written: {', '.join(repr(k) for k in keys)}",
+        "A key without a namespace collides with everything else cached in the same Redis (user 7, "
+        "order 7) and cannot be found or cleared as a family; without a version, a change to what is "
+        "cached meets old entries written in the old shape.",
+        '`product_key` returns `f"ex05:product:v1:{product_id}"`, and both functions use it.',
+    )
+
+
+def _check_json(run: _FirstRead) -> None:
+    entry = run.entry()
+    assert entry is not None
+    expect(
+        entry.kind == "string",
+        f"a JSON string under {entry.key!r}",
+        f"a Redis {entry.kind}",
+        "Store the whole product as one JSON string: one GET reads it back, nested values and types "
+        "included. " + _STORE_HINT,
+    )
+    raw = entry.raw or b""
+    if raw.startswith(b"\x80"):
+        raise Mismatch(
+            f"JSON under {entry.key!r}",
+            f"a pickle, {short(raw, 40)}",
+            [
+                "Unpickling runs code: whoever can write to this Redis could run theirs in every service "
+                "that reads the cache; and a pickle of an old version of a class breaks the new one.",
+                "`json.dumps(product)` to store, `json.loads(cached)` to read back.",
+            ],
+        )
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        repr_like = raw.startswith(b"{'")
+        raise Mismatch(
+            f"JSON under {entry.key!r}",
+            f"{short(raw, 60)}: not JSON" + (" but Python's repr, `str(product)`" if repr_like else ""),
+            [
+                "Another service (or another version of this one) must be able to read it back: store JSON.",
+                "`json.dumps(product)` to store, `json.loads(cached)` to read back.",
+            ],
+        ) from None
+    expect(
+        value == _PRODUCT,
+        f"the product as JSON under {entry.key!r}: {json.dumps(_PRODUCT)}",
+        short(raw, 80),
+        "Cache exactly what the database gave: `json.dumps(product)`.",
+    )
+
+
+def _check_ttl(run: _FirstRead) -> None:
+    entry = run.entry()
+    assert entry is not None
+    expect(
+        entry.ttl != -1,
+        "the entry to expire on its own: a TTL of at most a day",
+        f"{entry.key!r} has no TTL: if an invalidation is ever missed (a write by another service, a "
+        "crash between the write and the delete), it serves the old value for ever",
+        "Every cache entry gets a TTL, even a long one: it bounds how long a missed invalidation lasts.",
+        _STORE_HINT,
+    )
+    expect(
+        0 < entry.ttl <= _MAX_TTL,
+        "the entry to expire on its own: a TTL of at most a day",
+        f"a TTL of {entry.ttl:,} s (about {entry.ttl / _MAX_TTL:,.0f} days): a missed invalidation would "
+        "serve the old value that long",
+        "A TTL is the longest you accept a stale page: minutes for a price, not weeks.",
+        "`ex=TTL_SECONDS` with `TTL_SECONDS = 300`, say.",
+    )
+
+
+async def _hit(scene: _Scene) -> None:
+    await scene.get(_ID)
+    second = await scene.get(_ID)
+    reads = scene.db.reads[_ID]
+    expect(
+        reads == 1,
+        "1 database read for two calls: the second served from Redis",
+        f"{reads} reads: the second call read the database again",
+        "Look in Redis first: `cached = await redis.get(key)`; if it is not None, return "
+        "`json.loads(cached)` without touching the database.",
+    )
+    expect(
+        second == _PRODUCT,
+        f"the second call (a hit) to return the product, {_PRODUCT}",
+        short(second),
+        "Decode what Redis gives back: `return json.loads(cached)`.",
+    )
+
+
+async def _missing(scene: _Scene) -> None:
+    values = [await scene.get(_MISSING), await scene.get(_MISSING)]
+    expect(
+        values == [None, None],
+        f"None for a product that does not exist (id {_MISSING}), twice",
+        f"{short(values[0])}, then {short(values[1])}",
+        "`db.read` gives None for a product that does not exist: return None, whether or not you cache that.",
+    )
+    forever = [e for e in await scene.entries() if e.ttl == -1]
+    if forever:
+        entry = forever[0]
+        raise Mismatch(
+            f"nothing cached for ever about product {_MISSING}, which does not exist",
+            f"{entry.key!r} = {short(entry.raw, 30)} with no TTL: if the product is created later, the "
+            "page says it does not exist until someone deletes the key by hand",
+            [
+                "Decide on purpose: either do not cache a missing product (`if product is not None:`), "
+                "or cache the miss with a short TTL.",
+            ],
+        )
+
+
+def _stale_seen(scene: _Scene, after: Any, key: str | None) -> str:
+    price = after.get("price_cents") if isinstance(after, dict) else after
+    seen = f"price_cents {short(price)}: the cache still held the old price"
+    deleted = list(dict.fromkeys(scene.deleted))
+    if not deleted:
+        return seen + ", and update_price deleted no key"
+    if key and key not in deleted:
+        named = ", ".join(map(repr, deleted))
+        return seen + f"; update_price deleted {named}, but it is cached under {key!r}"
+    return seen
+
+
+async def _update(scene: _Scene) -> None:
+    await scene.get(_ID)
+    key = next((k for k in scene.written if _KEY.fullmatch(k)), scene.written[0] if scene.written else None)
+    await scene.update(_ID, _NEW_PRICE)
+    expect(
+        scene.db.price(_ID) == _NEW_PRICE,
+        f"update_price to write price_cents {_NEW_PRICE} to the database",
+        f"the database still holds {scene.db.price(_ID)}",
+        "`await db.write(product_id, price_cents)`: the database is the source of truth.",
+    )
+    after = await scene.get(_ID)
+    fresh = isinstance(after, dict) and after.get("price_cents") == _NEW_PRICE
+    if not fresh:
+        missed = bool(scene.deleted) and key not in scene.deleted
+        raise Mismatch(
+            f"the next read after update_price to return the new price, {_NEW_PRICE}",
+            _stale_seen(scene, after, key),
+            [
+                "update_price must delete the very key that get_product stores the product under.",
+                "Build the key in one place, `product_key(product_id)`, and use it in both functions.",
+            ]
+            if missed
+            else [
+                "The write went to the database only: the cache keeps serving its copy until it expires.",
+                "Invalidate on write: " + _DELETE_AFTER_HINT,
+            ],
+        )
+
+
+async def _race(scene: _Scene) -> None:
+    """A read lands while the write is under way: with delete-before-write it refills the old price."""
+    await scene.get(_ID)  # cached: the old price
+    scene.db.hold = asyncio.Event()
+    update = asyncio.ensure_future(scene.update(_ID, _NEW_PRICE))
+    try:
+        started = asyncio.ensure_future(scene.db.writing.wait())
+        await asyncio.wait([started, update], timeout=2, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if update.done():
+            update.result()  # raises what update_price raised
+        expect(
+            scene.db.writing.is_set(),
+            "update_price to call db.write (the check pauses that write half-way)",
+            "no call to db.write within 2 s",
+            "`await db.write(product_id, price_cents)`.",
+        )
+        await scene.get(_ID)  # while the write is half-done
+        scene.db.hold.set()
+        await asyncio.wait_for(update, 2)
+    finally:
+        scene.db.hold.set()
+        if not update.done():
+            update.cancel()
+        await asyncio.gather(update, return_exceptions=True)
+    after = await scene.get(_ID)
+    fresh = isinstance(after, dict) and after.get("price_cents") == _NEW_PRICE
+    read_during = "a read during the write" + (
+        " missed (the key was already deleted), read the old row, and cached it again"
+        if scene.db.reads[_ID] > 1
+        else ""
+    )
+    expect(
+        fresh,
+        f"the price {_NEW_PRICE} once update_price has returned, even with a read during the write",
+        f"price_cents {short(after.get('price_cents') if isinstance(after, dict) else after)}: "
+        f"{read_during}; nothing deleted it after the write, so it stays stale until the TTL",
+        "Until the write commits, the database still holds the old row: a read that misses in "
+        "between puts the old value straight back into the cache.",
+        "Delete after the write: " + _DELETE_AFTER_HINT,
+    )
+
+
+def check_cache_aside(
+    get_product: Callable[..., Awaitable[Any]], update_price: Callable[..., Awaitable[None]]
+) -> None:
+    """Check Exercise 5.1: cache-aside with JSON and a TTL, invalidated after the write.
+
+    Each scenario runs on a fresh loop, with a database of the check's own (the notebook's
+    ``ProductDatabase``: 20 ms a read, counted) holding product 7, and a Redis client of the check's
+    own (``decode_responses=True``); keys under ``ex05:``, and any other key the answer wrote, are
+    deleted before and after. A first call returns the product with one database read and stores it
+    under ``ex05:product:v<n>:7`` as JSON with a TTL of at most a day; a second call reads nothing; a
+    missing product gives None and is not cached for ever; after ``update_price`` the next read has the
+    new price; and a read made while the write is half-done (the check pauses it) must not leave the
+    old price cached once ``update_price`` returns, which rejects deleting before writing.
+    """
+    with exercise("5.1", "Cache-aside, invalidated on write", SOLUTION) as ex:
+        for name, function in (("get_product", get_product), ("update_price", update_price)):
+            expect(
+                callable(function),
+                f"the function `{name}`",
+                short(function),
+                "Call the check as `check_cache_aside(get_product, update_price)`.",
+            )
+        run = _FirstRead()
+        if not ex.step(
+            "a first call returns the product, read from the database",
+            lambda: _first_read(get_product, update_price, run),
+        ):
+            return
+        keyed = ex.step(
+            f"it is cached under a namespaced, versioned key ({_KEY_SHOWN})", lambda: _check_key(run)
+        )
+        if not keyed and not run.entries:
+            return
+        readable = ex.step("the cached value is JSON", lambda: _check_json(run))
+        ex.step("the cached value expires: a TTL of at most a day", lambda: _check_ttl(run))
+        if not readable:
+            return
+
+        def scene(body: Callable[[_Scene], Awaitable[None]], name: str) -> Callable[[], None]:
+            return lambda: _scenario(get_product, update_price, body, name)
+
+        hangs: list[str] = []
+        for description, body, name in (
+            ("a second call is a hit: no database read", _hit, "hit"),
+            ("a product that does not exist gives None, and is not cached for ever", _missing, "missing"),
+        ):
+            if not ex.step(description, _watch(hangs, scene(body, name))) and hangs:
+                return
+        if not ex.step("after update_price, the next read returns the new price", scene(_update, "update")):
+            return
+        ex.step(
+            "update_price deletes the key after the write: a read during the write leaves nothing stale",
+            scene(_race, "race"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 5.2: coalesce concurrent loads (single-flight)
+# ---------------------------------------------------------------------------------------------------
+
+_CALLERS = 100
+_FAILING_CALLERS = 10
+_CANCEL_CALLERS = 5
+_UNTIL = 1.0  # how long a load waits for an event the check sets (after one turn of the loop, normally)
+_CALL_5_2 = "Call the check as `check_coalescer(Coalescer)`: the class, not an instance."
+_PER_KEY_HINT = (
+    "Keep the running load per key: `task = asyncio.ensure_future(load())`, `self._loads[key] = task`, "
+    "removed when it is done (`task.add_done_callback(…)`); every caller awaits that task."
+)
+_SHIELD_HINT = "`return await asyncio.shield(task)`: a cancelled caller stops waiting, the load goes on."
+
+
+class _DatabaseDown(Exception):
+    """What the check's failing load raises."""
+
+
+class _Loads:
+    """Loads for the check: counted, with how many run at once; each returns ``{"key", "load"}``."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.together = asyncio.Event()  # set when two loads run at once
+        self.made: list[Coroutine[Any, Any, Any]] = []
+
+    def loader(
+        self,
+        key: str,
+        *,
+        fail: bool = False,
+        until: asyncio.Event | None = None,
+        seconds: float = 0.02,
+    ) -> Callable[[], Coroutine[Any, Any, Any]]:
+        def load() -> Coroutine[Any, Any, Any]:
+            coroutine = self._load(key, fail, until, seconds)
+            self.made.append(coroutine)
+            return coroutine
+
+        return load
+
+    async def _load(self, key: str, fail: bool, until: asyncio.Event | None, seconds: float) -> Any:
+        self.started += 1
+        number = self.started
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        if self.in_flight >= 2:
+            self.together.set()
+        try:
+            if until is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(until.wait(), _UNTIL)
+            else:
+                await asyncio.sleep(seconds)
+            if fail:
+                raise _DatabaseDown(f"ex05: load {number} failed, the database is down")
+            return {"key": key, "load": number}
+        finally:
+            self.in_flight -= 1
+            if until is not None:
+                until.set()  # a load that ran alone: the next one need not wait for company
+
+    def close_unawaited(self) -> None:
+        for coroutine in self.made:
+            if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+                coroutine.close()  # called but never awaited: no "never awaited" warning later
+
+
+def _new(coalescer_class: Any) -> Any:
+    expect(
+        isinstance(coalescer_class, type),
+        "the class `Coalescer`",
+        short(coalescer_class),
+        _CALL_5_2,
+    )
+    coalescer = coalescer_class()
+    expect(
+        callable(getattr(coalescer, "run", None)),
+        "a method `run(key, load)`",
+        f"a {type(coalescer).__name__} without one",
+        "Keep the method `async def run(self, key, load)` from the exercise cell.",
+    )
+    return coalescer
+
+
+def _call(coalescer: Any, key: str, load: Callable[[], Any]) -> Awaitable[Any]:
+    result = coalescer.run(key, load)
+    expect(
+        inspect.isawaitable(result),
+        "an awaitable: `run` defined with `async def`",
+        f"a plain method that returned {short(result)}",
+        "Callers wait for the load, so `run` must be `async def run(self, key, load)`.",
+    )
+    return result
+
+
+def _in_loop(coalescer_class: Any, body: Callable[[Any, _Loads], Awaitable[T]], name: str) -> T:
+    async def main() -> T:
+        _quiet_loop()
+        loads = _Loads()
+        try:
+            return await body(_new(coalescer_class), loads)
+        finally:
+            loads.close_unawaited()
+
+    try:
+        return in_fresh_loop(main, timeout=5, name=f"check-5.2-{name}")
+    except NoReturn as late:
+        raise _late(
+            late,
+            "every call of run to return once its load is done (a load here takes 20 ms)",
+            "A caller that waits for something nobody will ever finish (a Future never given a result, a "
+            "lock never released) waits for ever.",
+        ) from None
+
+
+def _raise_errors(results: list[Any]) -> None:
+    for result in results:
+        if isinstance(result, Exception) and not isinstance(result, _DatabaseDown):
+            raise result
+
+
+async def _one_key(coalescer: Any, loads: _Loads) -> None:
+    key = "ex05:item:1"
+    load = loads.loader(key)
+    calls = [_call(coalescer, key, load) for _ in range(_CALLERS)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    _raise_errors(results)
+    if loads.started > 1:
+        raise Mismatch(
+            f"1 load for {_CALLERS} concurrent calls of run({key!r}, load)",
+            f"{loads.started} loads" + (": every caller ran its own" if loads.started == _CALLERS else ""),
+            [
+                "The first caller for a key starts the load; the callers that arrive while it runs must "
+                "wait for that same load, not start their own.",
+                _PER_KEY_HINT,
+            ],
+        )
+    expected = {"key": key, "load": 1}
+    other = [r for r in results if r != expected]
+    expect(
+        not other,
+        f"all {_CALLERS} callers to get the load's result, {expected}",
+        f"{len(other)} got something else, e.g. {short(other[0]) if other else ''}",
+        "Return what the load returned: `return await asyncio.shield(task)`.",
+    )
+
+
+async def _two_keys(coalescer: Any, loads: _Loads) -> None:
+    first, second = "ex05:item:a", "ex05:item:b"
+    results = await asyncio.gather(
+        _call(coalescer, first, loads.loader(first, until=loads.together)),
+        _call(coalescer, second, loads.loader(second, until=loads.together)),
+        return_exceptions=True,
+    )
+    _raise_errors(results)
+    keys = [r.get("key") if isinstance(r, dict) else None for r in results]
+    if keys[1] == first:
+        raise Mismatch(
+            f"each key to get its own load's result: {second!r} the result of its load",
+            f"{second!r} got the result of the load for {first!r}: one load for every key",
+            [
+                "Loads are shared per key, not across keys: two products are two loads.",
+                "Keep the running loads in a dict keyed by `key`: `self._loads[key]`.",
+            ],
+        )
+    expect(
+        keys == [first, second],
+        f"each key to get its own load's result: {first!r}, {second!r}",
+        f"{short(results)}",
+        "Return what the key's load returned.",
+    )
+    expect(
+        loads.most_in_flight == 2,
+        "the loads of two different keys to run at the same time (2 in flight)",
+        f"at most {loads.most_in_flight} at a time: the load for {second!r} waited for the load for "
+        f"{first!r} to finish",
+        "One lock for every key makes each key wait for all the others: a slow product would hold up "
+        "every other page.",
+        "Coalesce per key, without a global lock: in asyncio, looking up `self._loads[key]` and storing "
+        "a new task there, with no `await` in between, cannot be interleaved.",
+    )
+
+
+async def _after_done(coalescer: Any, loads: _Loads) -> None:
+    key = "ex05:item:2"
+    first = await _call(coalescer, key, loads.loader(key))
+    await asyncio.sleep(0)
+    second = await _call(coalescer, key, loads.loader(key))
+    if loads.started == 1:
+        raise Mismatch(
+            f"a second load for a call made after the first load finished (2 loads in all for {key!r})",
+            f"1 load: the later call got the first load's result, {short(second)}. run keeps results "
+            "for ever: a cache with no TTL and no invalidation",
+            [
+                "Single-flight shares a load only while it runs; what happens after is the cache's job "
+                "(with its TTL and invalidation).",
+                "Forget the load once it is done: `task.add_done_callback(lambda _: self._loads.pop(key, "
+                "None))`.",
+            ],
+        )
+    expect(
+        loads.started == 2 and first == {"key": key, "load": 1} and second == {"key": key, "load": 2},
+        "two calls one after the other: two loads, each caller getting its own load's result",
+        f"{loads.started} loads; results {short(first)} and {short(second)}",
+        "Start a load when none is running for the key, and return its result.",
+    )
+
+
+async def _failure(coalescer: Any, loads: _Loads) -> None:
+    key = "ex05:item:3"
+    load = loads.loader(key, fail=True)
+    results = await asyncio.gather(
+        *(_call(coalescer, key, load) for _ in range(_FAILING_CALLERS)), return_exceptions=True
+    )
+    _raise_errors(results)
+    raised = sum(isinstance(r, _DatabaseDown) for r in results)
+    returned = [r for r in results if not isinstance(r, _DatabaseDown)]
+    expect(
+        raised == _FAILING_CALLERS,
+        f"each of {_FAILING_CALLERS} concurrent callers to get the load's exception",
+        f"{raised} got it; the others returned {short(returned)}",
+        "A failed load fails every caller waiting for it: let the exception propagate.",
+    )
+    how = (
+        "each caller ran its own, at the same time"
+        if loads.most_in_flight > 1
+        else "the callers loaded again, one after another, after the first failed"
+    )
+    expect(
+        loads.started == 1,
+        f"1 load for the {_FAILING_CALLERS} callers, failure included",
+        f"{loads.started} loads: {how}",
+        "Callers waiting for a load share its outcome, result or exception: a database that is down "
+        "should not get the same query once per waiting request.",
+        _PER_KEY_HINT,
+    )
+    try:
+        retried = await _call(coalescer, key, loads.loader(key))
+    except _DatabaseDown:
+        raise Mismatch(
+            "the next call, after the failure, to load again",
+            f"it raised the earlier failure again, without loading ({loads.started} load in all): the "
+            "failed load was kept, and every later call for this key fails",
+            [
+                "A failed load must be forgotten as well as a successful one, or the key is broken for good.",
+                "Remove the entry whether the load succeeded or failed: `task.add_done_callback(…)` runs "
+                "either way (or `try: … finally:`).",
+            ],
+        ) from None
+    expect(
+        loads.started == 2 and retried == {"key": key, "load": 2},
+        "the next call, after the failure, to load again and return that load's result",
+        f"{loads.started} loads; it returned {short(retried)}",
+        "Forget the load once it is done, failed or not.",
+    )
+
+
+async def _cancelled(coalescer: Any, loads: _Loads) -> None:
+    key = "ex05:item:4"
+    release = asyncio.Event()
+    load = loads.loader(key, until=release)
+    calls = [asyncio.ensure_future(_call(coalescer, key, load)) for _ in range(_CANCEL_CALLERS)]
+    others = calls[1:]
+    try:
+        for _ in range(200):  # until the load is running (a turn or two of the loop)
+            if loads.started or any(c.done() for c in calls):
+                break
+            await asyncio.sleep(0.005)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        failed = [c for c in calls if c.done() and not c.cancelled() and c.exception() is not None]
+        if failed:
+            failed[0].result()
+        calls[0].cancel()  # the first caller, the one that started the load, gives up
+        await asyncio.wait([calls[0]], timeout=1)
+        release.set()
+        done, pending = await asyncio.wait(others, timeout=2)
+        cancelled = [c for c in others if c.cancelled()]
+        expect(
+            not cancelled,
+            f"the other {len(others)} callers to get the load's result when the first is cancelled",
+            f"{len(cancelled)} of {len(others)} were cancelled too: cancelling the caller cancelled the "
+            "load they all shared",
+            "A caller that gives up (a client gone, a timeout) must not take the others' load with it.",
+            _SHIELD_HINT,
+        )
+        expect(
+            not pending,
+            f"the other {len(others)} callers to get the load's result when the first is cancelled",
+            f"{len(pending)} of {len(others)} still waiting 2 s after the load could finish: the first "
+            "caller ran the load itself, and when it was cancelled, nobody finished it",
+            "Run the load in a task of its own (`asyncio.ensure_future(load())`), which no caller owns, "
+            "and have every caller await that task.",
+            _SHIELD_HINT,
+        )
+        _raise_errors([c.exception() for c in done])
+        results = [c.result() for c in others]
+        expected = {"key": key, "load": 1}
+        how = (
+            "each caller ran its own"
+            if loads.most_in_flight > 1
+            else "the first caller's load stopped when it was cancelled, and the others loaded again"
+        )
+        expect(
+            loads.started == 1,
+            f"the other {len(others)} callers to get the result of the one load, {expected}",
+            f"{loads.started} loads: {how}",
+            "A load that a caller runs itself stops when that caller is cancelled; the others then have "
+            "to start again.",
+            "Run the load in a task of its own (`asyncio.ensure_future(load())`), which no caller owns, "
+            "and have every caller await it through `asyncio.shield`.",
+        )
+        expect(
+            all(r == expected for r in results) and loads.started == 1,
+            f"the other {len(others)} callers to get the result of the one load, {expected}",
+            f"{loads.started} loads; results {short(results)}",
+            "The load goes on when one caller is cancelled; the others still share it. " + _SHIELD_HINT,
+        )
+    finally:
+        release.set()
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+
+
+def check_coalescer(coalescer_class: type) -> None:
+    """Check Exercise 5.2: ``Coalescer().run(key, load)`` shares one load per key while it runs.
+
+    Each scenario runs on a fresh loop with a new ``Coalescer()`` and loads of the check's own, which
+    count how many started and how many ran at once. 100 concurrent calls for one key: 1 load, and all
+    100 get its result; two keys at once: 2 loads in flight together (a load waits for the other to
+    start, up to 1 s); a call after a load finished: a new load; a failing load: every one of 10
+    waiting callers gets its exception, from 1 load, and the next call loads again; 5 callers, the
+    first cancelled while the load runs: the other 4 still get its result.
+    """
+    with exercise("5.2", "Coalesce concurrent loads (single-flight)", SOLUTION) as ex:
+        hangs: list[str] = []
+        steps: list[tuple[str, Callable[[Any, _Loads], Awaitable[None]], str]] = [
+            (
+                f"{_CALLERS} concurrent calls for one key: 1 load, and all {_CALLERS} get its result",
+                _one_key,
+                "one-key",
+            ),
+            ("two different keys load at the same time, each getting its own result", _two_keys, "two-keys"),
+            (
+                "once a load is done, the next call loads again: single-flight, not a cache",
+                _after_done,
+                "after-done",
+            ),
+            (
+                "a failing load raises in every waiting caller, and the next call loads again",
+                _failure,
+                "failure",
+            ),
+            ("cancelling the first caller does not cancel the load for the others", _cancelled, "cancelled"),
+        ]
+        for description, body, name in steps:
+            scenario = _watch(hangs, lambda body=body, name=name: _in_loop(coalescer_class, body, name))
+            if not ex.step(description, scenario) and hangs:
+                return  # the next scenarios would hang as long again
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 5.3: a safe cache key
+# ---------------------------------------------------------------------------------------------------
+
+_PREFIX = "ex05:recs:v1:"
+_MAX_KEY = 100
+_PRINTABLE = re.compile(r"[!-~]+")  # printable ASCII, no space
+_SEPARATORS = (":", "|", "/", ",", ";", " ", "-", "_", "#", "\n", "\x00")
+_DIGEST_HINT = "`hashlib.sha256(text.encode()).hexdigest()` is 64 hex digits, for any text."
+_JSON_HINT = (
+    "Hash the parts together in an encoding that keeps them apart: "
+    "`hashlib.sha256(json.dumps([user_id, normalised, lang]).encode()).hexdigest()`."
+)
+_SEEDS = ("1", "2")
+_ELSEWHERE_SECONDS = 15  # a fresh interpreter starts in well under a second, even on a busy machine
+
+
+@dataclass
+class _Keys:
+    key: Callable[..., Any]
+    first: Any = None
+
+    def __call__(self, user_id: str, query: str, lang: str) -> Any:
+        return self.key(user_id, query, lang)
+
+
+def _label(args: tuple[str, str, str]) -> str:
+    return "(" + ", ".join(short(a, 24) for a in args) + ")"
+
+
+def _check_returns(keys: _Keys) -> None:
+    keys.first = keys("alice", "red shoes", "en")
+    expect(
+        isinstance(keys.first, str),
+        "a str",
+        f"a value of type {type(keys.first).__name__}: {short(keys.first)}",
+        'Return the key as a str: `return f"ex05:recs:v1:{digest}"`.',
+    )
+    expect(
+        keys.first.startswith(_PREFIX),
+        f"a key starting with {_PREFIX!r}: the namespace, the kind of entry, a version",
+        short(keys.first),
+        "A namespace keeps these keys apart from every other use of the same Redis, and lets you find or "
+        "delete them as a family; a version lets you change what is cached without reading old entries.",
+        f'`return f"{_PREFIX}{{digest}}"`.',
+    )
+
+
+def _check_distinct(keys: _Keys) -> None:
+    same = ("alice", "red shoes", "en")
+    expect(
+        keys(*same) == keys(*same),
+        f"the same key for the same inputs, {_label(same)}, twice",
+        f"{short(keys(*same))}, then {short(keys(*same))}",
+        "Nothing random or time-based in a cache key: the next request must find the entry.",
+    )
+    long_query = "shoes " * 1_700
+    pairs = [
+        (("alice", "red shoes", "en"), ("bob", "red shoes", "en"), "two users"),
+        (("alice", "red shoes", "en"), ("alice", "blue shoes", "en"), "two queries"),
+        (("alice", "red shoes", "en"), ("alice", "red shoes", "fr"), "two languages"),
+        (("alice", long_query + "red", "en"), ("alice", long_query + "blue", "en"), "two 10 kB queries"),
+    ]
+    for one, other, what in pairs:
+        if keys(*one) != keys(*other):
+            continue
+        if what == "two users":
+            raise Mismatch(
+                "different keys for different users",
+                f"{_label(one)} and {_label(other)} share {short(keys(*one))}: bob would be served "
+                "alice's recommendations",
+                [
+                    "The key must hold everything the answer depends on; these recommendations depend on "
+                    "who asks.",
+                    "Put `user_id` into what you hash: " + _JSON_HINT,
+                ],
+            )
+        if what == "two 10 kB queries":
+            raise Mismatch(
+                "different keys for two long queries that differ only at the end",
+                f"both give {short(keys(*one))}: the end of the query was cut off, so different searches "
+                "share an entry",
+                [
+                    "Truncating bounds the length but merges queries; a digest bounds it and keeps "
+                    "them apart.",
+                    _DIGEST_HINT,
+                ],
+            )
+        raise Mismatch(
+            f"different keys for {what}",
+            f"{_label(one)} and {_label(other)} share {short(keys(*one))}",
+            ["The key must hold everything the answer depends on: the user, the query and the language."],
+        )
+
+
+def _check_normalised(keys: _Keys) -> None:
+    variants = ["red shoes", "Red Shoes", "  RED SHOES\t", "red shoes "]
+    got = {query: keys("alice", query, "en") for query in variants}
+    apart = [query for query in variants[1:] if got[query] != got[variants[0]]]
+    expect(
+        not apart,
+        f"one key for {', '.join(repr(q) for q in variants)}: the same search",
+        f"{apart[0]!r} gets {short(got[apart[0]])}, {variants[0]!r} gets {short(got[variants[0]])}"
+        if apart
+        else "",
+        "Normalise the query before it goes into the key, or every spelling of a search is a miss.",
+        "`normalised = query.strip().casefold()` (or `.lower()`), and hash that.",
+    )
+
+
+def _check_bounded(keys: _Keys) -> None:
+    cases = [
+        (("alice", "x" * 10_000, "en"), "a 10 kB query"),
+        (("u" * 10_000, "shoes", "en"), "a 10 kB user id"),
+        (("alice", "shoes", "e" * 10_000), "a 10 kB language"),
+    ]
+    for args, what in cases:
+        key = keys(*args)
+        expect(
+            isinstance(key, str) and len(key) <= _MAX_KEY,
+            f"a key of at most {_MAX_KEY} characters for {what}",
+            f"a key of {len(key):,} characters: every request can store a key that size, and the caller "
+            "chooses how long"
+            if isinstance(key, str)
+            else short(key),
+            "Hash what the caller controls: a digest has the same length whatever the input.",
+            _DIGEST_HINT,
+        )
+    hostile = [
+        (("alice", "shoes\r\nex05:recs:v1:bob", "en"), "a query with a newline"),
+        (("alice\n", "shoes", "en"), "a user id with a newline"),
+        (("alice", "chaussures d'été", "fr"), "a query with accents and a space"),
+        (("alice", "shoes", "en us"), "a language with a space"),
+    ]
+    for args, what in hostile:
+        key = keys(*args)
+        expect(
+            isinstance(key, str) and _PRINTABLE.fullmatch(key),
+            f"only printable ASCII, no spaces or newlines, in the key for {what}",
+            short(key),
+            "Raw input in a key carries whatever the caller put there: newlines (a forged line in "
+            "`MONITOR` or a log), spaces, and `:` that mimics another namespace.",
+            "Put only a digest of the inputs in the key: " + _DIGEST_HINT,
+        )
+
+
+def _check_unambiguous(keys: _Keys) -> None:
+    for sep in _SEPARATORS:
+        pairs = [
+            (("a", f"b{sep}c", "en"), (f"a{sep}b", "c", "en")),
+            (("a", f"b{sep}c", "en"), ("a", "b", f"c{sep}en")),
+        ]
+        for one, other in pairs:
+            if keys(*one) == keys(*other):
+                raise Mismatch(
+                    "different keys whenever the user, query or language differ",
+                    f"{_label(one)} and {_label(other)} share {short(keys(*one))}: the parts were joined "
+                    f"with {sep!r}, which can appear inside them",
+                    [
+                        "Joined with a separator that may appear inside a part, two different inputs can "
+                        'make the same string: user "a:b" searching "c" would read the entry of user "a" '
+                        'searching "b:c".',
+                        _JSON_HINT,
+                    ],
+                )
+
+
+_STABLE_INPUTS = [
+    ("alice", "red shoes", "en"),
+    ("bob", "Blue Shoes ", "fr"),
+    ("a:b", "c", "en"),
+]
+
+
+def _names_in(source: str) -> set[str]:
+    return {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)}
+
+
+def _literal(value: Any) -> bool:
+    try:
+        return ast.literal_eval(repr(value)) == value
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False
+
+
+def _importable(value: Any) -> str | None:
+    module, name = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if not module or not name or "." in name or module == "__main__":
+        return None
+    found = sys.modules.get(module)
+    return f"from {module} import {name}" if getattr(found, name, None) is value else None
+
+
+def _portable(function: Callable[..., Any]) -> str:
+    """Source that defines ``function`` in a fresh interpreter: its imports, constants and helpers."""
+    prelude: list[str] = []
+    definitions: list[str] = []
+    shipped: set[str] = set()
+
+    def ship(fn: Any) -> None:
+        fn = inspect.unwrap(fn)
+        source = textwrap.dedent(inspect.getsource(fn))
+        frees = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True))
+        for name in sorted(_names_in(source) - shipped):
+            if name in frees:
+                value = frees[name].cell_contents
+            elif name in fn.__globals__:
+                value = fn.__globals__[name]
+            else:
+                continue
+            shipped.add(name)
+            if isinstance(value, types.ModuleType):
+                prelude.append(f"import {value.__name__} as {name}")
+            elif isinstance(value, re.Pattern):
+                prelude.append(f"import re as _re\n{name} = _re.compile({value.pattern!r}, {value.flags})")
+            elif _literal(value):
+                prelude.append(f"{name} = {value!r}")
+            elif (line := _importable(value)) is not None:
+                prelude.append(f"{line} as {name}")
+            elif isinstance(value, types.FunctionType) and value is not fn:
+                ship(value)
+        definitions.append(source)
+
+    ship(function)
+    return "\n".join([*prelude, *definitions])
+
+
+def _keys_elsewhere(function: Callable[..., Any], seed: str) -> list[Any]:
+    name = inspect.unwrap(function).__name__
+    script = (
+        "from __future__ import annotations  # annotations may name what the new process lacks\n"
+        + _portable(function)
+        + "\nimport json as _json, sys as _sys\n"
+        + "_out, _sys.stdout = _sys.stdout, _sys.stderr  # what the function prints stays out of the answer\n"
+        + f"_out.write(_json.dumps([{name}(*args) for args in _json.loads(_sys.stdin.read())]))\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONIOENCODING": "utf-8"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            input=json.dumps(_STABLE_INPUTS),
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            timeout=_ELSEWHERE_SECONDS,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise Mismatch(
+            f"recommendations_key to run in a fresh Python process (PYTHONHASHSEED={seed})",
+            f"no answer for {len(_STABLE_INPUTS)} keys within {_ELSEWHERE_SECONDS} s",
+            ["Computing a key takes microseconds: does your function loop, or wait for input?"],
+        ) from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise Mismatch(
+            f"recommendations_key to run in a fresh Python process (PYTHONHASHSEED={seed})",
+            f"it failed there: {lines[-1] if lines else f'exit status {done.returncode}'}",
+            [
+                "The check copies your function's source into a new process, with the modules, "
+                "constants and helper functions it names; keep what it needs to those.",
+            ],
+        )
+    return list(json.loads(done.stdout))
+
+
+def _check_stable(keys: _Keys) -> None:
+    here = [keys(*args) for args in _STABLE_INPUTS]
+    try:
+        _portable(keys.key)
+    except (OSError, TypeError) as unreadable:
+        raise Mismatch(
+            "the source of recommendations_key, to run it in another process",
+            f"it could not be read: {unreadable}",
+            ["Define it with `def` in a notebook cell (or a module), as the exercise cell does."],
+        ) from None
+    for seed in _SEEDS:
+        there = _keys_elsewhere(keys.key, seed)
+        differ = [i for i, (a, b) in enumerate(zip(here, there, strict=True)) if a != b]
+        if differ:
+            i = differ[0]
+            raise Mismatch(
+                "the same key in every process of the service (here, and with PYTHONHASHSEED "
+                f"{' and '.join(_SEEDS)})",
+                f"for {_label(_STABLE_INPUTS[i])}, this process made {short(here[i])}, one with "
+                f"PYTHONHASHSEED={seed} {short(there[i])}",
+                [
+                    "Python's `hash()` of a str is salted with a random seed per process: every instance "
+                    "of the service, and every restart, computes other keys, and none finds the others' "
+                    "entries.",
+                    "Use a digest that is the same everywhere: " + _DIGEST_HINT,
+                ],
+            )
+
+
+def check_recommendations_key(recommendations_key: Callable[[str, str, str], str]) -> None:
+    """Check Exercise 5.3: ``recommendations_key(user_id, query, lang)`` is a safe cache key.
+
+    It must be a str starting with ``ex05:recs:v1:``; the same for the same inputs, and for queries
+    that differ only in case or surrounding whitespace; different for another user, query (including
+    two 10 kB queries that differ at the end) or language; at most 100 characters of printable ASCII
+    without spaces for any input (10 kB parts, newlines, accents); different for inputs that a
+    separator would run together (user "a" with query "b:c", user "a:b" with query "c", for a dozen
+    separators); and the same in two fresh processes with ``PYTHONHASHSEED`` 1 and 2 (rejects
+    ``hash()``). The function's source is copied into those processes, with the modules, constants
+    and helper functions it names.
+    """
+    with exercise("5.3", "A safe cache key", SOLUTION) as ex:
+        keys = _Keys(recommendations_key)
+        expect(
+            callable(recommendations_key),
+            "the function `recommendations_key`",
+            short(recommendations_key),
+            "Call the check as `check_recommendations_key(recommendations_key)`.",
+        )
+        returned = ex.step(f"it returns a str under {_PREFIX!r}", lambda: _check_returns(keys))
+        if not returned and not isinstance(keys.first, str):
+            return
+        ex.step(
+            "the same inputs give the same key; another user, query or language, another key",
+            lambda: _check_distinct(keys),
+        )
+        ex.step(
+            "queries that differ only in case or surrounding whitespace share a key",
+            lambda: _check_normalised(keys),
+        )
+        ex.step(
+            f"the key is at most {_MAX_KEY} printable ASCII characters, whatever the input",
+            lambda: _check_bounded(keys),
+        )
+        ex.step(
+            "the parts cannot run into each other: ('a', 'b:c') and ('a:b', 'c') get different keys",
+            lambda: _check_unambiguous(keys),
+        )
+        ex.step("the key is the same in another Python process (no hash())", lambda: _check_stable(keys))

@@ -1,0 +1,602 @@
+"""support.checks.ch05: chapter 5's checks pass right answers and name each plausible wrong one.
+
+Every answer here is written the way a learner would write it in the exercise cell; the database
+(`ProductDatabase`) and the Redis client are the check's own, as in the notebook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import pickle
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import support
+import support.checks
+from support.checks import placeholder_message, reset_hints
+from support.checks.ch05 import check_cache_aside, check_coalescer, check_recommendations_key
+from tests.checking import rejected
+
+
+async def _leftover_keys() -> list[str]:
+    client = support.redis_client(decode_responses=True)
+    try:
+        return [key async for key in client.scan_iter(match="ex05:*")] + [
+            key for key in ("7", "404") if await client.exists(key)
+        ]
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_and_leaves_nothing_running() -> Iterator[None]:
+    reset_hints()
+    threads = set(threading.enumerate())
+    yield
+    support.checks.last_error = None
+    reset_hints()
+    assert support.running() == [], "a check left a server running"
+    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+    assert asyncio.run(_leftover_keys()) == [], "a check left keys in Redis"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 5.1: cache-aside, invalidated on write
+# ---------------------------------------------------------------------------------------------------
+
+
+def cache_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``get_product`` and ``update_price`` as a learner might write them."""
+    ttl = {"no-ttl": None, "year-ttl": 365 * 86_400}.get(variant, 300)
+
+    def product_key(product_id: int) -> str:
+        if variant == "bare-key":
+            return str(product_id)
+        if variant == "no-version":
+            return f"ex05:product:{product_id}"
+        return f"ex05:product:v1:{product_id}"
+
+    async def get_product(redis: Any, db: Any, product_id: int) -> dict | None:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("5.1"))
+        key = product_key(product_id)
+        if variant == "waits-for-fill":  # as with the lesson's lock: wait for someone else to fill it
+            while (cached := await redis.get(key)) is None:
+                await asyncio.sleep(0.02)
+            return json.loads(cached)
+        if variant != "never-hits" and (cached := await redis.get(key)) is not None:
+            return pickle.loads(cached) if variant == "pickle" else json.loads(cached)
+        product = await db.read(product_id)
+        if product is None:
+            if variant == "negative-forever":  # "remember that it is missing"
+                await redis.set(key, "null")
+            elif variant == "negative-ttl":  # right too: a miss cached briefly
+                await redis.set(key, "null", ex=30)
+            return None
+        value: Any = json.dumps(product)
+        if variant == "pickle":
+            value = pickle.dumps(product)
+        elif variant == "repr":
+            value = str(product)
+        elif variant == "unserialised":
+            value = product
+        await redis.set(key, value, ex=ttl)
+        return product
+
+    async def update_price(redis: Any, db: Any, product_id: int, price_cents: int) -> None:
+        if variant == "placeholder-update":
+            raise NotImplementedError(placeholder_message("5.1"))
+        key = product_key(product_id)
+        if variant == "delete-before":
+            await redis.delete(key)
+            await db.write(product_id, price_cents)
+            return
+        await db.write(product_id, price_cents)
+        if variant == "no-invalidation":
+            return
+        if variant == "wrong-key":
+            await redis.delete(f"ex05:product:{product_id}")
+        elif variant == "write-through":  # right too: the new value replaces the old one
+            await redis.set(key, json.dumps(await db.read(product_id)), ex=ttl)
+        else:
+            await redis.delete(key)
+
+    return get_product, update_price
+
+
+@pytest.mark.parametrize("variant", ["right", "write-through", "negative-ttl"])
+def test_5_1_cache_aside_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_cache_aside(*cache_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 5.1 · Cache-aside, invalidated on write\n")
+    assert "  ✅ it is cached under a namespaced, versioned key (ex05:product:v1:7)\n" in out
+    assert (
+        "  ✅ update_price deletes the key after the write: a read during the write leaves nothing stale\n"
+    ) in out
+    assert out.endswith("Exercise 5.1: passed ✅ (8 of 8 checks)\n")
+
+
+@pytest.mark.parametrize("variant", ["placeholder", "placeholder-update"])
+def test_5_1_placeholder_is_not_started(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer(variant))
+    assert "⬜ not started: Exercise 5.1's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 5.1: not started")
+
+
+def test_5_1_no_invalidation_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("no-invalidation"))
+    assert (
+        "❌ after update_price, the next read returns the new price\n"
+        "       expected: the next read after update_price to return the new price, 2499\n"
+        "       seen:     price_cents 1999: the cache still held the old price, and update_price deleted "
+        "no key\n"
+        "       hint:     The write went to the database only"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 6 of 7 checks pass")
+
+
+def test_5_1_deleting_the_wrong_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("wrong-key"))
+    assert (
+        "seen:     price_cents 1999: the cache still held the old price; update_price deleted "
+        "'ex05:product:7', but it is cached under 'ex05:product:v1:7'\n"
+        "       hint:     update_price must delete the very key that get_product stores the product under.\n"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 6 of 7 checks pass")
+
+
+def test_5_1_deleting_before_the_write_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("delete-before"))
+    assert (
+        "❌ update_price deletes the key after the write: a read during the write leaves nothing stale\n"
+        "       expected: the price 2499 once update_price has returned, even with a read during the write\n"
+        "       seen:     price_cents 1999: a read during the write missed (the key was already deleted), "
+        "read the old row, and cached it again; nothing deleted it after the write, so it stays stale until "
+        "the TTL\n"
+    ) in out
+    assert "hint:     Until the write commits, the database still holds the old row" in out
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+
+
+def test_5_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    answer = cache_answer("delete-before")
+    first = rejected(capsys, check_cache_aside, *answer)
+    second = rejected(capsys, check_cache_aside, *answer)
+    assert "Delete after the write:" not in first
+    assert "hint:     Delete after the write: `await db.write(product_id, price_cents)` first" in second
+
+
+def test_5_1_no_ttl_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("no-ttl"))
+    assert (
+        "❌ the cached value expires: a TTL of at most a day\n"
+        "       expected: the entry to expire on its own: a TTL of at most a day\n"
+        "       seen:     'ex05:product:v1:7' has no TTL: if an invalidation is ever missed"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+
+
+def test_5_1_a_ttl_of_a_year_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("year-ttl"))
+    assert "       seen:     a TTL of 31,536,000 s (about 365 days)" in out
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+
+
+def test_5_1_pickle_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("pickle"))
+    assert (
+        "❌ the cached value is JSON\n"
+        "       expected: JSON under 'ex05:product:v1:7'\n"
+        "       seen:     a pickle, b'\\x80"
+    ) in out
+    assert "hint:     Unpickling runs code" in out
+    assert out.endswith("Exercise 5.1: not yet — 3 of 4 checks pass")
+
+
+def test_5_1_a_python_repr_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("repr"))
+    assert "not JSON but Python's repr, `str(product)`" in out
+    assert out.endswith("Exercise 5.1: not yet — 3 of 4 checks pass")
+
+
+def test_5_1_a_dict_stored_as_it_is_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("unserialised"))
+    assert (
+        "❌ a first call returns the product, read from the database\n"
+        "       expected: a value Redis can store: the product as a JSON string\n"
+        "       seen:     redis-py refused it: Invalid input of type: 'dict'."
+    ) in out
+    assert "your code raised" not in out
+    assert out.endswith("Exercise 5.1: not yet — 0 of 1 checks pass")
+
+
+@pytest.mark.parametrize(("variant", "written"), [("bare-key", "'7'"), ("no-version", "'ex05:product:7'")])
+def test_5_1_a_key_without_namespace_or_version_is_rejected(
+    variant: str, written: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer(variant))
+    assert (
+        "❌ it is cached under a namespaced, versioned key (ex05:product:v1:7)\n"
+        "       expected: the product cached under 'ex05:product:v1:7': the namespace ex05:product, a "
+        "version, the id\n"
+        f"       seen:     written: {written}\n"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+
+
+def test_5_1_a_miss_cached_for_ever_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("negative-forever"))
+    assert (
+        "❌ a product that does not exist gives None, and is not cached for ever\n"
+        "       expected: nothing cached for ever about product 404, which does not exist\n"
+        "       seen:     'ex05:product:v1:404' = b'null' with no TTL"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+
+
+def test_5_1_a_cache_never_read_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("never-hits"))
+    assert (
+        "❌ a second call is a hit: no database read\n"
+        "       expected: 1 database read for two calls: the second served from Redis\n"
+        "       seen:     2 reads: the second call read the database again\n"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+
+
+def test_5_1_an_answer_that_never_returns_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("waits-for-fill"))
+    assert (
+        "❌ a first call returns the product, read from the database\n"
+        "       expected: get_product and update_price to return within a second or so\n"
+        "       seen:     no return within 5 s\n"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 0 of 1 checks pass")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 5.2: coalesce concurrent loads
+# ---------------------------------------------------------------------------------------------------
+
+
+def coalescer_answer(variant: str) -> type:
+    """``Coalescer`` as a learner might write it."""
+
+    class Coalescer:
+        def __init__(self) -> None:
+            if variant == "placeholder":
+                raise NotImplementedError(placeholder_message("5.2"))
+            self._loads: dict[Any, Any] = {}
+            self._lock = asyncio.Lock()
+            self._waiting: Counter[Any] = Counter()
+            self._results: dict[Any, Any] = {}
+            self._task: asyncio.Future | None = None
+
+        async def run(self, key: Any, load: Callable[[], Any]) -> Any:
+            if variant == "no-coalescing":
+                return await load()
+            if variant == "never-resolves":  # the waiters' Future is never given the result
+                if key in self._loads:
+                    return await self._loads[key]
+                self._loads[key] = asyncio.get_running_loop().create_future()
+                return await load()
+            if variant == "global-lock":  # one lock; results kept while anyone waits
+                self._waiting[key] += 1
+                try:
+                    async with self._lock:
+                        if key not in self._results:
+                            self._results[key] = await load()
+                        return self._results[key]
+                finally:
+                    self._waiting[key] -= 1
+                    if not self._waiting[key]:
+                        self._results.pop(key, None)
+            if variant == "one-flight":  # one load at a time, whatever the key
+                if self._task is None:
+                    self._task = asyncio.ensure_future(load())
+                    self._task.add_done_callback(lambda _: setattr(self, "_task", None))
+                return await asyncio.shield(self._task)
+            if variant == "leader-future":  # the first caller loads, the others wait on a Future
+                if key in self._loads:
+                    return await self._loads[key]
+                future = asyncio.get_running_loop().create_future()
+                self._loads[key] = future
+                try:
+                    result = await load()
+                except Exception as error:
+                    future.set_exception(error)
+                    raise
+                else:
+                    future.set_result(result)
+                    return result
+                finally:
+                    del self._loads[key]
+            if variant == "leader-task":  # right too: the task forgets itself in `finally`
+                if key not in self._loads:
+
+                    async def leader() -> Any:
+                        try:
+                            return await load()
+                        finally:
+                            del self._loads[key]
+
+                    self._loads[key] = asyncio.ensure_future(leader())
+                return await asyncio.shield(self._loads[key])
+            task = self._loads.get(key)
+            if task is None:
+                task = asyncio.ensure_future(load())
+                self._loads[key] = task
+                if variant not in ("memo", "keep-failures"):
+                    task.add_done_callback(lambda _: self._loads.pop(key, None))
+            if variant == "no-shield":
+                return await task
+            if variant == "keep-failures":  # forgotten after a success only
+                result = await asyncio.shield(task)
+                self._loads.pop(key, None)
+                return result
+            return await asyncio.shield(task)
+
+    return Coalescer
+
+
+@pytest.mark.parametrize("variant", ["right", "leader-task"])
+def test_5_2_a_coalescer_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_coalescer(coalescer_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 5.2 · Coalesce concurrent loads (single-flight)\n")
+    assert "  ✅ 100 concurrent calls for one key: 1 load, and all 100 get its result\n" in out
+    assert "  ✅ cancelling the first caller does not cancel the load for the others\n" in out
+    assert out.endswith("Exercise 5.2: passed ✅ (5 of 5 checks)\n")
+
+
+def test_5_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("placeholder"))
+    assert "⬜ not started: Exercise 5.2's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 5.2: not started")
+
+
+def test_5_2_no_coalescing_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("no-coalescing"))
+    assert (
+        "❌ 100 concurrent calls for one key: 1 load, and all 100 get its result\n"
+        "       expected: 1 load for 100 concurrent calls of run('ex05:item:1', load)\n"
+        "       seen:     100 loads: every caller ran its own\n"
+        "       hint:     The first caller for a key starts the load"
+    ) in out
+    assert "       seen:     10 loads: each caller ran its own, at the same time\n" in out
+    assert "       seen:     5 loads: each caller ran its own\n" in out
+    assert out.endswith("Exercise 5.2: not yet — 2 of 5 checks pass")
+
+
+def test_5_2_a_global_lock_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("global-lock"))
+    assert "  ✅ 100 concurrent calls for one key: 1 load, and all 100 get its result\n" in out
+    assert (
+        "❌ two different keys load at the same time, each getting its own result\n"
+        "       expected: the loads of two different keys to run at the same time (2 in flight)\n"
+        "       seen:     at most 1 at a time: the load for 'ex05:item:b' waited for the load for "
+        "'ex05:item:a' to finish\n"
+        "       hint:     One lock for every key makes each key wait for all the others"
+    ) in out
+    assert (
+        "       expected: 1 load for the 10 callers, failure included\n"
+        "       seen:     10 loads: the callers loaded again, one after another, after the first failed\n"
+    ) in out
+    assert "       seen:     2 loads: the first caller's load stopped when it was cancelled" in out
+    assert out.endswith("Exercise 5.2: not yet — 2 of 5 checks pass")
+
+
+def test_5_2_one_load_for_every_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("one-flight"))
+    assert (
+        "       seen:     'ex05:item:b' got the result of the load for 'ex05:item:a': one load for every "
+        "key\n"
+    ) in out
+    assert out.endswith("Exercise 5.2: not yet — 4 of 5 checks pass")
+
+
+def test_5_2_results_kept_for_ever_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("memo"))
+    assert (
+        "❌ once a load is done, the next call loads again: single-flight, not a cache\n"
+        "       expected: a second load for a call made after the first load finished (2 loads in all for "
+        "'ex05:item:2')\n"
+        "       seen:     1 load: the later call got the first load's result, {'key': 'ex05:item:2', "
+        "'load': 1}. run keeps results for ever"
+    ) in out
+    assert "seen:     it raised the earlier failure again, without loading (1 load in all)" in out
+    assert out.endswith("Exercise 5.2: not yet — 3 of 5 checks pass")
+
+
+def test_5_2_a_failure_kept_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("keep-failures"))
+    assert (
+        "❌ a failing load raises in every waiting caller, and the next call loads again\n"
+        "       expected: the next call, after the failure, to load again\n"
+        "       seen:     it raised the earlier failure again, without loading (1 load in all): the failed "
+        "load was kept, and every later call for this key fails\n"
+    ) in out
+    assert out.endswith("Exercise 5.2: not yet — 4 of 5 checks pass")
+
+
+def test_5_2_no_shield_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("no-shield"))
+    assert (
+        "❌ cancelling the first caller does not cancel the load for the others\n"
+        "       expected: the other 4 callers to get the load's result when the first is cancelled\n"
+        "       seen:     4 of 4 were cancelled too: cancelling the caller cancelled the load they all "
+        "shared\n"
+    ) in out
+    assert out.endswith("Exercise 5.2: not yet — 4 of 5 checks pass")
+
+
+def test_5_2_a_load_run_by_the_first_caller_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("leader-future"))
+    assert (
+        "       seen:     4 of 4 still waiting 2 s after the load could finish: the first caller ran the "
+        "load itself, and when it was cancelled, nobody finished it\n"
+    ) in out
+    assert out.endswith("Exercise 5.2: not yet — 4 of 5 checks pass")
+
+
+def test_5_2_an_answer_that_never_returns_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("never-resolves"))
+    assert (
+        "❌ 100 concurrent calls for one key: 1 load, and all 100 get its result\n"
+        "       expected: every call of run to return once its load is done (a load here takes 20 ms)\n"
+        "       seen:     no return within 5 s\n"
+        "       hint:     A caller that waits for something nobody will ever finish"
+    ) in out
+    assert out.endswith("Exercise 5.2: not yet — 0 of 1 checks pass")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 5.3: a safe cache key
+# ---------------------------------------------------------------------------------------------------
+
+PLACEHOLDER_5_3 = placeholder_message("5.3")  # a constant: the check copies the function's names
+SPACES = re.compile(r"\s+")
+
+
+def key_answer(variant: str) -> Callable[[str, str, str], Any]:
+    """``recommendations_key`` as a learner might write it."""
+
+    def normalise(query: str) -> str:
+        return SPACES.sub(" ", query).strip().casefold()
+
+    def recommendations_key(user_id: str, query: str, lang: str) -> Any:
+        if variant == "placeholder":
+            raise NotImplementedError(PLACEHOLDER_5_3)
+        if variant == "helper":  # right too: a helper function, a compiled pattern, another digest
+            parts = json.dumps([user_id, normalise(query), lang]).encode()
+            return f"ex05:recs:v1:{hashlib.blake2b(parts, digest_size=20).hexdigest()}"
+        normalised = query if variant == "no-normalise" else query.strip().casefold()
+        if variant == "raw":
+            return f"ex05:recs:v1:{user_id}:{query}:{lang}"
+        if variant == "python-hash":
+            return f"ex05:recs:v1:{hash((user_id, normalised, lang))}"
+        if variant == "per-part":  # right too: a fixed-length digest of each part
+            digests = [hashlib.sha256(part.encode()).hexdigest()[:20] for part in (user_id, normalised, lang)]
+            return "ex05:recs:v1:" + ":".join(digests)
+        if variant == "slug":  # user and language hashed; the query cleaned and cut
+            slug = re.sub(r"[^a-z0-9]+", "-", normalised)[:50]
+            return (
+                f"ex05:recs:v1:{hashlib.sha256(json.dumps([user_id, lang]).encode()).hexdigest()[:32]}:{slug}"
+            )
+        if variant == "omit-user":
+            parts = json.dumps([normalised, lang])
+        elif variant == "joined":
+            parts = f"{user_id}:{normalised}:{lang}"
+        else:
+            parts = json.dumps([user_id, normalised, lang])
+        digest = hashlib.sha256(parts.encode()).hexdigest()
+        if variant == "no-namespace":
+            return digest
+        if variant == "bytes":
+            return f"ex05:recs:v1:{digest}".encode()
+        return f"ex05:recs:v1:{digest}"
+
+    return recommendations_key
+
+
+@pytest.mark.parametrize("variant", ["right", "per-part", "helper"])
+def test_5_3_a_hashed_key_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_recommendations_key(key_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 5.3 · A safe cache key\n")
+    assert "  ✅ the key is the same in another Python process (no hash())\n" in out
+    assert out.endswith("Exercise 5.3: passed ✅ (6 of 6 checks)\n")
+
+
+def test_5_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("placeholder"))
+    assert "⬜ not started: Exercise 5.3's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 5.3: not started")
+
+
+def test_5_3_a_key_without_the_user_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("omit-user"))
+    assert (
+        "❌ the same inputs give the same key; another user, query or language, another key\n"
+        "       expected: different keys for different users\n"
+        "       seen:     ('alice', 'red shoes', 'en') and ('bob', 'red shoes', 'en') share 'ex05:recs:v1:"
+    ) in out
+    assert ": bob would be served alice's recommendations\n" in out
+    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+
+
+def test_5_3_raw_input_in_the_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("raw"))
+    assert (
+        "❌ queries that differ only in case or surrounding whitespace share a key\n"
+        "       expected: one key for 'red shoes', 'Red Shoes', '  RED SHOES\\t', 'red shoes ': the same "
+        "search\n"
+        "       seen:     'Red Shoes' gets 'ex05:recs:v1:alice:Red Shoes:en', 'red shoes' gets "
+        "'ex05:recs:v1:alice:red shoes:en'\n"
+    ) in out
+    assert (
+        "       expected: a key of at most 100 characters for a 10 kB query\n"
+        "       seen:     a key of 10,022 characters: every request can store a key that size"
+    ) in out
+    assert "the parts were joined with ':', which can appear inside them" in out
+    assert out.endswith("Exercise 5.3: not yet — 3 of 6 checks pass")
+
+
+def test_5_3_pythons_hash_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("python-hash"))
+    assert (
+        "❌ the key is the same in another Python process (no hash())\n"
+        "       expected: the same key in every process of the service (here, and with PYTHONHASHSEED 1 "
+        "and 2)\n"
+        "       seen:     for ('alice', 'red shoes', 'en'), this process made 'ex05:recs:v1:"
+    ) in out
+    assert "hint:     Python's `hash()` of a str is salted with a random seed per process" in out
+    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+
+
+def test_5_3_parts_joined_with_a_colon_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("joined"))
+    assert (
+        "❌ the parts cannot run into each other: ('a', 'b:c') and ('a:b', 'c') get different keys\n"
+        "       expected: different keys whenever the user, query or language differ\n"
+        "       seen:     ('a', 'b:c', 'en') and ('a:b', 'c', 'en') share 'ex05:recs:v1:"
+    ) in out
+    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+
+
+def test_5_3_no_namespace_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("no-namespace"))
+    assert (
+        "❌ it returns a str under 'ex05:recs:v1:'\n"
+        "       expected: a key starting with 'ex05:recs:v1:': the namespace, the kind of entry, a version\n"
+    ) in out
+    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+
+
+def test_5_3_a_query_not_normalised_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("no-normalise"))
+    assert "❌ queries that differ only in case or surrounding whitespace share a key\n" in out
+    assert "hint:     Normalise the query before it goes into the key" in out
+    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+
+
+def test_5_3_a_truncated_query_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("slug"))
+    assert (
+        "       expected: different keys for two long queries that differ only at the end\n"
+        "       seen:     both give 'ex05:recs:v1:"
+    ) in out
+    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+
+
+def test_5_3_bytes_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("bytes"))
+    assert "       expected: a str\n       seen:     a value of type bytes: b'ex05:recs:v1:" in out
+    assert out.endswith("Exercise 5.3: not yet — 0 of 1 checks pass")
