@@ -1,0 +1,1085 @@
+"""Checks for chapter 6's exercises: rate limiting and throttling.
+
+A limiter's answers depend on time, so the checks keep the real clock out of them. Exercise 6.1's
+``take_token`` takes the time as its ``now`` argument: the check drives it with a clock of its own,
+in whole, half and quarter seconds (exact in binary floating point and in the strings Redis stores),
+and asserts exact counts of allowed and refused requests. The one real-time assertion is the bucket
+key's expiry, compared with the bucket's refill time with 0.4 s to spare. Its race is made certain
+rather than hoped for: 50 concurrent calls go through a Redis client that adds a 2 ms round trip to
+every command (``latency=``), so a read, then a write, from Python lets every call read before any
+writes. Exercise 6.2's limiter returns decisions the check scripted in advance, and the app is
+called straight through ASGI (``support.asgi.call``): no server, no clock. Exercise 6.3's
+``client_key`` is a pure function, checked against a table of cases.
+
+The learner's coroutines run on a fresh event loop in a thread of the check's own, bounded in time.
+The check's Redis keys start with ``ex06:``; they are cleared before and after each run, and every
+client a check creates is closed before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio
+from fastapi import FastAPI
+from fastapi.params import Depends
+from starlette.datastructures import Headers
+
+from support.asgi import AsgiResponse, call
+from support.backends import delete_keys, redis_client
+from support.checks import Mismatch, exercise, expect
+from support.checks.running import NoReturn, in_fresh_loop, short
+
+__all__ = ["check_client_key", "check_limited_response", "check_token_bucket"]
+
+SOLUTION = "solutions/06_rate_limiting_exercises.ipynb"
+_PREFIX = "ex06:"
+
+_T = TypeVar("_T")
+
+
+def _runs(flags: Sequence[bool]) -> str:
+    """``[True, True, False]`` → ``"2 allowed, then 1 refused"``."""
+    parts: list[str] = []
+    for flag in flags:
+        word = "allowed" if flag else "refused"
+        if parts and parts[-1].endswith(word):
+            count = int(parts[-1].split()[0]) + 1
+            parts[-1] = f"{count} {word}"
+        else:
+            parts.append(f"1 {word}")
+    return ", then ".join(parts) or "no calls"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 6.1: a token bucket in one atomic script
+# ---------------------------------------------------------------------------------------------------
+
+_RATE, _CAPACITY = 2.0, 5  # a token every 0.5 s, bursts of 5
+_REFILL_SECONDS = _CAPACITY / _RATE
+_TTL_MARGIN = 0.4  # seconds: the expiry must outlive the refill time, less this
+_LATENCY = 0.002
+_CONCURRENT = 50
+_IDLE = 1000.0
+_ROUND_TRIPS = ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL")
+_SCRIPT_HINT = (
+    "Do it all in one Lua script: `HMGET` the level and time, refill, take a token if there is a whole "
+    "one, `HSET` both back, `EXPIRE` the key; send it with "
+    "`await redis.eval(script, 1, key, rate, capacity, now)`."
+)
+
+
+class _Bucket:
+    """The learner's ``take_token``, called with the check's Redis client and clock."""
+
+    def __init__(self, client: redis.asyncio.Redis, take_token: Callable[..., Any], start: float) -> None:
+        self.client, self.take_token, self.start = client, take_token, start
+
+    @staticmethod
+    def key(name: str) -> str:
+        return f"{_PREFIX}bucket:{name}"
+
+    async def take(self, name: str, at: float, *, rate: float = _RATE, capacity: int = _CAPACITY) -> bool:
+        result = self.take_token(self.client, self.key(name), rate, capacity, self.start + at)
+        expect(
+            inspect.isawaitable(result),
+            "an awaitable: `take_token` defined with `async def`",
+            f"a plain function that returned {short(result)}",
+            "It awaits Redis, so it must be `async def take_token(…)`, returning "
+            "`bool(await redis.eval(…))`.",
+        )
+        value = await result
+        expect(
+            isinstance(value, bool | int) and value in (0, 1),
+            "True (a token was taken) or False (none left)",
+            short(value),
+            "The script returns 1 or 0: `return bool(await redis.eval(…))`.",
+        )
+        return bool(value)
+
+    async def takes(self, name: str, at: float, times: int, **options: Any) -> list[bool]:
+        return [await self.take(name, at, **options) for _ in range(times)]
+
+
+def _with_bucket(
+    take_token: Callable[..., Any],
+    body: Callable[[_Bucket], Awaitable[_T]],
+    name: str,
+    *,
+    latency: float = 0.0,
+) -> _T:
+    """Run ``body`` on a fresh loop with a Redis client of the check's own and no ``ex06:`` keys."""
+    start = float(int(time.time()))  # a whole second: the check's clock adds exact fractions to it
+
+    async def main() -> _T:
+        client = redis_client(decode_responses=True, latency=latency)
+        try:
+            await delete_keys(client, f"{_PREFIX}*")
+            return await body(_Bucket(client, take_token, start))
+        finally:
+            try:
+                await delete_keys(client, f"{_PREFIX}*")
+            finally:
+                await client.aclose()
+
+    try:
+        return in_fresh_loop(main, timeout=5, name=f"check-6.1-{name}")
+    except NoReturn as late:
+        raise Mismatch(
+            "each call of `take_token` to return at once",
+            f"no return within {late.seconds:g} s"
+            + (" (and it still holds its thread: restart the kernel)" if late.stuck else ""),
+            [
+                "Does it wait for a token, or retry in a loop? A limiter decides at once: True or False.",
+                _SCRIPT_HINT,
+            ],
+        ) from None
+
+
+async def _fresh(bucket: _Bucket) -> None:
+    taken = await bucket.takes("fresh", 0.0, _CAPACITY + 2)
+    expected = [True] * _CAPACITY + [False] * 2
+    if taken == expected:
+        return
+    allowed = sum(taken)
+    hints: tuple[str, ...] = (_SCRIPT_HINT,)
+    if allowed == 0:
+        hints = (
+            "A new bucket starts full: when `HMGET` finds no level (nil, `false` in Lua), take "
+            "`capacity` as the level and `now` as the time.",
+            _SCRIPT_HINT,
+        )
+    elif allowed == len(taken):
+        hints = (
+            "Every call found the bucket full: write the new level back after taking a token.",
+            "`redis.call('HSET', KEYS[1], 'tokens', tokens, 'updated', now)` in the script, every call.",
+        )
+    raise Mismatch(
+        f"{_CAPACITY} allowed, then refused, for {len(taken)} calls at the same `now` on a new bucket "
+        f"(capacity {_CAPACITY})",
+        _runs(taken),
+        hints,
+    )
+
+
+_REFILL_PLAN = ((0.25, 1), (0.5, 2), (1.5, 3))  # (seconds after the bucket was drained, calls)
+_REFILL_EXPECTED = [[False], [True, False], [True, True, False]]
+
+
+async def _refill(bucket: _Bucket) -> None:
+    await bucket.takes("refill", 0.0, _CAPACITY)
+    seen = [await bucket.takes("refill", at, calls) for at, calls in _REFILL_PLAN]
+    if seen == _REFILL_EXPECTED:
+        return
+    story = "; ".join(f"at +{at:g} s: {_runs(got)}" for (at, _), got in zip(_REFILL_PLAN, seen, strict=True))
+    expected = (
+        f"after draining the bucket (rate {_RATE:g} a second): at +0.25 s refused (half a token); "
+        "at +0.5 s 1 allowed, then refused; at +1.5 s 2 allowed, then refused"
+    )
+    flat = [flag for got in seen for flag in got]
+    if not any(flat):
+        hints: tuple[str, ...] = (
+            "The bucket refills as time passes: before deciding, add `(now - updated) * rate` tokens, "
+            "and store `now` as the new `updated`.",
+            "Use the `now` you are given (pass it in ARGV), not Redis's `TIME` nor `time.time()`: the "
+            "check moves `now` on by 0.5 s without waiting, as a test would.",
+        )
+    elif seen[0] != [False]:
+        hints = (
+            "Half a token let a request through: a request takes a whole token.",
+            "Allow only when the level is at least 1 (`if tokens >= 1`), and keep the level "
+            "fractional: never round it up.",
+        )
+    elif sum(flat) > sum(sum(e) for e in _REFILL_EXPECTED):
+        hints = (
+            f"Too many tokens came back: `rate` is tokens a second, so 0.5 s at {_RATE:g} a second "
+            "refills one.",
+            "Refill `(now - updated) * rate`, where `updated` is the time you stored on the last call.",
+        )
+    else:
+        hints = (
+            "The refused call at +0.25 s lost the half token it refilled: a level rounded down, or "
+            "`updated` moved on without the refill being stored.",
+            "Store the refilled level (a fraction is fine) together with `now` on every call, allowed or "
+            "refused: `HSET key tokens <level> updated <now>`.",
+        )
+    raise Mismatch(expected, story, hints)
+
+
+async def _capped(bucket: _Bucket) -> None:
+    await bucket.takes("idle", 0.0, _CAPACITY)
+    taken = await bucket.takes("idle", _IDLE, _CAPACITY + 3)
+    allowed = sum(taken)
+    expect(
+        allowed == _CAPACITY,
+        f"{_CAPACITY} allowed, then refused, after {_IDLE:g} s idle: a bucket holds at most its capacity",
+        f"{_runs(taken)}" + (f" (it had refilled {_IDLE * _RATE:g} tokens)" if allowed == len(taken) else ""),
+        "An idle client must not save up an unbounded burst: the level stops at `capacity`.",
+        "`tokens = math.min(capacity, tokens + (now - updated) * rate)`.",
+    )
+
+
+async def _keys_and_arguments(bucket: _Bucket) -> None:
+    await bucket.takes("first", 0.0, _CAPACITY + 2)
+    other = await bucket.takes("second", 0.0, 5, rate=1.0, capacity=3)
+    expect(
+        any(other),
+        "a new key to be a new, full bucket, after another key was drained",
+        f"{_runs(other)} on the new key",
+        "Each client has its own bucket: keep it under the key you are given, `KEYS[1]`.",
+        "`redis.eval(script, 1, key, rate, capacity, now)`, and `KEYS[1]` in every `redis.call` of "
+        "the script.",
+    )
+    expect(
+        other == [True, True, True, False, False],
+        "3 allowed, then refused, on a new bucket of capacity 3 (rate 1 a second)",
+        _runs(other),
+        "Use the `capacity` you are given (`ARGV`), not a number of your own.",
+    )
+    later = await bucket.takes("second", 1.0, 2, rate=1.0, capacity=3)
+    expect(
+        later == [True, False],
+        "1 allowed, then refused, 1 s later at rate 1 a second",
+        _runs(later),
+        "Use the `rate` you are given (`ARGV`), not a number of your own.",
+    )
+
+
+@dataclass
+class _Expiry:
+    kind: str
+    first: int  # PTTL after the first call, in ms (-1: none, -2: no key)
+    renewed: int  # PTTL after PERSIST and another call
+
+
+async def _expiry(bucket: _Bucket) -> _Expiry:
+    key = bucket.key("expiry")
+    await bucket.take("expiry", 0.0)
+    kind = str(await bucket.client.type(key))
+    first = int(await bucket.client.pttl(key))
+    await bucket.client.persist(key)
+    await bucket.take("expiry", 0.5)
+    return _Expiry(kind, first, int(await bucket.client.pttl(key)))
+
+
+def _check_expiry(seen: _Expiry) -> None:
+    expect(
+        seen.kind == "hash",
+        "a hash at the key `take_token` was given (the level and the time of the last update)",
+        "no key at all under that name" if seen.kind == "none" else f"a {seen.kind}",
+        "Keep the bucket in one hash under `KEYS[1]`: `HSET KEYS[1] tokens <level> updated <now>`.",
+    )
+    least = int((_REFILL_SECONDS - _TTL_MARGIN) * 1000)
+    expect(
+        seen.first != -1,
+        "the bucket's key to expire, so that an idle client's bucket does not stay in Redis forever",
+        "no expiry (PTTL -1)",
+        "A full bucket and a missing one mean the same: let the key expire once the bucket would "
+        "be full again.",
+        "`redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate))` in the script, on every call.",
+    )
+    expect(
+        seen.first >= least,
+        f"an expiry no shorter than the time to refill the bucket, {_REFILL_SECONDS:g} s "
+        f"(capacity {_CAPACITY} at {_RATE:g} a second)",
+        f"PTTL {seen.first} ms",
+        "A drained bucket that expires before it has refilled comes back full: a client that waits "
+        "for the expiry gets more than its rate.",
+        "Expire after `math.ceil(capacity / rate)` seconds (or more).",
+    )
+    expect(
+        seen.renewed >= least,
+        "each call to renew the expiry (the check removed it with PERSIST, then called again)",
+        "no expiry after the second call" if seen.renewed == -1 else f"PTTL {seen.renewed} ms",
+        "An expiry set only when the bucket is created runs out while the client is still busy: its "
+        "drained bucket vanishes and comes back full.",
+        "Call `EXPIRE` on every call, after `HSET`, not only when the bucket is new.",
+    )
+
+
+async def _concurrent(bucket: _Bucket) -> list[bool]:
+    return list(await asyncio.gather(*(bucket.take("concurrent", 0.0) for _ in range(_CONCURRENT))))
+
+
+def _check_concurrent(taken: list[bool]) -> None:
+    admitted = sum(taken)
+    expect(
+        admitted == _CAPACITY,
+        f"exactly {_CAPACITY} of {_CONCURRENT} concurrent requests admitted (capacity {_CAPACITY})",
+        f"{admitted} admitted",
+        "Calls that read the level before any of them writes it back all see a full bucket: the read, "
+        "the decision and the write must be one step, inside Redis.",
+        _SCRIPT_HINT + " Redis runs a script without running any other command in between.",
+    )
+
+
+async def _commands(bucket: _Bucket) -> list[list[str]]:
+    """The commands each of three calls sent (a pipeline counts as one entry, ``PIPELINE``)."""
+    client = bucket.client
+    sent: list[str] = []
+    execute, pipeline = client.execute_command, client.pipeline
+
+    async def recording(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]).upper())
+        return await execute(*args, **options)
+
+    def recording_pipeline(*args: Any, **options: Any) -> Any:
+        sent.append("PIPELINE")
+        return pipeline(*args, **options)
+
+    client.execute_command = recording  # type: ignore[method-assign]
+    client.pipeline = recording_pipeline  # type: ignore[method-assign]
+    per_call = []
+    try:
+        for at in (0.0, 0.0, 0.5):
+            sent.clear()
+            await bucket.take("commands", at)
+            per_call.append([c for c in sent if not c.startswith("SCRIPT")])
+    finally:
+        client.execute_command, client.pipeline = execute, pipeline  # type: ignore[method-assign]
+    return per_call
+
+
+def _check_commands(per_call: list[list[str]]) -> None:
+    for sent in per_call:
+        expect(
+            bool(sent),
+            "one command per call, EVAL (or EVALSHA), on the client passed as `redis`",
+            "no command on that client",
+            "The check passes a Redis client of its own, on its own event loop: send the script through "
+            "the `redis` argument, not through a client made elsewhere in the notebook.",
+            "`await redis.eval(script, 1, key, rate, capacity, now)`; a script from `register_script` runs "
+            "on the client it was registered with, unless called with `client=redis`.",
+        )
+        expect(
+            len(sent) == 1 and sent[0] in _ROUND_TRIPS,
+            "one command per call: EVAL (or EVALSHA)",
+            ", ".join(sent) or "no command",
+            "Each command is a round trip to Redis, on every request's path; and commands sent one by "
+            "one let other clients' commands run in between.",
+            _SCRIPT_HINT,
+        )
+
+
+def check_token_bucket(take_token: Callable[..., Awaitable[Any]]) -> None:
+    """Check Exercise 6.1: a token bucket kept in a Redis hash, decided in one atomic script.
+
+    Calls ``take_token(redis, key, rate, capacity, now)`` with the check's client and clock (rate 2 a
+    second, capacity 5 unless said): a new bucket allows 5 calls at one instant, then refuses; after
+    0.25 s it still refuses, after 0.5 s it allows one, after 1.5 s two; after 1000 s idle it allows 5
+    again, no more; another key is another bucket, and its rate and capacity are the arguments; the
+    key is a hash that expires no sooner than the refill time, renewed on every call; 50 concurrent
+    calls through a client with a 2 ms round trip get exactly 5 tokens; and each call sends one EVAL.
+    """
+    with exercise("6.1", "A token bucket in one atomic script", SOLUTION) as ex:
+        expect(
+            callable(take_token),
+            "the function `take_token`",
+            short(take_token),
+            "Call the check as `check_token_bucket(take_token)`.",
+        )
+        if not ex.step(
+            f"a new bucket allows {_CAPACITY} requests at the same instant, then refuses",
+            lambda: _with_bucket(take_token, _fresh, "fresh"),
+        ):
+            return
+        ex.step(
+            f"it refills a token every 1/rate = {1 / _RATE:g} s, and half a token is not enough",
+            lambda: _with_bucket(take_token, _refill, "refill"),
+        )
+        ex.step(
+            f"after a long idle it holds no more than its capacity, {_CAPACITY}",
+            lambda: _with_bucket(take_token, _capped, "idle"),
+        )
+        ex.step(
+            "each key is a bucket of its own, with the rate and capacity it is given",
+            lambda: _with_bucket(take_token, _keys_and_arguments, "keys"),
+        )
+        ex.step(
+            "the bucket is a hash at its key, and every call renews the key's expiry",
+            lambda: _check_expiry(_with_bucket(take_token, _expiry, "expiry")),
+        )
+        ex.step(
+            f"{_CONCURRENT} concurrent requests, with a {_LATENCY * 1000:g} ms round trip to Redis, get "
+            f"exactly {_CAPACITY} tokens",
+            lambda: _check_concurrent(_with_bucket(take_token, _concurrent, "concurrent", latency=_LATENCY)),
+        )
+        ex.step(
+            "each decision is one round trip to Redis: a single EVAL",
+            lambda: _check_commands(_with_bucket(take_token, _commands, "commands")),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 6.2: answer a limited request
+# ---------------------------------------------------------------------------------------------------
+
+_LIMIT, _WINDOW = 5, 10
+_CALL_6_2 = "Call the check as `check_limited_response(rate_limit)`."
+_RAISE_HINT = (
+    'Refuse with `raise HTTPException(429, "rate limit exceeded", headers=…)`: the headers dict holds '
+    "`Retry-After`, `RateLimit-Policy` and `RateLimit`."
+)
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What a limiter decided for one request (the fields of the notebook's ``Decision``)."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float
+
+    def __str__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed}, limit={self.limit}, remaining={self.remaining}, "
+            f"reset_after={self.reset_after:g})"
+        )
+
+
+# No whole-second reset_after but 0: `int(x) + 1` and `math.ceil(x)` agree on all of them.
+_PLAN = (
+    _Decision(True, _LIMIT, 4, 9.2),
+    _Decision(True, _LIMIT, 3, 8.5),
+    _Decision(True, _LIMIT, 0, 0.4),
+    _Decision(False, _LIMIT, 0, 2.2),
+    _Decision(False, _LIMIT, 0, 0.3),
+    _Decision(False, _LIMIT, 0, 0.0),
+    _Decision(False, _LIMIT, 0, 7.5),
+)
+
+
+class _ScriptedLimiter:
+    """A limiter whose decisions the check wrote in advance, one per call of ``check``."""
+
+    def __init__(self) -> None:
+        self.limit, self.window = _LIMIT, _WINDOW
+        self.keys: list[str] = []
+
+    async def check(self, key: str) -> _Decision:
+        self.keys.append(key)
+        index = len(self.keys) - 1
+        return _PLAN[index] if index < len(_PLAN) else _Decision(False, _LIMIT, 0, 1.5)
+
+
+@dataclass
+class _Answer:
+    decision: _Decision
+    response: AsgiResponse
+    ran: bool  # whether the endpoint ran
+
+
+@dataclass
+class _Limited:
+    limiter: _ScriptedLimiter
+    app: FastAPI
+    runs: list[int]
+    answers: list[_Answer]
+
+
+def _limited_app(rate_limit: Callable[..., Any]) -> _Limited:
+    limiter = _ScriptedLimiter()
+    dependency = rate_limit(limiter)
+    expect(
+        isinstance(dependency, Depends),
+        "a dependency: `Depends(enforce)`",
+        short(dependency),
+        "Keep the given last line of `rate_limit`: `return Depends(enforce)`.",
+    )
+    app = FastAPI()
+    runs: list[int] = []
+
+    @app.get("/search", dependencies=[dependency])
+    async def search() -> dict[str, list[str]]:
+        runs.append(1)
+        return {"results": []}
+
+    return _Limited(limiter, app, runs, [])
+
+
+def _answer(limited: _Limited) -> None:
+    async def main() -> list[_Answer]:
+        answers = []
+        for index, decision in enumerate(_PLAN):
+            before = len(limited.runs)
+            response = await call(limited.app, "/search", client=("203.0.113.5", 40000 + index))
+            answers.append(_Answer(decision, response, len(limited.runs) > before))
+        return answers
+
+    try:
+        limited.answers = in_fresh_loop(main, timeout=5, name="check-6.2")
+    except NoReturn as late:
+        raise Mismatch(
+            f"{len(_PLAN)} requests answered at once, 3 of them within the limit and 4 over it",
+            f"no answer within {late.seconds:g} s"
+            + (" (and the loop is still held: restart the kernel)" if late.stuck else ""),
+            [
+                "Does the dependency wait until the quota frees up? A limiter refuses at once, and "
+                "`Retry-After` tells the client when to come back.",
+                _RAISE_HINT,
+            ],
+        ) from None
+    asked = len(limited.limiter.keys)
+    expect(
+        asked == len(_PLAN),
+        f"the limiter asked once per request: {len(_PLAN)} times",
+        f"{asked} times",
+        "Keep the given line `decision = await limiter.check(key(request))`, and call it once: each "
+        "call counts a request.",
+    )
+
+
+def _check_allowed_served(limited: _Limited) -> None:
+    for answer in limited.answers:
+        if not answer.decision.allowed:
+            continue
+        expect(
+            answer.response.status == 200 and answer.ran,
+            f"status 200 from the endpoint, for {answer.decision}",
+            f"status {answer.response.status}" + ("" if answer.ran else ", and the endpoint did not run"),
+            "Refuse only when `not decision.allowed`; otherwise return, and the endpoint runs.",
+        )
+
+
+_STATUS_WHY = {
+    403: "403 Forbidden says the client may not have this at all, at any rate: it gives up",
+    503: "503 Service Unavailable says the server is overloaded, for everyone",
+    400: "400 Bad Request says the request itself is wrong",
+    200: "200: the request was served as if allowed",
+}
+
+
+def _check_refused(limited: _Limited) -> None:
+    for answer in limited.answers:
+        if answer.decision.allowed:
+            continue
+        status = answer.response.status
+        if status != 429:
+            why = _STATUS_WHY.get(status, f"status {status}")
+            raise Mismatch(
+                f"429 Too Many Requests, for {answer.decision}",
+                why + (", and the endpoint ran" if answer.ran else ""),
+                [
+                    "429 tells this client that it, alone, is over its quota, and should come back later.",
+                    _RAISE_HINT,
+                ],
+            )
+        expect(
+            not answer.ran,
+            f"the endpoint not to run for {answer.decision}",
+            "status 429, but the endpoint ran: its work was done anyway",
+            "A limiter protects the work behind it only if the request stops before it: setting "
+            "`response.status_code` does not stop anything.",
+            _RAISE_HINT,
+        )
+
+
+def _check_retry_after(limited: _Limited) -> None:
+    for answer in limited.answers:
+        if answer.decision.allowed:
+            continue
+        left = answer.decision.reset_after
+        want = max(1, math.ceil(left))
+        value = answer.response.header("retry-after")
+        expected = f"Retry-After: {want}, for {answer.decision}"
+        ceil_hint = "`str(max(1, math.ceil(decision.reset_after)))`: rounded up, and never 0."
+        if value is None:
+            raise Mismatch(
+                expected,
+                "no Retry-After header",
+                [
+                    "Without Retry-After a client retries at once, and its refusals become the load.",
+                    'Pass it in the exception: `HTTPException(429, …, headers={…, "Retry-After": …})`; '
+                    "headers set on the `response` parameter are not sent when the dependency raises.",
+                ],
+            )
+        if not re.fullmatch(r"[0-9]+", value):
+            why = (
+                "an HTTP date: valid HTTP, but it depends on the client's clock agreeing with the "
+                "server's; give whole seconds, as the draft's `t` does"
+                if "GMT" in value
+                else "not a whole number of seconds: Retry-After is delta-seconds, digits only"
+            )
+            raise Mismatch(expected, f"Retry-After: {short(value)}: {why}", [ceil_hint])
+        seconds = int(value)
+        if seconds == 0:
+            raise Mismatch(
+                expected,
+                "Retry-After: 0, which tells the client to retry at once, and be refused again",
+                [
+                    "Round the time left up, to at least one second: `math.ceil`, not `int()` or `round()`.",
+                    ceil_hint,
+                ],
+            )
+        if seconds < want:
+            raise Mismatch(
+                expected,
+                f"Retry-After: {seconds}: rounded down, so the client comes back before its quota frees "
+                "up, and is refused again",
+                ["Round up: `math.ceil`, not `int()` or `round()`.", ceil_hint],
+            )
+        expect(
+            seconds == want,
+            expected,
+            f"Retry-After: {seconds}",
+            "Retry-After is the time left until the quota frees up, `decision.reset_after`, rounded "
+            "up: not the whole window.",
+            ceil_hint,
+        )
+
+
+def _structured_item(value: str) -> tuple[str, dict[str, str]] | None:
+    """``'"default";q=5;w=10'`` → ``("default", {"q": "5", "w": "10"})``; None if it is not that shape."""
+    name, *params = value.strip().split(";")
+    quoted = re.fullmatch(r'"([^"\\]*)"', name.strip())
+    if quoted is None:
+        return None
+    fields = {}
+    for param in params:
+        key, equals, number = param.strip().partition("=")
+        if not equals:
+            return None
+        fields[key.strip()] = number.strip()
+    return quoted[1], fields
+
+
+_DRAFT = '`RateLimit-Policy: "default";q=5;w=10` and `RateLimit: "default";r=0;t=1`'
+_SYNTAX_HINT = (
+    "The draft's headers are Structured Fields items: a quoted policy name, then `;key=value` "
+    f"parameters: {_DRAFT}."
+)
+
+
+def _check_rate_limit_headers(answer: _Answer) -> None:
+    response, decision = answer.response, answer.decision
+    left = math.ceil(decision.reset_after)
+    resets = sorted({str(left), str(max(1, left))})
+    want_policy = f'"default";q={decision.limit};w={_WINDOW}'
+    want_state = f'"default";r={decision.remaining};t={" or ".join(resets)}'
+    expected = f"RateLimit-Policy: {want_policy} and RateLimit: {want_state}, for {decision}"
+    policy, state = response.header("ratelimit-policy"), response.header("ratelimit")
+    if policy is None or state is None:
+        names = sorted({k.decode("latin-1") for k, _ in response.raw_headers})
+        legacy = [n for n in names if n.lower().startswith("x-ratelimit")]
+        older = [
+            n for n in names if n.lower() in ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
+        ]
+        missing = " and ".join(
+            n for n, v in (("RateLimit-Policy", policy), ("RateLimit", state)) if v is None
+        )
+        if legacy or older:
+            raise Mismatch(
+                expected,
+                f"no {missing}, but {', '.join(legacy or older)}: "
+                + ("the legacy, unstandardised headers" if legacy else "an earlier version of the draft"),
+                [
+                    "Many APIs still send X-RateLimit-*; the IETF draft replaces them (and its own "
+                    "earlier RateLimit-Limit, -Remaining, -Reset) with two headers.",
+                    _SYNTAX_HINT,
+                ],
+            )
+        hints = [_SYNTAX_HINT]
+        if decision.allowed:
+            hints.insert(
+                0,
+                "A client that knows how much is left can slow down before it is refused: send the "
+                "headers on every answer, through the dependency's `response` parameter "
+                "(`response.headers.update(…)`).",
+            )
+        raise Mismatch(expected, f"no {missing} (headers: {', '.join(names)})", hints)
+    parsed_policy, parsed_state = _structured_item(policy), _structured_item(state)
+    seen = f"RateLimit-Policy: {short(policy, 60)} and RateLimit: {short(state, 60)}"
+    if parsed_policy is None or parsed_state is None:
+        raise Mismatch(expected, seen, [_SYNTAX_HINT])
+    (policy_name, quota), (state_name, remaining) = parsed_policy, parsed_state
+    checks = [
+        (
+            policy_name == state_name,
+            "RateLimit names the policy it reports on: the same quoted name in both.",
+        ),
+        (quota.get("q") == str(decision.limit), "`q` is the quota, `decision.limit`."),
+        (quota.get("w") == str(_WINDOW), "`w` is the window in seconds, `limiter.window`."),
+        (remaining.get("r") == str(decision.remaining), "`r` is what remains, `decision.remaining`."),
+        (
+            remaining.get("t") in resets,
+            "`t` is the seconds until the quota frees up, a whole number rounded up: "
+            "`math.ceil(decision.reset_after)`.",
+        ),
+    ]
+    for holds, hint in checks:
+        expect(holds, expected, seen, hint, _SYNTAX_HINT)
+
+
+def _check_refused_headers(limited: _Limited) -> None:
+    for answer in limited.answers:
+        if not answer.decision.allowed:
+            _check_rate_limit_headers(answer)
+
+
+def _check_allowed_headers(limited: _Limited) -> None:
+    for answer in limited.answers:
+        if answer.decision.allowed:
+            _check_rate_limit_headers(answer)
+
+
+def check_limited_response(rate_limit: Callable[..., Any]) -> None:
+    """Check Exercise 6.2: 429 with Retry-After and the draft's RateLimit headers; RateLimit on every answer.
+
+    Builds an app whose ``GET /search`` depends on ``rate_limit(limiter)``, where ``limiter.check(key)``
+    returns decisions scripted by the check (limit 5, window 10 s): three allowed (remaining 4, 3, 0),
+    then four refused (reset_after 2.2, 0.3, 0 and 7.5 s). Calls the app through ASGI, once per
+    decision. Allowed requests must reach the endpoint (200); refused ones must get 429 without it,
+    ``Retry-After`` of 3, 1, 1 and 8; and every answer ``RateLimit-Policy: "default";q=5;w=10`` and
+    ``RateLimit: "default";r=<remaining>;t=<seconds, rounded up>``.
+    """
+    with exercise("6.2", "Answer a limited request: 429, Retry-After, RateLimit", SOLUTION) as ex:
+        expect(callable(rate_limit), "the function `rate_limit`", short(rate_limit), _CALL_6_2)
+        box: list[_Limited] = []
+        if not ex.step(
+            "rate_limit(limiter) gives a dependency", lambda: box.append(_limited_app(rate_limit))
+        ):
+            return
+        limited = box[0]
+        if not ex.step(
+            f"{len(_PLAN)} requests are answered, the limiter asked once for each",
+            lambda: _answer(limited),
+        ):
+            return
+        ex.step("requests within the limit reach the endpoint (200)", lambda: _check_allowed_served(limited))
+        ex.step(
+            "requests over the limit get 429, and the endpoint does not run",
+            lambda: _check_refused(limited),
+        )
+        ex.step(
+            "each 429 has Retry-After: whole seconds, rounded up, at least 1",
+            lambda: _check_retry_after(limited),
+        )
+        ex.step(
+            "each 429 has RateLimit-Policy and RateLimit, in the draft's syntax",
+            lambda: _check_refused_headers(limited),
+        )
+        ex.step(
+            "allowed answers have them too, RateLimit's r counting down",
+            lambda: _check_allowed_headers(limited),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 6.3: a client key that cannot be spoofed
+# ---------------------------------------------------------------------------------------------------
+
+_TRUSTED = frozenset({"192.0.2.10", "192.0.2.11"})  # not the notebook's TRUSTED_PROXIES, on purpose
+_PROXY, _OUTER_PROXY = "192.0.2.10", "192.0.2.11"
+_DIRECT = "203.0.113.5"
+_CLIENT = "198.51.100.7"
+_KEY_RULE = "8 to 64 ASCII letters, digits or `-`"
+_FULLMATCH_HINT = 'Use the key only if `re.fullmatch(r"[A-Za-z0-9-]{8,64}", api_key)`.'
+_FROM_RIGHT_HINT = (
+    'Walk the entries from the right, `reversed(forwarded.split(","))`, each `.strip()`ped, skip '
+    "those in `trusted_proxies`, and take the first other one."
+)
+
+
+@dataclass(frozen=True)
+class _Case:
+    label: str
+    peer: str
+    headers: tuple[tuple[str, bytes], ...]
+    expected: str
+    hints: tuple[str, ...]
+
+    def describe(self) -> str:
+        sent = "; ".join(f"{name}: {short(value.decode('latin-1'), 40)}" for name, value in self.headers)
+        return f"{self.label} (peer {self.peer}{'; ' + sent if sent else ''})"
+
+
+def _xff(value: str) -> tuple[str, bytes]:
+    return ("X-Forwarded-For", value.encode("latin-1"))
+
+
+def _api_key(value: bytes) -> tuple[str, bytes]:
+    return ("X-API-Key", value)
+
+
+_DIRECT_CASES = (
+    _Case(
+        "a direct client, no headers",
+        _DIRECT,
+        (),
+        f"ip:{_DIRECT}",
+        ('With no API key, the key is `f"ip:{address}"`; a client not behind a proxy is its peer.',),
+    ),
+    _Case(
+        "a direct client with a forged X-Forwarded-For",
+        _DIRECT,
+        (_xff("6.6.6.6"),),
+        f"ip:{_DIRECT}",
+        (
+            "The peer is not one of your proxies, so whatever it wrote in X-Forwarded-For is its own "
+            "invention: a new address on every request, a new quota each time.",
+            'Read X-Forwarded-For only when `peer in trusted_proxies`; otherwise the key is `f"ip:{peer}"`.',
+        ),
+    ),
+    _Case(
+        "a direct client naming a trusted proxy in X-Forwarded-For",
+        _DIRECT,
+        (_xff(f"6.6.6.6, {_PROXY}"),),
+        f"ip:{_DIRECT}",
+        (
+            "Entries that name your proxies can be forged too: trust the header only when the "
+            "connection itself comes from a trusted proxy.",
+            'Check the peer first: `if peer not in trusted_proxies: return f"ip:{peer}"`.',
+        ),
+    ),
+)
+
+_LEFTMOST_HINT = (
+    "The leftmost entry is whatever the client wrote before the request reached your proxy: a client "
+    "that changes it on every request gets a new quota each time.",
+    _FROM_RIGHT_HINT,
+)
+
+_PROXIED_CASES = (
+    _Case(
+        "one trusted proxy",
+        _PROXY,
+        (_xff(_CLIENT),),
+        f"ip:{_CLIENT}",
+        (
+            "Behind your proxy, the peer is the proxy: the client's address is the one the proxy "
+            "appended to X-Forwarded-For. Test the peer against `trusted_proxies`, the argument (the "
+            "check passes proxies of its own).",
+            _FROM_RIGHT_HINT,
+        ),
+    ),
+    _Case(
+        "one trusted proxy, a spoofed address on the left",
+        _PROXY,
+        (_xff(f"6.6.6.6, {_CLIENT}"),),
+        f"ip:{_CLIENT}",
+        _LEFTMOST_HINT,
+    ),
+    _Case(
+        "two trusted proxies in a chain",
+        _OUTER_PROXY,
+        (_xff(f"6.6.6.6, {_CLIENT}, {_PROXY}"),),
+        f"ip:{_CLIENT}",
+        (
+            "The outer proxy appended the client; the inner one appended the outer proxy's address. "
+            "Skip every entry that is one of your proxies.",
+            _FROM_RIGHT_HINT,
+        ),
+    ),
+    _Case(
+        "spaces around the entries",
+        _PROXY,
+        (_xff(f"  6.6.6.6 ,{_CLIENT}  "),),
+        f"ip:{_CLIENT}",
+        ("Proxies write `a, b`: strip the spaces around each entry before using it.", _FROM_RIGHT_HINT),
+    ),
+    _Case(
+        "an IPv6 client",
+        _PROXY,
+        (_xff("2001:db8::7"),),
+        "ip:2001:db8::7",
+        ("An IPv6 address is an address too: `ipaddress.ip_address` accepts both.", _FROM_RIGHT_HINT),
+    ),
+)
+
+_FALLBACK_HINT = (
+    "An entry your proxy did not write, or that is not an address, cannot be the client: key on the "
+    "proxy's own address instead, `ip:{peer}`.",
+    "Validate the entry with `ipaddress.ip_address(entry)` (it raises ValueError); when there is no "
+    'valid one, `return f"ip:{peer}"`.',
+)
+
+_FALLBACK_CASES = (
+    _Case("a trusted proxy, no X-Forwarded-For", _PROXY, (), f"ip:{_PROXY}", _FALLBACK_HINT),
+    _Case("a trusted proxy, an empty X-Forwarded-For", _PROXY, (_xff(""),), f"ip:{_PROXY}", _FALLBACK_HINT),
+    _Case(
+        "a trusted proxy, X-Forwarded-For 'unknown'",
+        _PROXY,
+        (_xff("unknown"),),
+        f"ip:{_PROXY}",
+        _FALLBACK_HINT,
+    ),
+    _Case(
+        "a trusted proxy, garbage as the rightmost entry",
+        _PROXY,
+        (_xff(f"{_CLIENT}, <script>"),),
+        f"ip:{_PROXY}",
+        _FALLBACK_HINT,
+    ),
+)
+
+_VALID_KEY_HINT = (
+    "A client that sends a valid API key is that key, wherever it connects from: everyone behind one "
+    "NAT shares an address, not a key.",
+    '`if re.fullmatch(r"[A-Za-z0-9-]{8,64}", api_key): return f"key:{api_key}"`, first.',
+)
+
+_KEY_CASES = (
+    _Case(
+        "a valid X-API-Key", _DIRECT, (_api_key(b"light-client-01"),), "key:light-client-01", _VALID_KEY_HINT
+    ),
+    _Case(
+        "a valid X-API-Key through a proxy, with a spoofed X-Forwarded-For",
+        _PROXY,
+        (_api_key(b"Team-42-abcdefgh"), _xff(f"6.6.6.6, {_CLIENT}")),
+        "key:Team-42-abcdefgh",
+        _VALID_KEY_HINT,
+    ),
+    _Case(
+        "an X-API-Key of 8 characters, the shortest allowed",
+        _DIRECT,
+        (_api_key(b"abcd1234"),),
+        "key:abcd1234",
+        _VALID_KEY_HINT,
+    ),
+    _Case(
+        "an X-API-Key of 64 characters, the longest allowed",
+        _DIRECT,
+        (_api_key(b"k" * 64),),
+        "key:" + "k" * 64,
+        (f"Accept {_KEY_RULE}: 64 included.", _FULLMATCH_HINT),
+    ),
+)
+
+_NO_CHECK_HINT = (
+    "The API key is whatever the client sent, and it becomes a Redis key and a log field: accept it "
+    f"only if it is {_KEY_RULE}; otherwise ignore it and key on the address.",
+    _FULLMATCH_HINT,
+)
+_LENGTH_HINT = (
+    "Bound the length: a client could otherwise make its key (and your Redis keys) as long as it likes.",
+    "`{8,64}` bounds it; `+` or `*` does not. " + _FULLMATCH_HINT,
+)
+
+_BAD_KEY_CASES = (
+    _Case(
+        "an X-API-Key of 7 characters",
+        _DIRECT,
+        (_api_key(b"abc1234"),),
+        f"ip:{_DIRECT}",
+        (f"Accept {_KEY_RULE}: 7 is too short.", _FULLMATCH_HINT),
+    ),
+    _Case("an X-API-Key of 65 characters", _DIRECT, (_api_key(b"k" * 65),), f"ip:{_DIRECT}", _LENGTH_HINT),
+    _Case("an X-API-Key of 10 kB", _DIRECT, (_api_key(b"K" * 10_000),), f"ip:{_DIRECT}", _LENGTH_HINT),
+    _Case(
+        "an X-API-Key with a newline in it",
+        _DIRECT,
+        (_api_key(b"abcdefgh\r\nX-Admin: true"),),
+        f"ip:{_DIRECT}",
+        _NO_CHECK_HINT,
+    ),
+    _Case(
+        "an X-API-Key with a trailing newline",
+        _DIRECT,
+        (_api_key(b"light-client-01\n"),),
+        f"ip:{_DIRECT}",
+        (
+            "`$` matches at the very end *and* just before a final newline, so `re.match(r'^…$')` "
+            "accepts 'light-client-01\\n'.",
+            "Match the whole string, and nothing after it: `re.fullmatch(pattern, api_key)` (or `\\Z`).",
+        ),
+    ),
+    _Case(
+        "an X-API-Key with non-ASCII letters",
+        _DIRECT,
+        (_api_key("schlüssel-42".encode("latin-1")),),
+        f"ip:{_DIRECT}",
+        (
+            "`\\w` matches any Unicode letter, such as 'ü', not only ASCII ones.",
+            "Spell the class out: `[A-Za-z0-9-]` (or compile with `re.ASCII`).",
+        ),
+    ),
+    _Case(
+        "an X-API-Key with spaces", _DIRECT, (_api_key(b"light client 01"),), f"ip:{_DIRECT}", _NO_CHECK_HINT
+    ),
+    _Case("an empty X-API-Key", _DIRECT, (_api_key(b""),), f"ip:{_DIRECT}", _NO_CHECK_HINT),
+)
+
+
+def _key_for(client_key: Callable[..., Any], case: _Case) -> None:
+    headers = Headers(raw=[(name.lower().encode("latin-1"), value) for name, value in case.headers])
+    try:
+        result = client_key(case.peer, headers, set(_TRUSTED))
+    except NotImplementedError:
+        raise
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise Mismatch(
+            f"{case.expected!r} for {case.describe()}",
+            f"it raised {type(exc).__name__}{': ' + detail[:80] if detail else ''}",
+            [
+                "Headers are the client's input: a missing, empty or malformed one is not an error. "
+                '`headers.get(name, "")`, and catch what `ipaddress.ip_address` raises.',
+                *case.hints,
+            ],
+        ) from None
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited: no warning
+        raise Mismatch(
+            "a str from `client_key`",
+            "a coroutine",
+            ["`client_key` awaits nothing: define it with `def`, not `async def`."],
+        )
+    expect(
+        isinstance(result, str),
+        f"a str: {case.expected!r}, for {case.describe()}",
+        short(result),
+        'Return `f"key:{api_key}"` or `f"ip:{address}"`.',
+    )
+    expect(result == case.expected, f"{case.expected!r} for {case.describe()}", short(result), *case.hints)
+
+
+def _check_cases(client_key: Callable[..., Any], cases: Sequence[_Case]) -> None:
+    for case in cases:
+        _key_for(client_key, case)
+
+
+def check_client_key(client_key: Callable[..., Any]) -> None:
+    """Check Exercise 6.3: ``key:<API key>`` for a valid key, else the address a trusted proxy saw.
+
+    Calls ``client_key(peer, headers, trusted_proxies)`` (``headers`` a case-insensitive Starlette
+    ``Headers``; trusted proxies 192.0.2.10 and 192.0.2.11) on a table of cases: a direct client is
+    its peer, whatever its X-Forwarded-For says; behind trusted proxies, the rightmost entry that is
+    not a trusted proxy (spaces stripped, IPv6 too); an empty or garbage entry falls back to the peer;
+    a valid X-API-Key (8 to 64 of A-Z a-z 0-9 -) wins; an invalid one (too short, too long, 10 kB, a
+    newline, a trailing newline, non-ASCII, spaces, empty) is ignored.
+    """
+    with exercise("6.3", "A client key that cannot be spoofed", SOLUTION) as ex:
+        expect(
+            callable(client_key),
+            "the function `client_key`",
+            short(client_key),
+            "Call the check as `check_client_key(client_key)`.",
+        )
+        ex.step(
+            "a direct client is its own address, whatever its X-Forwarded-For says",
+            lambda: _check_cases(client_key, _DIRECT_CASES),
+        )
+        ex.step(
+            "behind trusted proxies, the client is the rightmost address they did not add",
+            lambda: _check_cases(client_key, _PROXIED_CASES),
+        )
+        ex.step(
+            "a missing, empty or garbage X-Forwarded-For falls back to the proxy's address",
+            lambda: _check_cases(client_key, _FALLBACK_CASES),
+        )
+        ex.step(
+            "a valid X-API-Key is the key, wherever the request comes from",
+            lambda: _check_cases(client_key, _KEY_CASES),
+        )
+        ex.step(
+            "an invalid X-API-Key (too short, too long, 10 kB, a newline, non-ASCII) is ignored",
+            lambda: _check_cases(client_key, _BAD_KEY_CASES),
+        )

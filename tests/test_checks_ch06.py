@@ -1,0 +1,726 @@
+"""support.checks.ch06: chapter 6's checks pass right answers and name each plausible wrong one.
+
+Every answer here is written the way a learner would write it in the exercise cell; the given code
+around it (the `Depends(enforce)` wrapper, the limiter's `check` call) is the notebook's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+from fastapi import Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+
+import support
+import support.checks
+from support.backends import redis_url
+from support.checks import placeholder_message, reset_hints
+from support.checks.ch06 import check_client_key, check_limited_response, check_token_bucket
+from tests.checking import rejected
+
+
+async def _ex06_keys() -> list[str]:
+    client = support.redis_client(decode_responses=True)
+    try:
+        return [key async for key in client.scan_iter(match="ex06:*")]
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_and_leaves_nothing_running() -> Iterator[None]:
+    reset_hints()
+    threads = set(threading.enumerate())
+    yield
+    support.checks.last_error = None
+    reset_hints()
+    assert support.running() == [], "a check left a server running"
+    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+    assert asyncio.run(_ex06_keys()) == [], "a check left ex06: keys in Redis"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 6.1: a token bucket in one atomic script
+# ---------------------------------------------------------------------------------------------------
+
+
+def bucket_script(variant: str) -> str:
+    """The Lua script, right or wrong in one way."""
+    now = "tonumber(redis.call('TIME')[1])" if variant == "server-time" else "tonumber(ARGV[3])"
+    refill = "(now - updated) * rate"
+    if variant == "floor":
+        refill = "math.floor((now - updated) * rate)"
+    if variant == "no-refill":
+        refill = "0"
+    level = f"tokens + {refill}" if variant == "no-cap" else f"math.min(capacity, tokens + {refill})"
+    enough = "tokens > 0" if variant == "lenient" else "tokens >= 1"
+    capacity = "5" if variant == "fixed-capacity" else "tonumber(ARGV[2])"
+    expire = {
+        "no-expiry": "",
+        "separate-expire": "",
+        "short-expiry": "redis.call('EXPIRE', KEYS[1], 1)",
+        "expire-once": "if fresh then redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate)) end",
+    }.get(variant, "redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate))")
+    return f"""
+local rate, capacity, now = tonumber(ARGV[1]), {capacity}, {now}
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens, updated = tonumber(bucket[1]), tonumber(bucket[2])
+local fresh = tokens == nil
+if fresh then tokens, updated = capacity, now end
+tokens = {level}
+local allowed = 0
+if {enough} then tokens, allowed = tokens - 1, 1 end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'updated', now)
+{expire}
+return allowed
+"""
+
+
+def bucket_answer(variant: str) -> Any:
+    """``take_token`` as a learner might write it."""
+    script = bucket_script(variant)
+
+    async def take_token(redis: Redis, key: str, rate: float, capacity: int, now: float) -> bool:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("6.1"))
+        if variant == "hangs":
+            await asyncio.sleep(60)
+        if variant == "one-key":
+            key = "ex06:bucket"
+        if variant == "python-time":
+            now = time.time()
+        if variant == "register-script":  # right too: EVALSHA, with SCRIPT LOAD the first time
+            return bool(await redis.register_script(script)(keys=[key], args=[rate, capacity, now]))
+        if variant == "read-then-write":
+            level, updated = await redis.hmget(key, "tokens", "updated")
+            tokens = capacity if level is None else float(level)
+            last = now if updated is None else float(updated)
+            tokens = min(capacity, tokens + (now - last) * rate)
+            allowed = tokens >= 1
+            await redis.hset(key, mapping={"tokens": tokens - allowed, "updated": now})
+            await redis.expire(key, math.ceil(capacity / rate))
+            return allowed
+        allowed = bool(await redis.eval(script, 1, key, rate, capacity, now))
+        if variant == "separate-expire":
+            await redis.expire(key, math.ceil(capacity / rate))
+        return allowed
+
+    def not_async(redis: Redis, key: str, rate: float, capacity: int, now: float) -> bool:
+        return True
+
+    return not_async if variant == "not-async" else take_token
+
+
+@pytest.mark.parametrize("variant", ["right", "register-script"])
+def test_6_1_a_token_bucket_script_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    start = time.perf_counter()
+    check_token_bucket(bucket_answer(variant))
+    assert time.perf_counter() - start < 5
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 6.1 · A token bucket in one atomic script\n")
+    assert "  ✅ 50 concurrent requests, with a 2 ms round trip to Redis, get exactly 5 tokens\n" in out
+    assert out.endswith("Exercise 6.1: passed ✅ (7 of 7 checks)\n")
+
+
+def test_6_1_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("placeholder"))
+    assert "⬜ not started: Exercise 6.1's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 6.1: not started")
+
+
+def test_6_1_read_then_write_in_python_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("read-then-write"))
+    assert (
+        "❌ 50 concurrent requests, with a 2 ms round trip to Redis, get exactly 5 tokens\n"
+        "       expected: exactly 5 of 50 concurrent requests admitted (capacity 5)\n"
+        "       seen:     50 admitted\n"
+        "       hint:     Calls that read the level before any of them writes it back all see a full bucket"
+    ) in out
+    assert (
+        "❌ each decision is one round trip to Redis: a single EVAL\n"
+        "       expected: one command per call: EVAL (or EVALSHA)\n"
+        "       seen:     HMGET, HSET, EXPIRE\n"
+    ) in out
+    assert out.endswith("Exercise 6.1: not yet — 5 of 7 checks pass")
+
+
+def test_6_1_no_refill_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("no-refill"))
+    assert (
+        "❌ it refills a token every 1/rate = 0.5 s, and half a token is not enough\n"
+        "       expected: after draining the bucket (rate 2 a second): at +0.25 s refused (half a token); "
+        "at +0.5 s 1 allowed, then refused; at +1.5 s 2 allowed, then refused\n"
+        "       seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused; at +1.5 s: 3 refused\n"
+        "       hint:     The bucket refills as time passes"
+    ) in out
+    assert "❌ after a long idle it holds no more than its capacity, 5" in out
+    assert out.endswith("Exercise 6.1: not yet — 4 of 7 checks pass")
+
+
+@pytest.mark.parametrize("variant", ["server-time", "python-time"])
+def test_6_1_a_clock_other_than_now_is_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    bucket = bucket_answer(variant)
+    first = rejected(capsys, check_token_bucket, bucket)
+    assert "seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused; at +1.5 s: 3 refused\n" in first
+    second = rejected(capsys, check_token_bucket, bucket)
+    assert (
+        "hint:     Use the `now` you are given (pass it in ARGV), not Redis's `TIME` nor `time.time()`"
+        in second
+    )
+    assert "hint:     Use the `now` you are given" not in first
+
+
+def test_6_1_refill_without_a_cap_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("no-cap"))
+    assert (
+        "❌ after a long idle it holds no more than its capacity, 5\n"
+        "       expected: 5 allowed, then refused, after 1000 s idle: a bucket holds at most its capacity\n"
+        "       seen:     8 allowed (it had refilled 2000 tokens)\n"
+    ) in out
+    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+
+
+def test_6_1_half_a_token_is_not_a_token(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("lenient"))
+    assert (
+        "seen:     at +0.25 s: 1 allowed; at +0.5 s: 2 refused; at +1.5 s: 2 allowed, then 1 refused\n" in out
+    )
+    assert "hint:     Half a token let a request through: a request takes a whole token." in out
+
+
+def test_6_1_a_refill_rounded_down_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("floor"))
+    assert (
+        "seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused; at +1.5 s: 2 allowed, then 1 refused\n" in out
+    )
+    assert "hint:     The refused call at +0.25 s lost the half token it refilled" in out
+    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+
+
+def test_6_1_one_bucket_for_every_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("one-key"))
+    assert (
+        "❌ each key is a bucket of its own, with the rate and capacity it is given\n"
+        "       expected: a new key to be a new, full bucket, after another key was drained\n"
+        "       seen:     5 refused on the new key\n"
+    ) in out
+    assert "❌ the bucket is a hash at its key, and every call renews the key's expiry" in out
+    assert "seen:     no key at all under that name" in out
+
+
+def test_6_1_a_fixed_capacity_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("fixed-capacity"))
+    assert (
+        "       expected: 3 allowed, then refused, on a new bucket of capacity 3 (rate 1 a second)\n"
+        "       seen:     5 allowed\n"
+        "       hint:     Use the `capacity` you are given (`ARGV`), not a number of your own.\n"
+    ) in out
+    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "seen"),
+    [
+        (
+            "no-expiry",
+            "       expected: the bucket's key to expire, so that an idle client's bucket does not stay in "
+            "Redis forever\n"
+            "       seen:     no expiry (PTTL -1)\n",
+        ),
+        (
+            "short-expiry",
+            "       expected: an expiry no shorter than the time to refill the bucket, 2.5 s (capacity 5 at "
+            "2 a second)\n"
+            "       seen:     PTTL ",
+        ),
+        (
+            "expire-once",
+            "       expected: each call to renew the expiry (the check removed it with PERSIST, then called "
+            "again)\n"
+            "       seen:     no expiry after the second call\n",
+        ),
+    ],
+)
+def test_6_1_a_missing_or_short_expiry_is_rejected(
+    variant: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer(variant))
+    assert "❌ the bucket is a hash at its key, and every call renews the key's expiry\n" + seen in out
+    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+
+
+def test_6_1_an_expire_sent_apart_from_the_script_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("separate-expire"))
+    assert "       seen:     EVAL, EXPIRE\n" in out
+    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+
+
+@pytest.mark.skipif(
+    redis_url() is not None,
+    reason="a real Redis client used from several event loops cannot be closed cleanly",
+)
+def test_6_1_a_script_on_another_client_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    notebook_redis = support.redis_client(decode_responses=True)  # the notebook's: never used by the check
+    script = notebook_redis.register_script(bucket_script("right"))
+
+    async def take_token(redis: Redis, key: str, rate: float, capacity: int, now: float) -> bool:
+        return bool(await script(keys=[key], args=[rate, capacity, now]))
+
+    try:
+        out = rejected(capsys, check_token_bucket, take_token)
+    finally:
+        asyncio.run(notebook_redis.aclose())
+    assert (
+        "       expected: one command per call, EVAL (or EVALSHA), on the client passed as `redis`\n"
+        "       seen:     no command on that client\n"
+    ) in out
+    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+
+
+def test_6_1_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("not-async"))
+    assert "expected: an awaitable: `take_token` defined with `async def`" in out
+    assert out.endswith("Exercise 6.1: not yet — 0 of 1 checks pass")
+
+
+def test_6_1_a_hanging_answer_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("hangs"))
+    assert (
+        "       expected: each call of `take_token` to return at once\n"
+        "       seen:     no return within 5 s\n"
+    ) in out
+    assert out.endswith("Exercise 6.1: not yet — 0 of 1 checks pass")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 6.2: answer a limited request
+# ---------------------------------------------------------------------------------------------------
+
+
+def peer_key(request: Request) -> str:
+    assert request.client is not None
+    return f"ip:{request.client.host}"
+
+
+def limit_answer(variant: str) -> Any:
+    """``rate_limit`` as a learner might write it."""
+
+    def rate_limit(limiter: Any, key: Callable[[Request], str] = peer_key) -> Any:
+        async def enforce(request: Request, response: Response) -> Any:
+            decision = await limiter.check(key(request))
+            if variant == "placeholder":
+                raise NotImplementedError(placeholder_message("6.2"))
+            if variant == "twice":
+                decision = await limiter.check(key(request))
+            seconds = max(1, math.ceil(decision.reset_after))
+            if variant == "int-plus-one":  # right too: the check has no whole-second reset_after but 0
+                seconds = int(decision.reset_after) + 1
+            remaining = decision.limit if variant == "remaining-is-limit" else decision.remaining
+            name = "default" if variant == "unquoted" else '"default"'
+            headers = {
+                "RateLimit-Policy": f"{name};q={decision.limit};w={limiter.window}",
+                "RateLimit": f"{name};r={remaining};t={seconds}",
+            }
+            if variant == "legacy":
+                headers = {
+                    "X-RateLimit-Limit": str(decision.limit),
+                    "X-RateLimit-Remaining": str(decision.remaining),
+                    "X-RateLimit-Reset": str(seconds),
+                }
+            if variant == "older-draft":
+                headers = {
+                    "RateLimit-Limit": str(decision.limit),
+                    "RateLimit-Remaining": str(decision.remaining),
+                    "RateLimit-Reset": str(seconds),
+                }
+            if decision.allowed:
+                if variant != "only-on-429":
+                    response.headers.update(headers)
+                return None
+            if variant == "waits":
+                await asyncio.sleep(decision.reset_after)
+                return None
+            retry_after = {
+                "truncated": str(int(decision.reset_after)),
+                "rounded": str(round(decision.reset_after)),
+                "ceil-only": str(math.ceil(decision.reset_after)),
+                "float": str(decision.reset_after),
+                "http-date": email.utils.formatdate(time.time() + decision.reset_after, usegmt=True),
+                "window": str(limiter.window),
+            }.get(variant, str(seconds))
+            if variant != "no-retry-after":
+                headers["Retry-After"] = retry_after
+            status = {"forbidden": 403, "unavailable": 503}.get(variant, 429)
+            if variant == "headers-on-response":
+                response.headers.update(headers)
+                raise HTTPException(429, "rate limit exceeded")
+            if variant == "returns-response":
+                return JSONResponse({"detail": "rate limit exceeded"}, status_code=429, headers=headers)
+            if variant == "status-code":
+                response.status_code = 429
+                response.headers.update(headers)
+                return None
+            raise HTTPException(status, "rate limit exceeded", headers=headers)
+
+        return Depends(enforce)
+
+    return rate_limit
+
+
+@pytest.mark.parametrize("variant", ["right", "int-plus-one"])
+def test_6_2_a_429_with_its_headers_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_limited_response(limit_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 6.2 · Answer a limited request: 429, Retry-After, RateLimit\n")
+    assert "  ✅ each 429 has Retry-After: whole seconds, rounded up, at least 1\n" in out
+    assert out.endswith("Exercise 6.2: passed ✅ (7 of 7 checks)\n")
+
+
+def test_6_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer("placeholder"))
+    assert "⬜ not started: Exercise 6.2's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 6.2: not started")
+
+
+@pytest.mark.parametrize(
+    ("variant", "why"),
+    [
+        ("forbidden", "403 Forbidden says the client may not have this at all, at any rate: it gives up"),
+        ("unavailable", "503 Service Unavailable says the server is overloaded, for everyone"),
+        ("returns-response", "200: the request was served as if allowed, and the endpoint ran"),
+    ],
+)
+def test_6_2_a_status_other_than_429_is_rejected(
+    variant: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer(variant))
+    assert (
+        "❌ requests over the limit get 429, and the endpoint does not run\n"
+        "       expected: 429 Too Many Requests, for Decision(allowed=False, limit=5, remaining=0, "
+        "reset_after=2.2)\n"
+        f"       seen:     {why}\n"
+    ) in out
+
+
+def test_6_2_a_429_after_the_work_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer("status-code"))
+    assert "       seen:     status 429, but the endpoint ran: its work was done anyway\n" in out
+    assert out.endswith("Exercise 6.2: not yet — 6 of 7 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "seen"),
+    [
+        ("no-retry-after", "seen:     no Retry-After header\n"),
+        ("headers-on-response", "seen:     no Retry-After header\n"),
+        ("truncated", "seen:     Retry-After: 2: rounded down, so the client comes back before its quota"),
+        ("rounded", "seen:     Retry-After: 2: rounded down, so the client comes back before its quota"),
+        (
+            "float",
+            "seen:     Retry-After: '2.2': not a whole number of seconds: Retry-After is delta-seconds",
+        ),
+        ("http-date", " GMT': an HTTP date: valid HTTP, but it depends on the client's clock"),
+    ],
+)
+def test_6_2_a_missing_or_malformed_retry_after_is_rejected(
+    variant: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer(variant))
+    assert (
+        "❌ each 429 has Retry-After: whole seconds, rounded up, at least 1\n"
+        "       expected: Retry-After: 3, for Decision(allowed=False, limit=5, remaining=0, "
+        "reset_after=2.2)\n"
+    ) in out
+    assert seen in out
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected", "seen"),
+    [
+        (
+            "ceil-only",
+            "Retry-After: 1, for Decision(allowed=False, limit=5, remaining=0, reset_after=0)",
+            "0",
+        ),
+        (
+            "window",
+            "Retry-After: 3, for Decision(allowed=False, limit=5, remaining=0, reset_after=2.2)",
+            "10",
+        ),
+    ],
+)
+def test_6_2_a_wrong_number_of_seconds_is_rejected(
+    variant: str, expected: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer(variant))
+    assert f"       expected: {expected}\n       seen:     Retry-After: {seen}" in out
+    assert out.endswith("Exercise 6.2: not yet — 6 of 7 checks pass")
+
+
+def test_6_2_a_truncated_retry_after_gets_a_more_specific_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    answer = limit_answer("truncated")
+    rejected(capsys, check_limited_response, answer)
+    second = rejected(capsys, check_limited_response, answer)
+    assert "hint:     Round up: `math.ceil`, not `int()` or `round()`.\n" in second
+    assert "hint:     `str(max(1, math.ceil(decision.reset_after)))`: rounded up, and never 0.\n" in second
+
+
+def test_6_2_headers_only_on_429_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer("only-on-429"))
+    assert (
+        "❌ allowed answers have them too, RateLimit's r counting down\n"
+        '       expected: RateLimit-Policy: "default";q=5;w=10 and RateLimit: "default";r=4;t=10, for '
+        "Decision(allowed=True, limit=5, remaining=4, reset_after=9.2)\n"
+        "       seen:     no RateLimit-Policy and RateLimit (headers: content-length, content-type)\n"
+        "       hint:     A client that knows how much is left can slow down before it is refused"
+    ) in out
+    assert out.endswith("Exercise 6.2: not yet — 6 of 7 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "which"),
+    [
+        ("legacy", "x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset: the legacy, unstandardised"),
+        (
+            "older-draft",
+            "ratelimit-limit, ratelimit-remaining, ratelimit-reset: an earlier version of the draft",
+        ),
+    ],
+)
+def test_6_2_other_rate_limit_headers_are_rejected(
+    variant: str, which: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer(variant))
+    assert "❌ each 429 has RateLimit-Policy and RateLimit, in the draft's syntax\n" in out
+    assert f"       seen:     no RateLimit-Policy and RateLimit, but {which}" in out
+    assert out.endswith("Exercise 6.2: not yet — 5 of 7 checks pass")
+
+
+def test_6_2_a_remaining_that_does_not_count_down_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer("remaining-is-limit"))
+    assert (
+        "       seen:     RateLimit-Policy: '\"default\";q=5;w=10' and RateLimit: '\"default\";r=5;t=3'\n"
+        "       hint:     `r` is what remains, `decision.remaining`.\n"
+    ) in out
+    assert out.endswith("Exercise 6.2: not yet — 5 of 7 checks pass")
+
+
+def test_6_2_an_unquoted_policy_name_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer("unquoted"))
+    assert "seen:     RateLimit-Policy: 'default;q=5;w=10' and RateLimit: 'default;r=0;t=3'\n" in out
+    assert "hint:     The draft's headers are Structured Fields items: a quoted policy name" in out
+    assert out.endswith("Exercise 6.2: not yet — 5 of 7 checks pass")
+
+
+def test_6_2_waiting_for_the_quota_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer("waits"))
+    assert (
+        "❌ 7 requests are answered, the limiter asked once for each\n"
+        "       expected: 7 requests answered at once, 3 of them within the limit and 4 over it\n"
+        "       seen:     no answer within 5 s\n"
+    ) in out
+    assert out.endswith("Exercise 6.2: not yet — 1 of 2 checks pass")
+
+
+def test_6_2_asking_the_limiter_twice_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer("twice"))
+    assert "       expected: the limiter asked once per request: 7 times\n       seen:     14 times\n" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 6.3: a client key that cannot be spoofed
+# ---------------------------------------------------------------------------------------------------
+
+NOTEBOOK_TRUSTED_PROXIES = {"10.1.0.1", "10.1.0.2"}
+API_KEY = re.compile(r"[A-Za-z0-9-]{8,64}")
+
+
+def key_answer(variant: str) -> Any:
+    """``client_key`` as a learner might write it."""
+
+    def valid_key(api_key: str) -> bool:
+        if variant == "unvalidated-key":
+            return bool(api_key)
+        if variant == "dollar":
+            return bool(re.match(r"^[A-Za-z0-9-]{8,64}$", api_key))
+        if variant == "word-class":
+            return bool(re.fullmatch(r"[\w-]{8,64}", api_key))
+        if variant == "unbounded":
+            return bool(re.fullmatch(r"[A-Za-z0-9-]{8,}", api_key))
+        if variant == "compiled":  # right too
+            return bool(API_KEY.fullmatch(api_key))
+        return bool(re.fullmatch(r"[A-Za-z0-9-]{8,64}", api_key))
+
+    def address(entry: str, peer: str) -> str:
+        if variant == "no-ip-validation":
+            return entry
+        try:
+            parsed = ipaddress.ip_address(entry)
+        except ValueError:
+            return peer
+        return str(parsed) if variant == "normalised" else entry
+
+    def client_key(peer: str, headers: Mapping[str, str], trusted_proxies: set[str]) -> str:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("6.3"))
+        if variant == "module-constant":
+            trusted_proxies = NOTEBOOK_TRUSTED_PROXIES
+        api_key = headers.get("x-api-key", "")
+        if variant != "no-key" and valid_key(api_key):
+            return f"key:{api_key}"
+        # "crashes": a missing header is a KeyError
+        forwarded = headers["x-forwarded-for"] if variant == "crashes" else headers.get("x-forwarded-for", "")
+        if peer not in trusted_proxies and variant != "any-peer":
+            return f"ip:{peer}"
+        entries = forwarded.split(",") if variant == "no-strip" else [e.strip() for e in forwarded.split(",")]
+        if variant == "leftmost":
+            return f"ip:{address(entries[0], peer)}"
+        if variant == "rightmost":
+            return f"ip:{address(entries[-1], peer)}"
+        for entry in reversed(entries):
+            if entry not in trusted_proxies:
+                return f"ip:{address(entry, peer)}"
+        return f"ip:{peer}"
+
+    async def not_plain(peer: str, headers: Mapping[str, str], trusted_proxies: set[str]) -> str:
+        return f"ip:{peer}"
+
+    return not_plain if variant == "async" else client_key
+
+
+@pytest.mark.parametrize("variant", ["right", "compiled", "normalised"])
+def test_6_3_a_safe_client_key_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_client_key(key_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 6.3 · A client key that cannot be spoofed\n")
+    assert "  ✅ behind trusted proxies, the client is the rightmost address they did not add\n" in out
+    assert out.endswith("Exercise 6.3: passed ✅ (5 of 5 checks)\n")
+
+
+def test_6_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("placeholder"))
+    assert "⬜ not started: Exercise 6.3's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 6.3: not started")
+
+
+def test_6_3_the_leftmost_entry_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("leftmost"))
+    assert (
+        "❌ behind trusted proxies, the client is the rightmost address they did not add\n"
+        "       expected: 'ip:198.51.100.7' for one trusted proxy, a spoofed address on the left "
+        "(peer 192.0.2.10; X-Forwarded-For: '6.6.6.6, 198.51.100.7')\n"
+        "       seen:     'ip:6.6.6.6'\n"
+        "       hint:     The leftmost entry is whatever the client wrote"
+    ) in out
+    assert out.endswith("Exercise 6.3: not yet — 3 of 5 checks pass")
+
+
+def test_6_3_forwarded_for_from_any_peer_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("any-peer"))
+    assert (
+        "❌ a direct client is its own address, whatever its X-Forwarded-For says\n"
+        "       expected: 'ip:203.0.113.5' for a direct client with a forged X-Forwarded-For "
+        "(peer 203.0.113.5; X-Forwarded-For: '6.6.6.6')\n"
+        "       seen:     'ip:6.6.6.6'\n"
+    ) in out
+
+
+def test_6_3_a_trusted_set_other_than_the_argument_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("module-constant"))
+    assert (
+        "       expected: 'ip:198.51.100.7' for one trusted proxy (peer 192.0.2.10; "
+        "X-Forwarded-For: '198.51.100.7')\n"
+        "       seen:     'ip:192.0.2.10'\n"
+    ) in out
+    assert "Test the peer against `trusted_proxies`, the argument" in out
+
+
+def test_6_3_the_rightmost_entry_unskipped_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("rightmost"))
+    assert "       expected: 'ip:198.51.100.7' for two trusted proxies in a chain" in out
+    assert "       seen:     'ip:192.0.2.10'\n" in out
+    assert out.endswith("Exercise 6.3: not yet — 4 of 5 checks pass")
+
+
+def test_6_3_entries_not_stripped_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("no-strip"))
+    assert "       expected: 'ip:198.51.100.7' for one trusted proxy, a spoofed address on the left" in out
+    assert "       seen:     'ip:192.0.2.10'\n" in out  # ' 198.51.100.7' is not an address
+
+
+def test_6_3_garbage_kept_as_an_address_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("no-ip-validation"))
+    assert (
+        "❌ a missing, empty or garbage X-Forwarded-For falls back to the proxy's address\n"
+        "       expected: 'ip:192.0.2.10' for a trusted proxy, no X-Forwarded-For (peer 192.0.2.10)\n"
+        "       seen:     'ip:'\n"
+    ) in out
+    assert out.endswith("Exercise 6.3: not yet — 4 of 5 checks pass")
+
+
+def test_6_3_an_unvalidated_api_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("unvalidated-key"))
+    assert (
+        "❌ an invalid X-API-Key (too short, too long, 10 kB, a newline, non-ASCII) is ignored\n"
+        "       expected: 'ip:203.0.113.5' for an X-API-Key of 7 characters (peer 203.0.113.5; "
+        "X-API-Key: 'abc1234')\n"
+        "       seen:     'key:abc1234'\n"
+    ) in out
+    assert out.endswith("Exercise 6.3: not yet — 4 of 5 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "label", "hint"),
+    [
+        ("dollar", "an X-API-Key with a trailing newline", "`$` matches at the very end *and* just before"),
+        (
+            "word-class",
+            "an X-API-Key with non-ASCII letters",
+            "`\\w` matches any Unicode letter, such as 'ü'",
+        ),
+        ("unbounded", "an X-API-Key of 65 characters", "Bound the length: a client could otherwise"),
+    ],
+)
+def test_6_3_a_loose_key_pattern_is_rejected(
+    variant: str, label: str, hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_client_key, key_answer(variant))
+    assert f"       expected: 'ip:203.0.113.5' for {label} (peer 203.0.113.5; X-API-Key: " in out
+    assert f"       hint:     {hint}" in out
+    assert out.endswith("Exercise 6.3: not yet — 4 of 5 checks pass")
+
+
+def test_6_3_an_ignored_api_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("no-key"))
+    assert (
+        "❌ a valid X-API-Key is the key, wherever the request comes from\n"
+        "       expected: 'key:light-client-01' for a valid X-API-Key (peer 203.0.113.5; "
+        "X-API-Key: 'light-client-01')\n"
+        "       seen:     'ip:203.0.113.5'\n"
+    ) in out
+    assert out.endswith("Exercise 6.3: not yet — 4 of 5 checks pass")
+
+
+def test_6_3_a_crash_on_a_missing_header_names_the_case(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("crashes"))
+    assert (
+        "       expected: 'ip:203.0.113.5' for a direct client, no headers (peer 203.0.113.5)\n"
+        "       seen:     it raised KeyError: 'x-forwarded-for'\n"
+        "       hint:     Headers are the client's input"
+    ) in out
+
+
+def test_6_3_a_coroutine_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("async"))
+    assert "       expected: a str from `client_key`\n       seen:     a coroutine\n" in out
+    assert out.endswith("Exercise 6.3: not yet — 0 of 5 checks pass")
