@@ -6,54 +6,26 @@ Every answer here is written the way a learner would write it in the exercise ce
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import statistics
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from fastapi import FastAPI
 
-import support
-import support.checks
-from support.checks import placeholder_message, reset_hints
+from support.checks import placeholder_message
 from support.checks.ch01 import check_loop_lag_probe, check_offload, check_offload_choice
 from support.workloads import LegacyPriceClient
-from tests.checking import rejected
-
-
-def child_processes() -> set[int]:
-    """Process ids whose parent is this process (Linux only; elsewhere an empty set)."""
-    children = set()
-    if sys.platform != "linux":
-        return children
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
-                children.add(int(entry.name))
-    return children
+from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
 @pytest.fixture(autouse=True)
 def _fresh_and_leaves_nothing_running() -> Iterator[None]:
-    reset_hints()
-    threads, children = set(threading.enumerate()), child_processes()
-    yield
-    support.checks.last_error = None
-    reset_hints()
-    assert support.running() == [], "a check left a server running"
-    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
-    assert child_processes() <= children, "a check left a worker process running"
+    with fresh_and_leaves_nothing_running():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------

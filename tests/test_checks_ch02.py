@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
@@ -22,22 +21,16 @@ from fastapi.responses import JSONResponse
 
 import support
 import support.checks
-from support.checks import placeholder_message, reset_hints
+from support.checks import placeholder_message
 from support.checks.ch02 import check_bounded_queue, check_idempotent_job, check_request_id_in_jobs
 from support.thirdparty import ProviderError
-from tests.checking import rejected
+from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
 @pytest.fixture(autouse=True)
 def _fresh_and_leaves_nothing_running() -> Iterator[None]:
-    reset_hints()
-    threads = set(threading.enumerate())
-    yield
-    support.checks.last_error = None
-    reset_hints()
-    assert support.running() == [], "a check left a server running"
-    assert support.running_workers() == [], "a check left a queue worker running"
-    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+    with fresh_and_leaves_nothing_running():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------

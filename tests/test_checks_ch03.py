@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,25 +32,17 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-import support
-import support.checks
-from support.checks import placeholder_message, reset_hints
+from support.checks import placeholder_message
 from support.checks.ch03 import check_checkout_spans, check_latency_histogram, check_request_id_middleware
 from support.metrics import read_histogram
 from support.telemetry import children, self_time
-from tests.checking import rejected
+from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
 @pytest.fixture(autouse=True)
 def _fresh_and_leaves_nothing_running() -> Iterator[None]:
-    reset_hints()
-    threads = set(threading.enumerate())
-    yield
-    support.checks.last_error = None
-    reset_hints()
-    assert support.running() == [], "a check left a server running"
-    assert support.running_tracing() == [], "a check left a tracer provider running"
-    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+    with fresh_and_leaves_nothing_running():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------

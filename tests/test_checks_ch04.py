@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
@@ -27,23 +26,16 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
 
-import support
-import support.checks
-from support.checks import placeholder_message, reset_hints
+from support.checks import placeholder_message
 from support.checks.ch04 import check_orders_with_lines, check_pool_fail_fast, check_session_dependency
 from support.database import fresh_database, install_sleep, slow_query
-from tests.checking import rejected
+from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
 @pytest.fixture(autouse=True)
 def _fresh_and_leaves_nothing_running() -> Iterator[None]:
-    reset_hints()
-    threads = set(threading.enumerate())
-    yield
-    support.checks.last_error = None
-    reset_hints()
-    assert support.running() == [], "a check left a server running"
-    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+    with fresh_and_leaves_nothing_running():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------

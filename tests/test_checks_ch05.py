@@ -11,40 +11,21 @@ import hashlib
 import json
 import pickle
 import re
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-import support
-import support.checks
-from support.checks import placeholder_message, reset_hints
+from support.checks import placeholder_message
 from support.checks.ch05 import check_cache_aside, check_coalescer, check_recommendations_key
-from tests.checking import rejected
-
-
-async def _leftover_keys() -> list[str]:
-    client = support.redis_client(decode_responses=True)
-    try:
-        return [key async for key in client.scan_iter(match="ex05:*")] + [
-            key for key in ("7", "404") if await client.exists(key)
-        ]
-    finally:
-        await client.aclose()
+from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
 @pytest.fixture(autouse=True)
 def _fresh_and_leaves_nothing_running() -> Iterator[None]:
-    reset_hints()
-    threads = set(threading.enumerate())
-    yield
-    support.checks.last_error = None
-    reset_hints()
-    assert support.running() == [], "a check left a server running"
-    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
-    assert asyncio.run(_leftover_keys()) == [], "a check left keys in Redis"
+    with fresh_and_leaves_nothing_running(redis_pattern="ex05:*", redis_keys=("7", "404")):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------

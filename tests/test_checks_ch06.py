@@ -11,7 +11,6 @@ import email.utils
 import ipaddress
 import math
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -24,29 +23,15 @@ from redis.asyncio import Redis
 import support
 import support.checks
 from support.backends import redis_url
-from support.checks import placeholder_message, reset_hints
+from support.checks import placeholder_message
 from support.checks.ch06 import check_client_key, check_limited_response, check_token_bucket
-from tests.checking import rejected
-
-
-async def _ex06_keys() -> list[str]:
-    client = support.redis_client(decode_responses=True)
-    try:
-        return [key async for key in client.scan_iter(match="ex06:*")]
-    finally:
-        await client.aclose()
+from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
 @pytest.fixture(autouse=True)
 def _fresh_and_leaves_nothing_running() -> Iterator[None]:
-    reset_hints()
-    threads = set(threading.enumerate())
-    yield
-    support.checks.last_error = None
-    reset_hints()
-    assert support.running() == [], "a check left a server running"
-    assert [t for t in threading.enumerate() if t not in threads and t.is_alive()] == []
-    assert asyncio.run(_ex06_keys()) == [], "a check left ex06: keys in Redis"
+    with fresh_and_leaves_nothing_running(redis_pattern="ex06:*"):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------
