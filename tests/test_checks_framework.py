@@ -64,6 +64,10 @@ def test_hints_come_in_tiers_then_the_solution(capsys: pytest.CaptureFixture[str
     assert "six times seven" not in attempts[0] and "solution:" not in attempts[0]
     assert "six times seven" in attempts[1] and "solution:" not in attempts[1]
     assert f"solution: {SOLUTION} (Exercise 9.1)" in attempts[2]
+    assert (
+        "sure you are right? docs/troubleshooting.md#a-check-fails-and-you-are-sure-you-are-right"
+        in attempts[2]
+    )
 
 
 def test_an_untouched_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,6 +84,18 @@ def test_an_exception_in_learner_code_is_one_line(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "  ❌ returns 42\n       your code raised KeyError: 'price'\n" in out
     assert "Traceback" not in out
+
+
+def test_an_event_loop_error_points_at_the_troubleshooting_page(capsys: pytest.CaptureFixture[str]) -> None:
+    def nested_run() -> int:
+        raise RuntimeError("asyncio.run() cannot be called from a running event loop")
+
+    with pytest.raises(ExerciseIncomplete):
+        with_learner_code(nested_run)
+    assert "help:     docs/troubleshooting.md#event-loop-errors\n" in capsys.readouterr().out
+    with pytest.raises(ExerciseIncomplete):
+        with_learner_code(lambda: {}["price"])
+    assert "troubleshooting" not in capsys.readouterr().out
 
 
 def test_an_error_while_setting_up_counts_as_a_failed_step(capsys: pytest.CaptureFixture[str]) -> None:

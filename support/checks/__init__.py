@@ -36,6 +36,9 @@ PLACEHOLDER = re.compile(r"^Exercise (?P<id>\d+\.\d+): replace this line with yo
 TROUBLESHOOTING = "README.md#troubleshooting"
 
 
+TROUBLESHOOTING = "docs/troubleshooting.md"
+
+
 def placeholder_message(exercise_id: str) -> str:
     """The message of the ``NotImplementedError`` that the exercise generator leaves in place."""
     return f"Exercise {exercise_id}: replace this line with your code"
@@ -120,6 +123,9 @@ class _Exercise:
             print(f"       hint:     {hint}")
         if _attempts[key] > len(wrong.hints):
             print(f"       solution: {self.solution} (Exercise {self.id})")
+            print(
+                f"       sure you are right? {TROUBLESHOOTING}#a-check-fails-and-you-are-sure-you-are-right"
+            )
         elif _attempts[key] < len(wrong.hints):
             print("       (run the check again after another try for a more specific hint)")
 
@@ -139,6 +145,8 @@ class _Exercise:
         if where:
             print(f"       where:    {where}")
         print("       hint:     fix the error first; the full traceback is in `support.checks.last_error`")
+        if isinstance(exc, RuntimeError) and "loop" in str(exc):
+            print(f"       help:     {TROUBLESHOOTING}#event-loop-errors")
         global last_error
         last_error = exc
 
