@@ -138,3 +138,12 @@ def test_readme_links_point_at_files() -> None:
     readme = (ROOT / "README.md").read_text()
     for target in re.findall(r"\]\(((?!https?:|#)[^)#]+)", readme):
         assert (ROOT / target).exists(), f"README links to a missing file: {target}"
+
+
+def test_ci_and_forks_run_the_readme_test_command() -> None:
+    assert "python course.py test" in (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.rstrip().endswith("exec python3 course.py test")
+    assert "export COURSE_REAL_REDIS=required" in ci
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "test.yml").read_text())
+    assert {"run": ".ci/run"} in workflow["jobs"]["test"]["steps"]
