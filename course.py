@@ -7,6 +7,7 @@
     python course.py reset 01   start chapter 1's exercise notebook again (--force to discard work)
     python course.py generate   regenerate exercises/ from solutions/ (maintainers)
     python course.py bench      measure the load generator against wrk and the ideal (maintainers)
+    python course.py gallery    run every chapter and save its headline figure to docs/gallery (maintainers)
 
 If the Python running this already has every pinned package (Binder, a conda environment made from
 environment.yml), that Python is used and nothing is installed.
@@ -31,6 +32,7 @@ COMMANDS = {
     "reset": "support.reset",
     "generate": "support.generate",
     "bench": "support.bench",
+    "gallery": "support.gallery",
 }
 
 
