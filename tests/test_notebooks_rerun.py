@@ -1,4 +1,7 @@
-"""Every notebook runs twice in one kernel, and leaves nothing running (nbval runs each once)."""
+"""Every notebook runs twice in one kernel, and leaves nothing running.
+
+This is where the lessons are run (a failing cell fails the test); nbval also runs the solutions once.
+"""
 
 from __future__ import annotations
 
