@@ -27,7 +27,8 @@ def test_records_one_entry_per_request(server: support.Server) -> None:
 
 def test_latency_matches_an_endpoint_of_known_delay(server: support.Server) -> None:
     result = run(support.load(server, "/sleep?s=0.05", requests=10, concurrency=1))
-    assert min(result.latencies) >= 0.05
+    # a 50 ms sleep under uvloop was seen ending at 49.86 ms (its clock is cached per loop turn)
+    assert min(result.latencies) >= 0.048
     assert result.p50 < 0.09
     assert 0.5 <= result.wall <= 1.0  # ten sequential 50 ms requests
 
