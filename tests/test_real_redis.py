@@ -12,17 +12,15 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import nbformat
 import pytest
 import redis
-from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.backends import ROOT, run_notebook, run_tests
+
 REDIS_CHAPTERS = ("02", "05", "06")
 NOTEBOOKS = sorted(
     path
@@ -74,25 +72,10 @@ def real_redis_url() -> Iterator[str]:
 def test_notebook_runs_on_a_real_redis(
     path: Path, real_redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("REDIS_URL", real_redis_url)  # the kernel inherits it
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(path.parent)}}
-    )
-    client.execute()  # raises CellExecutionError on the first failing cell
-    printed = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
+    printed = run_notebook(path, monkeypatch, REDIS_URL=real_redis_url)
     if path.parent.name == "notebooks":  # lessons say which Redis they use
         assert f"Redis at {real_redis_url} (from REDIS_URL)" in printed
 
 
 def test_exercise_checks_pass_and_reject_on_a_real_redis(real_redis_url: str) -> None:
-    tests = [f"tests/test_checks_ch{chapter}.py" for chapter in ("05", "06")]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", *tests],
-        cwd=ROOT,
-        env={**os.environ, "REDIS_URL": real_redis_url},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:]
+    run_tests("tests/test_checks_ch05.py", "tests/test_checks_ch06.py", REDIS_URL=real_redis_url)

@@ -144,6 +144,6 @@ def test_ci_and_forks_run_the_readme_test_command() -> None:
     assert "python course.py test" in (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.rstrip().endswith("exec python3 course.py test")
-    assert "export COURSE_REAL_REDIS=required" in ci
+    assert "export COURSE_REAL_REDIS=required" in ci and "export COURSE_REAL_POSTGRES=required" in ci
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "test.yml").read_text())
     assert {"run": ".ci/run"} in workflow["jobs"]["test"]["steps"]

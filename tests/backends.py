@@ -1,0 +1,39 @@
+"""Helpers for the tests that run chapters again on real backends (Redis, PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_notebook(path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    """Run a notebook top to bottom in a kernel that inherits ``env``; return everything it printed."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(path.parent)}}
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    return "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
+
+
+def run_tests(*tests: str, **env: str) -> None:
+    """Run test files in a pytest of their own, with ``env`` added to the environment."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", *tests],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]

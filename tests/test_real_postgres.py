@@ -1,0 +1,47 @@
+"""The database chapters again, against a real PostgreSQL instead of the embedded SQLite.
+
+Set ``COURSE_TEST_DATABASE_URL`` to a scratch database, e.g.
+``postgresql+asyncpg://course:course@127.0.0.1:5432/course_scratch`` (``.ci/run`` starts Debian's
+PostgreSQL and makes one). The lessons of chapters 4 and 5, chapter 4's solutions and its exercise
+checks then run with ``DATABASE_URL`` set to it; they only create and drop tables named ``ch04…`` and
+``ch05…``. Without the variable the module is skipped, unless ``COURSE_REAL_POSTGRES=required`` (CI sets
+it), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.backends import ROOT, run_notebook, run_tests
+
+NOTEBOOKS = [
+    ROOT / "notebooks" / "04_async_database.ipynb",
+    ROOT / "notebooks" / "05_caching.ipynb",
+    ROOT / "solutions" / "04_async_database_exercises.ipynb",
+]
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> str:
+    url = os.environ.get("COURSE_TEST_DATABASE_URL")
+    if not url:
+        if os.environ.get("COURSE_REAL_POSTGRES") == "required":
+            pytest.fail("COURSE_REAL_POSTGRES=required but COURSE_TEST_DATABASE_URL is not set")
+        pytest.skip("set COURSE_TEST_DATABASE_URL to a scratch PostgreSQL database to test against it")
+    assert make_url(url).get_backend_name() == "postgresql", url
+    return url
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_notebook_runs_on_postgresql(path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    printed = run_notebook(path, monkeypatch, DATABASE_URL=postgres_url)
+    shown = make_url(postgres_url).render_as_string(hide_password=True)
+    assert f"{shown} (from $DATABASE_URL)" in printed, "the notebook says which database it used"
+
+
+def test_exercise_checks_pass_and_reject_on_postgresql(postgres_url: str) -> None:
+    run_tests("tests/test_checks_ch04.py", DATABASE_URL=postgres_url)
