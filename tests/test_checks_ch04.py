@@ -157,118 +157,102 @@ def test_4_1_placeholder_is_not_started(
     assert out.endswith("Exercise 4.1: not started")
 
 
-def test_4_1_returning_a_session_is_rejected(
-    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
+# Each wrong answer: lines its check must print, and how many steps passed (None: not compared).
+WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "returns": (
+        (
+            "       expected: get_session to `yield` the session (an async generator)\n",
+            "       seen:     an `async def` that returns: FastAPI cannot run anything after the handler",
+        ),
+        "0 of 1",
+    ),
+    "no-commit": (
+        (
+            "       expected: the row of a request that succeeded stored in the database\n",
+            "       seen:     not there (the table holds nothing): the session was closed without a commit, "
+            "and closing rolls back\n",
+            "hint:     Commit when the handler has returned without raising",
+        ),
+        "1 of 2",
+    ),
+    "commit-in-finally": (
+        (
+            "  ❌ a request whose handler raises: its row is not stored, its connection given back\n"
+            "       expected: no row from a request whose handler raised\n"
+            "       seen:     its row was stored: the handler had flushed it into the transaction, and "
+            "something committed that transaction anyway\n"
+            "       hint:     Commit only when the handler returned; a `finally:` runs when it raised too.\n",
+        ),
+        "4 of 5",
+    ),
+    "not-closed": (
+        (
+            "  ❌ a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
+            "       expected: every connection back in the pool after a request whose commit failed\n"
+            "       seen:     1 still checked out 2 s later: the session was never closed\n"
+            "       hint:     When `commit()` raises, the session is left in a failed transaction",
+        ),
+        "4 of 5",
+    ),
+    "bare": (
+        (
+            "  ❌ a request whose handler raises: its row is not stored, its connection given back\n"
+            "       expected: every connection back in the pool after a request whose handler raised\n"
+            "       seen:     1 still checked out 2 s later: the session was never closed\n"
+            "       hint:     The handler's exception comes out of your `yield`",
+            "  ✅ 10 concurrent requests: each gets a session of its own\n",  # the leak was tidied
+        ),
+        "3 of 5",
+    ),
+    "default-scope": (
+        (
+            "  ❌ a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
+            "       expected: an error status (500) for a request whose commit failed\n"
+            "       seen:     status 200: the client was told its order was placed, but it could not be "
+            "stored (a row with that unique sku was already there); the commit failed after the response "
+            "had gone (the server logged it)\n"
+            "       hint:     With the default scope, FastAPI runs the code after `yield` once the response "
+            "has been sent",
+        ),
+        "4 of 5",
+    ),
+    "swallowed": (
+        (
+            "       seen:     status 200: the client was told its order was placed, but it could not be",
+            "hint:     The commit's exception must reach FastAPI, which answers 500",
+        ),
+        "4 of 5",
+    ),
+    "shared": (
+        (
+            "       expected: a session made by `Session()` when the request arrived\n"
+            "       seen:     a session bound to another engine than `Session`'s, so made before the check "
+            "pointed `Session` at its own database: one session made once and shared by every request?\n",
+        ),
+        "1 of 2",
+    ),
+    "shared-lazy": (
+        (
+            "  ❌ 10 concurrent requests: each gets a session of its own\n"
+            "       expected: 10 different sessions, one per request\n"
+            "       seen:     1 different for 10 requests: one session shared by all of them\n",
+        ),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(WRONG_SESSIONS))
+def test_4_1_wrong_answers_are_rejected(
+    variant: str, notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = rejected(capsys, check_session_dependency, *session_answer("returns", notebook_engines))
-    assert "       expected: get_session to `yield` the session (an async generator)\n" in out
-    assert (
-        "       seen:     an `async def` that returns: FastAPI cannot run anything after the handler" in out
-    )
-    assert out.endswith("Exercise 4.1: not yet — 0 of 1 checks pass")
-
-
-def test_4_1_no_commit_is_rejected(
-    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = rejected(capsys, check_session_dependency, *session_answer("no-commit", notebook_engines))
-    assert "       expected: the row of a request that succeeded stored in the database\n" in out
-    assert (
-        "       seen:     not there (the table holds nothing): the session was closed without a commit, "
-        "and closing rolls back\n"
-    ) in out
-    assert "hint:     Commit when the handler has returned without raising" in out
-    assert out.endswith("Exercise 4.1: not yet — 1 of 2 checks pass")
-
-
-def test_4_1_commit_in_finally_is_rejected(
-    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = rejected(capsys, check_session_dependency, *session_answer("commit-in-finally", notebook_engines))
-    assert (
-        "  ❌ a request whose handler raises: its row is not stored, its connection given back\n"
-        "       expected: no row from a request whose handler raised\n"
-        "       seen:     its row was stored: the handler had flushed it into the transaction, and "
-        "something committed that transaction anyway\n"
-        "       hint:     Commit only when the handler returned; a `finally:` runs when it raised too.\n"
-    ) in out
-    assert out.endswith("Exercise 4.1: not yet — 4 of 5 checks pass")
-
-
-def test_4_1_a_session_never_closed_is_rejected(
-    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = rejected(capsys, check_session_dependency, *session_answer("not-closed", notebook_engines))
-    assert (
-        "  ❌ a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
-        "       expected: every connection back in the pool after a request whose commit failed\n"
-        "       seen:     1 still checked out 2 s later: the session was never closed\n"
-        "       hint:     When `commit()` raises, the session is left in a failed transaction"
-    ) in out
-    assert out.endswith("Exercise 4.1: not yet — 4 of 5 checks pass")
-
-
-def test_4_1_a_bare_yield_is_rejected(
-    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = rejected(capsys, check_session_dependency, *session_answer("bare", notebook_engines))
-    assert (
-        "  ❌ a request whose handler raises: its row is not stored, its connection given back\n"
-        "       expected: every connection back in the pool after a request whose handler raised\n"
-        "       seen:     1 still checked out 2 s later: the session was never closed\n"
-        "       hint:     The handler's exception comes out of your `yield`"
-    ) in out
-    assert "  ✅ 10 concurrent requests: each gets a session of its own\n" in out  # the leak was tidied
-    assert out.endswith("Exercise 4.1: not yet — 3 of 5 checks pass")
-
-
-def test_4_1_the_default_scope_is_rejected(
-    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = rejected(capsys, check_session_dependency, *session_answer("default-scope", notebook_engines))
-    assert (
-        "  ❌ a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
-        "       expected: an error status (500) for a request whose commit failed\n"
-        "       seen:     status 200: the client was told its order was placed, but it could not be stored "
-        "(a row with that unique sku was already there); the commit failed after the response had gone "
-        "(the server logged it)\n"
-        "       hint:     With the default scope, FastAPI runs the code after `yield` once the response "
-        "has been sent"
-    ) in out
-    assert out.endswith("Exercise 4.1: not yet — 4 of 5 checks pass")
-
-
-def test_4_1_a_swallowed_commit_error_is_rejected(
-    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = rejected(capsys, check_session_dependency, *session_answer("swallowed", notebook_engines))
-    assert "       seen:     status 200: the client was told its order was placed, but it could not be" in out
-    assert "hint:     The commit's exception must reach FastAPI, which answers 500" in out
-    assert out.endswith("Exercise 4.1: not yet — 4 of 5 checks pass")
-
-
-def test_4_1_a_session_made_once_is_rejected(
-    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = rejected(capsys, check_session_dependency, *session_answer("shared", notebook_engines))
-    assert (
-        "       expected: a session made by `Session()` when the request arrived\n"
-        "       seen:     a session bound to another engine than `Session`'s, so made before the check "
-        "pointed `Session` at its own database: one session made once and shared by every request?\n"
-    ) in out
-    assert out.endswith("Exercise 4.1: not yet — 1 of 2 checks pass")
-
-
-def test_4_1_one_session_for_every_request_is_rejected(
-    notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = rejected(capsys, check_session_dependency, *session_answer("shared-lazy", notebook_engines))
-    assert (
-        "  ❌ 10 concurrent requests: each gets a session of its own\n"
-        "       expected: 10 different sessions, one per request\n"
-        "       seen:     1 different for 10 requests: one session shared by all of them\n"
-    ) in out
+    lines, passed = WRONG_SESSIONS[variant]
+    out = rejected(capsys, check_session_dependency, *session_answer(variant, notebook_engines))
+    for line in lines:
+        assert line in out
     assert "Exercise 4.1: not yet" in out
+    if passed is not None:
+        assert out.endswith(f"Exercise 4.1: not yet — {passed} checks pass")
 
 
 def test_4_1_hints_get_more_specific(
