@@ -82,6 +82,21 @@ def plot_cdf(
     return ax
 
 
+def plot_latency_over_time(
+    runs: Mapping[str, LoadResult], ylabel: str = "latency (ms)", title: str = "", ax: Axes | None = None
+) -> Axes:
+    """Each run's requests as points (when sent, how long it took), on a log scale: a probe's story."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.4), constrained_layout=True)
+    for label, run in runs.items():
+        ax.plot(
+            [r.start for r in run.records], [r.latency * 1000 for r in run.records], "o-", ms=3, label=label
+        )
+    ax.set(xlabel="time since the run started (s)", ylabel=ylabel, yscale="log", title=title)
+    ax.legend()
+    return ax
+
+
 def compare(
     results: Sequence[LoadResult] | Mapping[str, LoadResult], cdf: bool = True, log: bool = False
 ) -> Figure:

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from support.loadgen import LoadResult, RequestRecord
-from support.plots import bar_chart, compare, plot_cdf, plot_timeline
+from support.plots import bar_chart, compare, plot_cdf, plot_latency_over_time, plot_timeline
 
 
 def fake_run(label: str, n: int, step: float, status: int = 200) -> LoadResult:
@@ -89,3 +89,22 @@ def test_waterfall_nests_spans_and_outlines_the_one_with_most_time_of_its_own() 
         with tracer.start_as_current_span("another trace"):
             pass
         plot_waterfall(tracing.spans())
+
+
+def test_latency_over_time_draws_one_line_per_run() -> None:
+    ax = plot_latency_over_time(
+        {"fast": fake_run("f", 5, 0.1), "slow": fake_run("s", 4, 0)}, "probe (ms)", "Two"
+    )
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["fast", "slow"]
+    assert [len(line.get_xdata()) for line in lines] == [5, 4]
+    assert list(lines[0].get_xdata()) == [
+        0,
+        0.1,
+        0.2,
+        0.30000000000000004,
+        0.4,
+    ]  # seconds: when each was sent
+    assert set(lines[1].get_ydata()) == {100.0}  # ms: how long each took
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "probe (ms)" and ax.get_title() == "Two"
+    plt.close("all")
