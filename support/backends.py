@@ -49,7 +49,9 @@ def redis_client(
     ``latency`` (seconds) is added before every command, as a network round trip would be. The
     embedded fakeredis answers a command without letting another task run in between, so races
     between a read and a later write (check-then-set), which a real network exposes, never show
-    without it. It applies to single commands, not to pipelines or scripts.
+    without it. It applies to every round trip: each command, each script (``EVAL``/``EVALSHA``,
+    which go through ``execute_command``), and each pipeline's ``execute()`` (one round trip for the
+    whole batch, as on a real connection).
     ``kwargs`` go to the client (for example ``max_connections``). Close it with ``await
     client.aclose()`` when done; the embedded server itself lives as long as the kernel.
     """
@@ -73,6 +75,22 @@ def _add_round_trip(client: redis.asyncio.Redis, latency: float) -> None:
         return await execute(*args, **options)
 
     client.execute_command = execute_after_a_round_trip  # type: ignore[method-assign]
+
+    # A pipeline writes its batch to the connection directly, not through execute_command.
+    make_pipeline = client.pipeline
+
+    def pipeline_after_a_round_trip(*args: Any, **options: Any) -> Any:
+        pipe = make_pipeline(*args, **options)
+        run = pipe.execute
+
+        async def execute(*run_args: Any, **run_options: Any) -> Any:
+            await asyncio.sleep(latency)
+            return await run(*run_args, **run_options)
+
+        pipe.execute = execute
+        return pipe
+
+    client.pipeline = pipeline_after_a_round_trip  # type: ignore[method-assign]
 
 
 def _forget_clients_of(loop: asyncio.AbstractEventLoop) -> None:

@@ -73,7 +73,15 @@ class Server:
     """
 
     def __init__(
-        self, app: Any, key: str, *, log: bool, graceful_timeout: float, loop: str, http: str = "auto"
+        self,
+        app: Any,
+        key: str,
+        *,
+        log: bool,
+        graceful_timeout: float,
+        loop: str,
+        http: str = "auto",
+        proxy_headers: bool = False,
     ) -> None:
         self.app = app
         self.key = key
@@ -97,6 +105,9 @@ class Server:
             backlog=4096,
             loop=loop,
             http=http,
+            # uvicorn's own default is True with 127.0.0.1 trusted: every in-process client is
+            # 127.0.0.1, so X-Forwarded-For would be applied before the app saw the request.
+            proxy_headers=proxy_headers,
         )
         self._uvicorn = _Uvicorn(config)
         self._thread = threading.Thread(target=self._run, name=f"serve:{key}:{self.port}", daemon=True)
@@ -190,6 +201,7 @@ def serve(
     start_timeout: float = 30.0,
     loop: str = "auto",
     http: str = "auto",
+    proxy_headers: bool = False,
 ) -> Server:
     """Start ``app`` under uvicorn on a background thread, on 127.0.0.1 and a free port.
 
@@ -199,11 +211,22 @@ def serve(
     ``graceful_timeout`` bounds how long ``stop()`` waits for in-flight requests and background tasks.
     ``loop`` is uvicorn's: ``"auto"`` (uvloop where installed) or ``"asyncio"``; so is ``http``:
     ``"auto"`` (httptools where installed) or ``"h11"`` (the pure-Python parser).
+    ``proxy_headers`` is off by default, so the app sees the real peer address: uvicorn's own default
+    (on, trusting 127.0.0.1) would rewrite ``request.client`` from ``X-Forwarded-For`` for every
+    in-process client. Pass ``True`` to get uvicorn's behaviour.
     """
     _install_log_router()
     key = name or caller_key()
     _servers.stop_old(key)
-    server = Server(app, key, log=log, graceful_timeout=graceful_timeout, loop=loop, http=http)
+    server = Server(
+        app,
+        key,
+        log=log,
+        graceful_timeout=graceful_timeout,
+        loop=loop,
+        http=http,
+        proxy_headers=proxy_headers,
+    )
     server._start(start_timeout)
     _servers.add(key, server)
     return server

@@ -101,3 +101,33 @@ def test_latency_lets_a_check_then_set_race_show_as_on_a_network() -> None:
 
     assert asyncio.run(winners(0.0)) == 1  # fakeredis never interleaves the GET and the SET
     assert asyncio.run(winners(0.001)) == 10  # with a round trip, every copy looks before any sets
+
+
+def test_latency_applies_to_pipelines_and_scripts_as_one_round_trip_each() -> None:
+    """A pipeline writes to the connection directly and a script is one command: both pay one trip."""
+
+    async def round_trips(latency: float) -> tuple[int, int]:
+        client = redis_client(latency=latency)
+        slept: list[float] = []
+        real_sleep = asyncio.sleep
+
+        async def counting_sleep(delay: float, *args: object) -> object:
+            if delay == latency:
+                slept.append(delay)
+            return await real_sleep(delay, *args)
+
+        asyncio.sleep = counting_sleep  # type: ignore[assignment]
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.incr("tests:pipelined").expire("tests:pipelined", 5)
+                await pipe.execute()
+            after_pipeline = len(slept)
+            await client.eval("return redis.call('INCR', KEYS[1])", 1, "tests:scripted")
+            after_script = len(slept) - after_pipeline
+        finally:
+            asyncio.sleep = real_sleep  # type: ignore[assignment]
+            await client.delete("tests:pipelined", "tests:scripted")
+            await client.aclose()
+        return after_pipeline, after_script
+
+    assert asyncio.run(round_trips(0.002)) == (1, 1)

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 import support
 from support.bench import serve_cycle_times
@@ -154,3 +154,18 @@ def test_http_chooses_the_parser_and_the_parsers_differ_on_control_characters() 
         assert _raw_status(default, b"a" * 100_000) == 200  # no length limit
     with support.serve(make_app(), name="t-h11", http="h11") as h11:
         assert _raw_status(h11, b"abc\x1b[31m") == 200
+
+
+def test_the_app_sees_the_real_peer_unless_proxy_headers_are_asked_for() -> None:
+    """uvicorn's default trusts 127.0.0.1's X-Forwarded-For; serve() does not, unless told to."""
+    app = FastAPI()
+
+    @app.get("/peer")
+    async def peer(request: Request) -> dict[str, str]:
+        return {"host": request.client.host if request.client else ""}
+
+    forged = {"X-Forwarded-For": "203.0.113.9"}
+    with support.serve(app, name="t-peer") as plain:
+        assert httpx.get(f"{plain.url}/peer", headers=forged).json() == {"host": "127.0.0.1"}
+    with support.serve(app, name="t-peer-proxied", proxy_headers=True) as proxied:
+        assert httpx.get(f"{proxied.url}/peer", headers=forged).json() == {"host": "203.0.113.9"}
