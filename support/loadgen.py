@@ -219,7 +219,11 @@ def _request_bytes(
 
 
 class _Progress:
-    """A one-line progress display for runs longer than a second (notebooks only)."""
+    """A one-line progress display for runs longer than a second (notebooks only).
+
+    The line is raw ``text/plain`` (a plain ``display(str)`` would show the string's repr, quotes and
+    all); when the run ends it becomes a one-line summary rather than an empty output.
+    """
 
     def __init__(self, label: str, total: int) -> None:
         self.label, self.total, self.handle = label, total, None
@@ -233,18 +237,20 @@ class _Progress:
     def update(self, done: int, elapsed: float) -> None:
         if not self.enabled or elapsed < 1.0:
             return
+        self._show(f"{self.label}: {done:,}/{self.total:,} requests · {elapsed:.1f} s")
+
+    def _show(self, text: str) -> None:
         from IPython.display import display
 
-        text = f"{self.label}: {done:,}/{self.total:,} requests · {elapsed:.1f} s"
         if self.handle is None:
-            self.handle = display(text, display_id=True)
+            self.handle = display({"text/plain": text}, raw=True, display_id=True)
         else:
-            self.handle.update(text)
+            self.handle.update({"text/plain": text}, raw=True)
 
-    def close(self) -> None:
-        """Remove the progress line: the result's own display replaces it."""
+    def close(self, done: int, elapsed: float) -> None:
+        """Turn the progress line, if one was shown, into a summary of the finished run."""
         if self.handle is not None:
-            self.handle.update({"text/plain": ""}, raw=True)
+            self._show(f"{self.label}: {done:,} requests in {elapsed:.1f} s")
 
 
 async def load(
@@ -357,6 +363,6 @@ async def load(
         reporter.cancel()
         for conn in opened:
             conn.close()
-        progress.close()
+        progress.close(len(records), wall)
     records.sort(key=lambda r: r.index)
     return LoadResult(name, concurrency, wall, records)

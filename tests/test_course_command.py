@@ -40,3 +40,85 @@ def test_a_missing_venv_module_gets_an_actionable_message(tmp_path: Path) -> Non
         pytest.raises(SystemExit, match="sudo apt install python3-venv"),
     ):
         course.ensure_environment()
+
+
+def test_an_old_python_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    with pytest.raises(SystemExit, match=r"needs Python 3\.11 or newer"):
+        course.ensure_environment()
+
+
+def test_a_venv_left_without_pip_is_made_again(tmp_path: Path) -> None:
+    """A failed ensurepip leaves .venv/bin/python behind: the next run must not trust it."""
+    probes = iter([("3.11.7", False), ("3.11.7", True)])
+    with (
+        mock.patch.object(course, "VENV", tmp_path / ".venv"),
+        mock.patch.object(course, "STAMP", tmp_path / ".venv" / ".stamp"),
+        mock.patch.object(course, "_current_python_has_everything", return_value=False),
+        mock.patch.object(course, "_probe_venv", side_effect=lambda _: next(probes)),
+        mock.patch.object(course, "_create_venv") as create,
+        mock.patch.object(sys, "version", "3.11.7 (main)"),
+        mock.patch.object(subprocess, "run") as pip,
+    ):
+        (tmp_path / ".venv").mkdir()
+        course.ensure_environment()
+    create.assert_called_once()
+    assert any("-r" in call.args[0] for call in pip.call_args_list), "then installs the pins"
+    assert (tmp_path / ".venv" / ".stamp").exists()
+
+
+def test_the_install_stamp_changes_with_the_python_version_and_the_pin_files() -> None:
+    learner = course._install_digest([course.LEARNER], "3.11.7")
+    assert learner != course._install_digest([course.LEARNER], "3.12.1")
+    assert learner != course._install_digest([course.LEARNER, course.MAINTAINER], "3.11.7")
+
+
+def test_learners_get_only_the_learner_pins_and_test_gets_both() -> None:
+    assert course._requirement_files(False) == ["requirements.txt"]
+    assert course._requirement_files(True) == ["requirements.txt", "requirements-dev.txt"]
+    assert "pytest" not in course._pins() and "pytest" in course._pins(course._requirement_files(True))
+    assert "test" in course.MAINTAINER_COMMANDS and "lab" not in course.MAINTAINER_COMMANDS
+
+
+CHILD = """
+import signal, sys, time
+if sys.argv[1] == "handles":
+    signal.signal(signal.SIGINT, lambda *_: (print("child: shutting down cleanly", flush=True), sys.exit(0)))
+else:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+print("ready", flush=True)
+time.sleep(20)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+@pytest.mark.parametrize(("child", "code"), [("handles", 0), ("dies", 130)])
+def test_ctrl_c_goes_to_the_child_and_course_py_exits_quietly(child: str, code: int) -> None:
+    """As a terminal does: SIGINT to the whole foreground group (course.py and its child)."""
+    import os
+    import signal
+
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, course; sys.exit(course.run_child(sys.argv[1:]))",
+            sys.executable,
+            "-c",
+            CHILD,
+            child,
+        ],
+        cwd=Path(course.__file__).parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert parent.stdout is not None
+    assert parent.stdout.readline().strip() == "ready"
+    os.killpg(parent.pid, signal.SIGINT)
+    out, err = parent.communicate(timeout=20)
+    assert parent.returncode == code
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    if child == "handles":
+        assert "shutting down cleanly" in out

@@ -128,3 +128,32 @@ def test_percentiles_are_nearest_rank() -> None:
     assert result.p50 == pytest.approx(0.50)
     assert result.p99 == pytest.approx(0.99)
     assert result.max == pytest.approx(1.0)
+
+
+def test_progress_line_is_plain_text_and_ends_as_a_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shown raw (no string quotes), updated in place, and left as a summary rather than an empty output."""
+    import IPython.display
+
+    from support.loadgen import _Progress
+
+    shown: list[tuple[str, dict, dict]] = []
+
+    class Handle:
+        def update(self, obj: dict, **options: object) -> None:
+            shown.append(("update", obj, options))
+
+    def fake_display(obj: dict, **options: object) -> Handle:
+        shown.append(("display", obj, options))
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    progress = _Progress("blocking call", 40)
+    progress.enabled = True
+    progress.update(3, 0.5)  # under a second: nothing shown
+    progress.update(14, 1.5)
+    progress.update(30, 2.0)
+    progress.close(40, 2.4)
+    assert [kind for kind, _, _ in shown] == ["display", "update", "update"]
+    assert all(options.get("raw") is True for _, _, options in shown)
+    assert shown[0][1] == {"text/plain": "blocking call: 14/40 requests · 1.5 s"}
+    assert shown[-1][1] == {"text/plain": "blocking call: 40 requests in 2.4 s"}

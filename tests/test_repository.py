@@ -21,20 +21,30 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(p for d in ("notebooks", "solutions", "exercises") for p in (ROOT / d).glob("*.ipynb"))
 
 
-def requirement_lines() -> list[str]:
-    lines = (ROOT / "requirements.txt").read_text().splitlines()
+PIN_FILES = [course.LEARNER, course.MAINTAINER]
+
+
+def requirement_lines(name: str) -> list[str]:
+    lines = (ROOT / name).read_text().splitlines()
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
-def test_every_requirement_is_pinned_exactly() -> None:
-    for line in requirement_lines():
+@pytest.mark.parametrize("name", PIN_FILES)
+def test_every_requirement_is_pinned_exactly(name: str) -> None:
+    for line in requirement_lines(name):
         assert re.fullmatch(r"[A-Za-z0-9_.\-]+(\[[a-z,]+\])?==[\w.]+(; .+)?", line), (
             f"not an exact pin: {line}"
         )
 
 
+def test_learner_and_maintainer_pins_are_disjoint() -> None:
+    learner, maintainer = (set(course._pins([name])) for name in PIN_FILES)
+    assert learner and maintainer
+    assert not learner & maintainer, f"pinned in both files: {sorted(learner & maintainer)}"
+
+
 def test_the_running_environment_has_the_pinned_versions() -> None:
-    for name, version in course._pins().items():
+    for name, version in course._pins(PIN_FILES).items():
         assert metadata.version(name) == version, (
             f"{name}: installed {metadata.version(name)}, pinned {version}"
         )
@@ -76,21 +86,27 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def test_everything_imported_is_a_pinned_requirement() -> None:
-    sources = [p.read_text() for p in ROOT.glob("support/**/*.py")]
-    sources += [p.read_text() for p in ROOT.glob("tests/*.py")]
-    sources += [notebook_code(p) for p in NOTEBOOKS]
+def unpinned_imports(sources: list[str], files: list[str]) -> list[str]:
     distributions = metadata.packages_distributions()
-    pinned = {canonical(name) for name in course._pins()}
+    pinned = {canonical(name) for name in course._pins(files)}
     missing = set()
     for module in set().union(*(third_party_imports(s) for s in sources)):
         names = {canonical(d) for d in distributions.get(module, [module])}
         if not names & pinned:
             missing.add(f"{module} (from {', '.join(sorted(names))})")
-    # pyyaml comes with jupyter; the tests use it to read environment.yml
-    assert missing <= {"yaml (from pyyaml)"}, (
-        f"imported but not pinned in requirements.txt: {sorted(missing)}"
-    )
+    return sorted(missing)
+
+
+def test_what_a_learner_runs_is_pinned_in_the_learner_file() -> None:
+    """support/ and every notebook import only what requirements.txt pins (Binder installs only that)."""
+    sources = [p.read_text() for p in ROOT.glob("support/**/*.py")]
+    sources += [notebook_code(p) for p in NOTEBOOKS]
+    assert unpinned_imports(sources, [course.LEARNER]) == [], "pin these in requirements.txt"
+
+
+def test_what_the_tests_import_is_pinned_in_one_of_the_two_files() -> None:
+    sources = [p.read_text() for p in ROOT.glob("tests/*.py")] + [(ROOT / "course.py").read_text()]
+    assert unpinned_imports(sources, PIN_FILES) == [], "pin these in requirements-dev.txt"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
