@@ -2,6 +2,7 @@
 """One entry point for the course. Needs only Python 3.11+; it sets up ``.venv`` on first use.
 
     python course.py lab        install what is needed and open the course in JupyterLab
+    python course.py install    only install what is needed (Codespaces runs this when it is created)
     python course.py test       install what is needed and run the whole test suite
     python course.py progress   run your exercise notebooks and print which checks pass
     python course.py reset 01   start chapter 1's exercise notebook again (--force to discard work)
@@ -32,6 +33,7 @@ MAINTAINER = "requirements-dev.txt"
 MINIMUM_PYTHON = (3, 11)
 COMMANDS = {
     "lab": None,
+    "install": None,
     "test": None,
     "progress": "support.progress",
     "reset": "support.reset",
@@ -176,6 +178,9 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted while installing; run the command again to finish.", file=sys.stderr)
         return 130
+    if command == "install":
+        print(f"ready: {python}")
+        return 0
     if command == "lab":
         args = [python, "-m", "jupyterlab", "--notebook-dir", str(ROOT), *rest]
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers often run as root; JupyterLab refuses
