@@ -10,6 +10,7 @@ import argparse
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def _saved(path: Path, now: float | None = None) -> str:
+    """When the file was last saved, e.g. "saved 14:02, 3 min ago": unsaved work is not in it."""
+    mtime = path.stat().st_mtime
+    ago = max(0, int(((now if now is not None else time.time()) - mtime) // 60))
+    when = time.strftime("%H:%M", time.localtime(mtime))
+    return f"saved {when}, " + ("just now" if ago == 0 else f"{ago} min ago")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             + (f" for chapter(s) {' '.join(args.chapters)}" if args.chapters else "")
         )
         return 2
+    print("Progress reads the saved notebook files: save your work in JupyterLab (Ctrl+S) first.")
     rows: list[Row] = []
     for path in notebooks:
-        print(f"running {path.relative_to(args.root)} …", flush=True)
+        print(f"running {path.relative_to(args.root)} ({_saved(path)}) …", flush=True)
         rows += read_checks(run_notebook(path), path.name.split("_")[0])
     print()
     print(table(rows))

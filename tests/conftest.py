@@ -1,4 +1,9 @@
-"""Shared fixtures: the test app served for a test, and clean state between tests."""
+"""Shared fixtures: the test app served for a test, and clean state between tests; ``--quick``.
+
+The suite's markers: ``notebooks`` (runs whole notebooks in a kernel), ``backends`` (real Redis and
+PostgreSQL), ``performance`` (the instruments' own speed). ``--quick`` leaves all three out, for the
+edit-test loop of day-to-day work; ``python course.py test`` with no options runs everything.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,26 @@ from support.checks import reset_hints
 from tests.apps import make_app
 
 matplotlib.use("Agg")
+
+
+SLOW_MARKERS = ("notebooks", "backends", "performance")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--quick",
+        action="store_true",
+        help="leave out the notebooks, the real backends and the performance tests (a minute or less)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--quick"):
+        return
+    slow = [item for item in items if any(item.get_closest_marker(m) for m in SLOW_MARKERS)]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in slow]
 
 
 @pytest.fixture

@@ -29,8 +29,10 @@ def test_latency_matches_an_endpoint_of_known_delay(server: support.Server) -> N
     result = run(support.load(server, "/sleep?s=0.05", requests=10, concurrency=1))
     # a 50 ms sleep under uvloop was seen ending at 49.86 ms (its clock is cached per loop turn)
     assert min(result.latencies) >= 0.048
-    assert result.p50 < 0.09
-    assert 0.5 <= result.wall <= 1.0  # ten sequential 50 ms requests
+    assert result.p50 < 10 * 0.05  # generous: the instrument's overhead is measured by the bench tests
+    # concurrency 1: each request starts only after the one before it ended
+    assert all(a.end <= b.start for a, b in itertools.pairwise(result.records))
+    assert result.wall >= sum(result.latencies) >= 0.48
 
 
 def test_a_blocked_server_shows_a_staircase(server: support.Server) -> None:
@@ -42,18 +44,21 @@ def test_a_blocked_server_shows_a_staircase(server: support.Server) -> None:
     assert statistics.median(gaps) >= 0.04
 
 
+@pytest.mark.performance
 def test_concurrent_sleeps_finish_near_the_ideal(server: support.Server) -> None:
     """Target 1.5× the ideal (see `python course.py bench`); asserted here with margin for noise."""
     figure = run(ideal_walls(server, runs=3, n=200, delay=0.1))
     assert figure.median < 2.0, figure
 
 
+@pytest.mark.performance
 def test_it_is_much_faster_than_an_httpx_loop(server: support.Server) -> None:
     ours = run(load_rps(server, runs=3, n=2000))
     theirs = run(httpx_rps(server, runs=1, n=300))
     assert ours.median > 4 * theirs.median, (ours, theirs)
 
 
+@pytest.mark.performance
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_it_reaches_a_good_share_of_wrk(server: support.Server) -> None:
     """Target ≥ 40 % of wrk's requests/s on the same in-process server; asserted at 25 % for noise."""

@@ -1,6 +1,7 @@
 """Every notebook runs twice in one kernel, and leaves nothing running.
 
-This is where the lessons are run (a failing cell fails the test); nbval also runs the solutions once.
+Lessons and solved exercises run here, and only here: a failing cell fails the test, as does anything
+left running after the last cell or growing from one run to the next.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted([*(ROOT / "notebooks").glob("*.ipynb"), *(ROOT / "solutions").glob("*.ipynb")])

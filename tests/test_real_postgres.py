@@ -18,6 +18,8 @@ from sqlalchemy.engine import make_url
 
 from tests.backends import ROOT, run_notebook, run_tests
 
+pytestmark = pytest.mark.backends
+
 NOTEBOOKS = [
     ROOT / "notebooks" / "04_async_database.ipynb",
     ROOT / "notebooks" / "05_caching.ipynb",

@@ -21,6 +21,8 @@ import redis
 
 from tests.backends import ROOT, run_notebook, run_tests
 
+pytestmark = pytest.mark.backends
+
 REDIS_CHAPTERS = ("02", "05", "06")
 NOTEBOOKS = sorted(
     path

