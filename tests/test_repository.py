@@ -162,4 +162,13 @@ def test_ci_and_forks_run_the_readme_test_command() -> None:
     assert ci.rstrip().endswith("exec python3 course.py test")
     assert "export COURSE_REAL_REDIS=required" in ci and "export COURSE_REAL_POSTGRES=required" in ci
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "test.yml").read_text())
-    assert {"run": ".ci/run"} in workflow["jobs"]["test"]["steps"]
+    linux = workflow["jobs"]["linux"]
+    assert {"run": ".ci/run"} in linux["steps"]
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert linux["strategy"]["matrix"]["python"][0] == requires.removeprefix(">="), "the oldest supported"
+    others = workflow["jobs"]["other-platforms"]
+    assert {o.split("-")[0] for o in others["strategy"]["matrix"]["os"]} == {"macos", "windows"}
+    (command,) = [step["run"] for step in others["steps"] if "run" in step]
+    assert command.startswith("python course.py test tests/test_notebooks_rerun.py")
+    checks = {p.name for p in (ROOT / "tests").glob("test_checks_ch*.py")}
+    assert checks <= {word.removeprefix("tests/") for word in command.split()}, "every chapter's checks"
