@@ -9,6 +9,7 @@
     python course.py generate   regenerate exercises/ from solutions/ (maintainers)
     python course.py bench      measure the load generator against wrk and the ideal (maintainers)
     python course.py gallery    run every chapter and save its headline figure to docs/gallery (maintainers)
+    python course.py site       execute every lesson and solution and write the course's site to _site/
 
 If the Python running this already has every pinned package (Binder, a conda environment made from
 environment.yml), that Python is used and nothing is installed. Learners get requirements.txt only;
@@ -40,6 +41,7 @@ COMMANDS = {
     "generate": "support.generate",
     "bench": "support.bench",
     "gallery": "support.gallery",
+    "site": "support.site",
 }
 MAINTAINER_COMMANDS = {"test", "bench", "gallery"}
 

@@ -10,12 +10,16 @@ left running after the last cell or growing from one run to the next.
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from support import site
 
 pytestmark = pytest.mark.notebooks
 
@@ -38,7 +42,7 @@ def leftovers(client: NotebookClient, probe: nbformat.NotebookNode, index: int) 
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_runs_twice_in_one_kernel_and_cleans_up(path: Path) -> None:
+def test_runs_twice_in_one_kernel_and_cleans_up(path: Path, tmp_path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     lesson = list(nb.cells)
     probe = nbformat.v4.new_code_cell(PROBE)
@@ -55,9 +59,25 @@ def test_runs_twice_in_one_kernel_and_cleans_up(path: Path) -> None:
             for index, cell in enumerate(lesson):
                 client.execute_cell(cell, index)  # raises CellExecutionError on the first failing cell
             after.append(leftovers(client, probe, len(lesson)))
+            if run == 0:
+                first_run = copy.deepcopy(nb)
+                first_run.cells = first_run.cells[: len(lesson)]
     first, second = after
     assert second["start"] == "spawn", "the second run uses spawn, as macOS and Windows do"
     assert first["servers"] == second["servers"] == 0, "the last cell must stop every server"
     assert first["workers"] == second["workers"] == 0, "the last cell must stop every worker"
     assert second["threads"] <= first["threads"], f"threads grew from one run to the next: {after}"
     assert second["fds"] <= first["fds"] + 2, f"file descriptors grew from one run to the next: {after}"
+    check_site_page(first_run, path, tmp_path)
+
+
+def check_site_page(executed: nbformat.NotebookNode, path: Path, out: Path) -> None:
+    """The site's page for this notebook, from the first run: no error output, and a lesson's plots."""
+    all_pages = site.pages(ROOT)
+    (page,) = [p for p in all_pages if p.source == path]
+    written = site.write_page(executed, page, out, all_pages)  # raises on error output
+    text = written.read_text()
+    if page.kind == "lesson":
+        assert site.figures(executed) >= 1 and "data:image/png" in text, "a lesson page shows its plots"
+    assert 'href="../index.html"' in text, "the course bar links back to the front page"
+    assert not re.search(r'href="[^":#]+\.ipynb', text), "links to notebooks point at their pages"
