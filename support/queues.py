@@ -3,7 +3,11 @@
 The chapters use SAQ ("Simple Async Queue"): asyncio-native, maintained, and durable in the way that
 matters here. A job lives in Redis from ``enqueue`` until a worker *finishes* it; a worker that dies
 mid-job leaves it marked active, and another worker's periodic sweep finds it stuck (past its
-``timeout`` or ``heartbeat``) and runs it again. Retries with exponential backoff are built in.
+``timeout`` or ``heartbeat``). The sweep runs it again only if the job has attempts left
+(``job.retryable``: ``retries > attempts``); otherwise it finishes the job as ABORTED with the error
+"swept". ``retries`` counts attempts and defaults to 1, so a job enqueued with SAQ's defaults is
+*not* re-run after a crash: give ``retries=2`` or more to jobs that must survive one. Retries with
+exponential backoff are built in.
 
 Two adjustments, both plumbing:
 
@@ -92,8 +96,10 @@ def start_worker(
     issues #124 and #277): with frequent sweeps, expect duplicates, and make jobs idempotent. A
     sweep also locks out the other workers' sweeps of the queue for ``sweep_every`` seconds.
     Other keyword arguments go to ``saq.Worker``. The handle's ``stop()`` shuts the worker down as
-    SIGTERM would; ``kill()`` crashes it. Either way a job in progress stays in Redis and a sweep
-    runs it again (SAQ's own shutdown, with no grace period, cancels its attempt to re-queue it).
+    SIGTERM would; ``kill()`` crashes it. Either way a job in progress stays in Redis, marked active
+    (SAQ's own shutdown, with no grace period, cancels its attempt to re-queue it), until a sweep
+    finds it: re-queued if ``retries`` exceeds its attempts so far, else finished as ABORTED
+    ("swept"), which is what happens to a job enqueued with the default ``retries=1``.
     """
     key = name or caller_key()
     functions = list(functions)

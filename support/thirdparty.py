@@ -33,7 +33,8 @@ class EmailProvider:
     ``fail_after_send=True`` makes the failing calls fail *after* the email went out (the provider
     accepted it but the response was lost): the caller sees an error although the email was sent,
     which is what makes blind retries send twice. ``dedupe=True`` makes the provider honour
-    idempotency keys, as real email APIs do: a repeated key is accepted without sending again.
+    idempotency keys, as payment APIs do (Stripe's ``Idempotency-Key`` header) and a few email APIs
+    (Resend's): a repeated key is accepted without sending again. Many email APIs have no such key.
     """
 
     def __init__(

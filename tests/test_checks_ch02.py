@@ -206,13 +206,35 @@ def test_2_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None
 # ---------------------------------------------------------------------------------------------------
 
 
+RELEASE_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 def welcome_job(variant: str) -> Any:
     """``send_welcome_once`` as a learner might write it."""
 
     async def send_welcome_once(redis: Any, provider: Any, user_id: str, email: str) -> None:
         key = f"ch02:welcome:{user_id}"
+        token = uuid.uuid4().hex
         if variant == "placeholder":
             raise NotImplementedError(placeholder_message("2.2"))
+        if variant == "lock":  # right too: redis-py's Lock claims with a token and releases by script
+            if await redis.exists(f"{key}:sent"):
+                return
+            claim = redis.lock(f"{key}:claim", timeout=30, blocking=False)
+            if not await claim.acquire():
+                return
+            try:
+                await provider.send(email, "Welcome!")
+            except BaseException:
+                await claim.release()  # raises LockNotOwnedError if the claim lapsed and was taken
+                raise
+            await redis.set(f"{key}:sent", 1)
+            return
         if variant == "no-guard":
             await provider.send(email, "Welcome!")
             return
@@ -225,11 +247,13 @@ def welcome_job(variant: str) -> Any:
                 return
             await redis.set(key, "sending", ex=60)
         elif variant == "two-keys":  # right too: a claim with an expiry, and a separate mark
-            if await redis.exists(f"{key}:sent") or not await redis.set(f"{key}:claim", 1, nx=True, ex=30):
+            if await redis.exists(f"{key}:sent") or not await redis.set(
+                f"{key}:claim", token, nx=True, ex=30
+            ):
                 return
         else:
             ttl = None if variant == "no-ttl" else 60
-            if not await redis.set(key, "sending", nx=True, ex=ttl):
+            if not await redis.set(key, token, nx=True, ex=ttl):
                 return
         if variant == "no-release":
             await provider.send(email, "Welcome!")
@@ -240,16 +264,20 @@ def welcome_job(variant: str) -> Any:
             finally:
                 await redis.delete(key)
             return
+        claim = f"{key}:claim" if variant == "two-keys" else key
         try:
             await provider.send(email, "Welcome!")
         except ProviderError:
-            await redis.delete(f"{key}:claim" if variant == "two-keys" else key)
+            if variant in ("plain-delete", "swallow", "get-then-set"):
+                await redis.delete(claim)  # whoever's claim is there now
+            else:
+                await redis.eval(RELEASE_IF_MINE, 1, claim, token)  # only if it is still ours
             if variant == "swallow":
                 return
             raise
         if variant == "two-keys":
             await redis.set(f"{key}:sent", 1)
-            await redis.delete(f"{key}:claim")
+            await redis.eval(RELEASE_IF_MINE, 1, claim, token)
         else:
             await redis.set(key, "sent")
 
@@ -259,13 +287,38 @@ def welcome_job(variant: str) -> Any:
     return not_async if variant == "not-async" else send_welcome_once
 
 
-@pytest.mark.parametrize("variant", ["right", "two-keys"])
-def test_2_2_an_atomic_claim_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("variant", ["right", "two-keys", "lock"])
+def test_2_2_an_atomic_claim_released_only_by_its_owner_passes(
+    variant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     check_idempotent_job(welcome_job(variant))
     out = capsys.readouterr().out
     assert "  ✅ 10 copies of the job at once send one email\n" in out
     assert "  ✅ after a failed attempt (ProviderError), the retry sends the email, once\n" in out
-    assert out.endswith("Exercise 2.2: passed ✅ (6 of 6 checks)\n")
+    assert "  ✅ a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's\n" in out
+    assert out.endswith("Exercise 2.2: passed ✅ (7 of 7 checks)\n")
+
+
+def test_2_2_a_release_by_plain_delete_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # the claim lapses mid-send, a second copy claims; the first copy's DELETE removes that claim
+    out = rejected(capsys, check_idempotent_job, welcome_job("plain-delete"))
+    assert (
+        "❌ a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's\n"
+        "       expected: 1 email to ex22-grace@example.com: a copy whose claim lapsed must not remove the "
+        "claim another copy took over\n"
+        "       seen:     2: copy A's claim expired while its send was slow, copy B claimed the user; when "
+        "A's send failed, A deleted the key, B's claim with it, so copy C, run while B was still sending, "
+        "claimed the user and sent again\n"
+    ) in out
+    assert "hint:     A plain `DELETE` removes whatever claim is there now" in out
+    assert out.endswith("Exercise 2.2: not yet — 6 of 7 checks pass")
+
+
+def test_2_2_the_release_hint_gets_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    first = rejected(capsys, check_idempotent_job, welcome_job("plain-delete"))
+    second = rejected(capsys, check_idempotent_job, welcome_job("plain-delete"))
+    assert "RELEASE_IF_MINE" not in first
+    assert "`await redis.eval(RELEASE_IF_MINE, 1, key, token)`" in second
 
 
 def test_2_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -283,7 +336,7 @@ def test_2_2_no_guard_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     ) in out
     assert "seen:     10: the copies all looked before any of them marked the user" in out
     assert "no key mentioning the user existed during the send" in out
-    assert out.endswith("Exercise 2.2: not yet — 3 of 6 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 3 of 7 checks pass")
 
 
 @pytest.mark.parametrize(("variant", "passing"), [("get-then-set", 5), ("get-send-set", 4)])
@@ -297,7 +350,7 @@ def test_2_2_a_check_then_set_is_rejected(
         "       seen:     10: the copies all looked before any of them marked the user\n"
         "       hint:     Looking (GET) and marking (SET) are two round trips"
     ) in out
-    assert out.endswith(f"Exercise 2.2: not yet — {passing} of 6 checks pass")
+    assert out.endswith(f"Exercise 2.2: not yet — {passing} of 7 checks pass")
 
 
 def test_2_2_a_claim_kept_after_a_failure_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -307,7 +360,7 @@ def test_2_2_a_claim_kept_after_a_failure_is_rejected(capsys: pytest.CaptureFixt
         "       seen:     0: the first attempt failed, and its claim was still there when the retry ran, "
         "so the retry skipped the user; the email is lost\n"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 6 of 7 checks pass")
 
 
 def test_2_2_a_claim_without_expiry_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -316,19 +369,19 @@ def test_2_2_a_claim_without_expiry_is_rejected(capsys: pytest.CaptureFixture[st
         "seen:     ch02:welcome:ex22-barbara had no expiry: if the worker crashed mid-send, the claim "
         "would stay for ever"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 5 of 7 checks pass")
 
 
 def test_2_2_a_swallowed_failure_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_idempotent_job, welcome_job("swallow"))
     assert "it returned normally without sending: the queue would mark the job done" in out
-    assert out.endswith("Exercise 2.2: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 5 of 7 checks pass")
 
 
 def test_2_2_a_claim_released_after_success_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_idempotent_job, welcome_job("release-always"))
     assert "seen:     2: the second run sent again" in out
-    assert out.endswith("Exercise 2.2: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 5 of 7 checks pass")
 
 
 def test_2_2_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:

@@ -121,6 +121,38 @@ def test_jobs_of_a_killed_worker_are_run_again_by_the_next_one() -> None:
     assert min(runs.values()) >= 2
 
 
+def test_a_killed_workers_job_with_default_retries_is_aborted_by_the_sweep_not_run_again() -> None:
+    # SAQ's sweep re-queues a stuck job only `if job.retryable` (retries > attempts); `retries`
+    # defaults to 1, so the one attempt the dead worker started was the job's last.
+    first = start_worker(QUEUE, [slow], name="first", sweep_every=1)
+
+    async def enqueue() -> list:
+        queue = job_queue(QUEUE)
+        await queue.connect()
+        jobs = [await queue.enqueue("slow", name=f"job{i}", timeout=1) for i in range(2)]
+        await queue.disconnect()
+        return jobs
+
+    jobs = asyncio.run(enqueue())
+    assert jobs[0].retries == 1, "SAQ's default changed: revisit chapter 2's crash section"
+    deadline = time.monotonic() + 5
+    while sum(runs.values()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    first.kill()
+    start_worker(QUEUE, [slow], name="second", sweep_every=1)
+
+    async def outcome() -> list:
+        queue = job_queue(QUEUE)
+        await queue.connect()
+        finished = [await finished_job(queue, job.key, 15) for job in jobs]
+        await queue.disconnect()
+        return finished
+
+    finished = asyncio.run(outcome())
+    assert [(job.status, job.error) for job in finished] == [(Status.ABORTED, "swept")] * 2
+    assert runs == {"job0": 1, "job1": 1}, "a job without attempts left must not run again"
+
+
 def test_a_job_in_progress_at_a_graceful_stop_is_run_again_by_the_next_workers_sweep() -> None:
     # SAQ's stop() cancels the job and starts re-queueing it, but with no shutdown grace period it
     # cancels that too: the job is left in the active list, where the next worker's sweep finds it.

@@ -2,9 +2,10 @@
 
 Each check counts what happened instead of timing it: which request ID each queued job worked for,
 how many emails the provider sent, how many requests a full queue accepted and refused. Where a
-race is the point (Exercise 2.2), the check makes it likely rather than hoping for it: its Redis
+race is the point (Exercise 2.2), the check makes it happen rather than hoping for it: its Redis
 client takes a millisecond per command, as a Redis across a network does, so a read followed by a
-write leaves room for another job in between.
+write leaves room for another job in between; and it expires a claim mid-send and lets another copy
+take it over, which a slow send does in production.
 
 The learner's coroutines run on a fresh event loop in a thread of the check's own (as in chapter 1),
 and every server and worker a check starts is stopped before it returns.
@@ -13,6 +14,7 @@ and every server and worker a check starts is stopped before it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import re
@@ -333,10 +335,11 @@ class _CheckProvider(EmailProvider):
         self.during_send: Callable[[str], Awaitable[None]] | None = None
 
     async def send(self, to: str, subject: str = "Welcome!", *, idempotency_key: str | None = None) -> None:
-        self.fail_every = 1 if self.fail_next > 0 else 0
+        fails = self.fail_next > 0  # decided when the call starts: other sends may run in during_send
         self.fail_next = max(0, self.fail_next - 1)
         if self.during_send is not None:
             await self.during_send(to)
+        self.fail_every = 1 if fails else 0  # read by super().send before its first await
         await super().send(to, subject, idempotency_key=idempotency_key)
 
 
@@ -465,7 +468,8 @@ async def _retry(scene: _Scene) -> None:
             "retry skipped the user; the email is lost",
             [
                 'A claim says "someone is sending": when the send fails, nobody is, so give the claim up.',
-                "Release it on failure: `except Exception: await redis.delete(key); raise`.",
+                "Release it on failure, then re-raise: `except Exception:` delete your claim (only if the "
+                "key still holds your token, as the last step explains), then `raise`.",
             ],
         )
     expect(sent == 1, f"1 email to {_email('alan')} once the retry ran", f"{sent}", _CLAIM_HINT)
@@ -515,13 +519,101 @@ async def _claim_expires(scene: _Scene) -> None:
     )
 
 
+_RELEASE_HINT = (
+    "Claim with a value of your own, `token = uuid.uuid4().hex`: `redis.set(key, token, nx=True, ex=60)`; "
+    "release only if the key still holds it, in one step: "
+    "`await redis.eval(RELEASE_IF_MINE, 1, key, token)`, a Lua script that runs "
+    "`if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`."
+)
+
+
+@dataclass
+class _Takeover:
+    """Copy A's claim expires mid-send; copy B claims and holds it while A fails and releases."""
+
+    scene: _Scene
+    user: str = "grace"
+    calls: int = 0
+    expired: list[str] = field(default_factory=list)  # A's claim keys, expired by the check
+    b_sending: asyncio.Event = field(default_factory=asyncio.Event)
+    a_done: asyncio.Event = field(default_factory=asyncio.Event)
+    b_task: asyncio.Task[None] | None = None
+
+    async def during_send(self, _: str) -> None:
+        self.calls += 1
+        if self.calls == 1:  # copy A, holding its claim: the claim lapses, copy B starts
+            redis = self.scene.redis
+            async for key in redis.scan_iter(match=f"*{_TOKEN}{self.user}*"):
+                if await redis.pttl(key) > 0:
+                    self.expired.append(key)
+                    await redis.pexpire(key, 1)
+            while self.expired and await redis.exists(*self.expired):
+                await asyncio.sleep(0.002)
+            if self.expired:
+                self.b_task = asyncio.create_task(self.scene.run(self.user))
+                await _wait(self.b_sending, 1.0)
+        elif self.calls == 2:  # copy B, holding its own claim: it sends once A has given up
+            self.b_sending.set()
+            await _wait(self.a_done, 2.0)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+
+
+async def _release_only_yours(scene: _Scene) -> None:
+    story = _Takeover(scene)
+    scene.provider.during_send = story.during_send
+    scene.provider.fail_next = 1  # copy A's send fails, after its claim has lapsed
+    try:
+        await scene.run(story.user)  # copy A
+    except Mismatch:
+        raise
+    except Exception:  # expected: A's send failed (or its release refused: the claim is not A's)
+        pass
+    expect(
+        story.expired,
+        "a claim with an expiry while the email is being sent (this step lets it lapse)",
+        "none: no key naming the user had a TTL during the send",
+        "Claim with `ex=`, as the step above asks; this step then checks how you release it.",
+    )
+    try:
+        held = [key async for key in scene.redis.scan_iter(match=f"*{_TOKEN}{story.user}*")]
+        await scene.run(story.user)  # copy C, while B is still sending
+    finally:
+        story.a_done.set()  # copy B may send now
+        if story.b_task is not None:
+            await asyncio.wait([story.b_task])
+    if story.b_task is not None and story.b_task.exception() is not None:
+        raise story.b_task.exception()  # the learner's own error, in copy B
+    sent = scene.sent(story.user)
+    if sent > 1 and not held:
+        raise Mismatch(
+            f"1 email to {_email(story.user)}: a copy whose claim lapsed must not remove the claim "
+            "another copy took over",
+            f"{sent}: copy A's claim expired while its send was slow, copy B claimed the user; when A's "
+            "send failed, A deleted the key, B's claim with it, so copy C, run while B was still "
+            "sending, claimed the user and sent again",
+            [
+                "A plain `DELETE` removes whatever claim is there now, and after a slow send that may "
+                "be another copy's: release only the claim that is still yours.",
+                _RELEASE_HINT,
+            ],
+        )
+    expect(sent == 1, f"1 email to {_email(story.user)} from copies A, B and C", f"{sent}", _RELEASE_HINT)
+
+
 def check_idempotent_job(send_welcome_once: Callable[..., Awaitable[None]]) -> None:
     """Check Exercise 2.2: ``send_welcome_once(redis, provider, user_id, email)`` sends at most once.
 
     Each scenario runs on a fresh loop with a fresh ``EmailProvider`` (50 ms per send) and a Redis
     client that takes 1 ms per command: the same job twice (1 email); two users (1 each); a first
     attempt whose send raises ``ProviderError``, then a retry (exactly 1, and the failure must
-    propagate); 10 copies at once (1); and, while sending, every key naming the user expires.
+    propagate); 10 copies at once (1); while sending, every key naming the user expires; and a
+    takeover: copy A's claim lapses mid-send (the check expires it), copy B claims the user and sends
+    slowly, A's send fails and A releases, then copy C runs while B is sending: 1 email in all, which
+    a release by plain ``DELETE`` (removing B's claim, so C sends) does not give.
     Keys containing "ex22-" (the check's users) are deleted before and after each scenario.
     """
     with exercise("2.2", "Make a job idempotent", SOLUTION) as ex:
@@ -532,6 +624,11 @@ def check_idempotent_job(send_welcome_once: Callable[..., Awaitable[None]]) -> N
             ("after a failed attempt (ProviderError), the retry sends the email, once", _retry, "retry"),
             (f"{_COPIES} copies of the job at once send one email", _concurrent, "concurrent"),
             ("the claim held while sending expires on its own", _claim_expires, "ttl"),
+            (
+                "a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's",
+                _release_only_yours,
+                "takeover",
+            ),
         ]
         for number, (description, body, name) in enumerate(steps):
             passed = ex.step(
