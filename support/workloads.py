@@ -41,19 +41,25 @@ def where() -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class CallRecord:
-    """One call to a legacy client: when, on which thread, and whether that thread ran an event loop."""
+    """One call to a legacy client: when, on which thread, and whether that thread ran an event loop.
+
+    ``thread`` is the thread's name, ``thread_id`` its identity: AnyIO gives all its worker threads
+    one name, so counting distinct ``thread_id`` values counts the threads a pool used.
+    """
 
     start: float
     end: float
     thread: str
     on_event_loop: bool
+    thread_id: int = 0
 
 
 @dataclass
 class LegacyPriceClient:
     """A synchronous SDK, like many vendor clients: every call blocks its thread for ``delay`` seconds.
 
-    ``calls`` records each call; ``max_in_flight`` is the most calls that overlapped.
+    ``calls`` records each call; ``max_in_flight`` is the most calls that overlapped, which is how
+    many threads a pool really ran at once for it.
     """
 
     delay: float = 0.05
@@ -74,7 +80,8 @@ class LegacyPriceClient:
         finally:
             with self._lock:
                 self._in_flight -= 1
-        self.calls.append(CallRecord(start, time.perf_counter(), threading.current_thread().name, on_loop))
+        thread = threading.current_thread()
+        self.calls.append(CallRecord(start, time.perf_counter(), thread.name, on_loop, thread.ident or 0))
         return price_of(symbol)
 
     def reset(self) -> None:
