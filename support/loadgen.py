@@ -332,7 +332,8 @@ async def load(
                 delay = next_start - (time.perf_counter() - t0)
                 if delay > 0:
                     await asyncio.sleep(delay)
-                next_start = max(next_start + interval, time.perf_counter() - t0)
+                # at least ``interval`` after this start, even when the sleep overshot (busy loop)
+                next_start = max(next_start, time.perf_counter() - t0) + interval
             data = fixed if fixed is not None else build(i)
             start = time.perf_counter()
             status, error, payload, keep_alive = 0, None, b"", False

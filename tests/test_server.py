@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -101,14 +102,22 @@ def test_failing_lifespan_raises_a_clear_error() -> None:
     assert support.running() == []
 
 
-def test_stop_waits_for_a_request_in_flight(server: support.Server) -> None:
+def test_stop_waits_for_a_request_in_flight() -> None:
+    app = FastAPI()
+    started = threading.Event()
+
+    @app.get("/slow")
+    async def slow() -> dict[str, bool]:
+        started.set()
+        await asyncio.sleep(0.3)
+        return {"done": True}
+
+    server = support.serve(app, name="t-in-flight")
     results: list[int] = []
-    client = threading.Thread(
-        target=lambda: results.append(httpx.get(server.url + "/sleep?s=0.3").status_code)
-    )
+    client = threading.Thread(target=lambda: results.append(httpx.get(server.url + "/slow").status_code))
     client.start()
-    time.sleep(0.1)
-    server.stop()
+    assert started.wait(10), "the request never reached the app"
+    server.stop()  # while the handler sleeps
     client.join()
     assert results == [200]
 
