@@ -188,7 +188,9 @@ def main(argv: list[str]) -> int:
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers often run as root; JupyterLab refuses
             args.append("--allow-root")
     elif command == "test":
-        args = [python, "-m", "pytest", *rest]
+        # Two workers: the notebooks mostly wait on sleeps and sockets, so two overlap well even on
+        # two cores. `-n 0` (or plain `pytest`) runs serially.
+        args = [python, "-m", "pytest", "-n", "2", "--dist", "load", *rest]
     else:
         args = [python, "-m", COMMANDS[command], *rest]
     return run_child(args)

@@ -29,7 +29,7 @@ def run_notebook(path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> str
 def run_tests(*tests: str, **env: str) -> None:
     """Run test files in a pytest of their own, with ``env`` added to the environment."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", *tests],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,
