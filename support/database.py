@@ -1,9 +1,11 @@
 """The course's database: a temporary SQLite file through aiosqlite unless ``DATABASE_URL`` is set.
 
-    url = support.fresh_database("ch04")           # sqlite+aiosqlite:///…/ch04.db, or $DATABASE_URL
+    url = support.fresh_database("ch04")           # sqlite+aiosqlite:///…/ch04-<pid>.db, or $DATABASE_URL
     engine = create_async_engine(url, pool_size=5)
     support.database.install_sleep(engine)          # so that slow_query(0.05) works on SQLite too
     watch = support.database.PoolWatch(engine)      # connections in use, peak, queries run
+    limit = support.database.ConnectionLimit(20)    # a database server's max_connections, simulated
+    limit.attach(engine)
 
 A *file*, not ``:memory:``: SQLAlchemy gives aiosqlite file databases a real
 ``AsyncAdaptedQueuePool``, while ``:memory:`` gets a ``StaticPool`` (one shared connection), which
@@ -17,6 +19,7 @@ heavy query would keep the database busy); on PostgreSQL the built-in ``pg_sleep
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 import time
@@ -28,6 +31,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
+    "ConnectionLimit",
     "PoolWatch",
     "database_url",
     "describe_database",
@@ -38,6 +42,8 @@ __all__ = [
 ]
 
 _DIRECTORY = Path(tempfile.gettempdir()) / "fastapi-async-course"
+_SIDE_FILES = ("-journal", "-wal", "-shm")
+_OWNER = re.compile(r"-(\d+)\.db(?:-journal|-wal|-shm)?$")
 _SYNC_DRIVERS = {"aiosqlite": "pysqlite", "asyncpg": "psycopg", "aiomysql": "pymysql"}
 
 
@@ -49,6 +55,10 @@ def database_url() -> str | None:
 def fresh_database(name: str) -> str:
     """An async URL for a database the caller may drop and fill: a new, empty SQLite file by default.
 
+    The file is this process's own (``name-<pid>.db``): a test run or a second kernel that asks for
+    the same name gets another file instead of deleting this one under it. Files left by processes
+    that have ended are removed (on Linux, where ``/proc`` says which are still running).
+
     With ``$DATABASE_URL`` set, that URL is returned unchanged: the chapter creates and drops only its
     own tables (named ``chNN_…``), so point it at a scratch database, never at one you care about.
     """
@@ -56,10 +66,20 @@ def fresh_database(name: str) -> str:
     if url:
         return url
     _DIRECTORY.mkdir(exist_ok=True)
-    path = _DIRECTORY / f"{name}.db"
-    for leftover in (path, path.with_name(path.name + "-journal"), path.with_name(path.name + "-wal")):
+    _remove_files_of_ended_processes()
+    path = _DIRECTORY / f"{name}-{os.getpid()}.db"
+    for leftover in (path, *(path.with_name(path.name + suffix) for suffix in _SIDE_FILES)):
         leftover.unlink(missing_ok=True)
     return f"sqlite+aiosqlite:///{path}"
+
+
+def _remove_files_of_ended_processes() -> None:
+    if not Path("/proc/self").is_dir():  # no cheap, safe way to ask elsewhere: leave the files
+        return
+    for path in _DIRECTORY.iterdir():
+        found = _OWNER.search(path.name)
+        if found and not Path(f"/proc/{found.group(1)}").exists():
+            path.unlink(missing_ok=True)
 
 
 def sync_url(url: str) -> str:
@@ -105,7 +125,10 @@ def slow_query(seconds: float, dialect: str = "sqlite") -> TextClause:
 class PoolWatch:
     """Counts what an engine's pool does: connections in use now and at peak, opened, queries run.
 
-    Counting happens in SQLAlchemy's pool and cursor events, on whichever thread fires them.
+    Counting happens in SQLAlchemy's pool and cursor events, on whichever thread fires them. A
+    connection stops being in use when it is checked in, or when it is detached from the pool: that
+    is what SQLAlchemy does with a checked-out connection of an async driver that the garbage
+    collector finds (it terminates it instead of checking it in, so no ``checkin`` event fires).
     """
 
     def __init__(self, engine: AsyncEngine | Engine) -> None:
@@ -116,6 +139,7 @@ class PoolWatch:
         event.listen(sync_engine, "connect", self._on_connect)
         event.listen(sync_engine, "checkout", self._on_checkout)
         event.listen(sync_engine, "checkin", self._on_checkin)
+        event.listen(sync_engine, "detach", self._on_checkin)
         event.listen(sync_engine, "before_cursor_execute", self._on_execute)
 
     def reset(self) -> None:
@@ -146,4 +170,58 @@ class PoolWatch:
         return (
             f"<PoolWatch in use {self.in_use}, peak {self.peak}, opened {self.opened}, "
             f"queries {self.queries}>"
+        )
+
+
+class ConnectionLimit:
+    """A database server's connection limit, simulated: a connection past ``max_connections`` is refused.
+
+    A real server has one (PostgreSQL's ``max_connections``, 100 by default, answers the next client
+    "sorry, too many clients already"); SQLite has none, so chapter 4 simulates it to show what an
+    unbounded pool does to the other services of the same database. Every engine ``attach``-ed to one
+    limit counts against it, as services sharing one server do: a connection counts from the moment
+    it is opened until the pool closes it (checked in or not). A refused connection raises the
+    driver's ``OperationalError`` (SQLAlchemy wraps it in ``sqlalchemy.exc.OperationalError``).
+    """
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.open = self.peak = self.refused = 0
+        self._lock = threading.Lock()
+
+    def attach(self, engine: AsyncEngine | Engine) -> None:
+        """Make ``engine``'s new connections count against this limit (attach before it connects)."""
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        # do_connect replaces the driver's connect call: the last do_connect listener of the engine.
+        event.listen(sync_engine, "do_connect", self._connect)
+        event.listen(sync_engine, "close", self._closed)
+        event.listen(sync_engine, "close_detached", self._closed)
+
+    def _connect(self, dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
+        with self._lock:
+            if self.open >= self.max_connections:
+                self.refused += 1
+                refuse = True
+            else:
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+                refuse = False
+        if refuse:
+            raise dialect.loaded_dbapi.OperationalError(
+                f"sorry, too many clients already (max_connections={self.max_connections}, simulated)"
+            )
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except BaseException:
+            self._closed()
+            raise
+
+    def _closed(self, *_: Any) -> None:
+        with self._lock:
+            self.open -= 1
+
+    def __repr__(self) -> str:
+        return (
+            f"<ConnectionLimit {self.open} of {self.max_connections} open, peak {self.peak}, "
+            f"refused {self.refused}>"
         )

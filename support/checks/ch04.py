@@ -1206,12 +1206,12 @@ def _check_queries(seen: _Loading) -> None:
     per_order = count > len(seen.truth)
     expect(
         count <= _MAX_QUERIES,
-        f"a fixed number of queries, at most {_MAX_QUERIES}, whatever the number of orders",
+        f"at most {_MAX_QUERIES} queries for {len(seen.truth)} orders, not one per order",
         f"{count} queries for {len(seen.truth)} orders"
         + (": one for the orders, then one more per order (the N+1 problem)" if per_order else ""),
         "Each `await order.awaitable_attrs.lines` is a query of its own: with 1,000 orders, 1,001 "
         "round trips to the database.",
-        "Load every order's lines in one more query: " + _SELECTIN,
+        "Load the lines of all the orders in one more query (one per 500 orders): " + _SELECTIN,
     )
 
 
