@@ -25,8 +25,9 @@ class LogCollector(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
         if self.formatter is not None:
-            # Formatted now, on the thread that logged: a formatter that reads a context variable
-            # (a request ID, a trace ID) sees the request's value, not the notebook's.
+            # Formatted now, so .lines() shows each line as it was when logged. A handler behind a
+            # QueueListener formats later, on the listener's thread, outside the request's context:
+            # stamp context variables onto the record with a logging.Filter (chapter 3), not here.
             try:
                 self.lines_.append(self.format(record))
             except Exception:

@@ -53,3 +53,31 @@ def test_formats_on_the_logging_thread_and_rerun_replaces_the_collector() -> Non
     second.close()
     with support.collect_logs("course.test.fmt") as plain, pytest.raises(ValueError, match="formatter"):
         plain.lines()
+
+
+def test_a_filter_on_the_collector_stamps_records_where_they_are_logged() -> None:
+    from contextvars import ContextVar
+
+    request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+    class Stamp(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.request_id = request_id.get()
+            return True
+
+    logger = logging.getLogger("course.test.filter")
+    logger.propagate = False
+    with support.collect_logs(
+        "course.test.filter", logging.INFO, formatter=logging.Formatter("%(request_id)s %(message)s")
+    ) as logs:
+        logs.addFilter(Stamp())
+
+        def in_request() -> None:
+            request_id.set("req-9")
+            logger.info("hello")
+
+        worker = threading.Thread(target=in_request)
+        worker.start()
+        worker.join()
+        assert logs.lines() == ["req-9 hello"]
+        assert logs.records[0].request_id == "req-9"
