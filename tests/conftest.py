@@ -31,12 +31,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.getoption("--quick"):
-        return
+    """Slow tests first (the workers then end together, quick tests filling the gaps), or none."""
     slow = [item for item in items if any(item.get_closest_marker(m) for m in SLOW_MARKERS)]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if item not in slow]
+    rest = [item for item in items if not any(item.get_closest_marker(m) for m in SLOW_MARKERS)]
+    if config.getoption("--quick"):
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+        items[:] = rest
+    else:
+        longest = ("test_real_", "test_notebooks_rerun")  # whole chapters, 10-50 s each
+        slow.sort(key=lambda item: not any(name in item.nodeid for name in longest))
+        items[:] = slow + rest
 
 
 @pytest.fixture
