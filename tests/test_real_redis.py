@@ -79,5 +79,6 @@ def test_notebook_runs_on_a_real_redis(
         assert f"Redis at {real_redis_url} (from REDIS_URL)" in printed
 
 
-def test_exercise_checks_pass_and_reject_on_a_real_redis(real_redis_url: str) -> None:
-    run_tests("tests/test_checks_ch05.py", "tests/test_checks_ch06.py", REDIS_URL=real_redis_url)
+@pytest.mark.parametrize("tests", ["tests/test_checks_ch05.py", "tests/test_checks_ch06.py"])
+def test_exercise_checks_pass_and_reject_on_a_real_redis(tests: str, real_redis_url: str) -> None:
+    run_tests(tests, REDIS_URL=real_redis_url)
