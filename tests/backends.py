@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+from support import site
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,11 +18,7 @@ def run_notebook(path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> str
     """Run a notebook top to bottom in a kernel that inherits ``env``; return everything it printed."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(path.parent)}}
-    )
-    client.execute()  # raises CellExecutionError on the first failing cell
+    nb = site.execute(path)  # raises CellExecutionError on the first failing cell
     return "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
 
 
