@@ -51,7 +51,10 @@ def redis_client(
     between a read and a later write (check-then-set), which a real network exposes, never show
     without it. It applies to every round trip: each command, each script (``EVAL``/``EVALSHA``,
     which go through ``execute_command``), and each pipeline's ``execute()`` (one round trip for the
-    whole batch, as on a real connection).
+    whole batch, as on a real connection). It is an ``asyncio.sleep``, so the loop's timer resolution
+    applies: under uvloop (what ``serve()`` uses) a delay under 0.5 ms rounds to none at all, and on
+    asyncio's selector loop any delay waits about 1 ms or more (epoll's timeout is in whole
+    milliseconds, rounded up). Measure the round trip you got rather than trusting a sub-millisecond value.
     ``kwargs`` go to the client (for example ``max_connections``). Close it with ``await
     client.aclose()`` when done; the embedded server itself lives as long as the kernel.
     """
