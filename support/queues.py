@@ -9,12 +9,21 @@ mid-job leaves it marked active, and another worker's periodic sweep finds it st
 *not* re-run after a crash: give ``retries=2`` or more to jobs that must survive one. Retries with
 exponential backoff are built in.
 
-Two adjustments, both plumbing:
+A worker that is *stopped* (SIGTERM, not a crash) behaves differently: SAQ cancels the jobs it is
+running and puts each back on the queue (``job.retry("cancelled")`` in ``Worker.process``, whatever
+the job's ``retries``), so the next worker runs it again at once, with one attempt more.
+
+Three adjustments, all plumbing:
 
 - fakeredis has no ``INFO`` command, which SAQ uses only to learn the server's version. The queue
   reports 6.0 there: from 6.2 on SAQ waits for jobs with ``BLMOVE``, which fakeredis answers at once
   instead of blocking (an idle worker then spins a whole core); below it, SAQ uses ``BRPOPLPUSH``,
   which blocks.
+- fakeredis keeps a blocked ``BRPOPLPUSH`` alive after its caller was cancelled and its connection
+  dropped, where Redis forgets a closed connection's command. Left alone, at a worker's stop the job
+  SAQ puts back on the queue is moved straight into the active list by one of the stopping worker's
+  own abandoned waits, and stays there until a sweep (which aborts it if ``retries=1``).
+  ``dequeue`` drops the blocked command when its caller goes, as Redis does.
 - When the sweep finds a stuck job it first asks the job's worker to abort it and waits for an
   answer (5 s by default). A crashed worker never answers; the wait here is shorter
   (``abort_wait``) so that crash recovery fits in a notebook cell.
@@ -52,6 +61,38 @@ class CourseQueue(RedisQueue):
 
     async def sweep(self, lock: int = 60, abort: float | None = None) -> list[str]:
         return await super().sweep(lock, abort=self.abort_wait if abort is None else abort)
+
+    async def dequeue(self, timeout: float = 0.0, poll_interval: float = 0.0) -> Job | None:
+        if redis_url() is not None:
+            return await super().dequeue(timeout, poll_interval)
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()
+        blocked = connection._sock  # the embedded server's end of this connection
+        try:
+            await connection.send_command("BRPOPLPUSH", self._queued, self._active, timeout)
+            job_id = await connection.read_response()
+        except BaseException:
+            _drop_blocked_command(blocked)
+            raise
+        finally:
+            await pool.release(connection)
+        return None if job_id is None else await self._get_job_by_id(job_id)
+
+
+def _drop_blocked_command(sock: Any) -> None:
+    """What Redis does when a blocked client goes away: its command is dropped and moves nothing.
+
+    fakeredis runs a blocked command in a task of its own that outlives the caller; marking the
+    socket unblocked (as ``CLIENT UNBLOCK`` does) makes that task answer "nothing" when it wakes,
+    instead of moving a job into the active list for nobody (fakeredis internals, pinned version).
+    """
+    server = getattr(sock, "_server", None)
+    if server is None:
+        return
+    with server.lock:
+        if sock._blocked:
+            sock._unblock_reason = b"timeout"
+            sock._db.wake_all()
 
 
 def job_queue(name: str, *, abort_wait: float = 0.1) -> CourseQueue:
@@ -96,10 +137,11 @@ def start_worker(
     issues #124 and #277): with frequent sweeps, expect duplicates, and make jobs idempotent. A
     sweep also locks out the other workers' sweeps of the queue for ``sweep_every`` seconds.
     Other keyword arguments go to ``saq.Worker``. The handle's ``stop()`` shuts the worker down as
-    SIGTERM would; ``kill()`` crashes it. Either way a job in progress stays in Redis, marked active
-    (SAQ's own shutdown, with no grace period, cancels its attempt to re-queue it), until a sweep
-    finds it: re-queued if ``retries`` exceeds its attempts so far, else finished as ABORTED
-    ("swept"), which is what happens to a job enqueued with the default ``retries=1``.
+    SIGTERM would: SAQ cancels the jobs in progress (after ``shutdown_grace_period_s``, if given) and
+    puts them back on the queue, whatever their ``retries``. ``kill()`` crashes it: a job in progress
+    stays in Redis, marked active, until a sweep finds it: re-queued if ``retries`` exceeds its
+    attempts so far, else finished as ABORTED ("swept"), which is what happens to a job enqueued
+    with the default ``retries=1``.
     """
     key = name or caller_key()
     functions = list(functions)

@@ -63,12 +63,13 @@ class EmailProvider:
             self.in_flight = 0
             self.max_in_flight = 0
 
-    def _begin(self) -> bool:
+    def _begin(self) -> int:
+        """Count a new call; returns its number if it is one of the scheduled failures, else 0."""
         with self._lock:
             self.calls += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            return bool(self.fail_every) and self.calls % self.fail_every == 0
+            return self.calls if self.fail_every and self.calls % self.fail_every == 0 else 0
 
     def _record(self, to: str, subject: str, key: str | None) -> None:
         with self._lock:
@@ -76,14 +77,14 @@ class EmailProvider:
                 return
             self.sent.append(SentEmail(to, subject, key, time.perf_counter()))
 
-    def _complete(self, fails: bool, to: str, subject: str, key: str | None) -> None:
-        if fails and not self.fail_after_send:
+    def _complete(self, failing_call: int, to: str, subject: str, key: str | None) -> None:
+        if failing_call and not self.fail_after_send:
             self._failed()
-            raise ProviderError(f"email provider unavailable (call {self.calls})")
+            raise ProviderError(f"email provider unavailable (call {failing_call})")
         self._record(to, subject, key)
-        if fails:
+        if failing_call:
             self._failed()
-            raise ProviderError("email provider timed out after accepting the message")
+            raise ProviderError(f"email provider timed out after accepting the message (call {failing_call})")
 
     def _failed(self) -> None:
         with self._lock:
@@ -95,10 +96,10 @@ class EmailProvider:
 
     async def send(self, to: str, subject: str = "Welcome!", *, idempotency_key: str | None = None) -> None:
         """Send one email (asynchronously); raises ``ProviderError`` on the scheduled failures."""
-        fails = self._begin()
+        failing_call = self._begin()
         try:
             await asyncio.sleep(self.delay)
-            self._complete(fails, to, subject, idempotency_key)
+            self._complete(failing_call, to, subject, idempotency_key)
         finally:
             self._end()
 
@@ -106,10 +107,10 @@ class EmailProvider:
         self, to: str, subject: str = "Welcome!", *, idempotency_key: str | None = None
     ) -> None:
         """The same call through a synchronous SDK: blocks the calling thread for ``delay`` s."""
-        fails = self._begin()
+        failing_call = self._begin()
         try:
             time.sleep(self.delay)
-            self._complete(fails, to, subject, idempotency_key)
+            self._complete(failing_call, to, subject, idempotency_key)
         finally:
             self._end()
 
