@@ -3,16 +3,28 @@
 ``anyio.to_process.run_sync`` (and any process pool under spawn) cannot run a function defined in a
 notebook cell, so the CPU-bound functions live here. The "legacy" clients record where they ran, so
 checks can assert the mechanism (was a blocking call made on the event loop thread?) instead of timing.
+``probe_from_another_process`` measures a server from outside its process, so that the measuring
+client does not compete with the server's threads for the server's GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio.to_thread
+
+from support.loadgen import LoadResult, RequestRecord
 
 __all__ = [
     "CallRecord",
@@ -21,6 +33,7 @@ __all__ = [
     "count_primes",
     "hash_buffer",
     "on_event_loop_thread",
+    "probe_from_another_process",
     "where",
 ]
 
@@ -132,3 +145,53 @@ def hash_buffer(megabytes: int = 64, rounds: int = 1) -> str:
     for _ in range(rounds):
         digest.update(data)
     return digest.hexdigest()
+
+
+# The probe's client: standard library only, so the interpreter starts in a few tens of milliseconds
+# (``-I -S``: no site-packages, no environment variables). Same pacing as ``load(interval=…)``.
+_PROBE_CLIENT = """
+import http.client, json, sys, time
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+requests, interval = int(sys.argv[4]), float(sys.argv[5])
+conn = http.client.HTTPConnection(host, port, timeout=60)
+conn.connect()
+records, next_start, t0 = [], 0.0, time.perf_counter()
+for _ in range(requests):
+    delay = next_start - (time.perf_counter() - t0)
+    if delay > 0:
+        time.sleep(delay)
+    next_start = max(next_start, time.perf_counter() - t0) + interval
+    start = time.perf_counter() - t0
+    conn.request("GET", path)
+    response = conn.getresponse()
+    response.read()
+    records.append((start, time.perf_counter() - t0, response.status))
+conn.close()
+print(json.dumps({"wall": time.perf_counter() - t0, "records": records}))
+"""
+
+
+async def probe_from_another_process(
+    url: Any, path: str = "/ping", *, requests: int = 30, interval: float = 0.01, label: str | None = None
+) -> LoadResult:
+    """``load(url, path, requests=…, concurrency=1, interval=…)``, sent from a separate Python process.
+
+    A client in the server's own process shares the server's GIL: while the server's threads run
+    Python code, the client's event loop waits for the GIL too, and its waits are counted as the
+    server's latency. From another process, only the server's threads compete for it, as in
+    production. The connection is opened before the clock starts; ``url`` is a base URL or a
+    ``serve()`` handle.
+    """
+    base = urlsplit(getattr(url, "url", url))
+    if base.scheme != "http" or not base.hostname:
+        raise ValueError(f"probe_from_another_process() needs an http:// URL or a server handle, got {url!r}")
+    command = [sys.executable, "-I", "-S", "-c", _PROBE_CLIENT, base.hostname, str(base.port or 80)]
+    command += [base.path.rstrip("/") + path, str(requests), str(interval)]
+    run = functools.partial(subprocess.run, command, capture_output=True, text=True, timeout=120)
+    done = await anyio.to_thread.run_sync(run)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConnectionError(f"the probe's process failed: {last}")
+    result = json.loads(done.stdout)
+    records = [RequestRecord(i, *record) for i, record in enumerate(result["records"])]
+    return LoadResult(label or f"GET {path} from another process", 1, result["wall"], records)

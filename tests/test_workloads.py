@@ -1,12 +1,24 @@
-"""support.workloads: the legacy client records where each call ran, and how many overlapped."""
+"""support.workloads: the legacy client records where each call ran, and how many overlapped; the
+probe from another process records each request like ``load`` does."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from support.workloads import GeoClient, LegacyPriceClient, count_primes, hash_buffer, price_of
+import pytest
+
+import support
+from support.workloads import (
+    GeoClient,
+    LegacyPriceClient,
+    count_primes,
+    hash_buffer,
+    price_of,
+    probe_from_another_process,
+)
 
 
 def test_calls_from_a_pool_record_each_thread_and_the_overlap() -> None:
@@ -39,3 +51,19 @@ def test_the_other_workloads_compute_what_they_say() -> None:
     assert count_primes(100) == 25
     assert hash_buffer(1) == "30e14955ebf1352266dc2ff8067e68104607e750abb9d3b36582b8af909fcb58"
     assert asyncio.run(GeoClient(delay=0).lookup("10.0.0.1")) == "NL"
+
+
+def test_the_probe_from_another_process_paces_and_records_each_request(server: support.Server) -> None:
+    result = asyncio.run(probe_from_another_process(server, "/status/200", requests=5, interval=0.02))
+    assert (result.concurrency, len(result.records), result.ok) == (1, 5, 5)
+    assert [r.index for r in result.records] == list(range(5))
+    assert all(b - a >= 0.019 for a, b in zip(result.starts, result.starts[1:], strict=False))  # paced
+    assert all(0 <= r.start <= r.end <= result.wall for r in result.records)
+
+
+def test_the_probe_from_another_process_says_when_it_cannot_connect() -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago, and has no server now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ConnectionError, match="the probe's process failed"):
+        asyncio.run(probe_from_another_process(f"http://127.0.0.1:{port}"))
