@@ -77,8 +77,8 @@ def check_packages() -> Finding:
     seen = "; ".join(filter(None, [f"missing: {', '.join(missing)}" if missing else "", ", ".join(wrong)]))
     if missing:
         return Finding("pinned packages", False, seen, _INSTALL + ", then restart the kernel")
-    # Other versions usually work; the numbers in the text were measured with the pinned ones.
-    return Finding("pinned packages", True, f"runs, but with other versions than measured: {seen}")
+    # Other versions usually work; the course is tested with the pinned ones.
+    return Finding("pinned packages", True, f"runs, but with other versions than the tested pins: {seen}")
 
 
 def check_kernel() -> Finding:

@@ -637,7 +637,7 @@ _WORKLOADS = (
                 ("Blocking I/O must leave the loop's thread; waiting needs no CPU.", _TO_THREAD),
             ),
             "process": (
-                "it ran in another process: a process start (~0.5 s the first time) and pickling both "
+                "it ran in another process: a process start (most of a second the first time) and pickling both "
                 "ways, to wait",
                 (
                     "It works here, but a real client (sockets, locks, a session) cannot be pickled "
