@@ -3,7 +3,7 @@
     url = support.fresh_database("ch04")           # sqlite+aiosqlite:///…/ch04-<pid>.db, or $DATABASE_URL
     engine = create_async_engine(url, pool_size=5)
     support.database.install_sleep(engine)          # so that slow_query(0.05) works on SQLite too
-    watch = support.database.PoolWatch(engine)      # connections in use, peak, queries run
+    watch = support.database.PoolWatch(engine)      # connections in use, peak, queries run, holds
     limit = support.database.ConnectionLimit(20)    # a database server's max_connections, simulated
     limit.attach(engine)
 
@@ -11,9 +11,11 @@ A *file*, not ``:memory:``: SQLAlchemy gives aiosqlite file databases a real
 ``AsyncAdaptedQueuePool``, while ``:memory:`` gets a ``StaticPool`` (one shared connection), which
 would hide everything chapter 4 measures about pools.
 
-A realistically slow query is ``slow_query(seconds)``: on SQLite a ``sleep_ms`` SQL function that
-``install_sleep`` registers on every new connection (it sleeps in the connection's thread, as a
-heavy query would keep the database busy); on PostgreSQL the built-in ``pg_sleep``.
+A slow query is ``slow_query(seconds)``: it takes that long in the database and uses none of its
+CPU, as a query waiting on disk or on a lock would, so as many run side by side as there are
+connections (a CPU-bound query would compete for the database's cores instead). On SQLite it calls
+a ``sleep_ms`` SQL function that ``install_sleep`` registers on every new connection (it sleeps in
+the connection's aiosqlite thread); on PostgreSQL the built-in ``pg_sleep``.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def slow_query(seconds: float, dialect: str = "sqlite") -> TextClause:
 class PoolWatch:
     """Counts what an engine's pool does: connections in use now and at peak, opened, queries run.
 
+    ``holds`` has one entry per checkout that has ended: how long, in seconds, it kept its connection.
     Counting happens in SQLAlchemy's pool and cursor events, on whichever thread fires them. A
     connection stops being in use when it is checked in, or when it is detached from the pool: that
     is what SQLAlchemy does with a checked-out connection of an async driver that the garbage
@@ -135,6 +138,8 @@ class PoolWatch:
         self._lock = threading.Lock()
         self.in_use = self.peak = self.opened = self.queries = 0
         self.statements: list[str] = []
+        self.holds: list[float] = []
+        self._checked_out: dict[int, float] = {}  # id(connection record) → when it was checked out
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         event.listen(sync_engine, "connect", self._on_connect)
         event.listen(sync_engine, "checkout", self._on_checkout)
@@ -143,23 +148,28 @@ class PoolWatch:
         event.listen(sync_engine, "before_cursor_execute", self._on_execute)
 
     def reset(self) -> None:
-        """Start counting peak, opened and queries again (connections in use stay as they are)."""
+        """Start counting peak, opened, queries and holds again (connections in use stay as they are)."""
         with self._lock:
             self.peak, self.opened, self.queries = self.in_use, 0, 0
             self.statements.clear()
+            self.holds.clear()
 
     def _on_connect(self, *_: Any) -> None:
         with self._lock:
             self.opened += 1
 
-    def _on_checkout(self, *_: Any) -> None:
+    def _on_checkout(self, _dbapi_connection: Any, record: Any, *_: Any) -> None:
         with self._lock:
             self.in_use += 1
             self.peak = max(self.peak, self.in_use)
+            self._checked_out[id(record)] = time.perf_counter()
 
-    def _on_checkin(self, *_: Any) -> None:
+    def _on_checkin(self, _dbapi_connection: Any, record: Any, *_: Any) -> None:
         with self._lock:
             self.in_use -= 1
+            started = self._checked_out.pop(id(record), None)
+            if started is not None:
+                self.holds.append(time.perf_counter() - started)
 
     def _on_execute(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         with self._lock:
@@ -176,12 +186,14 @@ class PoolWatch:
 class ConnectionLimit:
     """A database server's connection limit, simulated: a connection past ``max_connections`` is refused.
 
-    A real server has one (PostgreSQL's ``max_connections``, 100 by default, answers the next client
-    "sorry, too many clients already"); SQLite has none, so chapter 4 simulates it to show what an
-    unbounded pool does to the other services of the same database. Every engine ``attach``-ed to one
-    limit counts against it, as services sharing one server do: a connection counts from the moment
-    it is opened until the pool closes it (checked in or not). A refused connection raises the
-    driver's ``OperationalError`` (SQLAlchemy wraps it in ``sqlalchemy.exc.OperationalError``).
+    A real server has one: PostgreSQL's ``max_connections`` (100 by default) answers the next client
+    "sorry, too many clients already", and a role that is not a superuser is refused earlier, once only
+    the ``superuser_reserved_connections`` (3 by default) are left. SQLite has none, so chapter 4
+    simulates it to show what an unbounded pool does to the other services of the same database.
+    Every engine ``attach``-ed to one limit counts against it, as services sharing one server do: a
+    connection counts from the moment it is opened until the pool closes it (checked in or not). A
+    refused connection raises the driver's ``OperationalError`` (SQLAlchemy wraps it in
+    ``sqlalchemy.exc.OperationalError``).
     """
 
     def __init__(self, max_connections: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import threading
 import time
 import warnings
 
@@ -46,25 +47,61 @@ def test_sync_url_swaps_the_driver_only(async_url: str, expected: str) -> None:
 
 def test_slow_queries_on_separate_connections_overlap_and_the_pool_is_counted(monkeypatch) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
+    sleeps: list[tuple[float, float]] = []  # (start, end) of each sleep, seen inside the database
 
-    async def main() -> tuple[float, PoolWatch]:
+    def recorded_sleep_ms(ms: float) -> float:
+        start = time.perf_counter()
+        time.sleep(ms / 1000)
+        sleeps.append((start, time.perf_counter()))
+        return ms
+
+    monkeypatch.setattr("support.database._sleep_ms", recorded_sleep_ms)
+
+    async def main() -> PoolWatch:
         engine = create_async_engine(fresh_database("test-pool"), pool_size=4, max_overflow=0)
         install_sleep(engine)
         watch = PoolWatch(engine)
+        connected = asyncio.Barrier(4)
 
         async def one() -> None:
             async with engine.connect() as conn:
-                await conn.execute(slow_query(0.1))
+                await connected.wait()  # all four connections open before any query starts
+                await conn.execute(slow_query(0.2))
 
-        started = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(4)))
-        wall = time.perf_counter() - started
         await engine.dispose()
-        return wall, watch
+        return watch
 
-    wall, watch = asyncio.run(main())
-    assert wall < 0.3, f"4 queries of 100 ms on 4 connections took {wall:.2f} s: they did not overlap"
+    watch = asyncio.run(main())
     assert (watch.peak, watch.opened, watch.queries, watch.in_use) == (4, 4, 4, 0)
+    assert len(sleeps) == 4
+    last_start, first_end = max(start for start, _ in sleeps), min(end for _, end in sleeps)
+    # one at a time, each query would start after the previous one ended
+    assert last_start < first_end, f"the four 200 ms queries did not all run at once: {sleeps}"
+    assert len(watch.holds) == 4 and all(0.2 <= held < 30 for held in watch.holds), watch.holds
+
+
+def test_pool_watch_holds_say_how_long_each_checkout_kept_its_connection(monkeypatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
+    async def main() -> tuple[list[float], list[float]]:
+        engine = create_async_engine(fresh_database("test-holds"))
+        install_sleep(engine)
+        watch = PoolWatch(engine)
+        async with engine.connect() as conn:
+            await conn.execute(slow_query(0.1))
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        before_reset = list(watch.holds)
+        watch.reset()
+        after_reset = list(watch.holds)
+        await engine.dispose()
+        return before_reset, after_reset
+
+    before_reset, after_reset = asyncio.run(main())
+    assert len(before_reset) == 2 and after_reset == []
+    slow, quick = before_reset
+    assert slow >= 0.1 and quick < slow, before_reset
 
 
 def test_slow_query_uses_pg_sleep_on_postgresql() -> None:
@@ -104,21 +141,29 @@ def test_a_connection_limit_shared_by_two_engines_refuses_past_it_and_frees_on_c
 def test_a_leaked_session_collected_by_the_gc_is_terminated_and_no_longer_in_use(monkeypatch) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
 
-    async def main() -> tuple[int, int, list[str]]:
+    async def main() -> tuple[int, int, list[str], set[threading.Thread]]:
         engine = create_async_engine(fresh_database("test-gc"))
         watch = PoolWatch(engine)
         session = async_sessionmaker(engine)()
+        threads = set(threading.enumerate())
         await session.execute(text("SELECT 1"))  # checks out a connection, never given back
+        driver_threads = set(threading.enumerate()) - threads  # aiosqlite's thread for that connection
         before = watch.in_use
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             del session
             gc.collect()
+        # terminating stops the driver's thread, which reports back to this loop: wait for it before
+        # the loop closes, or the thread fails with "Event loop is closed"
+        deadline = time.perf_counter() + 10
+        while any(t.is_alive() for t in driver_threads) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
         await engine.dispose()
-        return before, watch.in_use, [str(w.message) for w in caught]
+        return before, watch.in_use, [str(w.message) for w in caught], driver_threads
 
-    before, after, messages = asyncio.run(main())
+    before, after, messages, driver_threads = asyncio.run(main())
     assert (before, after) == (1, 0)
+    assert len(driver_threads) == 1 and not any(t.is_alive() for t in driver_threads), driver_threads
     assert any("non-checked-in connection" in m and "will be terminated" in m for m in messages), messages
 
 
