@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -50,14 +50,18 @@ _providers: Registry[Tracing] = Registry()
 class SlowExporter(SpanExporter):
     """An exporter that takes ``delay`` seconds per export call, like a network call to a collector.
 
-    It keeps the spans it was given (``.spans``) and counts ``.calls``, so a notebook can see how many
-    spans arrived and in how many batches.
+    It keeps the spans it was given (``.spans``), counts ``.calls``, and counts the calls made on each
+    thread, by the thread's name (``.threads``), so a notebook can see how many spans arrived, in how
+    many batches, and which thread waited for the "network": a ``SimpleSpanProcessor`` calls it on the
+    thread that ended the span, a ``BatchSpanProcessor`` on its own worker thread (and ``force_flush``
+    on the thread that asks for the flush).
     """
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.calls = 0
         self.spans: list[ReadableSpan] = []
+        self.threads: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -65,6 +69,7 @@ class SlowExporter(SpanExporter):
         with self._lock:
             self.calls += 1
             self.spans.extend(spans)
+            self.threads[threading.current_thread().name] += 1
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -108,7 +113,10 @@ class Tracing:
         self.stopped = False
 
     def spans(self) -> list[ReadableSpan]:
-        """The spans finished so far, oldest first (a batch processor is flushed first)."""
+        """The spans finished so far, oldest first.
+
+        A batch processor is flushed first: what it still holds is exported on the calling thread.
+        """
         self.provider.force_flush()
         if isinstance(self.exporter, InMemorySpanExporter):
             found = list(self.exporter.get_finished_spans())

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+import pytest
 from fastapi import FastAPI, Request
+from opentelemetry import trace as trace_api
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
@@ -58,8 +60,10 @@ def test_spans_of_two_services_join_into_one_trace() -> None:
     assert server.parent is not None and server.parent.span_id == client.context.span_id
     lookup = next(s for s in trace if s.name == "warehouse.lookup")
     assert {s.resource.attributes["service.name"] for s in trace} == {"gateway", "inventory"}
-    assert self_time(lookup, trace) >= 0.025  # a leaf: all its time is its own
-    assert self_time(server, trace) < 0.025  # the lookup's time is its child's, not its own
+    assert self_time(lookup, trace) >= 0.025  # a leaf: all its time is its own (it slept 30 ms)
+    server_seconds = (server.end_time - server.start_time) / 1e9
+    # the lookup's time is its descendant's, not the server span's own
+    assert self_time(server, trace) <= server_seconds - self_time(lookup, trace)
     assert lookup in [s for s in trace if s.parent] and children(lookup, trace) == []
 
     gateway_tracing.clear()
@@ -68,20 +72,27 @@ def test_spans_of_two_services_join_into_one_trace() -> None:
 
 def test_self_time_merges_overlapping_children() -> None:
     tracing = support.tracing("svc", name="t-overlap")
-    with tracing.tracer.start_as_current_span("parent") as parent:
-        parent_context = parent.get_span_context()
-        first = tracing.tracer.start_span("a")
-        second = tracing.tracer.start_span("b")
-        time.sleep(0.05)
-        first.end()
-        second.end()
-        time.sleep(0.02)
+    ms = 1_000_000  # nanoseconds: the spans get explicit times, so the arithmetic is exact
+    t0 = time.time_ns()
+    parent = tracing.tracer.start_span("parent", start_time=t0)
+    inside = trace_api.set_span_in_context(parent)
+    first = tracing.tracer.start_span("a", context=inside, start_time=t0 + 10 * ms)
+    second = tracing.tracer.start_span("b", context=inside, start_time=t0 + 20 * ms)  # overlaps a
+    nested = tracing.tracer.start_span("c", context=inside, start_time=t0 + 30 * ms)  # inside a and b
+    nested.end(end_time=t0 + 40 * ms)
+    first.end(end_time=t0 + 60 * ms)
+    second.end(end_time=t0 + 70 * ms)
+    late = tracing.tracer.start_span("d", context=inside, start_time=t0 + 80 * ms)
+    late.end(end_time=t0 + 90 * ms)
+    parent.end(end_time=t0 + 100 * ms)
     spans = tracing.spans()
     parent_span = next(s for s in spans if s.name == "parent")
-    assert parent_span.context.span_id == parent_context.span_id
-    assert len(children(parent_span, spans)) == 2
-    own = self_time(parent_span, spans)
-    assert 0.015 <= own < 0.045, own  # ~20 ms: the two 50 ms children overlap, counted once
+    assert parent_span.context.span_id == parent.get_span_context().span_id
+    assert len(children(parent_span, spans)) == 4
+    # covered: 10–70 ms (a, b and c merged) and 80–90 ms (d); the parent's own: 100 - 70 = 30 ms
+    assert self_time(parent_span, spans) == pytest.approx(0.030, abs=1e-9)
+    leaf = next(s for s in spans if s.name == "c")
+    assert self_time(leaf, spans) == pytest.approx(0.010, abs=1e-9)
 
 
 def test_stop_all_shuts_batch_processors_down_and_rerun_replaces() -> None:
@@ -92,27 +103,35 @@ def test_stop_all_shuts_batch_processors_down_and_rerun_replaces() -> None:
     assert support.running_tracing() == [second]
     assert support.stop_all() == 1
     assert second.stopped and support.running_tracing() == []
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 10  # generous: the thread only has to notice the shutdown
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() <= before
 
 
 def test_simple_processor_exports_inside_span_end_batch_does_not() -> None:
-    slow = support.tracing("svc", processor="simple", exporter=SlowExporter(0.05), name="t-simple")
+    here = threading.current_thread().name
+    simple_exporter = SlowExporter(0.05)
+    slow = support.tracing("svc", processor="simple", exporter=simple_exporter, name="t-simple")
     start = time.perf_counter()
     with slow.tracer.start_as_current_span("work"):
         pass
-    assert time.perf_counter() - start >= 0.045  # the export ran on the caller's thread
+    assert time.perf_counter() - start >= 0.045  # span.end() waited for the export
+    assert simple_exporter.calls == 1 and simple_exporter.threads == {here: 1}  # on the caller's thread
 
     exporter = SlowExporter(0.05)
     batched = support.tracing("svc", processor="batch", exporter=exporter, name="t-batch")
-    start = time.perf_counter()
     for _ in range(20):
         with batched.tracer.start_as_current_span("work"):
             pass
-    assert time.perf_counter() - start < 0.045
-    assert len(batched.spans()) == 20 and exporter.calls <= 2  # one batch (two at most)
+    # The worker thread exports on its own schedule (200 ms here); wait for it, without flushing,
+    # since a flush exports on the thread that asks for it.
+    deadline = time.monotonic() + 10
+    while exporter.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert exporter.calls >= 1 and here not in exporter.threads  # none of it on the caller's thread
+    assert set(exporter.threads) == {"OtelBatchSpanRecordProcessor"}
+    assert len(batched.spans()) == 20 and exporter.calls < 20  # batched: fewer calls than spans
 
 
 def test_sampler_is_applied() -> None:
