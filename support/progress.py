@@ -1,13 +1,15 @@
 """Run your exercise notebooks and print which exercises pass: ``python course.py progress [01 …]``.
 
 Each notebook in ``exercises/`` runs top to bottom in a fresh kernel (errors do not stop it), then
-every check cell (tagged ``check``) is read for its summary line: passed, not yet, or not started.
+every check cell (tagged ``check``) is read for the verdict its check records as a display output
+(``support.checks.VERDICT_MIME``): passed, not yet, or not started. A check cell without one (it
+raised before its check ran, say) is an error row that says so.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import os
 import subprocess
 import sys
 import time
@@ -17,9 +19,9 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from support.checks import MARKS, RAISE_ENV, VERDICT_MIME, Verdict
+
 ROOT = Path(__file__).resolve().parent.parent
-SUMMARY = re.compile(r"Exercise (?P<id>\d+\.\d+): (?P<status>passed|not yet|not started)(?P<rest>.*)")
-FAILED_LINE = re.compile(r"^\s*(❌|⬜)\s*(?P<text>.+)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -30,37 +32,52 @@ class Row:
     detail: str
 
 
-def _text(cell: nbformat.NotebookNode) -> tuple[str, str | None]:
-    """The cell's printed text, and the error it ended with (``Name: value``), if any."""
-    printed, error = [], None
+def verdicts(cell: nbformat.NotebookNode) -> list[Verdict]:
+    """The verdicts a check cell's outputs carry, in order (the last run of each exercise wins)."""
+    found: dict[str, Verdict] = {}
     for output in cell.get("outputs", []):
-        if output.output_type == "stream":
-            printed.append(output.text)
-        elif output.output_type == "error":
-            error = f"{output.ename}: {output.evalue}"
-    return "".join(printed), error
+        if output.get("output_type") not in ("display_data", "execute_result"):
+            continue
+        data = output.get("data", {}).get(VERDICT_MIME)
+        if isinstance(data, dict) and "exercise" in data and "status" in data:
+            verdict = Verdict.from_json(data)
+            found.pop(verdict.exercise, None)
+            found[verdict.exercise] = verdict
+    return list(found.values())
+
+
+def _error(cell: nbformat.NotebookNode) -> str | None:
+    """The error the cell ended with (``Name: value``), if any."""
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "error":
+            return f"{output.get('ename')}: {output.get('evalue')}"
+    return None
+
+
+def _detail(verdict: Verdict) -> str:
+    if verdict.status == "not started":
+        return "replace the `raise NotImplementedError` line in its cell"
+    failing = [step for step in verdict.steps if step.status == "not yet"]
+    if verdict.status == "not yet" and failing:
+        return f"failing: {failing[0].description}"
+    return ""
 
 
 def read_checks(nb: nbformat.NotebookNode, chapter: str) -> list[Row]:
-    """One row per check cell of an executed notebook."""
+    """One row per exercise checked in an executed notebook; an error row for a check cell without one."""
     rows = []
     for number, cell in enumerate(c for c in nb.cells if "check" in c.get("metadata", {}).get("tags", [])):
-        printed, error = _text(cell)
-        match = None
-        for candidate in SUMMARY.finditer(printed + "\n" + (error or "")):
-            match = candidate
-        if match is None:
-            detail = error or "the check cell printed nothing; run it in the notebook to see why"
+        found = verdicts(cell)
+        if not found:
+            error = _error(cell)
+            detail = (
+                f"no verdict: the check cell raised {error} before its check ran"
+                if error
+                else "no verdict: the check cell did not run its check; run it in the notebook to see why"
+            )
             rows.append(Row(chapter, f"check {number + 1}", "error", detail))
             continue
-        first_failure = FAILED_LINE.search(printed)
-        if match["status"] == "not started":
-            detail = "replace the `raise NotImplementedError` line in its cell"
-        elif match["status"] == "not yet" and first_failure:
-            detail = f"failing: {first_failure['text'].strip()}"
-        else:
-            detail = ""
-        rows.append(Row(chapter, match["id"], match["status"], detail))
+        rows += [Row(chapter, v.exercise, v.status, _detail(v)) for v in found]
     return rows
 
 
@@ -73,20 +90,15 @@ def run_notebook(path: Path, timeout: int = 300) -> nbformat.NotebookNode:
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
-    # The kernel's own stderr (ipykernel's start-up warnings) would clutter the table's terminal.
-    client.execute(stderr=subprocess.DEVNULL)
+    # The kernel's own stderr (ipykernel's start-up warnings) would clutter the table's terminal. The
+    # verdicts are read from the outputs, so a check that did not pass need not raise (as in JupyterLab).
+    client.execute(stderr=subprocess.DEVNULL, env={**os.environ, RAISE_ENV: "0"})
     return nb
 
 
 def table(rows: list[Row]) -> str:
-    marks = {
-        "passed": "✅ passed",
-        "not yet": "❌ not yet",
-        "not started": "⬜ not started",
-        "error": "⚠️ error",
-    }
     header = ("chapter", "exercise", "status", "details")
-    lines = [(r.chapter, r.exercise, marks.get(r.status, r.status), r.detail) for r in rows]
+    lines = [(r.chapter, r.exercise, MARKS.get(r.status, r.status), r.detail) for r in rows]
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(3)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, [*widths, 0], strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths) + "  -------")

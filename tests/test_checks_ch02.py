@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 import support
 import support.checks
-from support.checks import placeholder_message
+from support.checks import forget_answers, placeholder_message
 from support.checks.ch02 import check_bounded_queue, check_idempotent_job, check_request_id_in_jobs
 from support.thirdparty import ProviderError
 from tests.checking import fresh_and_leaves_nothing_running, rejected
@@ -132,8 +132,8 @@ def test_2_1_passing_the_id_with_the_job_passes(variant: str, capsys: pytest.Cap
     check_request_id_in_jobs(*orders_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 2.1 · Carry the request ID into a queued job\n")
-    assert "  ✅ 20 requests at once, each with its own X-Request-ID, enqueue 20 jobs\n" in out
-    assert "  ✅ every job worked for the request that enqueued it\n" in out
+    assert "  ✅ passed: 20 requests at once, each with its own X-Request-ID, enqueue 20 jobs\n" in out
+    assert "  ✅ passed: every job worked for the request that enqueued it\n" in out
     assert out.endswith("Exercise 2.1: passed ✅ (4 of 4 checks)\n")
 
 
@@ -147,7 +147,7 @@ def test_2_1_placeholder_is_not_started(variant: str, capsys: pytest.CaptureFixt
 @pytest.mark.parametrize("variant", ["not-passed", "read-var-in-job"])
 def test_2_1_an_id_not_passed_is_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_in_jobs, *orders_answer(variant))
-    assert "❌ every job worked for the request that enqueued it" in out
+    assert "❌ not yet: every job worked for the request that enqueued it" in out
     assert (
         "       expected: each job to work for the request that enqueued it (20 of 20)\n"
         "       seen:     20 of 20 jobs worked for no request: the job for 'o-00' ran with request_id_var "
@@ -182,7 +182,7 @@ def test_2_1_a_shared_current_id_is_rejected(variant: str, capsys: pytest.Captur
 
 def test_2_1_a_job_enqueued_by_another_name_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_in_jobs, *orders_answer("wrong-name"))
-    assert "❌ a worker started afterwards runs the 20 jobs" in out
+    assert "❌ not yet: a worker started afterwards runs the 20 jobs" in out
     assert "seen:     0 ran; the worker reported KeyError: 'process'\n" in out
     assert out.endswith("Exercise 2.1: not yet — 2 of 3 checks pass")
 
@@ -196,6 +196,7 @@ def test_2_1_an_error_in_the_job_is_one_line(capsys: pytest.CaptureFixture[str])
 def test_2_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
     answer = orders_answer("not-passed")
     first = rejected(capsys, check_request_id_in_jobs, *answer)
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_request_id_in_jobs, *answer)
     assert "request_id=request_id_var.get()" not in first
     assert "request_id=request_id_var.get()" in second
@@ -293,9 +294,12 @@ def test_2_2_an_atomic_claim_released_only_by_its_owner_passes(
 ) -> None:
     check_idempotent_job(welcome_job(variant))
     out = capsys.readouterr().out
-    assert "  ✅ 10 copies of the job at once send one email\n" in out
-    assert "  ✅ after a failed attempt (ProviderError), the retry sends the email, once\n" in out
-    assert "  ✅ a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's\n" in out
+    assert "  ✅ passed: 10 copies of the job at once send one email\n" in out
+    assert "  ✅ passed: after a failed attempt (ProviderError), the retry sends the email, once\n" in out
+    assert (
+        "  ✅ passed: a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's\n"
+        in out
+    )
     assert out.endswith("Exercise 2.2: passed ✅ (7 of 7 checks)\n")
 
 
@@ -303,7 +307,7 @@ def test_2_2_a_release_by_plain_delete_is_rejected(capsys: pytest.CaptureFixture
     # the claim lapses mid-send, a second copy claims; the first copy's DELETE removes that claim
     out = rejected(capsys, check_idempotent_job, welcome_job("plain-delete"))
     assert (
-        "❌ a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's\n"
+        "❌ not yet: a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's\n"
         "       expected: 1 email to ex22-grace@example.com: a copy whose claim lapsed must not remove the "
         "claim another copy took over\n"
         "       seen:     2: copy A's claim expired while its send was slow, copy B claimed the user; when "
@@ -316,6 +320,7 @@ def test_2_2_a_release_by_plain_delete_is_rejected(capsys: pytest.CaptureFixture
 
 def test_2_2_the_release_hint_gets_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
     first = rejected(capsys, check_idempotent_job, welcome_job("plain-delete"))
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_idempotent_job, welcome_job("plain-delete"))
     assert "RELEASE_IF_MINE" not in first
     assert "`await redis.eval(RELEASE_IF_MINE, 1, key, token)`" in second
@@ -330,7 +335,7 @@ def test_2_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
 def test_2_2_no_guard_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_idempotent_job, welcome_job("no-guard"))
     assert (
-        "❌ the same job run twice sends one email\n"
+        "❌ not yet: the same job run twice sends one email\n"
         "       expected: 1 email to ex22-ada@example.com after the same job ran twice\n"
         "       seen:     2: the second run sent again\n"
     ) in out
@@ -345,7 +350,7 @@ def test_2_2_a_check_then_set_is_rejected(
 ) -> None:
     out = rejected(capsys, check_idempotent_job, welcome_job(variant))
     assert (
-        "❌ 10 copies of the job at once send one email\n"
+        "❌ not yet: 10 copies of the job at once send one email\n"
         "       expected: 1 email to ex22-edsger@example.com from 10 copies of the job run at once\n"
         "       seen:     10: the copies all looked before any of them marked the user\n"
         "       hint:     Looking (GET) and marking (SET) are two round trips"
@@ -392,6 +397,7 @@ def test_2_2_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) ->
 
 def test_2_2_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
     first = rejected(capsys, check_idempotent_job, welcome_job("get-then-set"))
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_idempotent_job, welcome_job("get-then-set"))
     assert "succeeds for exactly one caller" not in first
     assert "succeeds for exactly one caller" in second
@@ -459,8 +465,8 @@ def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
 def test_2_3_a_bounded_queue_with_503_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     check_bounded_queue(*jobs_answer(variant))
     out = capsys.readouterr().out
-    assert "  ✅ once the queue is full, the rest are refused with 503\n" in out
-    assert "  ✅ every 503 carries Retry-After: whole seconds, at least 1\n" in out
+    assert "  ✅ passed: once the queue is full, the rest are refused with 503\n" in out
+    assert "  ✅ passed: every 503 carries Retry-After: whole seconds, at least 1\n" in out
     assert out.endswith("Exercise 2.3: passed ✅ (6 of 6 checks)\n")
 
 
@@ -473,7 +479,7 @@ def test_2_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
 @pytest.mark.parametrize("variant", ["unbounded", "maxsize-0"])
 def test_2_3_an_unbounded_queue_is_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_bounded_queue, *jobs_answer(variant))
-    assert "❌ once the queue is full, the rest are refused with 503" in out
+    assert "❌ not yet: once the queue is full, the rest are refused with 503" in out
     assert "seen:     30 × 202: the queue took every job\n" in out
     assert out.endswith("Exercise 2.3: not yet — 3 of 4 checks pass")
 

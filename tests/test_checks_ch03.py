@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.checks import placeholder_message
+from support.checks import forget_answers, placeholder_message
 from support.checks.ch03 import check_checkout_spans, check_latency_histogram, check_request_id_middleware
 from support.metrics import read_histogram
 from support.telemetry import children, self_time
@@ -128,8 +128,10 @@ def test_3_1_a_validating_middleware_passes(variant: str, capsys: pytest.Capture
     check_request_id_middleware(*ids_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 3.1 · A correlation-ID middleware\n")
-    assert "  ✅ a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits) is replaced" in out
-    assert "  ✅ 20 concurrent requests each see, and get back, their own ID\n" in out
+    assert (
+        "  ✅ passed: a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits) is replaced" in out
+    )
+    assert "  ✅ passed: 20 concurrent requests each see, and get back, their own ID\n" in out
     assert out.endswith("Exercise 3.1: passed ✅ (6 of 6 checks)\n")
 
 
@@ -141,7 +143,7 @@ def test_3_1_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_3_1_no_validation_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("no-validation"))
-    assert "❌ a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits)" in out
+    assert "❌ not yet: a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits)" in out
     assert "       expected: each missing or bad ID replaced with a fresh one\n" in out
     assert "       seen:     6 of 6 kept as sent (65 characters: 'aaaa" in out
     assert "hint:     An ID a character too long was kept: bound the length at 64." in out
@@ -192,7 +194,7 @@ def test_3_1_refusing_a_bad_id_is_rejected(capsys: pytest.CaptureFixture[str]) -
 
 def test_3_1_a_global_variable_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("global"))
-    assert "❌ 20 concurrent requests each see, and get back, their own ID" in out
+    assert "❌ not yet: 20 concurrent requests each see, and get back, their own ID" in out
     assert re.search(r"seen:     1\d of 20 saw another one \(the handler of 'ex31-req-\d\d' saw", out)
     assert "hint:     Each request runs in its own task, with its own copy of the context" in out
     assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
@@ -208,7 +210,7 @@ def test_3_1_an_id_kept_on_the_middleware_is_rejected(capsys: pytest.CaptureFixt
 def test_3_1_no_echo_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("no-echo"))
     assert (
-        "❌ a sane X-Request-ID (up to 64 characters) is kept, seen by the handler and echoed\n"
+        "❌ not yet: a sane X-Request-ID (up to 64 characters) is kept, seen by the handler and echoed\n"
         "       expected: an X-Request-ID header on the response (for a sane ID)\n"
         "       seen:     none\n"
     ) in out
@@ -218,7 +220,7 @@ def test_3_1_no_echo_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
 def test_3_1_a_variable_never_reset_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("no-reset"))
     assert (
-        "❌ request_id_var is reset once the request is done\n"
+        "❌ not yet: request_id_var is reset once the request is done\n"
         "       expected: request_id_var back to 'ex31-outside' once the request is done\n"
         "       seen:     'ex31-inside'\n"
     ) in out
@@ -234,6 +236,7 @@ def test_3_1_an_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 def test_3_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
     answer = ids_answer("dollar")
     first = rejected(capsys, check_request_id_middleware, *answer)
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_request_id_middleware, *answer)
     assert "re.fullmatch(pattern, incoming)" not in first
     assert "re.fullmatch(pattern, incoming)" in second
@@ -307,8 +310,11 @@ def test_3_2_spans_per_step_and_self_time_pass(slowest: str, capsys: pytest.Capt
     check_checkout_spans(checkout_answer("right"), slowest_answer(slowest))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 3.2 · Custom spans, and the slow step\n")
-    assert "  ✅ spans made inside a step nest under the step's span (it is current)\n" in out
-    assert "  ✅ slowest_step(spans) names the step with the most time of its own, in two checkouts\n" in out
+    assert "  ✅ passed: spans made inside a step nest under the step's span (it is current)\n" in out
+    assert (
+        "  ✅ passed: slowest_step(spans) names the step with the most time of its own, in two checkouts\n"
+        in out
+    )
     assert out.endswith("Exercise 3.2: passed ✅ (7 of 7 checks)\n")
 
 
@@ -324,7 +330,8 @@ def test_3_2_placeholder_is_not_started(
 def test_3_2_spans_never_ended_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("not-ended"), slowest_answer("right"))
     assert (
-        "❌ each step runs in a finished span named checkout.validate, checkout.price, checkout.reserve\n"
+        "❌ not yet: each step runs in a finished span named checkout.validate, checkout.price, "
+        "checkout.reserve\n"
         "       expected: a finished span for each step: checkout.validate, checkout.price, "
         "checkout.reserve\n"
         "       seen:     no finished span other than the check's own: spans that are never ended are never "
@@ -342,17 +349,17 @@ def test_3_2_wrong_names_are_rejected(capsys: pytest.CaptureFixture[str]) -> Non
 def test_3_2_a_new_trace_per_step_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("new-root"), slowest_answer("right"))
     assert (
-        "❌ each step's span is a child of the current span, 'checkout'\n"
+        "❌ not yet: each step's span is a child of the current span, 'checkout'\n"
         "       expected: checkout.validate a child of the current span ('checkout'), in its trace\n"
         "       seen:     checkout.validate is the root of a trace of its own"
     ) in out
-    assert "  ✅ slowest_step(spans) names the step with the most time of its own" in out
+    assert "  ✅ passed: slowest_step(spans) names the step with the most time of its own" in out
     assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
 
 
 def test_3_2_a_span_that_is_not_current_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("start-span"), slowest_answer("right"))
-    assert "❌ spans made inside a step nest under the step's span (it is current)" in out
+    assert "❌ not yet: spans made inside a step nest under the step's span (it is current)" in out
     assert re.search(r"seen:     8 of 8 were not: they went to the step's parent", out)
     assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
 
@@ -391,7 +398,10 @@ def test_3_2_a_step_not_found_from_the_spans_is_rejected(
     variant: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer(variant))
-    assert "❌ slowest_step(spans) names the step with the most time of its own, in two checkouts" in out
+    assert (
+        "❌ not yet: slowest_step(spans) names the step with the most time of its own, in two checkouts"
+        in out
+    )
     assert re.search(r"expected: 'checkout\.\w+', the span with the most time of its own \(when '\w+'", out)
     assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
 
@@ -403,6 +413,7 @@ def test_3_2_a_span_instead_of_its_name_is_rejected(capsys: pytest.CaptureFixtur
 
 def test_3_2_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
     first = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer("longest"))
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer("longest"))
     assert "self_time(span, spans)).name" not in first
     assert "self_time(span, spans)).name" in second
@@ -532,7 +543,10 @@ def test_3_3_a_histogram_per_route_passes(p99: str, capsys: pytest.CaptureFixtur
     check_latency_histogram(shop_answer("right"), p99_answer(p99))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 3.3 · A latency histogram, and p99 from it\n")
-    assert '  ✅ it has one series per route template: route="/items/{item_id}", not one per item\n' in out
+    assert (
+        '  ✅ passed: it has one series per route template: route="/items/{item_id}", not one per item\n'
+        in out
+    )
     assert out.endswith("Exercise 3.3: passed ✅ (10 of 10 checks)\n")
 
 
@@ -578,7 +592,7 @@ def test_3_3_not_a_histogram_is_rejected(variant: str, why: str, capsys: pytest.
 @pytest.mark.usefixtures("default_registry")
 def test_3_3_the_default_registry_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_latency_histogram, shop_answer("default-registry"), p99_answer("right"))
-    assert "❌ it is in the app's own registry, not the default one" in out
+    assert "❌ not yet: it is in the app's own registry, not the default one" in out
     assert "metrics that only prometheus_client's default REGISTRY has" in out
     assert "hint:     The default REGISTRY is global" in out
     assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
@@ -610,7 +624,7 @@ def test_3_3_a_histogram_registered_again_in_the_default_registry_is_named(
 def test_3_3_buckets_without_the_objective_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_latency_histogram, shop_answer("fine-buckets"), p99_answer("right"))
     assert (
-        "❌ its buckets have a boundary at the objective, 0.1 s\n"
+        "❌ not yet: its buckets have a boundary at the objective, 0.1 s\n"
         '       expected: a bucket boundary at the objective, SLO_SECONDS = 0.1 s (le="0.1")\n'
         "       seen:     32 boundaries, the nearest 0.08674 and 0.10842: the share of requests within "
         "0.1 s can only be interpolated\n"
@@ -620,7 +634,7 @@ def test_3_3_buckets_without_the_objective_are_rejected(capsys: pytest.CaptureFi
 
 def test_3_3_milliseconds_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_latency_histogram, shop_answer("milliseconds"), p99_answer("right"))
-    assert "❌ it counted the 60 requests, in seconds" in out
+    assert "❌ not yet: it counted the 60 requests, in seconds" in out
     assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
 
 
@@ -646,7 +660,7 @@ def test_3_3_p99_not_interpolated_is_rejected(
 ) -> None:
     out = rejected(capsys, check_latency_histogram, shop_answer("right"), p99_answer(variant))
     assert (
-        "❌ p99_from_metrics(text) estimates p99 as Prometheus does, on a page with known buckets\n"
+        "❌ not yet: p99_from_metrics(text) estimates p99 as Prometheus does, on a page with known buckets\n"
         "       expected: p99 ≈ 0.2 s on a page with known buckets, as Prometheus's "
         "histogram_quantile(0.99, …) estimates it\n"
     ) in out

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
 
-from support.checks import placeholder_message
+from support.checks import forget_answers, placeholder_message
 from support.checks.ch04 import check_orders_with_lines, check_pool_fail_fast, check_session_dependency
 from support.database import fresh_database, install_sleep, slow_query
 from tests.checking import fresh_and_leaves_nothing_running, rejected
@@ -144,7 +144,7 @@ def test_4_1_a_session_per_request_passes(
     check_session_dependency(Session, SessionDep)
     out = capsys.readouterr().out
     assert out.startswith("Exercise 4.1 · A session per request, committed or rolled back\n")
-    assert "  ✅ 10 concurrent requests: each gets a session of its own\n" in out
+    assert "  ✅ passed: 10 concurrent requests: each gets a session of its own\n" in out
     assert out.endswith("Exercise 4.1: passed ✅ (5 of 5 checks)\n")
     assert Session.kw["bind"] is notebook_engines[0], "the check must point Session back at its engine"
 
@@ -177,7 +177,7 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
     ),
     "commit-in-finally": (
         (
-            "  ❌ a request whose handler raises: its row is not stored, its connection given back\n"
+            "  ❌ not yet: a request whose handler raises: its row is not stored, its connection given back\n"
             "       expected: no row from a request whose handler raised\n"
             "       seen:     its row was stored: the handler had flushed it into the transaction, and "
             "something committed that transaction anyway\n"
@@ -187,7 +187,7 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
     ),
     "not-closed": (
         (
-            "  ❌ a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
+            "  ❌ not yet: a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
             "       expected: every connection back in the pool after a request whose commit failed\n"
             "       seen:     1 still checked out 2 s later: the session was never closed\n"
             "       hint:     When `commit()` raises, the session is left in a failed transaction",
@@ -196,17 +196,17 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
     ),
     "bare": (
         (
-            "  ❌ a request whose handler raises: its row is not stored, its connection given back\n"
+            "  ❌ not yet: a request whose handler raises: its row is not stored, its connection given back\n"
             "       expected: every connection back in the pool after a request whose handler raised\n"
             "       seen:     1 still checked out 2 s later: the session was never closed\n"
             "       hint:     The handler's exception comes out of your `yield`",
-            "  ✅ 10 concurrent requests: each gets a session of its own\n",  # the leak was tidied
+            "  ✅ passed: 10 concurrent requests: each gets a session of its own\n",  # the leak was tidied
         ),
         "3 of 5",
     ),
     "default-scope": (
         (
-            "  ❌ a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
+            "  ❌ not yet: a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
             "       expected: an error status (500) for a request whose commit failed\n"
             "       seen:     status 200: the client was told its order was placed, but it could not be "
             "stored (a row with that unique sku was already there); the commit failed after the response "
@@ -233,7 +233,7 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
     ),
     "shared-lazy": (
         (
-            "  ❌ 10 concurrent requests: each gets a session of its own\n"
+            "  ❌ not yet: 10 concurrent requests: each gets a session of its own\n"
             "       expected: 10 different sessions, one per request\n"
             "       seen:     1 different for 10 requests: one session shared by all of them\n",
         ),
@@ -260,6 +260,7 @@ def test_4_1_hints_get_more_specific(
 ) -> None:
     answer = session_answer("default-scope", notebook_engines)
     first = rejected(capsys, check_session_dependency, *answer)
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_session_dependency, *answer)
     assert 'Depends(get_session, scope="function")' not in first
     assert 'Depends(get_session, scope="function")' in second
@@ -326,8 +327,8 @@ def test_4_2_a_small_pool_and_a_503_handler_pass(capsys: pytest.CaptureFixture[s
     check_pool_fail_fast(*pool_answer("right"))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 4.2 · Fail fast when the pool is exhausted\n")
-    assert "  ✅ its pool: 2 connections, no overflow, a wait of at most 1 s for one\n" in out
-    assert "  ✅ the others get 503, with Retry-After in whole seconds and a JSON body\n" in out
+    assert "  ✅ passed: its pool: 2 connections, no overflow, a wait of at most 1 s for one\n" in out
+    assert "  ✅ passed: the others get 503, with Retry-After in whole seconds and a JSON body\n" in out
     assert out.endswith("Exercise 4.2: passed ✅ (8 of 8 checks)\n")
 
 
@@ -345,7 +346,7 @@ def test_4_2_the_default_pool_timeout_is_rejected_without_waiting(capsys: pytest
         "       seen:     pool_timeout 30 s, the default: when the pool is busy, each request beyond it "
         "waits 30 s before failing\n"
     ) in out
-    assert "  ✅ each 503 comes within 3 s, not after a long wait\n" in out  # on the check's own pool
+    assert "  ✅ passed: each 503 comes within 3 s, not after a long wait\n" in out  # on the check's own pool
     assert out.endswith("Exercise 4.2: not yet — 7 of 8 checks pass")
 
 
@@ -415,7 +416,7 @@ def test_4_2_a_503_without_a_good_retry_after_is_rejected(
 def test_4_2_a_handler_for_every_exception_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_pool_fail_fast, *pool_answer("catch-all"))
     assert (
-        "  ❌ a request that raises another exception still gets 500\n"
+        "  ❌ not yet: a request that raises another exception still gets 500\n"
         "       expected: status 500 for a handler that raised another exception (a bug)\n"
         "       seen:     status 503: a handler for every Exception answers 'busy, retry later' to bugs too\n"
     ) in out
@@ -514,7 +515,7 @@ def test_4_3_eager_loading_passes(variant: str, capsys: pytest.CaptureFixture[st
     check_orders_with_lines(loading_answer(variant), *MODELS)
     out = capsys.readouterr().out
     assert out.startswith("Exercise 4.3 · Orders with their lines, loaded before the session closes\n")
-    assert "  ✅ in at most 3 queries, not one per order\n" in out
+    assert "  ✅ passed: in at most 3 queries, not one per order\n" in out
     assert out.endswith("Exercise 4.3: passed ✅ (5 of 5 checks)\n")
 
 
@@ -528,7 +529,7 @@ def test_4_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
 def test_4_3_lines_not_loaded_are_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_orders_with_lines, loading_answer(variant), *MODELS)
     assert (
-        "  ❌ each order's lines are loaded: reading them in the open session runs no query\n"
+        "  ❌ not yet: each order's lines are loaded: reading them in the open session runs no query\n"
         "       expected: each order's lines loaded by orders_with_lines, before it returns\n"
         "       seen:     reading `order.lines` in the open session, as a handler would: `order.lines` was "
         "not loaded, so reading it started a query from plain (synchronous) attribute access, which "
@@ -548,12 +549,15 @@ def test_4_3_a_lazy_load_inside_the_function_is_explained(capsys: pytest.Capture
 def test_4_3_one_query_per_order_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_orders_with_lines, loading_answer("n+1"), *MODELS)
     assert (
-        "  ❌ in at most 3 queries, not one per order\n"
+        "  ❌ not yet: in at most 3 queries, not one per order\n"
         "       expected: at most 3 queries for 20 orders, not one per order\n"
         "       seen:     21 queries for 20 orders: one for the orders, then one more per order "
         "(the N+1 problem)\n"
     ) in out
-    assert "  ✅ the lines still read after the session has closed, as when FastAPI serialises them\n" in out
+    assert (
+        "  ✅ passed: the lines still read after the session has closed, as when FastAPI serialises them\n"
+        in out
+    )
     assert out.endswith("Exercise 4.3: not yet — 4 of 5 checks pass")
 
 
@@ -595,6 +599,7 @@ def test_4_3_the_wrong_orders_are_rejected(
 
 def test_4_3_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
     first = rejected(capsys, check_orders_with_lines, loading_answer("plain"), *MODELS)
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_orders_with_lines, loading_answer("plain"), *MODELS)
     assert "selectinload(Order.lines)" not in first
     assert "selectinload(Order.lines)" in second

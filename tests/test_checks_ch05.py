@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from support.checks import placeholder_message
+from support.checks import forget_answers, placeholder_message
 from support.checks.ch05 import check_cache_aside, check_coalescer, check_recommendations_key
 from tests.checking import fresh_and_leaves_nothing_running, rejected
 
@@ -97,9 +97,10 @@ def test_5_1_cache_aside_passes(variant: str, capsys: pytest.CaptureFixture[str]
     check_cache_aside(*cache_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 5.1 · Cache-aside, invalidated on write\n")
-    assert "  ✅ it is cached under a namespaced, versioned key (ex05:product:v1:7)\n" in out
+    assert "  ✅ passed: it is cached under a namespaced, versioned key (ex05:product:v1:7)\n" in out
     assert (
-        "  ✅ update_price deletes the key after the write: a read during the write leaves nothing stale\n"
+        "  ✅ passed: update_price deletes the key after the write: a read during the write leaves "
+        "nothing stale\n"
     ) in out
     assert out.endswith("Exercise 5.1: passed ✅ (8 of 8 checks)\n")
 
@@ -114,7 +115,7 @@ def test_5_1_placeholder_is_not_started(variant: str, capsys: pytest.CaptureFixt
 def test_5_1_no_invalidation_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("no-invalidation"))
     assert (
-        "❌ after update_price, the next read returns the new price\n"
+        "❌ not yet: after update_price, the next read returns the new price\n"
         "       expected: the next read after update_price to return the new price, 2499\n"
         "       seen:     price_cents 1999: the cache still held the old price, and update_price deleted "
         "no key\n"
@@ -136,7 +137,8 @@ def test_5_1_deleting_the_wrong_key_is_rejected(capsys: pytest.CaptureFixture[st
 def test_5_1_deleting_before_the_write_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("delete-before"))
     assert (
-        "❌ update_price deletes the key after the write: a read during the write leaves nothing stale\n"
+        "❌ not yet: update_price deletes the key after the write: a read during the write leaves "
+        "nothing stale\n"
         "       expected: the price 2499 once update_price has returned, even with a read during the write\n"
         "       seen:     price_cents 1999: a read during the write missed (the key was already deleted), "
         "read the old row, and cached it again; nothing deleted it after the write, so it stays stale until "
@@ -149,6 +151,7 @@ def test_5_1_deleting_before_the_write_is_rejected(capsys: pytest.CaptureFixture
 def test_5_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
     answer = cache_answer("delete-before")
     first = rejected(capsys, check_cache_aside, *answer)
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_cache_aside, *answer)
     assert "Delete after the write:" not in first
     assert "hint:     Delete after the write: `await db.write(product_id, price_cents)` first" in second
@@ -157,7 +160,7 @@ def test_5_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None
 def test_5_1_no_ttl_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("no-ttl"))
     assert (
-        "❌ the cached value expires: a TTL of at most a day\n"
+        "❌ not yet: the cached value expires: a TTL of at most a day\n"
         "       expected: the entry to expire on its own: a TTL of at most a day\n"
         "       seen:     'ex05:product:v1:7' has no TTL: if an invalidation is ever missed"
     ) in out
@@ -173,7 +176,7 @@ def test_5_1_a_ttl_of_a_year_is_rejected(capsys: pytest.CaptureFixture[str]) -> 
 def test_5_1_pickle_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("pickle"))
     assert (
-        "❌ the cached value is JSON\n"
+        "❌ not yet: the cached value is JSON\n"
         "       expected: JSON under 'ex05:product:v1:7'\n"
         "       seen:     a pickle, b'\\x80"
     ) in out
@@ -190,7 +193,7 @@ def test_5_1_a_python_repr_is_rejected(capsys: pytest.CaptureFixture[str]) -> No
 def test_5_1_a_dict_stored_as_it_is_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("unserialised"))
     assert (
-        "❌ a first call returns the product, read from the database\n"
+        "❌ not yet: a first call returns the product, read from the database\n"
         "       expected: a value Redis can store: the product as a JSON string\n"
         "       seen:     redis-py refused it: Invalid input of type: 'dict'."
     ) in out
@@ -204,7 +207,7 @@ def test_5_1_a_key_without_namespace_or_version_is_rejected(
 ) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer(variant))
     assert (
-        "❌ it is cached under a namespaced, versioned key (ex05:product:v1:7)\n"
+        "❌ not yet: it is cached under a namespaced, versioned key (ex05:product:v1:7)\n"
         "       expected: the product cached under 'ex05:product:v1:7': the namespace ex05:product, a "
         "version, the id\n"
         f"       seen:     written: {written}\n"
@@ -215,7 +218,7 @@ def test_5_1_a_key_without_namespace_or_version_is_rejected(
 def test_5_1_a_miss_cached_for_ever_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("negative-forever"))
     assert (
-        "❌ a product that does not exist gives None, and is not cached for ever\n"
+        "❌ not yet: a product that does not exist gives None, and is not cached for ever\n"
         "       expected: nothing cached for ever about product 404, which does not exist\n"
         "       seen:     'ex05:product:v1:404' = b'null' with no TTL"
     ) in out
@@ -225,7 +228,7 @@ def test_5_1_a_miss_cached_for_ever_is_rejected(capsys: pytest.CaptureFixture[st
 def test_5_1_a_cache_never_read_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("never-hits"))
     assert (
-        "❌ a second call is a hit: no database read\n"
+        "❌ not yet: a second call is a hit: no database read\n"
         "       expected: 1 database read for two calls: the second served from Redis\n"
         "       seen:     2 reads: the second call read the database again\n"
     ) in out
@@ -235,7 +238,7 @@ def test_5_1_a_cache_never_read_is_rejected(capsys: pytest.CaptureFixture[str]) 
 def test_5_1_an_answer_that_never_returns_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("waits-for-fill"))
     assert (
-        "❌ a first call returns the product, read from the database\n"
+        "❌ not yet: a first call returns the product, read from the database\n"
         "       expected: get_product and update_price to return within a second or so\n"
         "       seen:     no return within 5 s\n"
     ) in out
@@ -332,8 +335,8 @@ def test_5_2_a_coalescer_passes(variant: str, capsys: pytest.CaptureFixture[str]
     check_coalescer(coalescer_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 5.2 · Coalesce concurrent loads (single-flight)\n")
-    assert "  ✅ 100 concurrent calls for one key: 1 load, and all 100 get its result\n" in out
-    assert "  ✅ cancelling the first caller does not cancel the load for the others\n" in out
+    assert "  ✅ passed: 100 concurrent calls for one key: 1 load, and all 100 get its result\n" in out
+    assert "  ✅ passed: cancelling the first caller does not cancel the load for the others\n" in out
     assert out.endswith("Exercise 5.2: passed ✅ (5 of 5 checks)\n")
 
 
@@ -346,7 +349,7 @@ def test_5_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
 def test_5_2_no_coalescing_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_coalescer, coalescer_answer("no-coalescing"))
     assert (
-        "❌ 100 concurrent calls for one key: 1 load, and all 100 get its result\n"
+        "❌ not yet: 100 concurrent calls for one key: 1 load, and all 100 get its result\n"
         "       expected: 1 load for 100 concurrent calls of run('ex05:item:1', load)\n"
         "       seen:     100 loads: every caller ran its own\n"
         "       hint:     The first caller for a key starts the load"
@@ -358,9 +361,9 @@ def test_5_2_no_coalescing_is_rejected(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_5_2_a_global_lock_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_coalescer, coalescer_answer("global-lock"))
-    assert "  ✅ 100 concurrent calls for one key: 1 load, and all 100 get its result\n" in out
+    assert "  ✅ passed: 100 concurrent calls for one key: 1 load, and all 100 get its result\n" in out
     assert (
-        "❌ two different keys load at the same time, each getting its own result\n"
+        "❌ not yet: two different keys load at the same time, each getting its own result\n"
         "       expected: the loads of two different keys to run at the same time (2 in flight)\n"
         "       seen:     at most 1 at a time: the load for 'ex05:item:b' waited for the load for "
         "'ex05:item:a' to finish\n"
@@ -386,7 +389,7 @@ def test_5_2_one_load_for_every_key_is_rejected(capsys: pytest.CaptureFixture[st
 def test_5_2_results_kept_for_ever_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_coalescer, coalescer_answer("memo"))
     assert (
-        "❌ once a load is done, the next call loads again: single-flight, not a cache\n"
+        "❌ not yet: once a load is done, the next call loads again: single-flight, not a cache\n"
         "       expected: a second load for a call made after the first load finished (2 loads in all for "
         "'ex05:item:2')\n"
         "       seen:     1 load: the later call got the first load's result, {'key': 'ex05:item:2', "
@@ -399,7 +402,7 @@ def test_5_2_results_kept_for_ever_are_rejected(capsys: pytest.CaptureFixture[st
 def test_5_2_a_failure_kept_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_coalescer, coalescer_answer("keep-failures"))
     assert (
-        "❌ a failing load raises in every waiting caller, and the next call loads again\n"
+        "❌ not yet: a failing load raises in every waiting caller, and the next call loads again\n"
         "       expected: the next call, after the failure, to load again\n"
         "       seen:     it raised the earlier failure again, without loading (1 load in all): the failed "
         "load was kept, and every later call for this key fails\n"
@@ -410,7 +413,7 @@ def test_5_2_a_failure_kept_is_rejected(capsys: pytest.CaptureFixture[str]) -> N
 def test_5_2_no_shield_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_coalescer, coalescer_answer("no-shield"))
     assert (
-        "❌ cancelling the first caller does not cancel the load for the others\n"
+        "❌ not yet: cancelling the first caller does not cancel the load for the others\n"
         "       expected: the other 4 callers to get the load's result when the first is cancelled\n"
         "       seen:     4 of 4 were cancelled too: cancelling the caller cancelled the load they all "
         "shared\n"
@@ -430,7 +433,7 @@ def test_5_2_a_load_run_by_the_first_caller_is_rejected(capsys: pytest.CaptureFi
 def test_5_2_an_answer_that_never_returns_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_coalescer, coalescer_answer("never-resolves"))
     assert (
-        "❌ 100 concurrent calls for one key: 1 load, and all 100 get its result\n"
+        "❌ not yet: 100 concurrent calls for one key: 1 load, and all 100 get its result\n"
         "       expected: every call of run to return once its load is done (a load here takes 20 ms)\n"
         "       seen:     no return within 5 s\n"
         "       hint:     A caller that waits for something nobody will ever finish"
@@ -492,7 +495,7 @@ def test_5_3_a_hashed_key_passes(variant: str, capsys: pytest.CaptureFixture[str
     check_recommendations_key(key_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 5.3 · A safe cache key\n")
-    assert "  ✅ the key is the same in another Python process (no hash())\n" in out
+    assert "  ✅ passed: the key is the same in another Python process (no hash())\n" in out
     assert out.endswith("Exercise 5.3: passed ✅ (6 of 6 checks)\n")
 
 
@@ -505,7 +508,7 @@ def test_5_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
 def test_5_3_a_key_without_the_user_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_recommendations_key, key_answer("omit-user"))
     assert (
-        "❌ the same inputs give the same key; another user, query or language, another key\n"
+        "❌ not yet: the same inputs give the same key; another user, query or language, another key\n"
         "       expected: different keys for different users\n"
         "       seen:     ('alice', 'red shoes', 'en') and ('bob', 'red shoes', 'en') share 'ex05:recs:v1:"
     ) in out
@@ -516,7 +519,7 @@ def test_5_3_a_key_without_the_user_is_rejected(capsys: pytest.CaptureFixture[st
 def test_5_3_raw_input_in_the_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_recommendations_key, key_answer("raw"))
     assert (
-        "❌ queries that differ only in case or surrounding whitespace share a key\n"
+        "❌ not yet: queries that differ only in case or surrounding whitespace share a key\n"
         "       expected: one key for 'red shoes', 'Red Shoes', '  RED SHOES\\t', 'red shoes ': the same "
         "search\n"
         "       seen:     'Red Shoes' gets 'ex05:recs:v1:alice:Red Shoes:en', 'red shoes' gets "
@@ -533,7 +536,7 @@ def test_5_3_raw_input_in_the_key_is_rejected(capsys: pytest.CaptureFixture[str]
 def test_5_3_pythons_hash_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_recommendations_key, key_answer("python-hash"))
     assert (
-        "❌ the key is the same in another Python process (no hash())\n"
+        "❌ not yet: the key is the same in another Python process (no hash())\n"
         "       expected: the same key in every process of the service (here, and with PYTHONHASHSEED 1 "
         "and 2)\n"
         "       seen:     for ('alice', 'red shoes', 'en'), this process made 'ex05:recs:v1:"
@@ -545,7 +548,7 @@ def test_5_3_pythons_hash_is_rejected(capsys: pytest.CaptureFixture[str]) -> Non
 def test_5_3_parts_joined_with_a_colon_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_recommendations_key, key_answer("joined"))
     assert (
-        "❌ the parts cannot run into each other: ('a', 'b:c') and ('a:b', 'c') get different keys\n"
+        "❌ not yet: the parts cannot run into each other: ('a', 'b:c') and ('a:b', 'c') get different keys\n"
         "       expected: different keys whenever the user, query or language differ\n"
         "       seen:     ('a', 'b:c', 'en') and ('a:b', 'c', 'en') share 'ex05:recs:v1:"
     ) in out
@@ -555,7 +558,7 @@ def test_5_3_parts_joined_with_a_colon_are_rejected(capsys: pytest.CaptureFixtur
 def test_5_3_no_namespace_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_recommendations_key, key_answer("no-namespace"))
     assert (
-        "❌ it returns a str under 'ex05:recs:v1:'\n"
+        "❌ not yet: it returns a str under 'ex05:recs:v1:'\n"
         "       expected: a key starting with 'ex05:recs:v1:': the namespace, the kind of entry, a version\n"
     ) in out
     assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
@@ -563,7 +566,7 @@ def test_5_3_no_namespace_is_rejected(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_5_3_a_query_not_normalised_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_recommendations_key, key_answer("no-normalise"))
-    assert "❌ queries that differ only in case or surrounding whitespace share a key\n" in out
+    assert "❌ not yet: queries that differ only in case or surrounding whitespace share a key\n" in out
     assert "hint:     Normalise the query before it goes into the key" in out
     assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
 

@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 import support
 import support.checks
 from support.backends import redis_url
-from support.checks import placeholder_message
+from support.checks import forget_answers, placeholder_message
 from support.checks.ch06 import check_client_key, check_limited_response, check_token_bucket
 from tests.checking import fresh_and_leaves_nothing_running, rejected
 
@@ -114,7 +114,9 @@ def test_6_1_a_token_bucket_script_passes(variant: str, capsys: pytest.CaptureFi
     assert time.perf_counter() - start < 5
     out = capsys.readouterr().out
     assert out.startswith("Exercise 6.1 · A token bucket in one atomic script\n")
-    assert "  ✅ 50 concurrent requests, with a 2 ms round trip to Redis, get exactly 5 tokens\n" in out
+    assert (
+        "  ✅ passed: 50 concurrent requests, with a 2 ms round trip to Redis, get exactly 5 tokens\n" in out
+    )
     assert out.endswith("Exercise 6.1: passed ✅ (7 of 7 checks)\n")
 
 
@@ -127,13 +129,13 @@ def test_6_1_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
 def test_6_1_read_then_write_in_python_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer("read-then-write"))
     assert (
-        "❌ 50 concurrent requests, with a 2 ms round trip to Redis, get exactly 5 tokens\n"
+        "❌ not yet: 50 concurrent requests, with a 2 ms round trip to Redis, get exactly 5 tokens\n"
         "       expected: exactly 5 of 50 concurrent requests admitted (capacity 5)\n"
         "       seen:     50 admitted\n"
         "       hint:     Calls that read the level before any of them writes it back all see a full bucket"
     ) in out
     assert (
-        "❌ each decision is one round trip to Redis: a single EVAL\n"
+        "❌ not yet: each decision is one round trip to Redis: a single EVAL\n"
         "       expected: one command per call: EVAL (or EVALSHA)\n"
         "       seen:     HMGET, HSET, EXPIRE\n"
     ) in out
@@ -143,13 +145,13 @@ def test_6_1_read_then_write_in_python_is_rejected(capsys: pytest.CaptureFixture
 def test_6_1_no_refill_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer("no-refill"))
     assert (
-        "❌ it refills a token every 1/rate = 0.5 s, and half a token is not enough\n"
+        "❌ not yet: it refills a token every 1/rate = 0.5 s, and half a token is not enough\n"
         "       expected: after draining the bucket (rate 2 a second): at +0.25 s refused (half a token); "
         "at +0.5 s 1 allowed, then refused; at +1.5 s 2 allowed, then refused\n"
         "       seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused; at +1.5 s: 3 refused\n"
         "       hint:     The bucket refills as time passes"
     ) in out
-    assert "❌ after a long idle it holds no more than its capacity, 5" in out
+    assert "❌ not yet: after a long idle it holds no more than its capacity, 5" in out
     assert out.endswith("Exercise 6.1: not yet — 4 of 7 checks pass")
 
 
@@ -158,6 +160,7 @@ def test_6_1_a_clock_other_than_now_is_rejected(variant: str, capsys: pytest.Cap
     bucket = bucket_answer(variant)
     first = rejected(capsys, check_token_bucket, bucket)
     assert "seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused; at +1.5 s: 3 refused\n" in first
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_token_bucket, bucket)
     assert (
         "hint:     Use the `now` you are given (pass it in ARGV), not Redis's `TIME` nor `time.time()`"
@@ -169,7 +172,7 @@ def test_6_1_a_clock_other_than_now_is_rejected(variant: str, capsys: pytest.Cap
 def test_6_1_refill_without_a_cap_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer("no-cap"))
     assert (
-        "❌ after a long idle it holds no more than its capacity, 5\n"
+        "❌ not yet: after a long idle it holds no more than its capacity, 5\n"
         "       expected: 5 allowed, then refused, after 1000 s idle: a bucket holds at most its capacity\n"
         "       seen:     8 allowed (it had refilled 2000 tokens)\n"
     ) in out
@@ -196,11 +199,11 @@ def test_6_1_a_refill_rounded_down_is_rejected(capsys: pytest.CaptureFixture[str
 def test_6_1_one_bucket_for_every_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer("one-key"))
     assert (
-        "❌ each key is a bucket of its own, with the rate and capacity it is given\n"
+        "❌ not yet: each key is a bucket of its own, with the rate and capacity it is given\n"
         "       expected: a new key to be a new, full bucket, after another key was drained\n"
         "       seen:     5 refused on the new key\n"
     ) in out
-    assert "❌ the bucket is a hash at its key, and every call renews the key's expiry" in out
+    assert "❌ not yet: the bucket is a hash at its key, and every call renews the key's expiry" in out
     assert "seen:     no key at all under that name" in out
 
 
@@ -241,7 +244,9 @@ def test_6_1_a_missing_or_short_expiry_is_rejected(
     variant: str, seen: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer(variant))
-    assert "❌ the bucket is a hash at its key, and every call renews the key's expiry\n" + seen in out
+    assert (
+        "❌ not yet: the bucket is a hash at its key, and every call renews the key's expiry\n" + seen in out
+    )
     assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
 
 
@@ -368,7 +373,7 @@ def test_6_2_a_429_with_its_headers_passes(variant: str, capsys: pytest.CaptureF
     check_limited_response(limit_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 6.2 · Answer a limited request: 429, Retry-After, RateLimit\n")
-    assert "  ✅ each 429 has Retry-After: whole seconds, rounded up, at least 1\n" in out
+    assert "  ✅ passed: each 429 has Retry-After: whole seconds, rounded up, at least 1\n" in out
     assert out.endswith("Exercise 6.2: passed ✅ (7 of 7 checks)\n")
 
 
@@ -391,7 +396,7 @@ def test_6_2_a_status_other_than_429_is_rejected(
 ) -> None:
     out = rejected(capsys, check_limited_response, limit_answer(variant))
     assert (
-        "❌ requests over the limit get 429, and the endpoint does not run\n"
+        "❌ not yet: requests over the limit get 429, and the endpoint does not run\n"
         "       expected: 429 Too Many Requests, for Decision(allowed=False, limit=5, remaining=0, "
         "reset_after=2.2)\n"
         f"       seen:     {why}\n"
@@ -423,7 +428,7 @@ def test_6_2_a_missing_or_malformed_retry_after_is_rejected(
 ) -> None:
     out = rejected(capsys, check_limited_response, limit_answer(variant))
     assert (
-        "❌ each 429 has Retry-After: whole seconds, rounded up, at least 1\n"
+        "❌ not yet: each 429 has Retry-After: whole seconds, rounded up, at least 1\n"
         "       expected: Retry-After: 3, for Decision(allowed=False, limit=5, remaining=0, "
         "reset_after=2.2)\n"
     ) in out
@@ -456,6 +461,7 @@ def test_6_2_a_wrong_number_of_seconds_is_rejected(
 def test_6_2_a_truncated_retry_after_gets_a_more_specific_hint(capsys: pytest.CaptureFixture[str]) -> None:
     answer = limit_answer("truncated")
     rejected(capsys, check_limited_response, answer)
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_limited_response, answer)
     assert "hint:     Round up: `math.ceil`, not `int()` or `round()`.\n" in second
     assert "hint:     `str(max(1, math.ceil(decision.reset_after)))`: rounded up, and never 0.\n" in second
@@ -464,7 +470,7 @@ def test_6_2_a_truncated_retry_after_gets_a_more_specific_hint(capsys: pytest.Ca
 def test_6_2_headers_only_on_429_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_limited_response, limit_answer("only-on-429"))
     assert (
-        "❌ allowed answers have them too, RateLimit's r counting down\n"
+        "❌ not yet: allowed answers have them too, RateLimit's r counting down\n"
         '       expected: RateLimit-Policy: "default";q=5;w=10 and RateLimit: "default";r=4;t=10, for '
         "Decision(allowed=True, limit=5, remaining=4, reset_after=9.2)\n"
         "       seen:     no RateLimit-Policy and RateLimit (headers: content-length, content-type)\n"
@@ -487,7 +493,7 @@ def test_6_2_other_rate_limit_headers_are_rejected(
     variant: str, which: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = rejected(capsys, check_limited_response, limit_answer(variant))
-    assert "❌ each 429 has RateLimit-Policy and RateLimit, in the draft's syntax\n" in out
+    assert "❌ not yet: each 429 has RateLimit-Policy and RateLimit, in the draft's syntax\n" in out
     assert f"       seen:     no RateLimit-Policy and RateLimit, but {which}" in out
     assert out.endswith("Exercise 6.2: not yet — 5 of 7 checks pass")
 
@@ -511,7 +517,7 @@ def test_6_2_an_unquoted_policy_name_is_rejected(capsys: pytest.CaptureFixture[s
 def test_6_2_waiting_for_the_quota_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_limited_response, limit_answer("waits"))
     assert (
-        "❌ 7 requests are answered, the limiter asked once for each\n"
+        "❌ not yet: 7 requests are answered, the limiter asked once for each\n"
         "       expected: 7 requests answered at once, 3 of them within the limit and 4 over it\n"
         "       seen:     no answer within 5 s\n"
     ) in out
@@ -604,8 +610,10 @@ def test_6_3_a_safe_client_key_passes(variant: str, capsys: pytest.CaptureFixtur
     check_client_key(key_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 6.3 · A client key that cannot be spoofed\n")
-    assert "  ✅ behind trusted proxies, the client is the rightmost address they did not add\n" in out
-    assert "  ✅ every X-Forwarded-For line is read, in order, not only the first\n" in out
+    assert (
+        "  ✅ passed: behind trusted proxies, the client is the rightmost address they did not add\n" in out
+    )
+    assert "  ✅ passed: every X-Forwarded-For line is read, in order, not only the first\n" in out
     assert out.endswith("Exercise 6.3: passed ✅ (6 of 6 checks)\n")
 
 
@@ -618,7 +626,7 @@ def test_6_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
 def test_6_3_the_leftmost_entry_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_client_key, key_answer("leftmost"))
     assert (
-        "❌ behind trusted proxies, the client is the rightmost address they did not add\n"
+        "❌ not yet: behind trusted proxies, the client is the rightmost address they did not add\n"
         "       expected: 'ip:198.51.100.7' for one trusted proxy, a spoofed address on the left "
         "(peer 192.0.2.10; X-Forwarded-For: '6.6.6.6, 198.51.100.7')\n"
         "       seen:     'ip:6.6.6.6'\n"
@@ -630,7 +638,7 @@ def test_6_3_the_leftmost_entry_is_rejected(capsys: pytest.CaptureFixture[str]) 
 def test_6_3_only_the_first_forwarded_for_line_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_client_key, key_answer("first-line-only"))
     assert (
-        "❌ every X-Forwarded-For line is read, in order, not only the first\n"
+        "❌ not yet: every X-Forwarded-For line is read, in order, not only the first\n"
         "       expected: 'ip:198.51.100.7' for two X-Forwarded-For lines: the client's forged one, then "
         "the proxy's (peer 192.0.2.10; X-Forwarded-For: '6.6.6.6'; X-Forwarded-For: '198.51.100.7')\n"
         "       seen:     'ip:6.6.6.6'\n"
@@ -642,6 +650,7 @@ def test_6_3_only_the_first_forwarded_for_line_is_rejected(capsys: pytest.Captur
 def test_6_3_the_first_line_only_gets_the_getlist_hint_next(capsys: pytest.CaptureFixture[str]) -> None:
     answer = key_answer("first-line-only")
     rejected(capsys, check_client_key, answer)
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_client_key, answer)
     assert 'hint:     Read every line, in order: `",".join(headers.getlist("x-forwarded-for"))`' in second
 
@@ -649,7 +658,7 @@ def test_6_3_the_first_line_only_gets_the_getlist_hint_next(capsys: pytest.Captu
 def test_6_3_forwarded_for_from_any_peer_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_client_key, key_answer("any-peer"))
     assert (
-        "❌ a direct client is its own address, whatever its X-Forwarded-For says\n"
+        "❌ not yet: a direct client is its own address, whatever its X-Forwarded-For says\n"
         "       expected: 'ip:203.0.113.5' for a direct client with a forged X-Forwarded-For "
         "(peer 203.0.113.5; X-Forwarded-For: '6.6.6.6')\n"
         "       seen:     'ip:6.6.6.6'\n"
@@ -682,7 +691,7 @@ def test_6_3_entries_not_stripped_are_rejected(capsys: pytest.CaptureFixture[str
 def test_6_3_garbage_kept_as_an_address_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_client_key, key_answer("no-ip-validation"))
     assert (
-        "❌ a missing, empty or garbage X-Forwarded-For falls back to the proxy's address\n"
+        "❌ not yet: a missing, empty or garbage X-Forwarded-For falls back to the proxy's address\n"
         "       expected: 'ip:192.0.2.10' for a trusted proxy, no X-Forwarded-For (peer 192.0.2.10)\n"
         "       seen:     'ip:'\n"
     ) in out
@@ -695,7 +704,7 @@ def test_6_3_a_key_that_is_only_well_formed_is_rejected(
 ) -> None:
     out = rejected(capsys, check_client_key, key_answer(variant))
     assert (
-        "❌ any other X-API-Key (well-formed but never issued, 10 kB, a newline, empty) is ignored\n"
+        "❌ not yet: any other X-API-Key (well-formed but never issued, 10 kB, a newline, empty) is ignored\n"
         "       expected: 'ip:203.0.113.5' for a well-formed X-API-Key that was never issued "
         "(peer 203.0.113.5; X-API-Key: 'made-up-0001')\n"
         "       seen:     'key:made-up-0001'\n"
@@ -707,6 +716,7 @@ def test_6_3_a_key_that_is_only_well_formed_is_rejected(
 def test_6_3_a_made_up_key_gets_the_lookup_hint_next(capsys: pytest.CaptureFixture[str]) -> None:
     answer = key_answer("well-formed")
     rejected(capsys, check_client_key, answer)
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_client_key, answer)
     assert "hint:     Use the key only if the service issued it: `if api_key in issued_keys`" in second
 
@@ -714,7 +724,7 @@ def test_6_3_a_made_up_key_gets_the_lookup_hint_next(capsys: pytest.CaptureFixtu
 def test_6_3_issued_keys_other_than_the_argument_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_client_key, key_answer("module-keys"))
     assert (
-        "❌ an issued X-API-Key is the key, wherever the request comes from\n"
+        "❌ not yet: an issued X-API-Key is the key, wherever the request comes from\n"
         "       expected: 'key:light-client-01' for an issued X-API-Key (peer 203.0.113.5; "
         "X-API-Key: 'light-client-01')\n"
         "       seen:     'ip:203.0.113.5'\n"
@@ -726,7 +736,7 @@ def test_6_3_issued_keys_other_than_the_argument_are_rejected(capsys: pytest.Cap
 def test_6_3_an_ignored_api_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_client_key, key_answer("no-key"))
     assert (
-        "❌ an issued X-API-Key is the key, wherever the request comes from\n"
+        "❌ not yet: an issued X-API-Key is the key, wherever the request comes from\n"
         "       expected: 'key:light-client-01' for an issued X-API-Key (peer 203.0.113.5; "
         "X-API-Key: 'light-client-01')\n"
         "       seen:     'ip:203.0.113.5'\n"
@@ -747,6 +757,7 @@ def test_6_3_the_old_three_argument_signature_is_named(capsys: pytest.CaptureFix
     answer = key_answer("three-arguments")
     out = rejected(capsys, check_client_key, answer)
     assert "       seen:     it raised TypeError: " in out
+    forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_client_key, answer)
     assert "`client_key` takes four arguments: `(peer, headers, trusted_proxies, issued_keys)`" in second
     assert out.endswith("Exercise 6.3: not yet — 0 of 6 checks pass")

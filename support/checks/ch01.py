@@ -637,8 +637,8 @@ _WORKLOADS = (
                 ("Blocking I/O must leave the loop's thread; waiting needs no CPU.", _TO_THREAD),
             ),
             "process": (
-                "it ran in another process: a process start (most of a second the first time) and pickling both "
-                "ways, to wait",
+                "it ran in another process: a process start (most of a second the first time) and "
+                "pickling both ways, to wait",
                 (
                     "It works here, but a real client (sockets, locks, a session) cannot be pickled "
                     "into another process at all.",

@@ -94,6 +94,8 @@ def find_route(app: Any, method: str, path: str, app_name: str) -> Any:
         "a FastAPI app",
         f"{type(app).__name__} (no routes)",
         f"Pass `{app_name}`, the app the exercise defines.",
+        "The check serves the object you pass and sends it requests, so it must be the app itself: "
+        "the object your endpoints are registered on, with their routes.",
     )
     paths = []
     for route in routes:
@@ -104,7 +106,12 @@ def find_route(app: Any, method: str, path: str, app_name: str) -> Any:
     raise Mismatch(
         f"a {method} {path} endpoint",
         f"routes {sorted(p for p in paths if p)}",
-        [f'Keep the decorator `@{app_name}.{method.lower()}("{path}", …)` from the exercise cell.'],
+        [
+            f'Keep the decorator `@{app_name}.{method.lower()}("{path}", …)` from the exercise cell.',
+            "FastAPI adds a route when the decorator runs, that is when the cell defining the endpoint "
+            "runs: the method and the path must be the exercise's, and that cell must have run since "
+            "the app was made.",
+        ],
     )
 
 
