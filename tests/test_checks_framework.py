@@ -376,9 +376,11 @@ def test_in_jupyterlab_a_failing_check_prints_and_does_not_raise(
 ) -> None:
     monkeypatch.setattr(support.checks, "_ipython", lambda: FakeShell(allow_stdin=True))
     run_check(41)  # no ExerciseIncomplete
-    assert "❌ not yet: returns 42" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "❌ not yet: returns 42" in out
+    assert out.rstrip().endswith("Exercise 9.1: not yet — 1 of 2 checks pass"), "the summary is printed"
     (bundle,) = displayed
-    assert bundle["text/plain"] == "Exercise 9.1: not yet — 1 of 2 checks pass"
+    assert set(bundle) == {VERDICT_MIME}, "the verdict only: the learner sees the summary once"
     assert bundle[VERDICT_MIME]["status"] == "not yet"
 
 
@@ -611,7 +613,8 @@ def test_in_a_kernel_a_failing_check_is_ordinary_output_with_a_verdict() -> None
     first, again, changed = (nb.cells[i] for i in (2, 3, 5))
     for cell in (first, again, changed):
         assert output_types(cell) == ["stream", "display_data"], cell.outputs
-        assert cell.outputs[1].data["text/plain"] == "Exercise 9.1: not yet — 0 of 1 checks pass"
+        assert "Exercise 9.1: not yet — 0 of 1 checks pass" in cell.outputs[0].text
+        assert set(cell.outputs[1].data) == {VERDICT_MIME}
     text = first.outputs[0].text
     assert "  ❌ not yet: returns 42\n" in text
     assert (

@@ -298,14 +298,18 @@ def raises_on_failure() -> bool:
 
 
 def _show(verdict: Verdict) -> None:
-    """The summary line: a display output carrying the verdict in IPython, a printed line elsewhere."""
+    """The summary line, printed (tools read a check's printed output), and in IPython the verdict.
+
+    The verdict goes out as a display output of ``VERDICT_MIME`` alone: no text/plain, so the learner
+    sees the summary once, and JupyterLab, which has no renderer for that type, shows nothing more.
+    """
+    print(verdict.summary)
     sys.stdout.flush()
     if _ipython() is None:
-        print(verdict.summary)
         return
     from IPython.display import display
 
-    display(verdict._repr_mimebundle_(), raw=True)
+    display({VERDICT_MIME: verdict.to_json()}, raw=True)
 
 
 # ---------------------------------------------------------------------------------------------------
