@@ -102,6 +102,17 @@ def _links_to_pages(body: str) -> str:
     return body
 
 
+def _for_readers(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A copy without the outputs meant for tools (a check's verdict data), which HTML cannot show."""
+    from support.checks import VERDICT_MIME
+
+    shown = copy.deepcopy(nb)
+    for cell in shown.cells:
+        if "outputs" in cell:
+            cell.outputs = [o for o in cell.outputs if set(o.get("data", {})) != {VERDICT_MIME}]
+    return shown
+
+
 def nav(current: Page | None, all_pages: list[Page], prefix: str) -> str:
     links = [f'<a href="{prefix}index.html"{" class=here" if current is None else ""}>Course</a>']
     for page in all_pages:
@@ -115,7 +126,7 @@ def render(nb: nbformat.NotebookNode, page: Page, all_pages: list[Page]) -> str:
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(template_name="lab")
-    body, _ = exporter.from_notebook_node(copy.deepcopy(nb))
+    body, _ = exporter.from_notebook_node(_for_readers(nb))
     body = _links_to_pages(body)
     return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav(page, all_pages, "../"), body, count=1)
 

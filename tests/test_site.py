@@ -78,3 +78,14 @@ def test_the_pages_workflow_builds_with_course_py_and_publishes_the_site() -> No
     assert upload["with"]["path"] == "_site"
     assert "_site/" in (ROOT / ".gitignore").read_text().splitlines()
     assert "python course.py site" in (ROOT / "README.md").read_text()
+
+
+def test_a_checks_verdict_data_is_left_out_of_the_page(tmp_path: Path) -> None:
+    """The verdict output is for tools (progress); HTML has no way to show it, and must not try."""
+    from support.checks import VERDICT_MIME
+
+    all_pages = site.pages(ROOT)
+    verdict = {"output_type": "display_data", "data": {VERDICT_MIME: {"status": "passed"}}, "metadata": {}}
+    printed = {"output_type": "stream", "name": "stdout", "text": "Exercise 1.1: passed ✅ (3 of 3 checks)\n"}
+    text = site.write_page(executed(printed, verdict), all_pages[1], tmp_path, all_pages).read_text()
+    assert "Exercise 1.1: passed ✅" in text and VERDICT_MIME not in text
