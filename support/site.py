@@ -137,7 +137,9 @@ def index(all_pages: list[Page], root: Path = ROOT) -> str:
 
     readme = (root / "README.md").read_text()
     intro = readme.split("## Start")[0].split("\n", 1)[1]
-    intro = "\n".join(line for line in intro.splitlines() if not line.startswith("[!["))
+    # badges and the link to this very site are for GitHub's page, not the site's own
+    for_github = ("[![", "**[Read it online]")
+    intro = "\n".join(line for line in intro.splitlines() if not line.startswith(for_github))
     table = readme.split("## Chapters")[1].split("\n### ")[0]
     text = f"# {TITLE}\n{intro}\n## Chapters\n{table}"
     text = re.sub(r"\]\(notebooks/([^)]+)\.ipynb\)", r"](notebooks/\1.html)", text)
