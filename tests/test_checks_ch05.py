@@ -7,10 +7,12 @@ Every answer here is written the way a learner would write it in the exercise ce
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import pickle
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,7 +54,10 @@ def cache_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
             while (cached := await redis.get(key)) is None:
                 await asyncio.sleep(0.02)
             return json.loads(cached)
-        if variant != "never-hits" and (cached := await redis.get(key)) is not None:
+        if variant == "getex":  # "keep hot products warm": every hit sets the TTL again
+            if (cached := await redis.getex(key, ex=ttl)) is not None:
+                return json.loads(cached)
+        elif variant != "never-hits" and (cached := await redis.get(key)) is not None:
             return pickle.loads(cached) if variant == "pickle" else json.loads(cached)
         product = await db.read(product_id)
         if product is None:
@@ -62,6 +67,12 @@ def cache_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
                 await redis.set(key, "null", ex=30)
             return None
         value: Any = json.dumps(product)
+        if variant == "pipeline":  # right too: SET and EXPIRE in one MULTI/EXEC
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.set(key, value)
+                pipe.expire(key, ttl)
+                await pipe.execute()
+            return product
         if variant == "pickle":
             value = pickle.dumps(product)
         elif variant == "repr":
@@ -79,12 +90,28 @@ def cache_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
             await redis.delete(key)
             await db.write(product_id, price_cents)
             return
+        if variant == "double-delete":  # right too: before the write, and again after the commit
+            await redis.delete(key)
+        if variant == "write-not-awaited":  # "return fast": the write goes on in a task
+            asyncio.ensure_future(db.write(product_id, price_cents))  # noqa: RUF006 (the mistake under test)
+            await redis.delete(key)
+            return
         await db.write(product_id, price_cents)
+        if variant == "delete-not-awaited":
+            redis.delete(key)  # a coroutine, created and never run
+            return
+        if variant == "fire-and-forget":  # "do not make the writer wait for Redis"
+            asyncio.ensure_future(redis.delete(key))  # noqa: RUF006 (the mistake under test)
+            return
+        if variant == "patch":  # write-through: the cached copy updated in place
+            if (cached := await redis.get(key)) is not None:
+                await redis.set(key, json.dumps({**json.loads(cached), "price_cents": price_cents}), ex=ttl)
+            return
         if variant == "no-invalidation":
             return
         if variant == "wrong-key":
             await redis.delete(f"ex05:product:{product_id}")
-        elif variant == "write-through":  # right too: the new value replaces the old one
+        elif variant == "write-through":  # the new value read back and written over the old one
             await redis.set(key, json.dumps(await db.read(product_id)), ex=ttl)
         else:
             await redis.delete(key)
@@ -92,7 +119,7 @@ def cache_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     return get_product, update_price
 
 
-@pytest.mark.parametrize("variant", ["right", "write-through", "negative-ttl"])
+@pytest.mark.parametrize("variant", ["right", "negative-ttl", "double-delete", "pipeline"])
 def test_5_1_cache_aside_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     check_cache_aside(*cache_answer(variant))
     out = capsys.readouterr().out
@@ -102,7 +129,7 @@ def test_5_1_cache_aside_passes(variant: str, capsys: pytest.CaptureFixture[str]
         "  ✅ passed: update_price deletes the key after the write: a read during the write leaves "
         "nothing stale\n"
     ) in out
-    assert out.endswith("Exercise 5.1: passed ✅ (8 of 8 checks)\n")
+    assert out.endswith("Exercise 5.1: passed ✅ (10 of 10 checks)\n")
 
 
 @pytest.mark.parametrize("variant", ["placeholder", "placeholder-update"])
@@ -115,13 +142,14 @@ def test_5_1_placeholder_is_not_started(variant: str, capsys: pytest.CaptureFixt
 def test_5_1_no_invalidation_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("no-invalidation"))
     assert (
-        "❌ not yet: after update_price, the next read returns the new price\n"
+        "❌ not yet: after update_price returns, the next read (here or on another instance) has the new "
+        "price\n"
         "       expected: the next read after update_price to return the new price, 2499\n"
         "       seen:     price_cents 1999: the cache still held the old price, and update_price deleted "
         "no key\n"
         "       hint:     The write went to the database only"
     ) in out
-    assert out.endswith("Exercise 5.1: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
 
 
 def test_5_1_deleting_the_wrong_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,7 +159,7 @@ def test_5_1_deleting_the_wrong_key_is_rejected(capsys: pytest.CaptureFixture[st
         "'ex05:product:7', but it is cached under 'ex05:product:v1:7'\n"
         "       hint:     update_price must delete the very key that get_product stores the product under.\n"
     ) in out
-    assert out.endswith("Exercise 5.1: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
 
 
 def test_5_1_deleting_before_the_write_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,7 +173,7 @@ def test_5_1_deleting_before_the_write_is_rejected(capsys: pytest.CaptureFixture
         "the TTL\n"
     ) in out
     assert "hint:     Until the write commits, the database still holds the old row" in out
-    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
 
 
 def test_5_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
@@ -164,13 +192,13 @@ def test_5_1_no_ttl_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
         "       expected: the entry to expire on its own: a TTL of at most a day\n"
         "       seen:     'ex05:product:v1:7' has no TTL: if an invalidation is ever missed"
     ) in out
-    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
 
 
 def test_5_1_a_ttl_of_a_year_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("year-ttl"))
     assert "       seen:     a TTL of 31,536,000 s (about 365 days)" in out
-    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
 
 
 def test_5_1_pickle_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -212,7 +240,7 @@ def test_5_1_a_key_without_namespace_or_version_is_rejected(
         "version, the id\n"
         f"       seen:     written: {written}\n"
     ) in out
-    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
 
 
 def test_5_1_a_miss_cached_for_ever_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -222,7 +250,7 @@ def test_5_1_a_miss_cached_for_ever_is_rejected(capsys: pytest.CaptureFixture[st
         "       expected: nothing cached for ever about product 404, which does not exist\n"
         "       seen:     'ex05:product:v1:404' = b'null' with no TTL"
     ) in out
-    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
 
 
 def test_5_1_a_cache_never_read_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -232,7 +260,75 @@ def test_5_1_a_cache_never_read_is_rejected(capsys: pytest.CaptureFixture[str]) 
         "       expected: 1 database read for two calls: the second served from Redis\n"
         "       seen:     2 reads: the second call read the database again\n"
     ) in out
+    assert re.search(
+        r"       seen:     (299|300) s after the hit: the second call was no hit: it read the", out
+    )
+    assert out.endswith("Exercise 5.1: not yet — 8 of 10 checks pass")
+
+
+def test_5_1_a_ttl_renewed_on_every_hit_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("getex"))
+    assert (
+        "❌ not yet: a hit leaves the TTL alone: the entry still expires on time\n"
+        "       expected: a hit to leave the entry's TTL alone: 100 s left before the hit, at most that "
+        "after\n"
+    ) in out
+    assert re.search(
+        r"       seen:     (299|300) s after the hit: reading the entry set its TTL again \(GETEX, EXPIRE or "
+        r"a new SET\), so a product read more often than once a TTL never expires\n",
+        out,
+    )
+    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
+
+
+def test_5_1_a_delete_nobody_awaits_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("fire-and-forget"))
+    assert (
+        "❌ not yet: after update_price returns, the next read (here or on another instance) has the new "
+        "price\n"
+        "       expected: a read right after update_price returned, on another instance, to get the new "
+        "price, 2499\n"
+        "       seen:     price_cents 1999: the entry was still cached when update_price returned; its "
+        "delete reached Redis only later (a task that nobody awaited)\n"
+    ) in out
     assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+
+
+def test_5_1_a_write_nobody_awaits_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("write-not-awaited"))
+    assert (
+        "       expected: update_price to write price_cents 2499 to the database before it returns\n"
+        "       seen:     the database still held 1999 when update_price returned; the write committed only "
+        "later (a task that nobody awaited)\n"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+
+
+def test_5_1_a_delete_never_awaited_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.warns(RuntimeWarning, match="never awaited"):
+        out = rejected(capsys, check_cache_aside, *cache_answer("delete-not-awaited"))
+        gc.collect()
+    assert (
+        "       seen:     price_cents 1999: the cache still held the old price: update_price called "
+        "redis.delete without `await`, so it never ran\n"
+        "       hint:     Calling an async method only creates a coroutine"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 7 of 8 checks pass")
+
+
+@pytest.mark.parametrize("variant", ["write-through", "patch"])
+def test_5_1_writing_the_new_value_instead_of_deleting_is_rejected(
+    variant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer(variant))
+    assert (
+        "❌ not yet: two updates at once leave the newer price: the entry is deleted, not overwritten\n"
+        "       expected: after two updates at once (2499, then 2999), the price the database holds, 2999\n"
+        "       seen:     price_cents 2499: update_price wrote the price into the cache (SET), and the first "
+        "writer's copy landed after the second's\n"
+        "       hint:     Writing the new value into the cache (write-through) races"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
 
 
 def test_5_1_an_answer_that_never_returns_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
@@ -313,6 +409,16 @@ def coalescer_answer(variant: str) -> type:
 
                     self._loads[key] = asyncio.ensure_future(leader())
                 return await asyncio.shield(self._loads[key])
+            if variant == "starter-forgets":  # the caller that started the load removes it in `finally`
+                if key in self._loads:
+                    return await asyncio.shield(self._loads[key])
+                self._loads[key] = asyncio.ensure_future(load())
+                try:
+                    return await asyncio.shield(self._loads[key])
+                finally:
+                    self._loads.pop(key, None)
+            if variant == "str-key":  # "so that unhashable keys work too"
+                key = str(key)
             task = self._loads.get(key)
             if task is None:
                 task = asyncio.ensure_future(load())
@@ -336,7 +442,10 @@ def test_5_2_a_coalescer_passes(variant: str, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert out.startswith("Exercise 5.2 · Coalesce concurrent loads (single-flight)\n")
     assert "  ✅ passed: 100 concurrent calls for one key: 1 load, and all 100 get its result\n" in out
-    assert "  ✅ passed: cancelling the first caller does not cancel the load for the others\n" in out
+    assert (
+        "  ✅ passed: cancelling the first caller leaves the load running, and shared, for the others\n"
+        in out
+    )
     assert out.endswith("Exercise 5.2: passed ✅ (5 of 5 checks)\n")
 
 
@@ -363,7 +472,7 @@ def test_5_2_a_global_lock_is_rejected(capsys: pytest.CaptureFixture[str]) -> No
     out = rejected(capsys, check_coalescer, coalescer_answer("global-lock"))
     assert "  ✅ passed: 100 concurrent calls for one key: 1 load, and all 100 get its result\n" in out
     assert (
-        "❌ not yet: two different keys load at the same time, each getting its own result\n"
+        "❌ not yet: two different keys (7 and '7' too) load at the same time, each getting its own result\n"
         "       expected: the loads of two different keys to run at the same time (2 in flight)\n"
         "       seen:     at most 1 at a time: the load for 'ex05:item:b' waited for the load for "
         "'ex05:item:a' to finish\n"
@@ -413,7 +522,7 @@ def test_5_2_a_failure_kept_is_rejected(capsys: pytest.CaptureFixture[str]) -> N
 def test_5_2_no_shield_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_coalescer, coalescer_answer("no-shield"))
     assert (
-        "❌ not yet: cancelling the first caller does not cancel the load for the others\n"
+        "❌ not yet: cancelling the first caller leaves the load running, and shared, for the others\n"
         "       expected: the other 4 callers to get the load's result when the first is cancelled\n"
         "       seen:     4 of 4 were cancelled too: cancelling the caller cancelled the load they all "
         "shared\n"
@@ -426,6 +535,32 @@ def test_5_2_a_load_run_by_the_first_caller_is_rejected(capsys: pytest.CaptureFi
     assert (
         "       seen:     4 of 4 still waiting 2 s after the load could finish: the first caller ran the "
         "load itself, and when it was cancelled, nobody finished it\n"
+    ) in out
+    assert out.endswith("Exercise 5.2: not yet — 4 of 5 checks pass")
+
+
+def test_5_2_forgetting_the_load_when_its_starter_is_cancelled_is_rejected(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("starter-forgets"))
+    assert (
+        "❌ not yet: cancelling the first caller leaves the load running, and shared, for the others\n"
+        "       expected: a call made after the first caller was cancelled, while the load still ran, to "
+        "share that load\n"
+        "       seen:     it started load 2: the entry was removed when the caller that started the load was "
+        "cancelled, while its load ran on, so two loads of one key ran at once\n"
+    ) in out
+    assert out.endswith("Exercise 5.2: not yet — 4 of 5 checks pass")
+
+
+def test_5_2_keys_compared_as_strings_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_coalescer, coalescer_answer("str-key"))
+    assert (
+        "❌ not yet: two different keys (7 and '7' too) load at the same time, each getting its own result\n"
+        "       expected: keys 7 and '7' (not equal: two different keys) to load separately, each getting "
+        "its own result\n"
+        "       seen:     1 load for both; results [{'key': '7', 'load': 1}, {'key': '7', 'load': 1}]: the "
+        "loads were looked up by something other than the key itself (str(key)?)\n"
     ) in out
     assert out.endswith("Exercise 5.2: not yet — 4 of 5 checks pass")
 
@@ -462,6 +597,19 @@ def key_answer(variant: str) -> Callable[[str, str, str], Any]:
             parts = json.dumps([user_id, normalise(query), lang]).encode()
             return f"ex05:recs:v1:{hashlib.blake2b(parts, digest_size=20).hexdigest()}"
         normalised = query if variant == "no-normalise" else query.strip().casefold()
+        if variant == "lower":
+            normalised = query.strip().lower()
+        elif variant == "no-inner-space":
+            normalised = "".join(query.split()).casefold()
+        elif variant == "user-folded":  # every field normalised, the user id too
+            user_id, lang = user_id.strip().casefold(), lang.strip().casefold()
+        if variant == "ascii-ignore":  # "keys must be ASCII"
+            raw = json.dumps([user_id, normalised, lang], ensure_ascii=False).encode("ascii", "ignore")
+            return "ex05:recs:v1:" + hashlib.sha256(raw).hexdigest()
+        if variant == "uuid5":  # right too: a name-based UUID, 122 bits of SHA-1
+            return (
+                f"ex05:recs:v1:{uuid.uuid5(uuid.NAMESPACE_URL, json.dumps([user_id, normalised, lang])).hex}"
+            )
         if variant == "raw":
             return f"ex05:recs:v1:{user_id}:{query}:{lang}"
         if variant == "python-hash":
@@ -483,6 +631,8 @@ def key_answer(variant: str) -> Callable[[str, str, str], Any]:
         digest = hashlib.sha256(parts.encode()).hexdigest()
         if variant == "no-namespace":
             return digest
+        if variant == "short-digest":  # "short keys": 8 hex digits, 32 bits
+            return f"ex05:recs:v1:{digest[:8]}"
         if variant == "bytes":
             return f"ex05:recs:v1:{digest}".encode()
         return f"ex05:recs:v1:{digest}"
@@ -490,13 +640,13 @@ def key_answer(variant: str) -> Callable[[str, str, str], Any]:
     return recommendations_key
 
 
-@pytest.mark.parametrize("variant", ["right", "per-part", "helper"])
+@pytest.mark.parametrize("variant", ["right", "per-part", "helper", "uuid5"])
 def test_5_3_a_hashed_key_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     check_recommendations_key(key_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 5.3 · A safe cache key\n")
     assert "  ✅ passed: the key is the same in another Python process (no hash())\n" in out
-    assert out.endswith("Exercise 5.3: passed ✅ (6 of 6 checks)\n")
+    assert out.endswith("Exercise 5.3: passed ✅ (7 of 7 checks)\n")
 
 
 def test_5_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -513,7 +663,7 @@ def test_5_3_a_key_without_the_user_is_rejected(capsys: pytest.CaptureFixture[st
         "       seen:     ('alice', 'red shoes', 'en') and ('bob', 'red shoes', 'en') share 'ex05:recs:v1:"
     ) in out
     assert ": bob would be served alice's recommendations\n" in out
-    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 5.3: not yet — 6 of 7 checks pass")
 
 
 def test_5_3_raw_input_in_the_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -542,7 +692,7 @@ def test_5_3_pythons_hash_is_rejected(capsys: pytest.CaptureFixture[str]) -> Non
         "       seen:     for ('alice', 'red shoes', 'en'), this process made 'ex05:recs:v1:"
     ) in out
     assert "hint:     Python's `hash()` of a str is salted with a random seed per process" in out
-    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 5.3: not yet — 5 of 7 checks pass")
 
 
 def test_5_3_parts_joined_with_a_colon_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -552,7 +702,7 @@ def test_5_3_parts_joined_with_a_colon_are_rejected(capsys: pytest.CaptureFixtur
         "       expected: different keys whenever the user, query or language differ\n"
         "       seen:     ('a', 'b:c', 'en') and ('a:b', 'c', 'en') share 'ex05:recs:v1:"
     ) in out
-    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 5.3: not yet — 6 of 7 checks pass")
 
 
 def test_5_3_no_namespace_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -561,14 +711,14 @@ def test_5_3_no_namespace_is_rejected(capsys: pytest.CaptureFixture[str]) -> Non
         "❌ not yet: it returns a str under 'ex05:recs:v1:'\n"
         "       expected: a key starting with 'ex05:recs:v1:': the namespace, the kind of entry, a version\n"
     ) in out
-    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 5.3: not yet — 6 of 7 checks pass")
 
 
 def test_5_3_a_query_not_normalised_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_recommendations_key, key_answer("no-normalise"))
     assert "❌ not yet: queries that differ only in case or surrounding whitespace share a key\n" in out
     assert "hint:     Normalise the query before it goes into the key" in out
-    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 5.3: not yet — 6 of 7 checks pass")
 
 
 def test_5_3_a_truncated_query_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -577,10 +727,55 @@ def test_5_3_a_truncated_query_is_rejected(capsys: pytest.CaptureFixture[str]) -
         "       expected: different keys for two long queries that differ only at the end\n"
         "       seen:     both give 'ex05:recs:v1:"
     ) in out
-    assert out.endswith("Exercise 5.3: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 5.3: not yet — 6 of 7 checks pass")
 
 
 def test_5_3_bytes_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_recommendations_key, key_answer("bytes"))
     assert "       expected: a str\n       seen:     a value of type bytes: b'ex05:recs:v1:" in out
     assert out.endswith("Exercise 5.3: not yet — 0 of 1 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "pair", "why"),
+    [
+        ("user-folded", "users 'Alice' and 'alice'", "the user id was normalised like the query"),
+        ("no-inner-space", "queries 'red shoes' and 'redshoes'", "whitespace inside the query was removed"),
+        ("ascii-ignore", "queries 'café' and 'caf'", "characters outside ASCII were dropped before hashing"),
+    ],
+)
+def test_5_3_normalising_more_than_the_query_is_rejected(
+    variant: str, pair: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer(variant))
+    assert (
+        "❌ not yet: the same inputs give the same key; another user, query or language, another key\n"
+        f"       expected: different keys for {pair}\n"
+        "       seen:     both give 'ex05:recs:v1:"
+    ) in out
+    assert f": {why}" in out
+    assert out.endswith("Exercise 5.3: not yet — 6 of 7 checks pass")
+
+
+def test_5_3_lower_instead_of_casefold_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("lower"))
+    assert (
+        "❌ not yet: queries that differ only in case or surrounding whitespace share a key\n"
+        "       expected: one key for 'straße' and 'STRASSE': they differ only in letter case "
+        "('straße'.upper() is 'STRASSE')\n"
+        "       seen:     'straße' gets 'ex05:recs:v1:"
+    ) in out
+    assert ": lower() leaves ß as it is, so the two never meet\n" in out
+    assert out.endswith("Exercise 5.3: not yet — 6 of 7 checks pass")
+
+
+def test_5_3_a_digest_cut_short_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_recommendations_key, key_answer("short-digest"))
+    assert (
+        "❌ not yet: the digest is long enough never to collide in practice (32 hex digits or more)\n"
+        "       expected: a digest long enough that two inputs never share a key in practice: 32 hex digits "
+        "(128 bits) or more\n"
+        "       seen:     keys such as 'ex05:recs:v1:"
+    ) in out
+    assert " carry about 32 bits: among about 65,536 different users and queries, two share a key" in out
+    assert out.endswith("Exercise 5.3: not yet — 6 of 7 checks pass")

@@ -19,8 +19,10 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -96,6 +98,10 @@ _MAX_TTL = 86_400
 _WRITES = frozenset({"SET", "SETEX", "PSETEX", "SETNX", "GETSET", "APPEND", "HSET", "HMSET"})
 _DELETES = frozenset({"DEL", "UNLINK"})
 _STORE_HINT = "`await redis.set(key, json.dumps(product), ex=TTL_SECONDS)`, after reading the database."
+_AGED_TTL = 100  # what the check leaves of an entry's TTL, as if it had been cached a while ago
+_SECOND_PRICE = 2999
+_UNTIL_SECOND = 2.0  # how long the first of two writers is held for the second (done in ~50 ms)
+_WRITER: contextvars.ContextVar[str | None] = contextvars.ContextVar("ex05_writer", default=None)
 _DELETE_AFTER_HINT = (
     "`await db.write(product_id, price_cents)` first, then `await redis.delete(product_key(product_id))`."
 )
@@ -105,7 +111,8 @@ class _CheckDatabase:
     """The notebook's ``ProductDatabase``, for the check: 20 ms a read, counted per product.
 
     ``hold``, when set to an event, pauses every write in the middle (before it commits) until the
-    event is set; ``writing`` is set as soon as a write begins.
+    event is set; ``writing`` is set as soon as a write begins; ``first_committed`` once the write of
+    the update that the check runs as the first of two writers (``_WRITER``) has committed.
     """
 
     def __init__(self) -> None:
@@ -113,6 +120,7 @@ class _CheckDatabase:
         self.reads: Counter[int] = Counter()
         self.hold: asyncio.Event | None = None
         self.writing = asyncio.Event()
+        self.first_committed = asyncio.Event()
 
     async def read(self, product_id: int) -> dict[str, Any] | None:
         self.reads[product_id] += 1
@@ -126,28 +134,62 @@ class _CheckDatabase:
         if self.hold is not None:
             await self.hold.wait()
         self.rows[product_id]["price_cents"] = price_cents  # committed when this returns
+        if _WRITER.get() == "first":
+            self.first_committed.set()
 
     def price(self, product_id: int) -> int:
         return int(self.rows[product_id]["price_cents"])
 
 
-def _record_keys(client: redis.asyncio.Redis, written: list[str], deleted: list[str]) -> None:
-    """Note the keys that the learner's code writes and deletes through ``client``."""
+def _note(scene: _Scene, args: tuple[Any, ...]) -> None:
+    """Note the key a command of the learner's code writes or deletes."""
+    command = str(args[0]).upper() if args else ""
+    keys = [a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in args[1:]]
+    keys = [k for k in keys if isinstance(k, str)]
+    if command in _WRITES and keys:
+        scene.written.append(keys[0])
+    elif command in ("MSET", "MSETNX"):
+        scene.written.extend(keys[::2])
+    elif command in _DELETES:
+        scene.deleted.extend(keys)
+    if _WRITER.get() is not None and command in _WRITES | _DELETES:
+        scene.by_writer.add(command)
+
+
+def _instrument(client: redis.asyncio.Redis, scene: _Scene) -> None:
+    """Note the keys the learner's code writes and deletes through ``client``, commands and pipelines
+    alike, and hold the first of two writers' Redis calls after its commit (``_Scene.gate``)."""
     execute = client.execute_command
 
-    async def recording(*args: Any, **options: Any) -> Any:
+    def recording(*args: Any, **options: Any) -> Coroutine[Any, Any, Any]:
         command = str(args[0]).upper() if args else ""
-        keys = [a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in args[1:]]
-        keys = [k for k in keys if isinstance(k, str)]
-        if command in _WRITES and keys:
-            written.append(keys[0])
-        elif command in ("MSET", "MSETNX"):
-            written.extend(keys[::2])
-        elif command in _DELETES:
-            deleted.extend(keys)
-        return await execute(*args, **options)
+        if command in _DELETES:
+            scene.delete_calls += 1  # counted when called: awaited or not
+
+        async def run() -> Any:
+            _note(scene, args)
+            await scene.gate()
+            return await execute(*args, **options)
+
+        return run()
 
     client.execute_command = recording  # type: ignore[method-assign]
+    make_pipeline = client.pipeline  # a pipeline writes its batch to the connection directly
+
+    def pipeline(*args: Any, **options: Any) -> Any:
+        pipe = make_pipeline(*args, **options)
+        run = pipe.execute
+
+        async def execute_batch(*run_args: Any, **run_options: Any) -> Any:
+            for queued, _ in list(pipe.command_stack):
+                _note(scene, queued)
+            await scene.gate()
+            return await run(*run_args, **run_options)
+
+        pipe.execute = execute_batch
+        return pipe
+
+    client.pipeline = pipeline  # type: ignore[method-assign]
 
 
 @dataclass
@@ -169,6 +211,15 @@ class _Scene:
     update_price: Callable[..., Any]
     written: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    by_writer: set[str] = field(default_factory=set)  # write and delete commands run by update_price
+    delete_calls: int = 0  # DEL and UNLINK called, whether or not they ran
+    second_done: asyncio.Event | None = None  # set: the first writer's held calls go on
+
+    async def gate(self) -> None:
+        """Hold a Redis call of the first of two writers, made after its commit, until the second is done."""
+        if _WRITER.get() == "first" and self.second_done is not None and self.db.first_committed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.second_done.wait(), _UNTIL_SECOND)
 
     async def get(self, product_id: int) -> Any:
         result = self.get_product(self.redis, self.db, product_id)
@@ -216,7 +267,7 @@ def _scenario(
         client = redis_client(decode_responses=True)
         raw = redis_client()
         scene = _Scene(client, raw, _CheckDatabase(), get_product, update_price)
-        _record_keys(client, scene.written, scene.deleted)
+        _instrument(client, scene)
         try:
             await delete_keys(raw, _NAMESPACE)
             return await body(scene)
@@ -416,6 +467,8 @@ def _stale_seen(scene: _Scene, after: Any, key: str | None) -> str:
     price = after.get("price_cents") if isinstance(after, dict) else after
     seen = f"price_cents {short(price)}: the cache still held the old price"
     deleted = list(dict.fromkeys(scene.deleted))
+    if not deleted and scene.delete_calls:
+        return seen + ": update_price called redis.delete without `await`, so it never ran"
     if not deleted:
         return seen + ", and update_price deleted no key"
     if key and key not in deleted:
@@ -424,19 +477,62 @@ def _stale_seen(scene: _Scene, after: Any, key: str | None) -> str:
     return seen
 
 
+def _read_elsewhere(scene: _Scene) -> Any:
+    """get_product on another instance (a loop and a client of its own), while this loop is held.
+
+    Right after update_price returns, nothing it left running on this loop (a task not awaited) can
+    land before that read: as when the next request goes to another process of the service.
+    """
+
+    async def main() -> Any:
+        _quiet_loop()
+        client = redis_client(decode_responses=True)
+        _instrument(client, scene)
+        try:
+            return await scene.get_product(client, scene.db, _ID)
+        finally:
+            await client.aclose()
+
+    return in_fresh_loop(main, timeout=3, name="check-5.1-other-instance")
+
+
+def _price_of(value: Any) -> Any:
+    return value.get("price_cents") if isinstance(value, dict) else value
+
+
 async def _update(scene: _Scene) -> None:
     await scene.get(_ID)
     key = next((k for k in scene.written if _KEY.fullmatch(k)), scene.written[0] if scene.written else None)
     await scene.update(_ID, _NEW_PRICE)
+    if (held := scene.db.price(_ID)) != _NEW_PRICE:
+        await asyncio.sleep(0.2)  # a write left running commits now: seen only to name the flaw
+        raise Mismatch(
+            f"update_price to write price_cents {_NEW_PRICE} to the database before it returns",
+            f"the database still held {held} when update_price returned"
+            + (
+                "; the write committed only later (a task that nobody awaited)"
+                if scene.db.price(_ID) == _NEW_PRICE
+                else ""
+            ),
+            [
+                "`await db.write(product_id, price_cents)`: the database is the source of truth, and "
+                "update_price is done when the write has committed.",
+            ],
+        )
+    deleted_by_then = len(scene.deleted)
+    elsewhere = _read_elsewhere(scene)  # holds this loop: what update_price left running waits
+    await asyncio.sleep(0.05)  # and lands now: seen only to name the flaw, the verdict is above
     expect(
-        scene.db.price(_ID) == _NEW_PRICE,
-        f"update_price to write price_cents {_NEW_PRICE} to the database",
-        f"the database still holds {scene.db.price(_ID)}",
-        "`await db.write(product_id, price_cents)`: the database is the source of truth.",
+        _price_of(elsewhere) == _NEW_PRICE or len(scene.deleted) == deleted_by_then,
+        f"a read right after update_price returned, on another instance, to get the new price, {_NEW_PRICE}",
+        f"price_cents {short(_price_of(elsewhere))}: the entry was still cached when update_price returned; "
+        "its delete reached Redis only later (a task that nobody awaited)",
+        "update_price is done when the entry is gone: the next request may come a moment later, on "
+        "another instance of the service.",
+        "Await the delete in update_price itself: " + _DELETE_AFTER_HINT,
     )
     after = await scene.get(_ID)
-    fresh = isinstance(after, dict) and after.get("price_cents") == _NEW_PRICE
-    if not fresh:
+    if _price_of(after) != _NEW_PRICE:
         missed = bool(scene.deleted) and key not in scene.deleted
         raise Mismatch(
             f"the next read after update_price to return the new price, {_NEW_PRICE}",
@@ -447,10 +543,97 @@ async def _update(scene: _Scene) -> None:
             ]
             if missed
             else [
+                "Calling an async method only creates a coroutine; nothing is sent to Redis until it is "
+                "awaited.",
+                "`await redis.delete(product_key(product_id))`, after the write.",
+            ]
+            if scene.delete_calls and not scene.deleted
+            else [
                 "The write went to the database only: the cache keeps serving its copy until it expires.",
                 "Invalidate on write: " + _DELETE_AFTER_HINT,
             ],
         )
+    expect(
+        _price_of(elsewhere) == _NEW_PRICE,
+        f"a read right after update_price returned, on another instance, to get the new price, {_NEW_PRICE}",
+        f"price_cents {short(_price_of(elsewhere))}: the entry was still cached when update_price returned",
+        "update_price is done when the entry is gone: the next request may come a moment later, on "
+        "another instance of the service.",
+        "Await the delete in update_price itself: " + _DELETE_AFTER_HINT,
+    )
+
+
+async def _ttl_kept(scene: _Scene) -> None:
+    """A hit must not renew the TTL: the TTL is the bound on how long a missed invalidation lasts."""
+    await scene.get(_ID)
+    entries = await scene.entries()
+    named = [e for e in entries if _KEY.fullmatch(e.key)] or entries
+    expect(
+        named, "the product cached by the first call", "no key written by get_product was there", _STORE_HINT
+    )
+    key = named[0].key
+    await scene.raw.expire(key, _AGED_TTL)  # as if the entry had been cached a while ago
+    reads = scene.db.reads[_ID]
+    await scene.get(_ID)
+    ttl = await scene.raw.ttl(key)
+    how = (
+        "the second call was no hit: it read the database and stored the entry again"
+        if scene.db.reads[_ID] > reads
+        else "reading the entry set its TTL again (GETEX, EXPIRE or a new SET)"
+    )
+    expect(
+        ttl <= _AGED_TTL,
+        f"a hit to leave the entry's TTL alone: {_AGED_TTL} s left before the hit, at most that after",
+        f"{ttl:,} s after the hit: {how}, so a product read more often than once a TTL never expires",
+        "TTL_SECONDS is the longest an entry may serve an old price if an invalidation is missed; a TTL "
+        "that each hit renews no longer bounds that for a popular product.",
+        "On a hit, only read: `cached = await redis.get(key)`; the TTL is set once, when the entry is "
+        "stored.",
+    )
+
+
+async def _two_writers(scene: _Scene) -> None:
+    """Two updates at once; the first commits first, but its Redis calls after the commit land last."""
+    await scene.get(_ID)  # cached: the old price
+    scene.second_done = asyncio.Event()
+
+    async def as_writer(name: str, price: int) -> None:
+        _WRITER.set(name)  # in this task only, and the tasks it starts
+        await scene.update(_ID, price)
+
+    first = asyncio.ensure_future(as_writer("first", _NEW_PRICE))
+    try:
+        committed = asyncio.ensure_future(scene.db.first_committed.wait())
+        await asyncio.wait([committed, first], timeout=2, return_when=asyncio.FIRST_COMPLETED)
+        committed.cancel()
+        if first.done():
+            first.result()  # raises what update_price raised
+        await asyncio.wait_for(asyncio.ensure_future(as_writer("second", _SECOND_PRICE)), 3)
+        scene.second_done.set()
+        await asyncio.wait_for(first, 3)
+    finally:
+        scene.second_done.set()
+        if not first.done():
+            first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+    after = await scene.get(_ID)
+    wrote = scene.by_writer & _WRITES
+    expect(
+        _price_of(after) == scene.db.price(_ID) == _SECOND_PRICE,
+        f"after two updates at once ({_NEW_PRICE}, then {_SECOND_PRICE}), the price the database holds, "
+        f"{scene.db.price(_ID)}",
+        f"price_cents {short(_price_of(after))}: "
+        + (
+            f"update_price wrote the price into the cache ({', '.join(sorted(wrote))}), and the first "
+            "writer's copy landed after the second's"
+            if wrote
+            else "the first writer's Redis calls, landing after the second's, left its price cached"
+        ),
+        "Writing the new value into the cache (write-through) races: two writers can commit in one "
+        "order and reach Redis in the other, and the older price then stays until the TTL. A delete "
+        "gives the same result whichever lands last.",
+        "Invalidate, do not update: " + _DELETE_AFTER_HINT,
+    )
 
 
 async def _race(scene: _Scene) -> None:
@@ -506,9 +689,15 @@ def check_cache_aside(
     own (``decode_responses=True``); keys under ``ex05:``, and any other key the answer wrote, are
     deleted before and after. A first call returns the product with one database read and stores it
     under ``ex05:product:v<n>:7`` as JSON with a TTL of at most a day; a second call reads nothing; a
+    hit leaves the TTL alone (the check cuts it to 100 s first: a hit must not set it back up); a
     missing product gives None and is not cached for ever; after ``update_price`` the next read has the
-    new price; and a read made while the write is half-done (the check pauses it) must not leave the
-    old price cached once ``update_price`` returns, which rejects deleting before writing.
+    new price, also on another instance (a loop of its own, run while the check's loop is held, so a
+    delete left in a task nobody awaited has not landed); a read made while the write is half-done
+    (the check pauses it) must not leave the old price cached once ``update_price`` returns, which
+    rejects deleting before writing; and of two updates at once, the first to commit has its Redis
+    calls after the commit held until the second is done: the newer price must be what a read gets,
+    which rejects writing the new value into the cache instead of deleting it. Commands sent in a
+    pipeline are seen as well as single ones.
     """
     with exercise("5.1", "Cache-aside, invalidated on write", SOLUTION) as ex:
         for name, function in (("get_product", get_product), ("update_price", update_price)):
@@ -540,15 +729,23 @@ def check_cache_aside(
         hangs: list[str] = []
         for description, body, name in (
             ("a second call is a hit: no database read", _hit, "hit"),
+            ("a hit leaves the TTL alone: the entry still expires on time", _ttl_kept, "ttl-kept"),
             ("a product that does not exist gives None, and is not cached for ever", _missing, "missing"),
         ):
             if not ex.step(description, _watch(hangs, scene(body, name))) and hangs:
                 return
-        if not ex.step("after update_price, the next read returns the new price", scene(_update, "update")):
+        if not ex.step(
+            "after update_price returns, the next read (here or on another instance) has the new price",
+            scene(_update, "update"),
+        ):
             return
         ex.step(
             "update_price deletes the key after the write: a read during the write leaves nothing stale",
             scene(_race, "race"),
+        )
+        ex.step(
+            "two updates at once leave the newer price: the entry is deleted, not overwritten",
+            scene(_two_writers, "two-writers"),
         )
 
 
@@ -641,7 +838,7 @@ def _new(coalescer_class: Any) -> Any:
     return coalescer
 
 
-def _call(coalescer: Any, key: str, load: Callable[[], Any]) -> Awaitable[Any]:
+def _call(coalescer: Any, key: Any, load: Callable[[], Any]) -> Awaitable[Any]:
     result = coalescer.run(key, load)
     expect(
         inspect.isawaitable(result),
@@ -727,6 +924,21 @@ async def _two_keys(coalescer: Any, loads: _Loads) -> None:
         f"each key to get its own load's result: {first!r}, {second!r}",
         f"{short(results)}",
         "Return what the key's load returned.",
+    )
+    apart = _Loads()
+    results = await asyncio.gather(
+        _call(coalescer, 7, apart.loader("7")),
+        _call(coalescer, "7", apart.loader("'7'")),
+        return_exceptions=True,
+    )
+    _raise_errors(results)
+    expect(
+        apart.started == 2 and [r.get("key") if isinstance(r, dict) else r for r in results] == ["7", "'7'"],
+        "keys 7 and '7' (not equal: two different keys) to load separately, each getting its own result",
+        f"{apart.started} load{'s' if apart.started != 1 else ''} for both; results {short(results)}: the "
+        "loads were looked up by something other than the key itself (str(key)?)",
+        "Two calls share a load only when their keys are equal, as dict keys are: 7 and '7' are not.",
+        "Use the key itself as the dict key, `self._loads[key]`: any hashable value works.",
     )
     expect(
         loads.most_in_flight == 2,
@@ -832,6 +1044,12 @@ async def _cancelled(coalescer: Any, loads: _Loads) -> None:
             failed[0].result()
         calls[0].cancel()  # the first caller, the one that started the load, gives up
         await asyncio.wait([calls[0]], timeout=1)
+        before_late, together_before_late = loads.started, loads.most_in_flight
+        late = asyncio.ensure_future(_call(coalescer, key, load))  # while the load still runs
+        calls.append(late)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        late_loaded = loads.started > before_late
         release.set()
         done, pending = await asyncio.wait(others, timeout=2)
         cancelled = [c for c in others if c.cancelled()]
@@ -857,17 +1075,28 @@ async def _cancelled(coalescer: Any, loads: _Loads) -> None:
         expected = {"key": key, "load": 1}
         how = (
             "each caller ran its own"
-            if loads.most_in_flight > 1
+            if together_before_late > 1
             else "the first caller's load stopped when it was cancelled, and the others loaded again"
         )
         expect(
-            loads.started == 1,
+            before_late == 1,
             f"the other {len(others)} callers to get the result of the one load, {expected}",
-            f"{loads.started} loads: {how}",
+            f"{before_late} loads: {how}",
             "A load that a caller runs itself stops when that caller is cancelled; the others then have "
             "to start again.",
             "Run the load in a task of its own (`asyncio.ensure_future(load())`), which no caller owns, "
             "and have every caller await it through `asyncio.shield`.",
+        )
+        await asyncio.wait([late], timeout=2)
+        expect(
+            not late_loaded,
+            "a call made after the first caller was cancelled, while the load still ran, to share that load",
+            f"it started load {loads.started}: the entry was removed when the caller that started the load "
+            "was cancelled, while its load ran on, so two loads of one key ran at once",
+            "The entry belongs to the load, not to the caller that started it: remove it when the load "
+            "is done, however its callers fare.",
+            "Forget the load in a done callback of the task, `task.add_done_callback(lambda _: "
+            "self._loads.pop(key, None))`, not in a `finally:` of the caller.",
         )
         expect(
             all(r == expected for r in results) and loads.started == 1,
@@ -888,9 +1117,10 @@ def check_coalescer(coalescer_class: type) -> None:
     Each scenario runs on a fresh loop with a new ``Coalescer()`` and loads of the check's own, which
     count how many started and how many ran at once. 100 concurrent calls for one key: 1 load, and all
     100 get its result; two keys at once: 2 loads in flight together (a load waits for the other to
-    start, up to 1 s); a call after a load finished: a new load; a failing load: every one of 10
-    waiting callers gets its exception, from 1 load, and the next call loads again; 5 callers, the
-    first cancelled while the load runs: the other 4 still get its result.
+    start, up to 1 s), and keys 7 and "7" (not equal) 2 loads; a call after a load finished: a new
+    load; a failing load: every one of 10 waiting callers gets its exception, from 1 load, and the next
+    call loads again; 5 callers, the first cancelled while the load runs: the other 4 still get its
+    result, and a call made after the cancellation, while the load still runs, joins it.
     """
     with exercise("5.2", "Coalesce concurrent loads (single-flight)", SOLUTION) as ex:
         hangs: list[str] = []
@@ -900,7 +1130,11 @@ def check_coalescer(coalescer_class: type) -> None:
                 _one_key,
                 "one-key",
             ),
-            ("two different keys load at the same time, each getting its own result", _two_keys, "two-keys"),
+            (
+                "two different keys (7 and '7' too) load at the same time, each getting its own result",
+                _two_keys,
+                "two-keys",
+            ),
             (
                 "once a load is done, the next call loads again: single-flight, not a cache",
                 _after_done,
@@ -911,7 +1145,11 @@ def check_coalescer(coalescer_class: type) -> None:
                 _failure,
                 "failure",
             ),
-            ("cancelling the first caller does not cancel the load for the others", _cancelled, "cancelled"),
+            (
+                "cancelling the first caller leaves the load running, and shared, for the others",
+                _cancelled,
+                "cancelled",
+            ),
         ]
         for description, body, name in steps:
             scenario = _watch(hangs, lambda body=body, name=name: _in_loop(coalescer_class, body, name))
@@ -1012,6 +1250,46 @@ def _check_distinct(keys: _Keys) -> None:
             f"{_label(one)} and {_label(other)} share {short(keys(*one))}",
             ["The key must hold everything the answer depends on: the user, the query and the language."],
         )
+    apart = [
+        (
+            ("Alice", "red shoes", "en"),
+            ("alice", "red shoes", "en"),
+            "users 'Alice' and 'alice'",
+            "the user id was normalised like the query: user ids are compared exactly as given",
+            "Only the query is normalised; two user ids that differ in any way are two users.",
+        ),
+        (
+            ("alice", "red shoes", "en"),
+            ("alice", "redshoes", "en"),
+            "queries 'red shoes' and 'redshoes'",
+            "whitespace inside the query was removed: it separates words, so these are two searches",
+            "Strip the whitespace around the query only: `query.strip()`.",
+        ),
+        (
+            ("alice", "café", "fr"),
+            ("alice", "caf", "fr"),
+            "queries 'café' and 'caf'",
+            "characters outside ASCII were dropped before hashing",
+            "Encode the whole text, `text.encode()` (UTF-8, which encodes any character), and hash the "
+            "bytes: the digest is what makes the key ASCII.",
+        ),
+        (
+            ("alice", "обувь", "en"),
+            ("alice", "сапоги", "en"),
+            "queries 'обувь' and 'сапоги'",
+            "characters outside ASCII were dropped before hashing, so every query in another script "
+            "shares one key",
+            "Encode the whole text, `text.encode()` (UTF-8, which encodes any character), and hash the "
+            "bytes: the digest is what makes the key ASCII.",
+        ),
+    ]
+    for one, other, what, why, hint in apart:
+        if keys(*one) == keys(*other):
+            raise Mismatch(
+                f"different keys for {what}",
+                f"both give {short(keys(*one))}: {why}",
+                [hint, _JSON_HINT],
+            )
 
 
 def _check_normalised(keys: _Keys) -> None:
@@ -1025,7 +1303,16 @@ def _check_normalised(keys: _Keys) -> None:
         if apart
         else "",
         "Normalise the query before it goes into the key, or every spelling of a search is a miss.",
-        "`normalised = query.strip().casefold()` (or `.lower()`), and hash that.",
+        "`normalised = query.strip().casefold()`, and hash that.",
+    )
+    folded = {query: keys("alice", query, "de") for query in ("straße", "STRASSE")}
+    expect(
+        folded["straße"] == folded["STRASSE"],
+        "one key for 'straße' and 'STRASSE': they differ only in letter case ('straße'.upper() is 'STRASSE')",
+        f"'straße' gets {short(folded['straße'])}, 'STRASSE' gets {short(folded['STRASSE'])}: lower() "
+        "leaves ß as it is, so the two never meet",
+        "`str.lower` is not a caseless comparison: it keeps ß, and uppercasing gives SS.",
+        "`query.strip().casefold()`: casefold is made for comparing text without case (it folds ß to ss).",
     )
 
 
@@ -1084,6 +1371,35 @@ def _check_unambiguous(keys: _Keys) -> None:
                         _JSON_HINT,
                     ],
                 )
+
+
+_MIN_BITS = 120  # the text asks for 32 hex digits of a digest (128 bits); a UUID keeps 122 of them
+_SAMPLES = 1_000
+
+
+def _bits(keys: _Keys) -> tuple[float, list[str]]:
+    """How many bits the keys of many different inputs carry: the sum, over each character position
+    after the prefix, of log2 of the number of different characters seen there."""
+    langs = ("en", "fr", "de", "es")
+    made = [keys(f"user{i}", f"query {i}", langs[i % len(langs)]) for i in range(_SAMPLES)]
+    tails = [key[len(_PREFIX) :] if isinstance(key, str) else "" for key in made]
+    width = max(map(len, tails), default=0)
+    seen = [{tail[i] for tail in tails if i < len(tail)} for i in range(width)]
+    return sum(math.log2(len(chars)) for chars in seen if chars), made
+
+
+def _check_strong(keys: _Keys) -> None:
+    bits, made = _bits(keys)
+    expect(
+        bits >= _MIN_BITS,
+        "a digest long enough that two inputs never share a key in practice: 32 hex digits (128 bits) "
+        "or more",
+        f"keys such as {short(made[0])} carry about {bits:.0f} bits: among about {2 ** (bits / 2):,.0f} "
+        "different users and queries, two share a key at even odds, and one user is served the other's page",
+        "A digest cut short collides long before the inputs run out (the birthday bound): n bits give "
+        "even odds of a clash after about 2^(n/2) keys.",
+        "Keep the whole digest: " + _DIGEST_HINT + " That is well under the 100-character limit.",
+    )
 
 
 _STABLE_INPUTS = [
@@ -1223,7 +1539,11 @@ def check_recommendations_key(recommendations_key: Callable[[str, str, str], str
     two 10 kB queries that differ at the end) or language; at most 100 characters of printable ASCII
     without spaces for any input (10 kB parts, newlines, accents); different for inputs that a
     separator would run together (user "a" with query "b:c", user "a:b" with query "c", for a dozen
-    separators); and the same in two fresh processes with ``PYTHONHASHSEED`` 1 and 2 (rejects
+    separators); different for users that differ only in case or surrounding whitespace, for "red
+    shoes" and "redshoes", and for queries outside ASCII ("café" and "caf"); the same for "straße" and
+    "STRASSE" (casefold, not lower); carrying at least 120 bits in what follows the prefix (estimated
+    over 1,000 inputs, position by position: a digest cut to 8 hex digits carries 32); and the same in
+    two fresh processes with ``PYTHONHASHSEED`` 1 and 2 (rejects
     ``hash()``). The function's source is copied into those processes, with the modules, constants
     and helper functions it names.
     """
@@ -1246,7 +1566,7 @@ def check_recommendations_key(recommendations_key: Callable[[str, str, str], str
             "queries that differ only in case or surrounding whitespace share a key",
             lambda: _check_normalised(keys),
         )
-        ex.step(
+        bounded = ex.step(
             f"the key is at most {_MAX_KEY} printable ASCII characters, whatever the input",
             lambda: _check_bounded(keys),
         )
@@ -1255,3 +1575,8 @@ def check_recommendations_key(recommendations_key: Callable[[str, str, str], str
             lambda: _check_unambiguous(keys),
         )
         ex.step("the key is the same in another Python process (no hash())", lambda: _check_stable(keys))
+        if bounded:  # a key that holds raw input is not a digest to measure
+            ex.step(
+                "the digest is long enough never to collide in practice (32 hex digits or more)",
+                lambda: _check_strong(keys),
+            )
