@@ -7,6 +7,7 @@ around it (the request-ID middleware, `fulfil`, the queue's consumer) is the not
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import re
 import uuid
@@ -71,6 +72,7 @@ def orders_answer(variant: str) -> tuple[FastAPI, Any, dict[str, str], str]:
     """The exercise cell, answered one way or another: (app, process_order, worked_for, QUEUE)."""
     worked_for: dict[str, str] = {}
     shared = {"current": "-"}  # a module-level "current request id", as a learner might keep one
+    pending: set[asyncio.Task[Any]] = set()
 
     async def fulfil(order_id: str) -> None:
         await asyncio.sleep(0.01)
@@ -91,7 +93,19 @@ def orders_answer(variant: str) -> tuple[FastAPI, Any, dict[str, str], str]:
         queue = request.app.state.queue
         if variant == "placeholder":
             raise NotImplementedError(placeholder_message("2.1"))
-        if variant in ("not-passed", "read-var-in-job"):
+        if variant == "header":  # the raw header, not the ID the middleware chose
+            header = request.headers.get("x-request-id", "-")
+            await queue.enqueue("process_order", order_id=order_id, request_id=header)
+        elif variant == "app-dict":  # order → ID in the app's memory: no worker process shares it
+            ids = getattr(request.app.state, "request_ids", None)
+            if ids is None:
+                ids = request.app.state.request_ids = {}
+            ids[order_id] = request_id_var.get()
+            await queue.enqueue("process_order", order_id=order_id)
+        elif variant == "fire-and-forget":  # answers 202 before the job is stored
+            job = queue.enqueue("process_order", order_id=order_id, request_id=request_id_var.get())
+            pending.add(asyncio.create_task(job))
+        elif variant in ("not-passed", "read-var-in-job"):
             await queue.enqueue("process_order", order_id=order_id)
         elif variant == "global":
             shared["current"] = request_id_var.get()
@@ -113,11 +127,29 @@ def orders_answer(variant: str) -> tuple[FastAPI, Any, dict[str, str], str]:
         if variant in ("ignored", "read-var-in-job"):
             await fulfil(order_id)  # trusts request_id_var to still hold the request's ID
             return
-        if variant == "set-only":  # right too: the worker runs each job in a context of its own
+        if variant == "set-only":  # the worker's own context is fine, but the ID stays set after the job
             request_id_var.set(request_id)
             await fulfil(order_id)
             return
-        value = {"global": shared["current"], "app-state": getattr(app.state, "request_id", "-")}
+        if variant == "child-task":  # right too: the child's context is a copy; nothing leaks back
+
+            async def work() -> None:
+                request_id_var.set(request_id)
+                await fulfil(order_id)
+
+            await asyncio.create_task(work())
+            return
+        if variant == "context-run":  # right too: a copied context holding the ID, for a task of its own
+            context = contextvars.copy_context()
+            context.run(request_id_var.set, request_id)
+            await asyncio.create_task(fulfil(order_id), context=context)
+            return
+        ids = getattr(app.state, "request_ids", {})
+        value = {
+            "global": shared["current"],
+            "app-state": getattr(app.state, "request_id", "-"),
+            "app-dict": ids.pop(order_id, request_id),
+        }
         token = request_id_var.set(value.get(variant, request_id))
         try:
             await fulfil(order_id)
@@ -127,14 +159,18 @@ def orders_answer(variant: str) -> tuple[FastAPI, Any, dict[str, str], str]:
     return app, process_order, worked_for, QUEUE
 
 
-@pytest.mark.parametrize("variant", ["right", "set-only"])
+@pytest.mark.parametrize("variant", ["right", "child-task", "context-run"])
 def test_2_1_passing_the_id_with_the_job_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     check_request_id_in_jobs(*orders_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 2.1 · Carry the request ID into a queued job\n")
-    assert "  ✅ passed: 20 requests at once, each with its own X-Request-ID, enqueue 20 jobs\n" in out
+    assert (
+        "  ✅ passed: 20 requests at once, with and without an X-Request-ID, each answered 202 once its "
+        "job is stored\n"
+    ) in out
     assert "  ✅ passed: every job worked for the request that enqueued it\n" in out
-    assert out.endswith("Exercise 2.1: passed ✅ (4 of 4 checks)\n")
+    assert "  ✅ passed: the job resets the variable: run directly, it leaves no request's ID behind\n" in out
+    assert out.endswith("Exercise 2.1: passed ✅ (6 of 6 checks)\n")
 
 
 @pytest.mark.parametrize("variant", ["placeholder", "placeholder-job"])
@@ -152,10 +188,11 @@ def test_2_1_an_id_not_passed_is_rejected(variant: str, capsys: pytest.CaptureFi
         "       expected: each job to work for the request that enqueued it (20 of 20)\n"
         "       seen:     20 of 20 jobs worked for no request: the job for 'o-00' ran with request_id_var "
         "= '-', not 'ex21-req-00'. The job's arguments (order_id) did not carry the request's ID, and a "
-        "context variable does not travel through the queue: in the worker it holds only its default\n"
+        "context variable does not travel through the queue, nor does the app's memory: in the worker "
+        "the variable holds only its default\n"
     ) in out
     assert "hint:     The job runs later, on the worker, in another context" in out
-    assert out.endswith("Exercise 2.1: not yet — 3 of 4 checks pass")
+    assert out.endswith("Exercise 2.1: not yet — 3 of 5 checks pass")
 
 
 def test_2_1_an_id_passed_but_not_set_in_the_job_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,26 +202,84 @@ def test_2_1_an_id_passed_but_not_set_in_the_job_is_rejected(capsys: pytest.Capt
         "variable, which in the worker holds only its default"
     ) in out
     assert "hint:     The worker runs each job in a context of its own" in out
-    assert out.endswith("Exercise 2.1: not yet — 3 of 4 checks pass")
+    assert out.endswith("Exercise 2.1: not yet — 4 of 5 checks pass")
 
 
-@pytest.mark.parametrize("variant", ["global", "app-state"])
-def test_2_1_a_shared_current_id_is_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
-    out = rejected(capsys, check_request_id_in_jobs, *orders_answer(variant))
+def test_2_1_a_shared_current_id_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer("global"))
     assert re.search(
-        r"seen:     19 of 20 jobs worked for another request's ID: all 20 worked for 'ex21-req-\d\d', "
+        r"seen:     19 of 20 jobs worked for another request's ID: all 20 worked for '[^']+', "
         r"the request that came last\. A value shared by all requests",
         out,
     )
     assert "hint:     Jobs run after the requests that enqueued them" in out
-    assert out.endswith("Exercise 2.1: not yet — 3 of 4 checks pass")
+    assert out.endswith("Exercise 2.1: not yet — 3 of 5 checks pass")
+
+
+@pytest.mark.parametrize("variant", ["app-state", "app-dict"])
+def test_2_1_an_id_kept_in_the_apps_memory_is_rejected(
+    variant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the check's worker is a thread of this process: it empties app.state, as a worker process has its own
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer(variant))
+    name = "request_id" if variant == "app-state" else "request_ids"
+    assert (
+        "❌ not yet: each request's ID is stored in Redis with its job (a worker in another process sees "
+        "only Redis)\n"
+        "       expected: each job to carry its request's ID in Redis, with the job: all a worker in another "
+        "process (or after a restart) can see\n"
+        "       seen:     20 of 20 requests' IDs were nowhere in Redis once the requests were answered (e.g. "
+        "'ex21-req-00', the ID of the request for 'o-00'). The endpoint kept something in the app's memory "
+        f"(app.state.{name}): a worker in another process does not share it\n"
+    ) in out
+    assert "❌ not yet: every job worked for the request that enqueued it" in out
+    assert out.endswith("Exercise 2.1: not yet — 3 of 5 checks pass")
+
+
+def test_2_1_the_raw_header_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # 4 of the 20 requests send no X-Request-ID, or one the middleware refuses and replaces
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer("header"))
+    assert re.search(
+        r"seen:     the 4 requests sent without a sane X-Request-ID did not: the job of 'o-16' \(sent with "
+        r"no X-Request-ID\) carried something else than its ID '[0-9a-f]{32}'\. The endpoint read the raw "
+        r"header, not the ID the middleware chose\n",
+        out,
+    )
+    assert "The endpoint read the raw header, not `request_id_var`" in out
+    assert out.endswith("Exercise 2.1: not yet — 3 of 5 checks pass")
+
+
+def test_2_1_a_202_before_the_job_is_stored_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # the check's enqueue takes 0.1 s: an enqueue left to a task of its own finishes after the 202
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer("fire-and-forget"))
+    assert (
+        "❌ not yet: 20 requests at once, with and without an X-Request-ID, each answered 202 once its job "
+        "is stored\n"
+        "       expected: each 202 sent once its job is stored in Redis (a 202 promises the job is queued)\n"
+    ) in out
+    assert re.search(
+        r"seen:     20 of 20 answered 202 before their job was stored \(the job of 'o-\d\d' was", out
+    )
+    assert out.endswith("Exercise 2.1: not yet — 1 of 2 checks pass")
+
+
+def test_2_1_an_id_set_and_never_reset_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer("set-only"))
+    assert (
+        "❌ not yet: the job resets the variable: run directly, it leaves no request's ID behind\n"
+        "       expected: the job to leave the context as it found it: after it returns, no variable holds "
+        "its request's ID\n"
+        "       seen:     after `await process_order(ctx, …)` returned, `request_id` still held "
+        "'ex21-direct-call', the ID of the job just run"
+    ) in out
+    assert out.endswith("Exercise 2.1: not yet — 5 of 6 checks pass")
 
 
 def test_2_1_a_job_enqueued_by_another_name_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_in_jobs, *orders_answer("wrong-name"))
-    assert "❌ not yet: a worker started afterwards runs the 20 jobs" in out
+    assert "❌ not yet: a worker started afterwards, without the app's memory, runs the 20 jobs" in out
     assert "seen:     0 ran; the worker reported KeyError: 'process'\n" in out
-    assert out.endswith("Exercise 2.1: not yet — 2 of 3 checks pass")
+    assert out.endswith("Exercise 2.1: not yet — 3 of 4 checks pass")
 
 
 def test_2_1_an_error_in_the_job_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -210,6 +305,13 @@ def test_2_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None
 RELEASE_IF_MINE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+MARK_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('SET', KEYS[1], 'sent')
 end
 return 0
 """
@@ -247,10 +349,20 @@ def welcome_job(variant: str) -> Any:
                 await redis.set(key, "sent")
                 return
             await redis.set(key, "sending", ex=60)
-        elif variant == "two-keys":  # right too: a claim with an expiry, and a separate mark
+        elif variant in ("two-keys", "two-keys-recheck"):  # a claim with an expiry, and a separate mark
             if await redis.exists(f"{key}:sent") or not await redis.set(
                 f"{key}:claim", token, nx=True, ex=30
             ):
+                return
+            if variant == "two-keys-recheck" and await redis.exists(f"{key}:sent"):  # right: look again
+                await redis.eval(RELEASE_IF_MINE, 1, f"{key}:claim", token)
+                return
+        elif variant == "setnx-expire":  # the claim exists without an expiry until the second command
+            if not await redis.setnx(key, token):
+                return
+            await redis.expire(key, 60)
+        elif variant == "px":  # 60 ms, not 60 s
+            if not await redis.set(key, token, nx=True, px=60):
                 return
         else:
             ttl = None if variant == "no-ttl" else 60
@@ -265,7 +377,7 @@ def welcome_job(variant: str) -> Any:
             finally:
                 await redis.delete(key)
             return
-        claim = f"{key}:claim" if variant == "two-keys" else key
+        claim = f"{key}:claim" if variant.startswith("two-keys") else key
         try:
             await provider.send(email, "Welcome!")
         except ProviderError:
@@ -276,9 +388,13 @@ def welcome_job(variant: str) -> Any:
             if variant == "swallow":
                 return
             raise
-        if variant == "two-keys":
+        if variant.startswith("two-keys"):
             await redis.set(f"{key}:sent", 1)
             await redis.eval(RELEASE_IF_MINE, 1, claim, token)
+        elif variant == "keepttl":  # the mark keeps the claim's expiry
+            await redis.set(key, "sent", keepttl=True)
+        elif variant == "mark-if-mine":  # the mark is dropped when the claim lapsed during the send
+            await redis.eval(MARK_IF_MINE, 1, key, token)
         else:
             await redis.set(key, "sent")
 
@@ -288,7 +404,7 @@ def welcome_job(variant: str) -> Any:
     return not_async if variant == "not-async" else send_welcome_once
 
 
-@pytest.mark.parametrize("variant", ["right", "two-keys", "lock"])
+@pytest.mark.parametrize("variant", ["right", "two-keys-recheck", "lock"])
 def test_2_2_an_atomic_claim_released_only_by_its_owner_passes(
     variant: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -300,7 +416,7 @@ def test_2_2_an_atomic_claim_released_only_by_its_owner_passes(
         "  ✅ passed: a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's\n"
         in out
     )
-    assert out.endswith("Exercise 2.2: passed ✅ (7 of 7 checks)\n")
+    assert out.endswith("Exercise 2.2: passed ✅ (10 of 10 checks)\n")
 
 
 def test_2_2_a_release_by_plain_delete_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -315,7 +431,7 @@ def test_2_2_a_release_by_plain_delete_is_rejected(capsys: pytest.CaptureFixture
         "claimed the user and sent again\n"
     ) in out
     assert "hint:     A plain `DELETE` removes whatever claim is there now" in out
-    assert out.endswith("Exercise 2.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
 
 
 def test_2_2_the_release_hint_gets_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
@@ -341,10 +457,10 @@ def test_2_2_no_guard_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     ) in out
     assert "seen:     10: the copies all looked before any of them marked the user" in out
     assert "no key mentioning the user existed during the send" in out
-    assert out.endswith("Exercise 2.2: not yet — 3 of 7 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 3 of 10 checks pass")
 
 
-@pytest.mark.parametrize(("variant", "passing"), [("get-then-set", 5), ("get-send-set", 4)])
+@pytest.mark.parametrize(("variant", "passing"), [("get-then-set", 8), ("get-send-set", 6)])
 def test_2_2_a_check_then_set_is_rejected(
     variant: str, passing: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -355,7 +471,7 @@ def test_2_2_a_check_then_set_is_rejected(
         "       seen:     10: the copies all looked before any of them marked the user\n"
         "       hint:     Looking (GET) and marking (SET) are two round trips"
     ) in out
-    assert out.endswith(f"Exercise 2.2: not yet — {passing} of 7 checks pass")
+    assert out.endswith(f"Exercise 2.2: not yet — {passing} of 10 checks pass")
 
 
 def test_2_2_a_claim_kept_after_a_failure_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -365,7 +481,7 @@ def test_2_2_a_claim_kept_after_a_failure_is_rejected(capsys: pytest.CaptureFixt
         "       seen:     0: the first attempt failed, and its claim was still there when the retry ran, "
         "so the retry skipped the user; the email is lost\n"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 7 of 10 checks pass")
 
 
 def test_2_2_a_claim_without_expiry_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -374,19 +490,82 @@ def test_2_2_a_claim_without_expiry_is_rejected(capsys: pytest.CaptureFixture[st
         "seen:     ch02:welcome:ex22-barbara had no expiry: if the worker crashed mid-send, the claim "
         "would stay for ever"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 5 of 7 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 8 of 10 checks pass")
 
 
 def test_2_2_a_swallowed_failure_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_idempotent_job, welcome_job("swallow"))
     assert "it returned normally without sending: the queue would mark the job done" in out
-    assert out.endswith("Exercise 2.2: not yet — 5 of 7 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 8 of 10 checks pass")
 
 
 def test_2_2_a_claim_released_after_success_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_idempotent_job, welcome_job("release-always"))
     assert "seen:     2: the second run sent again" in out
-    assert out.endswith("Exercise 2.2: not yet — 5 of 7 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 6 of 10 checks pass")
+
+
+def test_2_2_a_claim_whose_expiry_comes_in_a_second_command_is_rejected(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # SETNX, then EXPIRE: a crash between the two leaves a claim that never lapses
+    out = rejected(capsys, check_idempotent_job, welcome_job("setnx-expire"))
+    assert (
+        "❌ not yet: the claim expires on its own, from the moment it is taken, and outlasts a send\n"
+        "       expected: the claim to have its expiry from the moment it exists (claim and expiry in one "
+        "command)\n"
+        "       seen:     ch02:welcome:ex22-barbara existed without an expiry between two of your commands, "
+        "before the send: a worker that crashed right then (between the claim and its EXPIRE)"
+    ) in out
+    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
+
+
+def test_2_2_a_claim_shorter_than_a_send_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("px"))  # px=60: 60 ms, not 60 s
+    assert (
+        "❌ not yet: the claim expires on its own, from the moment it is taken, and outlasts a send\n" in out
+    )
+    assert re.search(
+        r"seen:     ch02:welcome:ex22-barbara had \d\d ms to live as the send began, shorter than a second: "
+        r"it lapses during an ordinary send",
+        out,
+    )
+    assert "Exercise 2.2: not yet" in out  # the takeover step may fail too: copy B's 60 ms claim lapses
+
+
+def test_2_2_a_mark_that_expires_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("keepttl"))  # SET … KEEPTTL: 60 s, then gone
+    assert (
+        "❌ not yet: a copy run after the claim would have expired does not send again\n"
+        "       expected: 1 email to ex22-ada@example.com: the mark left after sending lasts for good\n"
+        "       seen:     2: after the send, every key naming the user had an expiry (ch02:welcome:ex22-ada: "
+        "60 s left)"
+    ) in out
+    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
+
+
+def test_2_2_a_mark_dropped_after_a_slow_send_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_idempotent_job, welcome_job("mark-if-mine"))
+    assert (
+        "❌ not yet: when the claim lapses during a send that succeeds, the email is still marked sent\n"
+        "       expected: 1 email to ex22-katherine@example.com: an email that went out is marked sent, even "
+        "after a slow send\n"
+        "       seen:     2: the first copy's claim lapsed during its send"
+    ) in out
+    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
+
+
+def test_2_2_a_mark_looked_for_only_before_the_claim_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # a "sent" key and a claim key, the claim released after success: a copy that looked before the
+    # mark was written, and claims after the release, sends again
+    out = rejected(capsys, check_idempotent_job, welcome_job("two-keys"))
+    assert (
+        "❌ not yet: a copy held up between its commands while another sends does not send again\n"
+        "       expected: 1 email to ex22-hedy@example.com from copy A and a copy B held up between its "
+        "commands\n"
+        "       seen:     2: copy B looked while A was sending and found no mark"
+    ) in out
+    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
 
 
 def test_2_2_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -413,6 +592,7 @@ QUEUE_SIZE, CONSUMERS, JOB_SECONDS = 5, 1, 0.1
 def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
     """The exercise cell, answered one way or another: (app, processed, QUEUE_SIZE, CONSUMERS)."""
     processed: list[str] = []
+    pending: set[asyncio.Task[Any]] = set()
 
     async def consume(queue: asyncio.Queue) -> None:
         while True:
@@ -427,8 +607,12 @@ def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
     async def lifespan(app: FastAPI) -> Any:
         if variant == "placeholder":
             raise NotImplementedError(placeholder_message("2.3"))
-        bounded = variant not in ("unbounded", "maxsize-0")
-        app.state.queue = asyncio.Queue(maxsize=QUEUE_SIZE if bounded else 0)
+        bounded = variant not in ("unbounded", "maxsize-0", "qsize-guard")
+        size = (
+            QUEUE_SIZE + CONSUMERS if variant == "maxsize-plus" else QUEUE_SIZE
+        )  # maxsize counts waiting jobs
+        if variant != "reuse-queue" or getattr(app.state, "queue", None) is None:  # a second start reuses it
+            app.state.queue = asyncio.Queue(maxsize=size if bounded else 0)
         consumers = [asyncio.create_task(consume(app.state.queue)) for _ in range(CONSUMERS)]
         yield
         for task in consumers:
@@ -436,7 +620,7 @@ def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
         await asyncio.gather(*consumers, return_exceptions=True)
 
     app = FastAPI(lifespan=lifespan)
-    retry_after = {"no-retry-after": None, "float": "0.5", "zero": "0"}.get(
+    retry_after = {"no-retry-after": None, "float": "0.5", "zero": "0", "an-hour": "3600"}.get(
         variant, str(max(1, math.ceil(QUEUE_SIZE * JOB_SECONDS / CONSUMERS)))
     )
 
@@ -449,9 +633,19 @@ def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
         if variant == "unhandled":
             queue.put_nowait(job_id)
             return {"job_id": job_id, "queued": True}
+        if variant == "qsize-guard" and queue.qsize() > QUEUE_SIZE:  # one off: QUEUE_SIZE + 1 wait
+            raise HTTPException(503, "queue full", headers={"Retry-After": retry_after})
+        if variant == "wait-for":  # waits up to a second for room before refusing
+            try:
+                await asyncio.wait_for(queue.put(job_id), timeout=1.0)
+            except TimeoutError:
+                raise HTTPException(503, "queue full", headers={"Retry-After": retry_after}) from None
+            return {"job_id": job_id, "queued": True}
         try:
             queue.put_nowait(job_id)
         except asyncio.QueueFull:
+            if variant == "put-later":  # refused, but put on the queue once there is room
+                pending.add(asyncio.create_task(queue.put(job_id)))
             headers = {"Retry-After": retry_after} if retry_after is not None else None
             if variant == "json-response":
                 return JSONResponse({"detail": "busy"}, status_code=503, headers=headers)
@@ -466,8 +660,8 @@ def test_2_3_a_bounded_queue_with_503_passes(variant: str, capsys: pytest.Captur
     check_bounded_queue(*jobs_answer(variant))
     out = capsys.readouterr().out
     assert "  ✅ passed: once the queue is full, the rest are refused with 503\n" in out
-    assert "  ✅ passed: every 503 carries Retry-After: whole seconds, at least 1\n" in out
-    assert out.endswith("Exercise 2.3: passed ✅ (6 of 6 checks)\n")
+    assert "  ✅ passed: every 503 carries Retry-After: whole seconds, at least 1, at most 10\n" in out
+    assert out.endswith("Exercise 2.3: passed ✅ (8 of 8 checks)\n")
 
 
 def test_2_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -481,14 +675,14 @@ def test_2_3_an_unbounded_queue_is_rejected(variant: str, capsys: pytest.Capture
     out = rejected(capsys, check_bounded_queue, *jobs_answer(variant))
     assert "❌ not yet: once the queue is full, the rest are refused with 503" in out
     assert "seen:     30 × 202: the queue took every job\n" in out
-    assert out.endswith("Exercise 2.3: not yet — 3 of 4 checks pass")
+    assert out.endswith("Exercise 2.3: not yet — 4 of 5 checks pass")
 
 
 def test_2_3_waiting_for_room_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_bounded_queue, *jobs_answer("await-put"))
     assert "expected: an answer to each request within 1.5 s (a full queue refuses at once)" in out
     assert re.search(r"seen:     \d+ of 30 got no answer in time.*: the endpoint waited for room", out)
-    assert out.endswith("Exercise 2.3: not yet — 2 of 3 checks pass")
+    assert out.endswith("Exercise 2.3: not yet — 3 of 4 checks pass")
 
 
 def test_2_3_an_uncaught_queue_full_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -497,30 +691,87 @@ def test_2_3_an_uncaught_queue_full_is_rejected(capsys: pytest.CaptureFixture[st
         r"seen:     \d+ of 30 got 500: `put_nowait` raised asyncio.QueueFull and nothing caught it", out
     )
     assert "your code raised" not in out
-    assert out.endswith("Exercise 2.3: not yet — 2 of 3 checks pass")
+    assert out.endswith("Exercise 2.3: not yet — 3 of 4 checks pass")
 
 
 def test_2_3_a_503_without_retry_after_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_bounded_queue, *jobs_answer("no-retry-after"))
     assert "       expected: a Retry-After header on every 503\n" in out
     assert re.search(r"seen:     (\d+) of \1 503s without one", out)
-    assert out.endswith("Exercise 2.3: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
 
 
-@pytest.mark.parametrize(("variant", "shown"), [("float", "'0.5'"), ("zero", "'0'")])
+@pytest.mark.parametrize(
+    ("variant", "shown"),
+    [
+        ("float", "'0.5'"),
+        ("zero", "'0'"),
+        ("an-hour", "'3600', while the queue empties in about half a second"),
+    ],
+)
 def test_2_3_a_retry_after_that_is_not_whole_seconds_is_rejected(
     variant: str, shown: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = rejected(capsys, check_bounded_queue, *jobs_answer(variant))
     assert (
-        '       expected: Retry-After as a whole number of seconds, at least 1 (e.g. "1")\n'
+        "       expected: Retry-After as a whole number of seconds, at least 1 and about when there is room "
+        'again (at most 10; e.g. "1")\n'
         f"       seen:     Retry-After: {shown}\n"
     ) in out
-    assert out.endswith("Exercise 2.3: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
 
 
 def test_2_3_a_429_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_bounded_queue, *jobs_answer("429"))
     assert "expected: 503 (Service Unavailable) for the requests refused" in out
     assert "429 would blame the client's own rate" in out
-    assert out.endswith("Exercise 2.3: not yet — 3 of 4 checks pass")
+    assert out.endswith("Exercise 2.3: not yet — 4 of 5 checks pass")
+
+
+def test_2_3_waiting_a_while_for_room_before_a_503_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # wait_for(put, 1.0): every answer within 1.5 s, but a refusal only after a second of waiting
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("wait-for"))
+    assert (
+        "❌ not yet: while the queue stays full, a refusal comes at once (faster than a 0.1 s job)\n"
+        "       expected: a refusal at once: faster than one job takes (0.1 s), with no wait for room\n"
+    ) in out
+    assert re.search(
+        r"seen:     the fastest of 3 refusals, sent while the queue stayed full, took 1\.\d\d s", out
+    )
+    assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
+
+
+@pytest.mark.parametrize("variant", ["maxsize-plus", "qsize-guard"])
+def test_2_3_more_than_queue_size_waiting_is_rejected(
+    variant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # maxsize=QUEUE_SIZE + CONSUMERS, or an unbounded queue guarded by `qsize() > QUEUE_SIZE`: 6 wait
+    out = rejected(capsys, check_bounded_queue, *jobs_answer(variant))
+    assert (
+        "❌ not yet: once the queue is full, the rest are refused with 503\n"
+        "       expected: at most 6 of 30 accepted (QUEUE_SIZE 5 waiting + 1 consumer(s)'s job in progress)\n"
+        "       seen:     7 accepted, 6 of them waiting in the queue: more than QUEUE_SIZE jobs waited\n"
+    ) in out
+    assert out.endswith("Exercise 2.3: not yet — 4 of 5 checks pass")
+
+
+def test_2_3_a_refused_job_put_on_the_queue_later_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("put-later"))
+    assert (
+        "❌ not yet: every accepted job is processed, once, and no refused one\n"
+        "       expected: only accepted jobs processed, and nothing else in the queue once they are done\n"
+    ) in out
+    assert re.search(r"seen:     .*: jobs answered 503 were put on the queue anyway\n", out)
+    assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
+
+
+def test_2_3_a_queue_kept_across_starts_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("reuse-queue"))
+    assert (
+        "❌ not yet: started again (a new server, a new event loop), the app accepts and processes a job\n"
+        "       expected: the job to be processed after the app started a second time (a new server, a new "
+        "event loop)\n"
+        "       seen:     not processed within 3 s: the second start kept the first start's queue "
+        "(`app.state.queue` is the same object)."
+    ) in out
+    assert out.endswith("Exercise 2.3: not yet — 2 of 3 checks pass")

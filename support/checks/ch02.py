@@ -1,7 +1,8 @@
 """Checks for chapter 2's exercises: background task processing.
 
-Each check counts what happened instead of timing it: which request ID each queued job worked for,
-how many emails the provider sent, how many requests a full queue accepted and refused. Where a
+Each check counts what happened rather than timing it: which request ID each queued job worked for,
+how many emails the provider sent, how many requests a full queue accepted and refused; the one
+timing (a refusal faster than one job) is taken while the queue is held full, fastest of three. Where a
 race is the point (Exercise 2.2), the check makes it happen rather than hoping for it: its Redis
 client takes a millisecond per command, as a Redis across a network does, so a read followed by a
 write leaves room for another job in between; and it expires a claim mid-send and lets another copy
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -26,6 +29,7 @@ from typing import Any
 
 import httpx
 import redis.asyncio
+from starlette.datastructures import State
 
 from support.backends import delete_keys, redis_client
 from support.checks import Mismatch, exercise, expect
@@ -72,32 +76,79 @@ _ORDERS = 20
 _ORDER_PATH = "/orders/{order_id}"
 _CALL_2_1 = "Call the check as `check_request_id_in_jobs(orders_app, process_order, worked_for, QUEUE)`."
 _JOBS_WITHIN = 5.0
+_ENQUEUE_LATENCY = 0.1  # the check's enqueue takes this long, as a Redis across a network may
+_DIRECT_ID = "ex21-direct-call"
+_SANE = 16  # the first 16 requests send a sane X-Request-ID; the rest none, or one the middleware refuses
+
+
+def _sent_headers() -> dict[str, str | None]:
+    """Order id → the X-Request-ID header its request sends (None: no header at all)."""
+    sent: dict[str, str | None] = {f"o-{i:02d}": f"ex21-req-{i:02d}" for i in range(_SANE)}
+    sent.update({"o-16": None, "o-17": None, "o-18": "ex21 req 18; drop", "o-19": "ex21-" + "x" * 70})
+    return sent
 
 
 def _order_ids() -> dict[str, str]:
-    """Order id → the X-Request-ID of the request that places it."""
-    return {f"o-{i:02d}": f"ex21-req-{i:02d}" for i in range(_ORDERS)}
+    """Order id → the X-Request-ID of the requests that send a sane one."""
+    return {order: str(rid) for order, rid in list(_sent_headers().items())[:_SANE]}
 
 
 @dataclass
 class _OrdersRun:
     statuses: list[int] = field(default_factory=list)
+    announced: dict[str, str] = field(default_factory=dict)  # order → the ID in its response's X-Request-ID
+    answered_at: dict[str, float] = field(default_factory=dict)  # order → when its response came
+    stored_at: dict[str, float] = field(default_factory=dict)  # order → when its enqueue finished
+    state_added: list[str] = field(default_factory=list)  # app.state attributes the requests added
     queued: int = 0
     calls: list[dict[str, Any]] = field(default_factory=list)  # the kwargs of each job the worker ran
+    ctx: dict[str, Any] = field(default_factory=dict)  # the ctx of a job the worker ran
     finished: int = 0
     errors: list[BaseException] = field(default_factory=list)
     worker_errors: list[str] = field(default_factory=list)
 
+    def expected(self) -> dict[str, str]:
+        """Order → the ID its job must work for: the one the middleware announced in the response."""
+        sent = _sent_headers()
+        return {order: self.announced.get(order) or sent[order] or "-" for order in sent}
+
+
+class _TimedQueue:
+    """The app's SAQ queue as the check serves it: each enqueue takes a network round trip, and the
+    check notes when each order's job is stored (to compare with when its 202 was sent)."""
+
+    def __init__(self, queue: Any, run: _OrdersRun) -> None:
+        self._queue, self._run = queue, run
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
+
+    async def enqueue(self, job_or_func: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(_ENQUEUE_LATENCY)
+        job = await self._queue.enqueue(job_or_func, **kwargs)
+        arguments = getattr(job_or_func, "kwargs", None) or kwargs
+        if isinstance(arguments, dict) and arguments.get("order_id") is not None:
+            self._run.stored_at[str(arguments["order_id"])] = time.monotonic()
+        return job
+
+
+def _state_keys(app: Any) -> set[str]:
+    return set(getattr(getattr(app, "state", None), "_state", {}) or {})
+
 
 async def _place_orders(server: Server, run: _OrdersRun) -> None:
+    async def post(http: httpx.AsyncClient, order: str, header: str | None) -> httpx.Response:
+        response = await http.post(f"/orders/{order}", headers={"X-Request-ID": header} if header else {})
+        run.answered_at[order] = time.monotonic()
+        return response
+
     async with httpx.AsyncClient(base_url=server.url, timeout=10, trust_env=False) as http:
-        responses = await asyncio.gather(
-            *(
-                http.post(f"/orders/{order}", headers={"X-Request-ID": request_id})
-                for order, request_id in _order_ids().items()
-            )
-        )
+        sent = _sent_headers()
+        responses = await asyncio.gather(*(post(http, order, header) for order, header in sent.items()))
     run.statuses = [r.status_code for r in responses]
+    for order, response in zip(sent, responses, strict=True):
+        if response.headers.get("x-request-id"):
+            run.announced[order] = response.headers["x-request-id"]
 
 
 async def _count_queued(queue_name: str, within: float = 1.0) -> int:
@@ -130,6 +181,95 @@ def _check_orders_accepted(server: Server, queue_name: str, run: _OrdersRun) -> 
         "Enqueue one job per request: "
         '`await request.app.state.queue.enqueue("process_order", order_id=order_id, …)`.',
     )
+    late = sorted(o for o, at in run.stored_at.items() if o in run.answered_at and at > run.answered_at[o])
+    if late:
+        lag = run.stored_at[late[0]] - run.answered_at[late[0]]
+        raise Mismatch(
+            "each 202 sent once its job is stored in Redis (a 202 promises the job is queued)",
+            f"{len(late)} of {_ORDERS} answered 202 before their job was stored (the job of {late[0]!r} "
+            f"was stored {lag * 1000:.0f} ms after its 202): the enqueue ran on its own, after the "
+            "response; had it failed, or the server stopped first, the job would be lost and "
+            "nobody told",
+            [
+                "`asyncio.create_task(…enqueue(…))` returns at once: the endpoint answers before the job "
+                "exists, and an error in the enqueue is lost with the task.",
+                "Await the enqueue in the endpoint, before returning: "
+                '`await request.app.state.queue.enqueue("process_order", …)`.',
+            ],
+        )
+
+
+async def _find_ids(queue_name: str, ids: dict[str, str]) -> dict[str, bool]:
+    """For each order, whether its ID is anywhere in Redis: in the job's record, or in another key."""
+    client = redis_client(decode_responses=True)
+    found = dict.fromkeys(ids, False)
+    try:
+        texts = [await client.get(key) or "" async for key in client.scan_iter(f"saq:job:{queue_name}:*")]
+        others = 0
+        async for key in client.scan_iter(count=500):
+            if all(found.values()) or others > 5000:
+                break
+            if key.startswith("saq:"):
+                continue
+            others += 1
+            kind = await client.type(key)
+            if kind == "string":
+                texts.append(await client.get(key) or "")
+            elif kind == "hash":
+                texts.append(repr(await client.hgetall(key)))
+            elif kind == "list":
+                texts.append(repr(await client.lrange(key, 0, -1)))
+            elif kind == "set":
+                texts.append(repr(await client.smembers(key)))
+            elif kind == "zset":
+                texts.append(repr(await client.zrange(key, 0, -1)))
+            found = {order: any(rid in text for text in texts) for order, rid in ids.items()}
+        return {order: any(rid in text for text in texts) for order, rid in ids.items()}
+    finally:
+        await client.aclose()
+
+
+def _check_ids_stored(queue_name: str, run: _OrdersRun) -> None:
+    expected = run.expected()
+    found = in_fresh_loop(lambda: _find_ids(queue_name, expected), timeout=10, name="check-2.1-ids")
+    missing = [order for order, there in found.items() if not there]
+    if not missing:
+        return
+    sent = _sent_headers()
+    if all(order not in _order_ids() for order in missing):
+        order = missing[0]
+        how = "no X-Request-ID" if sent[order] is None else f"X-Request-ID {sent[order]!r}, which is not sane"
+        raise Mismatch(
+            "each job to carry the ID the middleware gave its request (the response's X-Request-ID)",
+            f"the {len(missing)} requests sent without a sane X-Request-ID did not: the job of {order!r} "
+            f"(sent with {how}) carried something else than its ID {expected[order]!r}. The endpoint read "
+            "the raw header, not the ID the middleware chose",
+            [
+                "The middleware refuses a missing or unsafe header and makes a new ID: the request's ID is "
+                "the one in `request_id_var`, not the header.",
+                "Pass `request_id=request_id_var.get()` when you enqueue, not the header.",
+            ],
+        )
+    memory = ""
+    if run.state_added:
+        names = ", ".join(f"app.state.{name}" for name in run.state_added)
+        memory = (
+            f" The endpoint kept something in the app's memory ({names}): a worker in another "
+            "process does not share it"
+        )
+    raise Mismatch(
+        "each job to carry its request's ID in Redis, with the job: all a worker in another process "
+        "(or after a restart) can see",
+        f"{len(missing)} of {_ORDERS} requests' IDs were nowhere in Redis once the requests were "
+        f"answered (e.g. {expected[missing[0]]!r}, the ID of the request for {missing[0]!r}).{memory}",
+        [
+            "A worker is another process, possibly on another machine, perhaps started after a "
+            "restart: what the endpoint leaves in its own memory never reaches it. Only the job's "
+            "arguments travel with it, stored in Redis.",
+            'Pass the ID when you enqueue: `enqueue("process_order", order_id=order_id, '
+            "request_id=request_id_var.get())`, and in the job set `request_id_var` from it.",
+        ],
+    )
 
 
 def _watched(job: Callable[..., Any], run: _OrdersRun) -> Callable[..., Any]:
@@ -138,6 +278,7 @@ def _watched(job: Callable[..., Any], run: _OrdersRun) -> Callable[..., Any]:
     @functools.wraps(job)
     async def watched(ctx: dict[str, Any], **kwargs: Any) -> Any:
         run.calls.append(dict(kwargs))
+        run.ctx = ctx
         try:
             result = job(ctx, **kwargs)
             if inspect.isawaitable(result):
@@ -152,21 +293,30 @@ def _watched(job: Callable[..., Any], run: _OrdersRun) -> Callable[..., Any]:
     return watched
 
 
-def _check_jobs_run(job: Callable[..., Any], queue_name: str, run: _OrdersRun) -> None:
+def _check_jobs_run(app: Any, job: Callable[..., Any], queue_name: str, run: _OrdersRun) -> None:
+    # the worker runs as a deployment's would: not in the app's process, so without the app's memory
+    state = getattr(app, "state", None)
     with joins_new_threads():
         watched = _watched(job, run)
         names = {getattr(job, "__name__", "job"), getattr(job, "__qualname__", "job")}  # as SAQ would
         functions = [(name, watched) for name in names]
-        worker = start_worker(queue_name, functions, concurrency=10, name="check-2.1-worker")
+        if state is not None:
+            app.state = State()
         try:
-            deadline = time.monotonic() + _JOBS_WITHIN
-            while time.monotonic() < deadline:
-                # each job the worker could not even start (an unknown name) logs one error
-                if run.finished >= _ORDERS or run.finished - len(run.errors) + len(worker.errors) >= _ORDERS:
-                    break
-                time.sleep(0.01)
+            worker = start_worker(queue_name, functions, concurrency=10, name="check-2.1-worker")
+            try:
+                deadline = time.monotonic() + _JOBS_WITHIN
+                while time.monotonic() < deadline:
+                    # each job the worker could not even start (an unknown name) logs one error
+                    done = run.finished - len(run.errors) + len(worker.errors)
+                    if run.finished >= _ORDERS or done >= _ORDERS:
+                        break
+                    time.sleep(0.01)
+            finally:
+                worker.stop()
         finally:
-            worker.stop()
+            if state is not None:
+                app.state = state
     run.worker_errors = list(worker.errors)
     if run.errors:
         raise run.errors[0]  # the placeholder ("not started") or the learner's own error, as one line
@@ -189,7 +339,7 @@ def _check_jobs_run(job: Callable[..., Any], queue_name: str, run: _OrdersRun) -
 
 
 def _check_request_ids(worked_for: dict[str, Any], run: _OrdersRun) -> None:
-    expected = _order_ids()
+    expected = run.expected()
     recorded = dict(worked_for)
     wrong = {order: recorded.get(order) for order, rid in expected.items() if recorded.get(order) != rid}
     if not wrong:
@@ -200,6 +350,21 @@ def _check_request_ids(worked_for: dict[str, Any], run: _OrdersRun) -> None:
             f"an entry in `worked_for` for each of the {_ORDERS} orders",
             f"{len(missing)} orders without one (e.g. {missing[0]!r})",
             ["The job must do the work: `await fulfil(order_id)` records the order in `worked_for`."],
+        )
+    sent = _sent_headers()
+    if all(order not in _order_ids() for order in wrong):
+        order, seen = next(iter(wrong.items()))
+        how = "no X-Request-ID" if sent[order] is None else f"X-Request-ID {sent[order]!r}, which is not sane"
+        raise Mismatch(
+            f"each job to work for the request that enqueued it ({_ORDERS} of {_ORDERS})",
+            f"the {len(wrong)} requests sent without a sane X-Request-ID did not: the job for {order!r} "
+            f"(sent with {how}) worked for {seen!r}, not the ID the middleware gave the request and its "
+            f"response ({expected[order]!r}). The endpoint read the raw header, not `request_id_var`",
+            [
+                "The middleware refuses a missing or unsafe header and makes a new ID: the request's ID is "
+                "the one in `request_id_var`, not the header.",
+                "Pass `request_id=request_id_var.get()` when you enqueue, not the header.",
+            ],
         )
     sent_ids = set(expected.values())
     foreign = {order: seen for order, seen in wrong.items() if seen not in sent_ids}
@@ -225,7 +390,8 @@ def _check_request_ids(worked_for: dict[str, Any], run: _OrdersRun) -> None:
             f"each job to work for the request that enqueued it ({_ORDERS} of {_ORDERS})",
             f"{len(foreign)} of {_ORDERS} jobs worked for no request: {example}. The job's arguments "
             f"({', '.join(sorted(kwargs)) or 'none'}) did not carry the request's ID, and a context "
-            "variable does not travel through the queue: in the worker it holds only its default",
+            "variable does not travel through the queue, nor does the app's memory: in the worker the "
+            "variable holds only its default",
             [
                 "The job runs later, on the worker, in another context: the request's context "
                 "variables are not there. Only the job's arguments travel with it.",
@@ -251,16 +417,53 @@ def _check_request_ids(worked_for: dict[str, Any], run: _OrdersRun) -> None:
     )
 
 
+def _check_context_restored(job: Callable[..., Any], worked_for: dict[str, Any], run: _OrdersRun) -> None:
+    """Run the job once more, directly in the check's own task: it must leave no ID behind."""
+    expected = run.expected()
+    call = next((c for c in run.calls if expected.get(str(c.get("order_id"))) in c.values()), None)
+    if call is None:
+        return
+    right = expected[str(call["order_id"])]
+    kwargs = {k: (_DIRECT_ID if v == right else v) for k, v in call.items()}
+    kwargs["order_id"] = "ex21-direct"
+
+    async def main() -> list[str]:
+        result = job(dict(run.ctx), **kwargs)
+        if inspect.isawaitable(result):
+            await result
+        return [var.name for var, value in contextvars.copy_context().items() if value == _DIRECT_ID]
+
+    try:
+        leaked = in_fresh_loop(main, timeout=5, name="check-2.1-direct")
+    finally:
+        worked_for.pop("ex21-direct", None)
+    expect(
+        not leaked,
+        "the job to leave the context as it found it: after it returns, no variable holds its request's ID",
+        f"after `await process_order(ctx, …)` returned, `{leaked[0] if leaked else ''}` still held "
+        f"{_DIRECT_ID!r}, the ID of the job just run: whatever runs next in that context (the code that "
+        "called the job, the next job run in the same task) works under another request's ID",
+        "A context variable set and never reset keeps its value for the rest of the task that set it.",
+        "Keep the token that `set` returns and reset in a `finally:`: "
+        "`token = request_id_var.set(request_id)`, `try: await fulfil(order_id)`, "
+        "`finally: request_id_var.reset(token)`.",
+    )
+
+
 def check_request_id_in_jobs(
     app: Any, process_order: Callable[..., Any], worked_for: dict[str, Any], queue_name: str
 ) -> None:
     """Check Exercise 2.1: every queued job works for the request ID of the request that enqueued it.
 
-    Serves ``app``, sends 20 ``POST /orders/{order_id}`` at once, each with its own ``X-Request-ID``,
-    and counts the jobs on ``queue_name``; then starts a SAQ worker running ``process_order`` (only
-    then, so every job runs after all the requests), waits for the 20 jobs, and compares
-    ``worked_for`` (order id → the request ID ``fulfil`` saw) with the IDs sent. It also notes the
-    arguments each job received, to tell "not passed" from "passed but not set in the job".
+    Serves ``app``, its queue's enqueue slowed by a 0.1 s round trip, and sends 20
+    ``POST /orders/{order_id}`` at once: 16 with a sane ``X-Request-ID`` of their own, 2 without one
+    and 2 with one the middleware refuses (the request's ID is then the one its response announces).
+    Each 202 must come once its job is stored; each request's ID must then be in Redis (in the job's
+    record, or any other key), all a worker in another process can see. Then, with the server stopped
+    and the app's ``state`` emptied (a worker process has its own), a SAQ worker runs
+    ``process_order``; ``worked_for`` (order id → the request ID ``fulfil`` saw) must match the IDs
+    announced. Last, the job is called once more directly, in the check's own task: afterwards no
+    context variable may still hold the ID it was given (set, then reset).
     """
     with exercise("2.1", "Carry the request ID into a queued job", SOLUTION) as ex:
 
@@ -293,19 +496,38 @@ def check_request_id_in_jobs(
             lambda: _clear(f"saq:{queue_name}:*", f"saq:job:{queue_name}:*"), timeout=10, name="check-2.1"
         )
         with joins_new_threads(), serve_answer(app, "check-2.1", "2.1", _SERVE_FAILED) as server:
-            accepted = ex.step(
-                f"{_ORDERS} requests at once, each with its own X-Request-ID, enqueue {_ORDERS} jobs",
-                lambda: _check_orders_accepted(server, queue_name, run),
-            )
+            queue = getattr(getattr(app, "state", None), "queue", None)
+            if callable(getattr(queue, "enqueue", None)):
+                app.state.queue = _TimedQueue(queue, run)
+            before = _state_keys(app)
+            try:
+                accepted = ex.step(
+                    f"{_ORDERS} requests at once, with and without an X-Request-ID, each answered 202 "
+                    "once its job is stored",
+                    lambda: _check_orders_accepted(server, queue_name, run),
+                )
+            finally:
+                run.state_added = sorted(_state_keys(app) - before)
+                if isinstance(getattr(app.state, "queue", None), _TimedQueue):
+                    app.state.queue = queue
         if not accepted:
             return
+        ex.step(
+            "each request's ID is stored in Redis with its job (a worker in another process sees only Redis)",
+            lambda: _check_ids_stored(queue_name, run),
+        )
         if not ex.step(
-            f"a worker started afterwards runs the {_ORDERS} jobs",
-            lambda: _check_jobs_run(process_order, queue_name, run),
+            f"a worker started afterwards, without the app's memory, runs the {_ORDERS} jobs",
+            lambda: _check_jobs_run(app, process_order, queue_name, run),
+        ):
+            return
+        if not ex.step(
+            "every job worked for the request that enqueued it", lambda: _check_request_ids(worked_for, run)
         ):
             return
         ex.step(
-            "every job worked for the request that enqueued it", lambda: _check_request_ids(worked_for, run)
+            "the job resets the variable: run directly, it leaves no request's ID behind",
+            lambda: _check_context_restored(process_order, worked_for, run),
         )
 
 
@@ -343,11 +565,49 @@ class _CheckProvider(EmailProvider):
         await super().send(to, subject, idempotency_key=idempotency_key)
 
 
+_after_command: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = contextvars.ContextVar(
+    "check_2_2_after_command", default=None
+)
+"""What the check does after each Redis command of the job running in this context (None: nothing)."""
+
+
+def _job_client() -> redis.asyncio.Redis:
+    """The Redis client the job gets: 1 ms per round trip, and the check's look after each command."""
+    client = redis_client(decode_responses=True, latency=_COMMAND_LATENCY)
+    execute = client.execute_command
+
+    async def execute_then_look(*args: Any, **options: Any) -> Any:
+        result = await execute(*args, **options)
+        if (hook := _after_command.get()) is not None:
+            await hook()
+        return result
+
+    client.execute_command = execute_then_look  # type: ignore[method-assign]
+    make_pipeline = client.pipeline
+
+    def pipeline(*args: Any, **options: Any) -> Any:
+        pipe = make_pipeline(*args, **options)
+        run = pipe.execute
+
+        async def execute_pipe(*run_args: Any, **run_options: Any) -> Any:
+            result = await run(*run_args, **run_options)
+            if (hook := _after_command.get()) is not None:
+                await hook()
+            return result
+
+        pipe.execute = execute_pipe
+        return pipe
+
+    client.pipeline = pipeline  # type: ignore[method-assign]
+    return client
+
+
 @dataclass
 class _Scene:
     redis: redis.asyncio.Redis
     provider: _CheckProvider
     job: Callable[..., Any]
+    look: redis.asyncio.Redis  # the check's own client: no latency, no hook
 
     async def run(self, user: str) -> None:
         result = self.job(self.redis, self.provider, f"{_TOKEN}{user}", _email(user))
@@ -362,18 +622,26 @@ class _Scene:
     def sent(self, user: str) -> int:
         return self.provider.sent_to(_email(user))
 
+    async def keys(self, user: str) -> dict[str, int]:
+        """The keys naming ``user``, each with its time to live in ms (-1: none)."""
+        return {
+            key: await self.look.pttl(key) async for key in self.look.scan_iter(match=f"*{_TOKEN}{user}*")
+        }
+
 
 def _scenario(job: Callable[..., Any], body: Callable[[_Scene], Awaitable[None]], name: str) -> None:
     """Run ``body`` on a fresh loop with a fresh provider, the check's Redis client, and clean keys."""
 
     async def main() -> None:
-        client = redis_client(decode_responses=True, latency=_COMMAND_LATENCY)
+        client = _job_client()
+        look = redis_client(decode_responses=True)
         try:
-            await delete_keys(client, f"*{_TOKEN}*")
-            await body(_Scene(client, _CheckProvider(), job))
+            await delete_keys(look, f"*{_TOKEN}*")
+            await body(_Scene(client, _CheckProvider(), job, look))
         finally:
-            await delete_keys(client, f"*{_TOKEN}*")
+            await delete_keys(look, f"*{_TOKEN}*")
             await client.aclose()
+            await look.aclose()
 
     try:
         in_fresh_loop(main, timeout=5, name=f"check-2.2-{name}")
@@ -476,7 +744,32 @@ async def _retry(scene: _Scene) -> None:
 
 
 async def _concurrent(scene: _Scene) -> None:
-    results = await asyncio.gather(*(scene.run("edsger") for _ in range(_COPIES)), return_exceptions=True)
+    # every copy's first command waits until each copy has sent its own: the copies interleave as they
+    # do when a round trip is slower than running Python between commands, on any machine
+    arrived, all_in = 0, asyncio.Event()
+
+    async def copy() -> None:
+        nonlocal arrived
+        first = True
+
+        async def after_command() -> None:
+            nonlocal first, arrived
+            if first:
+                first, arrived = False, arrived + 1
+                if arrived >= _COPIES:
+                    all_in.set()
+                await _wait(all_in, 1.0)
+
+        _after_command.set(after_command)
+        try:
+            await scene.run("edsger")
+        finally:
+            if first:  # finished without a command: nobody waits for it
+                first, arrived = False, arrived + 1
+                if arrived >= _COPIES:
+                    all_in.set()
+
+    results = await asyncio.gather(*(copy() for _ in range(_COPIES)), return_exceptions=True)
     sent = scene.sent("edsger")
     errors = [r for r in results if isinstance(r, BaseException)]
     if sent == 0 and errors:
@@ -491,23 +784,34 @@ async def _concurrent(scene: _Scene) -> None:
     )
 
 
+_CLAIM_MS = (1_000, 3_600_000)  # a claim must outlast a send by far, and lapse within the hour
+
+
 async def _claim_expires(scene: _Scene) -> None:
-    seen: list[tuple[str, int]] = []
+    before_send: list[tuple[str, int]] = []  # (key, ms to live) after each command, until the send is done
+    during: list[tuple[str, int]] = []
+
+    async def after_command() -> None:
+        if scene.sent("barbara") == 0:
+            before_send.extend((await scene.keys("barbara")).items())
 
     async def look(_: str) -> None:
-        async for key in scene.redis.scan_iter(match=f"*{_TOKEN}*"):
-            seen.append((key, await scene.redis.ttl(key)))
+        during.extend((await scene.keys("barbara")).items())
 
     scene.provider.during_send = look
-    await scene.run("barbara")
+    _after_command.set(after_command)
+    try:
+        await scene.run("barbara")
+    finally:
+        _after_command.set(None)
     expect(
-        seen,
+        during,
         "a key in Redis that claims the user while the email is being sent",
         "no key mentioning the user existed during the send: it is written after sending, or never",
         "Claim before you send, so that a copy running at the same time sees the claim.",
         _CLAIM_HINT,
     )
-    forever = [key for key, ttl in seen if ttl == -1]
+    forever = [key for key, ttl in during if ttl == -1]
     expect(
         not forever,
         "the claim to expire on its own (a TTL) while the email is being sent",
@@ -516,6 +820,130 @@ async def _claim_expires(scene: _Scene) -> None:
         "A crashed worker cannot release its claim; an expiry releases it for it.",
         'Claim with `ex=`: `await redis.set(key, "sending", nx=True, ex=60)`; after a successful send, '
         'overwrite it with a permanent `await redis.set(key, "sent")`.',
+    )
+    unexpiring = [key for key, ttl in before_send if ttl == -1]
+    expect(
+        not unexpiring,
+        "the claim to have its expiry from the moment it exists (claim and expiry in one command)",
+        f"{unexpiring[0] if unexpiring else ''} existed without an expiry between two of your commands, "
+        "before the send: a worker that crashed right then (between the claim and its EXPIRE) would "
+        "leave a claim that never lapses, and the user would never get the email",
+        "A crash can come between any two commands: the claim and its expiry must be one command.",
+        "`SET` takes both: `await redis.set(key, token, nx=True, ex=CLAIM_SECONDS)` (not `setnx`, then "
+        "`expire`).",
+    )
+    low, high = _CLAIM_MS
+    odd = [(key, ttl) for key, ttl in during if ttl >= 0 and not low <= ttl <= high]
+    if odd:
+        key, ttl = odd[0]
+        short_or_long = "shorter than a second" if ttl < low else "longer than an hour"
+        raise Mismatch(
+            "a claim that outlasts a send by far (at least a second) and lapses within the hour "
+            "(CLAIM_SECONDS, 60 s)",
+            f"{key} had {ttl} ms to live as the send began, {short_or_long}"
+            + (
+                ": it lapses during an ordinary send, and another copy takes over and sends again"
+                if ttl < low
+                else ": after a crash, the user waits that long for the email"
+            ),
+            [
+                "`ex=` is in seconds, `px=` in milliseconds: `px=CLAIM_SECONDS` is 60 ms.",
+                "Claim with `ex=CLAIM_SECONDS` (or `px=CLAIM_SECONDS * 1000`).",
+            ],
+        )
+
+
+async def _after_expiry(scene: _Scene) -> None:
+    await scene.run("ada")
+    keys = await scene.keys("ada")
+    lapsing = {key: ttl for key, ttl in keys.items() if ttl >= 0}
+    for key in lapsing:  # a minute later: every key with a time to live has gone
+        await scene.look.delete(key)
+    await scene.run("ada")
+    sent = scene.sent("ada")
+    if sent > 1 and lapsing:
+        key, ttl = next(iter(lapsing.items()))
+        raise Mismatch(
+            f"1 email to {_email('ada')}: the mark left after sending lasts for good",
+            f"{sent}: after the send, every key naming the user had an expiry ({key}: {ttl / 1000:.0f} s "
+            "left); the check let them lapse, as a minute does, and the next copy sent again",
+            [
+                "The claim expires so that a crash does not block the user; the mark that the email went "
+                "out must not expire with it.",
+                'Mark with a plain `await redis.set(key, "sent")`: a SET without `ex=` (and without '
+                "`keepttl=True`) also clears the claim's expiry.",
+            ],
+        )
+    expect(
+        sent == 1,
+        f"1 email to {_email('ada')} from a copy run a minute after the first",
+        f"{sent}",
+        "After sending, leave a mark that does not expire.",
+    )
+
+
+async def _slow_send_succeeds(scene: _Scene) -> None:
+    user = "katherine"
+
+    async def lapse(_: str) -> None:  # the send is slower than the claim: the claim lapses meanwhile
+        for key, ttl in (await scene.keys(user)).items():
+            if ttl > 0:
+                await scene.look.delete(key)
+
+    scene.provider.during_send = lapse
+    await scene.run(user)
+    scene.provider.during_send = None
+    await scene.run(user)
+    sent = scene.sent(user)
+    expect(
+        sent == 1,
+        f"1 email to {_email(user)}: an email that went out is marked sent, even after a slow send",
+        f"{sent}: the first copy's claim lapsed during its send, which then went through; its mark "
+        "was not left (it marked only if the claim was still its own), so the next copy sent again",
+        "The email went out whatever became of the claim: say so for good.",
+        'After a successful send, mark unconditionally: `await redis.set(key, "sent")`.',
+    )
+
+
+async def _slow_copy(scene: _Scene) -> None:
+    user, a_done, b_waiting = "hedy", asyncio.Event(), asyncio.Event()
+    b_task: asyncio.Task[None] | None = None
+
+    async def b_copy() -> None:
+        async def after_command() -> None:  # copy B is held up after each command until A is done
+            b_waiting.set()
+            await _wait(a_done, 2.0)
+
+        _after_command.set(after_command)
+        await scene.run(user)
+
+    async def start_b(_: str) -> None:
+        nonlocal b_task
+        if b_task is None:  # copy A is sending: copy B starts and looks
+            b_task = asyncio.create_task(b_copy())
+            await _wait(b_waiting, 1.0)
+
+    scene.provider.during_send = start_b
+    try:
+        await scene.run(user)  # copy A
+    finally:
+        a_done.set()
+        if b_task is not None:
+            await asyncio.wait([b_task])
+    if b_task is not None and b_task.exception() is not None:
+        raise b_task.exception()  # the learner's own error, in copy B
+    sent = scene.sent(user)
+    expect(
+        sent == 1,
+        f"1 email to {_email(user)} from copy A and a copy B held up between its commands",
+        f"{sent}: copy B looked while A was sending and found no mark; B was then held up (a slow "
+        "network, a pause) while A sent, marked the user and released its claim; B then claimed the "
+        "free user and sent again",
+        "Between two commands of one copy, another copy may finish entirely: a look before the claim "
+        "is out of date once the claim is yours.",
+        'Keep one key that goes from your claim to "sent" without ever being absent (overwrite the '
+        "claim with the mark, do not delete it after success), or look for the mark again once the "
+        "claim is yours.",
     )
 
 
@@ -608,12 +1036,16 @@ def check_idempotent_job(send_welcome_once: Callable[..., Awaitable[None]]) -> N
     """Check Exercise 2.2: ``send_welcome_once(redis, provider, user_id, email)`` sends at most once.
 
     Each scenario runs on a fresh loop with a fresh ``EmailProvider`` (50 ms per send) and a Redis
-    client that takes 1 ms per command: the same job twice (1 email); two users (1 each); a first
-    attempt whose send raises ``ProviderError``, then a retry (exactly 1, and the failure must
-    propagate); 10 copies at once (1); while sending, every key naming the user expires; and a
-    takeover: copy A's claim lapses mid-send (the check expires it), copy B claims the user and sends
-    slowly, A's send fails and A releases, then copy C runs while B is sending: 1 email in all, which
-    a release by plain ``DELETE`` (removing B's claim, so C sends) does not give.
+    client that takes 1 ms per command and lets the check act after each command: the same job twice
+    (1 email); two users (1 each); a first attempt whose send raises ``ProviderError``, then a retry
+    (exactly 1, and the failure must propagate); 10 copies at once, each copy's first command held
+    until all have sent theirs (1); the user's keys after each command before the send (none without
+    an expiry: claim and expiry in one command) and during it (an expiry of 1 s to 1 h); a copy run
+    after every key with an expiry has lapsed (1: the mark lasts); a send that outlasts its claim and
+    succeeds, then another copy (1: marked anyway); a copy B held up after each of its commands while
+    copy A sends, marks and releases (1); and a takeover: copy A's claim lapses mid-send (the check
+    expires it), copy B claims the user and sends slowly, A's send fails and A releases, then copy C
+    runs while B is sending: 1 email in all, which a release by plain ``DELETE`` does not give.
     Keys containing "ex22-" (the check's users) are deleted before and after each scenario.
     """
     with exercise("2.2", "Make a job idempotent", SOLUTION) as ex:
@@ -623,7 +1055,22 @@ def check_idempotent_job(send_welcome_once: Callable[..., Awaitable[None]]) -> N
             ("two users get one email each", _two_users, "users"),
             ("after a failed attempt (ProviderError), the retry sends the email, once", _retry, "retry"),
             (f"{_COPIES} copies of the job at once send one email", _concurrent, "concurrent"),
-            ("the claim held while sending expires on its own", _claim_expires, "ttl"),
+            (
+                "the claim expires on its own, from the moment it is taken, and outlasts a send",
+                _claim_expires,
+                "ttl",
+            ),
+            ("a copy run after the claim would have expired does not send again", _after_expiry, "later"),
+            (
+                "when the claim lapses during a send that succeeds, the email is still marked sent",
+                _slow_send_succeeds,
+                "slow-send",
+            ),
+            (
+                "a copy held up between its commands while another sends does not send again",
+                _slow_copy,
+                "slow-copy",
+            ),
             (
                 "a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's",
                 _release_only_yours,
@@ -647,6 +1094,31 @@ _SPIKE = 30
 _ANSWER_WITHIN = 1.5
 _PROCESSED_WITHIN = 3.0
 _RETRY_AFTER = re.compile(r"[1-9][0-9]*")
+_RETRY_AFTER_MAX = (
+    10  # the queue empties in about half a second: a client told to wait longer waits for nothing
+)
+_JOB_SECONDS = 0.1  # the consumer's time per job, as the exercise gives it
+_PROBES = 3
+
+
+class _Pause:
+    """Holds the app's consumers back (their next ``queue.get()`` waits), so a full queue stays full."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue, self.go = queue, threading.Event()
+        original = type(queue).get
+
+        async def get() -> Any:
+            while not self.go.is_set():
+                await asyncio.sleep(0.01)
+            return await original(queue)
+
+        queue.get = get
+
+    def release(self) -> None:
+        self.go.set()
+        with contextlib.suppress(AttributeError):
+            del self.queue.get
 
 
 @dataclass(frozen=True)
@@ -661,6 +1133,8 @@ class _Answer:
 class _Spike:
     answers: list[_Answer] = field(default_factory=list)
     processed_by_then: int = 0  # jobs the consumers had finished when the last answer came
+    paused: bool = False  # the consumers were held back during the spike
+    waiting: int | None = None  # jobs in the app's queue when the last answer came (if it could be read)
 
     @property
     def accepted(self) -> list[str]:
@@ -715,6 +1189,41 @@ def _check_one_job(server: Server, processed: list[Any]) -> None:
     )
 
 
+def _check_restarted(server: Server, processed: list[Any], first_queue: Any, app: Any) -> None:
+    processed.clear()
+    (answer,) = in_fresh_loop(lambda: _post_jobs(server, ["again"]), timeout=10, name="check-2.3-again")
+    if answer.status >= 500:
+        _raise_server_error(server, [answer.status], "status 202 for one job after a restart")
+    expect(
+        200 <= answer.status < 300,
+        "status 202 (accepted) for one job, the app started a second time",
+        f"status {answer.status}" if answer.status else f"no answer within {_ANSWER_WITHIN:g} s",
+        "Create the queue in the lifespan, at each start: "
+        "`app.state.queue = asyncio.Queue(maxsize=QUEUE_SIZE)`.",
+    )
+    _wait_processed(processed, {"again"}, _PROCESSED_WITHIN)
+    if "again" in processed:
+        return
+    same = first_queue is not None and getattr(app.state, "queue", None) is first_queue
+    raise Mismatch(
+        "the job to be processed after the app started a second time (a new server, a new event loop)",
+        f"not processed within {_PROCESSED_WITHIN:g} s"
+        + (
+            ": the second start kept the first start's queue (`app.state.queue` is the same object). An "
+            "`asyncio.Queue` belongs to the event loop that first waited on it, so the new start's "
+            "consumer could not wait on it, and it still held whatever the first start left in it"
+            if same
+            else ""
+        ),
+        [
+            "Each start of the app runs on its own event loop, with consumers of its own: it needs a "
+            "queue of its own too.",
+            "Create the queue unconditionally in the lifespan: `app.state.queue = "
+            "asyncio.Queue(maxsize=QUEUE_SIZE)`.",
+        ],
+    )
+
+
 def _check_spike_answered(server: Server, processed: list[Any], spike: _Spike) -> None:
     processed.clear()
     jobs = [f"j-{i:02d}" for i in range(_SPIKE)]
@@ -757,12 +1266,15 @@ def _check_spike_answered(server: Server, processed: list[Any], spike: _Spike) -
 def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
     statuses = Counter(a.status for a in spike.answers)
     accepted = len(spike.accepted)
-    bound = queue_size + consumers + spike.processed_by_then
+    finished = 0 if spike.paused else spike.processed_by_then
+    bound = queue_size + consumers + finished
+    why = f"QUEUE_SIZE {queue_size} waiting + {consumers} consumer(s)'s job in progress" + (
+        "" if spike.paused else f" + {finished} finished meanwhile"
+    )
     shown = ", ".join(f"{n} × {status}" for status, n in sorted(statuses.items()))
     if accepted == _SPIKE:
         raise Mismatch(
-            f"some 503s: at most {bound} of {_SPIKE} accepted (QUEUE_SIZE {queue_size} + {consumers} "
-            f"consumer(s) + {spike.processed_by_then} finished meanwhile)",
+            f"some 503s: at most {bound} of {_SPIKE} accepted ({why})",
             f"{shown}: the queue took every job",
             [
                 "An `asyncio.Queue()` without `maxsize` never fills: under a spike it grows without "
@@ -776,12 +1288,15 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
         shown,
         "Accept while there is room: `queue.put_nowait(job_id)`, then return 202.",
     )
+    waiting = f", {spike.waiting} of them waiting in the queue" if spike.waiting is not None else ""
     expect(
         accepted <= bound,
-        f"at most {bound} of {_SPIKE} accepted (QUEUE_SIZE {queue_size} + {consumers} consumer(s) + "
-        f"{spike.processed_by_then} finished meanwhile)",
-        f"{accepted} accepted",
-        f"Create the queue with `asyncio.Queue(maxsize=QUEUE_SIZE)` and start {consumers} consumer(s).",
+        f"at most {bound} of {_SPIKE} accepted ({why})",
+        f"{accepted} accepted{waiting}: more than QUEUE_SIZE jobs waited",
+        "`maxsize` counts the jobs waiting in the queue; a job a consumer has taken (`get()`) has left it. "
+        "So `maxsize=QUEUE_SIZE`, nothing added; and a hand-made test of `qsize()` is easily one off.",
+        f"Create the queue with `asyncio.Queue(maxsize=QUEUE_SIZE)` and let `put_nowait` say when it is "
+        f"full; start {consumers} consumer(s).",
     )
     others = sorted(status for status in statuses if not 200 <= status < 300 and status != 503)
     expect(
@@ -790,6 +1305,28 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
         shown,
         "503 says the server is overloaded right now; 429 would blame the client's own rate.",
         '`raise HTTPException(503, "queue full", headers={"Retry-After": "1"})`.',
+    )
+
+
+def _check_refused_at_once(server: Server) -> None:
+    probes = [f"probe-{i}" for i in range(_PROBES)]
+    answers = in_fresh_loop(lambda: _post_jobs(server, probes), timeout=10, name="check-2.3-probes")
+    taken = [a for a in answers if 200 <= a.status < 300]
+    expect(
+        not taken,
+        "503 for every job sent while the queue is full and no consumer takes a job",
+        f"{len(taken)} of {_PROBES} accepted (202)",
+        "Refuse when the queue is full: `queue.put_nowait(job_id)` raises `asyncio.QueueFull`.",
+    )
+    fastest = min(a.latency if a.status else _ANSWER_WITHIN for a in answers)
+    expect(
+        fastest < _JOB_SECONDS,
+        f"a refusal at once: faster than one job takes ({_JOB_SECONDS:g} s), with no wait for room",
+        f"the fastest of {_PROBES} refusals, sent while the queue stayed full, took {fastest:.2f} s: the "
+        "endpoint waited for room before refusing, holding the client (and a request's worth of the "
+        "server) exactly when the server is overloaded",
+        "A full queue is the answer: refuse then, and let `Retry-After` say when to come back.",
+        "`queue.put_nowait(job_id)` raises `asyncio.QueueFull` at once; no `wait_for` around `put`.",
     )
 
 
@@ -804,17 +1341,24 @@ def _check_retry_after(spike: _Spike) -> None:
         '`raise HTTPException(503, "queue full", headers={"Retry-After": "1"})`.',
     )
     bad = [a.retry_after for a in refused if not _RETRY_AFTER.fullmatch((a.retry_after or "").strip())]
+    bad += [a.retry_after for a in refused if not bad and int(str(a.retry_after)) > _RETRY_AFTER_MAX]
     expect(
         not bad,
-        'Retry-After as a whole number of seconds, at least 1 (e.g. "1")',
-        f"Retry-After: {bad[0]!r}" if bad else "",
+        f"Retry-After as a whole number of seconds, at least 1 and about when there is room again "
+        f'(at most {_RETRY_AFTER_MAX}; e.g. "1")',
+        (f"Retry-After: {bad[0]!r}" if bad else "")
+        + (
+            ", while the queue empties in about half a second"
+            if bad and _RETRY_AFTER.fullmatch(str(bad[0]).strip())
+            else ""
+        ),
         'HTTP allows only whole seconds (or a date): clients cannot read "0.5" or "1.0", and "0" '
         "asks them to retry at once.",
         "Round the expected wait up: `str(max(1, math.ceil(seconds)))`.",
     )
 
 
-def _check_all_processed(processed: list[Any], spike: _Spike) -> None:
+def _check_all_processed(processed: list[Any], spike: _Spike, queue: Any) -> None:
     accepted = set(spike.accepted)
     _wait_processed(processed, accepted, _PROCESSED_WITHIN)
     done = list(processed)
@@ -826,11 +1370,18 @@ def _check_all_processed(processed: list[Any], spike: _Spike) -> None:
         "Put each accepted job on the queue the consumer reads, before answering 202.",
     )
     refused = sorted(set(done) - accepted)
+    left = queue.qsize() if isinstance(queue, asyncio.Queue) else 0
     expect(
-        not refused,
-        "only accepted jobs processed",
-        f"{len(refused)} refused jobs processed too (e.g. {refused[0]!r})" if refused else "",
-        "Answer 503 only for a job you did not put on the queue.",
+        not refused and not left,
+        "only accepted jobs processed, and nothing else in the queue once they are done",
+        "; ".join(
+            ([f"{len(refused)} refused jobs processed too (e.g. {refused[0]!r})"] if refused else [])
+            + ([f"{left} more jobs waiting in the queue once every accepted one was done"] if left else [])
+        )
+        + ": jobs answered 503 were put on the queue anyway",
+        "Answer 503 only for a job you did not put on the queue, and then do not put it there later: "
+        "the client, told to retry, sends it again, and a hidden backlog of waiting puts grows.",
+        "In `except asyncio.QueueFull:` only refuse: no `put`, no task that puts it later.",
     )
     repeated = [job for job, n in Counter(done).items() if n > 1]
     expect(
@@ -844,11 +1395,14 @@ def _check_all_processed(processed: list[Any], spike: _Spike) -> None:
 def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consumers: int) -> None:
     """Check Exercise 2.3: a full queue answers 503 with a valid Retry-After, at once.
 
-    Serves ``app``; posts one job (accepted, then processed); then a spike of 30
-    ``POST /jobs/{job_id}`` at once, against a consumer that takes 0.1 s per job. Every request must
-    be answered within 1.5 s and none with 500; some accepted (2xx), at most ``queue_size +
-    consumers`` + the jobs finished by then; the rest 503, each with ``Retry-After`` in whole seconds
-    ≥ 1; and every accepted job processed (``processed`` lists the job ids done), once.
+    Serves ``app``; posts one job (accepted, then processed); serves it again (a second start, a new
+    event loop) and posts another (processed: a queue of its own). Then, with the consumers held back
+    (their next ``queue.get()`` waits, so the queue stays full), a spike of 30
+    ``POST /jobs/{job_id}`` at once: every request answered within 1.5 s and none with 500; some
+    accepted (2xx), at most ``queue_size + consumers``; the rest 503, each with ``Retry-After`` in
+    whole seconds from 1 to 10; 3 more requests, sent while the queue is still full, refused faster
+    than one 0.1 s job (no wait for room). Released, the consumers must process every accepted job
+    (``processed`` lists the job ids done), once, and no refused one.
     """
     with exercise("2.3", "Bound a queue with a proper 503", SOLUTION) as ex:
 
@@ -879,18 +1433,44 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
                 lambda: _check_one_job(server, processed),
             ):
                 return
+            first_queue = getattr(app.state, "queue", None)
+        with joins_new_threads(), serve_answer(app, "check-2.3", "2.3", _SERVE_FAILED) as server:
             if not ex.step(
-                f"a spike of {_SPIKE} requests at once: each answered within {_ANSWER_WITHIN:g} s, "
-                "none with 500",
-                lambda: _check_spike_answered(server, processed, spike),
+                "started again (a new server, a new event loop), the app accepts and processes a job",
+                lambda: _check_restarted(server, processed, first_queue, app),
             ):
                 return
-            if not ex.step(
-                "once the queue is full, the rest are refused with 503",
-                lambda: _check_refused(spike, queue_size, consumers),
-            ):
-                return
+            queue = getattr(app.state, "queue", None)
+            pause = _Pause(queue) if isinstance(queue, asyncio.Queue) else None
+            spike.paused = pause is not None
+            try:
+                if not ex.step(
+                    f"a spike of {_SPIKE} requests at once (the consumers held back): each answered "
+                    f"within {_ANSWER_WITHIN:g} s, none with 500",
+                    lambda: _check_spike_answered(server, processed, spike),
+                ):
+                    return
+                if isinstance(queue, asyncio.Queue):
+                    spike.waiting = queue.qsize()
+                if not ex.step(
+                    "once the queue is full, the rest are refused with 503",
+                    lambda: _check_refused(spike, queue_size, consumers),
+                ):
+                    return
+                if pause is not None:
+                    ex.step(
+                        f"while the queue stays full, a refusal comes at once (faster than a "
+                        f"{_JOB_SECONDS:g} s job)",
+                        lambda: _check_refused_at_once(server),
+                    )
+                ex.step(
+                    f"every 503 carries Retry-After: whole seconds, at least 1, at most {_RETRY_AFTER_MAX}",
+                    lambda: _check_retry_after(spike),
+                )
+            finally:
+                if pause is not None:
+                    pause.release()
             ex.step(
-                "every 503 carries Retry-After: whole seconds, at least 1", lambda: _check_retry_after(spike)
+                "every accepted job is processed, once, and no refused one",
+                lambda: _check_all_processed(processed, spike, queue),
             )
-            ex.step("every accepted job is processed, once", lambda: _check_all_processed(processed, spike))
