@@ -55,8 +55,18 @@ def bucket_script(variant: str) -> str:
         "no-expiry": "",
         "separate-expire": "",
         "short-expiry": "redis.call('EXPIRE', KEYS[1], 1)",
+        "floor-expiry": "redis.call('EXPIRE', KEYS[1], math.floor(capacity / rate))",
+        "capacity-expiry": "redis.call('EXPIRE', KEYS[1], capacity)",
+        "hour-expiry": "redis.call('EXPIRE', KEYS[1], 3600)",
+        # right too: the time until the bucket is full again
+        "until-full": "redis.call('EXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate))",
         "expire-once": "if fresh then redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate)) end",
     }.get(variant, "redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate))")
+    refused = {
+        "debit-refused": "tokens = tokens - 1",  # a refusal still pays a token
+        "write-only-allowed": "return 0",  # right too: a refusal changes nothing, so stores nothing
+        "stale-updated": "now = updated",  # stores the refill, but keeps the old time
+    }.get(variant, "")
     return f"""
 local rate, capacity, now = tonumber(ARGV[1]), {capacity}, {now}
 local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
@@ -66,6 +76,7 @@ if fresh then tokens, updated = capacity, now end
 tokens = {level}
 local allowed = 0
 if {enough} then tokens, allowed = tokens - 1, 1 end
+if allowed == 0 then {refused} end
 redis.call('HSET', KEYS[1], 'tokens', tokens, 'updated', now)
 {expire}
 return allowed
@@ -107,7 +118,7 @@ def bucket_answer(variant: str) -> Any:
     return not_async if variant == "not-async" else take_token
 
 
-@pytest.mark.parametrize("variant", ["right", "register-script"])
+@pytest.mark.parametrize("variant", ["right", "register-script", "until-full", "write-only-allowed"])
 def test_6_1_a_token_bucket_script_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     start = time.perf_counter()
     check_token_bucket(bucket_answer(variant))
@@ -117,7 +128,7 @@ def test_6_1_a_token_bucket_script_passes(variant: str, capsys: pytest.CaptureFi
     assert (
         "  ✅ passed: 50 concurrent requests, with a 2 ms round trip to Redis, get exactly 5 tokens\n" in out
     )
-    assert out.endswith("Exercise 6.1: passed ✅ (7 of 7 checks)\n")
+    assert out.endswith("Exercise 6.1: passed ✅ (9 of 9 checks)\n")
 
 
 def test_6_1_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,27 +150,28 @@ def test_6_1_read_then_write_in_python_is_rejected(capsys: pytest.CaptureFixture
         "       expected: one command per call: EVAL (or EVALSHA)\n"
         "       seen:     HMGET, HSET, EXPIRE\n"
     ) in out
-    assert out.endswith("Exercise 6.1: not yet — 5 of 7 checks pass")
+    assert out.endswith("Exercise 6.1: not yet — 7 of 9 checks pass")
 
 
 def test_6_1_no_refill_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer("no-refill"))
     assert (
-        "❌ not yet: it refills a token every 1/rate = 0.5 s, and half a token is not enough\n"
-        "       expected: after draining the bucket (rate 2 a second): at +0.25 s refused (half a token); "
-        "at +0.5 s 1 allowed, then refused; at +1.5 s 2 allowed, then refused\n"
-        "       seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused; at +1.5 s: 3 refused\n"
+        "❌ not yet: it refills a token every 1/rate = 0.5 s of the `now` it is given\n"
+        "       expected: after draining the bucket (rate 2 a second): at +0.5 s 1 allowed; "
+        "at +1.5 s 2 allowed, then refused\n"
+        "       seen:     at +0.5 s: 1 refused; at +1.5 s: 3 refused\n"
         "       hint:     The bucket refills as time passes"
     ) in out
     assert "❌ not yet: after a long idle it holds no more than its capacity, 5" in out
-    assert out.endswith("Exercise 6.1: not yet — 4 of 7 checks pass")
+    assert out.endswith("Exercise 6.1: not yet — 4 of 9 checks pass")
 
 
 @pytest.mark.parametrize("variant", ["server-time", "python-time"])
 def test_6_1_a_clock_other_than_now_is_rejected(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     bucket = bucket_answer(variant)
     first = rejected(capsys, check_token_bucket, bucket)
-    assert "seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused; at +1.5 s: 3 refused\n" in first
+    assert "❌ not yet: it refills a token every 1/rate = 0.5 s of the `now` it is given\n" in first
+    assert "seen:     at +0.5 s: 1 refused; at +1.5 s: 3 refused\n" in first
     forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_token_bucket, bucket)
     assert (
@@ -176,24 +188,56 @@ def test_6_1_refill_without_a_cap_is_rejected(capsys: pytest.CaptureFixture[str]
         "       expected: 5 allowed, then refused, after 1000 s idle: a bucket holds at most its capacity\n"
         "       seen:     8 allowed (it had refilled 2000 tokens)\n"
     ) in out
-    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.1: not yet — 8 of 9 checks pass")
+
+
+HALF_A_TOKEN = (
+    "❌ not yet: a request needs a whole token: half a token refuses it, costs nothing, and is kept\n"
+)
 
 
 def test_6_1_half_a_token_is_not_a_token(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer("lenient"))
     assert (
-        "seen:     at +0.25 s: 1 allowed; at +0.5 s: 2 refused; at +1.5 s: 2 allowed, then 1 refused\n" in out
-    )
-    assert "hint:     Half a token let a request through: a request takes a whole token." in out
+        HALF_A_TOKEN + "       expected: after draining the bucket (rate 2 a second): at +0.25 s refused "
+        "(half a token); at +0.5 s 1 allowed, then refused\n"
+        "       seen:     at +0.25 s: 1 allowed; at +0.5 s: 2 refused\n"
+        "       hint:     Half a token let a request through: a request takes a whole token.\n"
+    ) in out
+    assert out.endswith("Exercise 6.1: not yet — 7 of 9 checks pass")
 
 
 def test_6_1_a_refill_rounded_down_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer("floor"))
-    assert (
-        "seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused; at +1.5 s: 2 allowed, then 1 refused\n" in out
-    )
+    assert HALF_A_TOKEN + "       expected: " in out
+    assert "seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused\n" in out
     assert "hint:     The refused call at +0.25 s lost the half token it refilled" in out
-    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.1: not yet — 7 of 9 checks pass")
+
+
+def test_6_1_a_refusal_that_takes_a_token_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("debit-refused"))
+    assert (
+        HALF_A_TOKEN + "       expected: after draining the bucket (rate 2 a second): at +0.25 s refused "
+        "(half a token); at +0.5 s 1 allowed, then refused\n"
+        "       seen:     at +0.25 s: 1 refused; at +0.5 s: 2 refused\n"
+        "       hint:     The refused call at +0.25 s lost the half token it refilled, or paid a token it "
+        "did not get"
+    ) in out
+    assert "✅ passed: it refills a token every 1/rate = 0.5 s of the `now` it is given\n" in out
+
+
+def test_6_1_a_refusal_that_keeps_the_old_time_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("stale-updated"))
+    assert (
+        "❌ not yet: a client retrying while refused earns no extra tokens\n"
+        "       expected: after draining the bucket (rate 2 a second): at +0.25 s 3 refused (half a token, "
+        "however often asked); at +0.5 s 1 allowed, then refused\n"
+        "       seen:     at +0.25 s: 1 refused, then 1 allowed, then 1 refused; at +0.5 s: 1 refused, then "
+        "1 allowed\n"
+        "       hint:     A client that retries while refused was credited the same time twice"
+    ) in out
+    assert out.endswith("Exercise 6.1: not yet — 8 of 9 checks pass")
 
 
 def test_6_1_one_bucket_for_every_key_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -203,7 +247,7 @@ def test_6_1_one_bucket_for_every_key_is_rejected(capsys: pytest.CaptureFixture[
         "       expected: a new key to be a new, full bucket, after another key was drained\n"
         "       seen:     5 refused on the new key\n"
     ) in out
-    assert "❌ not yet: the bucket is a hash at its key, and every call renews the key's expiry" in out
+    assert EXPIRY + "       expected: after a first request (4 tokens left): a hash at the key" in out
     assert "seen:     no key at all under that name" in out
 
 
@@ -214,7 +258,13 @@ def test_6_1_a_fixed_capacity_is_rejected(capsys: pytest.CaptureFixture[str]) ->
         "       seen:     5 allowed\n"
         "       hint:     Use the `capacity` you are given (`ARGV`), not a number of your own.\n"
     ) in out
-    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.1: not yet — 8 of 9 checks pass")
+
+
+EXPIRY = (
+    "❌ not yet: the bucket is a hash at its key, expiring no sooner than it would be full again (after "
+    "every write, at any rate), and not long after\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -222,38 +272,63 @@ def test_6_1_a_fixed_capacity_is_rejected(capsys: pytest.CaptureFixture[str]) ->
     [
         (
             "no-expiry",
-            "       expected: the bucket's key to expire, so that an idle client's bucket does not stay in "
-            "Redis forever\n"
+            "       expected: after a first request (4 tokens left): the bucket's key to expire, so that an "
+            "idle client's bucket does not stay in Redis forever\n"
             "       seen:     no expiry (PTTL -1)\n",
         ),
         (
             "short-expiry",
-            "       expected: an expiry no shorter than the time to refill the bucket, 2.5 s (capacity 5 at "
-            "2 a second)\n"
+            "       expected: after draining the bucket: an expiry no sooner than the bucket would be full "
+            "again, in 2.5 s\n"
+            "       seen:     PTTL ",
+        ),
+        (
+            "floor-expiry",  # 2 s, where the bucket needs 2.5 s
+            "       expected: after draining the bucket: an expiry no sooner than the bucket would be full "
+            "again, in 2.5 s\n"
             "       seen:     PTTL ",
         ),
         (
             "expire-once",
-            "       expected: each call to renew the expiry (the check removed it with PERSIST, then called "
-            "again)\n"
-            "       seen:     no expiry after the second call\n",
+            "       expected: 2 s later, drained again (an expiry set when it was created has 1 s left): an "
+            "expiry no sooner than the bucket would be full again, in 2.5 s\n"
+            "       seen:     PTTL ",
+        ),
+        (
+            "capacity-expiry",  # 5 s: enough at 2 a second, not at 0.5
+            "       expected: after draining a bucket of 5 at 0.5 a second: an expiry no sooner than the "
+            "bucket would be full again, in 10 s\n"
+            "       seen:     PTTL ",
+        ),
+        (
+            "hour-expiry",
+            "       expected: after a first request (4 tokens left): an expiry soon after the bucket would "
+            "be full again, in 0.5 s (at most 6 s)\n"
+            "       seen:     PTTL 3600000 ms\n",
         ),
     ],
 )
-def test_6_1_a_missing_or_short_expiry_is_rejected(
+def test_6_1_a_missing_short_or_long_expiry_is_rejected(
     variant: str, seen: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer(variant))
+    assert EXPIRY + seen in out
+    assert out.endswith("Exercise 6.1: not yet — 8 of 9 checks pass")
+
+
+def test_6_1_an_expiry_that_ignores_the_rate_gets_the_rate_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_token_bucket, bucket_answer("capacity-expiry"))
     assert (
-        "❌ not yet: the bucket is a hash at its key, and every call renews the key's expiry\n" + seen in out
-    )
-    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+        "       seen:     PTTL 5000 ms\n"
+        "       hint:     At 0.5 tokens a second a bucket of 5 takes 10 s to fill: the expiry depends on the "
+        "rate as well as the capacity.\n"
+    ) in out
 
 
 def test_6_1_an_expire_sent_apart_from_the_script_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_token_bucket, bucket_answer("separate-expire"))
     assert "       seen:     EVAL, EXPIRE\n" in out
-    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.1: not yet — 8 of 9 checks pass")
 
 
 @pytest.mark.skipif(
@@ -275,7 +350,7 @@ def test_6_1_a_script_on_another_client_is_named(capsys: pytest.CaptureFixture[s
         "       expected: one command per call, EVAL (or EVALSHA), on the client passed as `redis`\n"
         "       seen:     no command on that client\n"
     ) in out
-    assert out.endswith("Exercise 6.1: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.1: not yet — 8 of 9 checks pass")
 
 
 def test_6_1_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -335,6 +410,8 @@ def limit_answer(variant: str) -> Any:
                     "RateLimit-Reset": str(seconds),
                 }
             if decision.allowed:
+                if variant == "retry-after-always":
+                    headers["Retry-After"] = str(seconds)
                 if variant != "only-on-429":
                     response.headers.update(headers)
                 return None
@@ -374,7 +451,7 @@ def test_6_2_a_429_with_its_headers_passes(variant: str, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert out.startswith("Exercise 6.2 · Answer a limited request: 429, Retry-After, RateLimit\n")
     assert "  ✅ passed: each 429 has Retry-After: whole seconds, rounded up, at least 1\n" in out
-    assert out.endswith("Exercise 6.2: passed ✅ (7 of 7 checks)\n")
+    assert out.endswith("Exercise 6.2: passed ✅ (8 of 8 checks)\n")
 
 
 def test_6_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -406,7 +483,7 @@ def test_6_2_a_status_other_than_429_is_rejected(
 def test_6_2_a_429_after_the_work_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_limited_response, limit_answer("status-code"))
     assert "       seen:     status 429, but the endpoint ran: its work was done anyway\n" in out
-    assert out.endswith("Exercise 6.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.2: not yet — 7 of 8 checks pass")
 
 
 @pytest.mark.parametrize(
@@ -455,7 +532,7 @@ def test_6_2_a_wrong_number_of_seconds_is_rejected(
 ) -> None:
     out = rejected(capsys, check_limited_response, limit_answer(variant))
     assert f"       expected: {expected}\n       seen:     Retry-After: {seen}" in out
-    assert out.endswith("Exercise 6.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.2: not yet — 7 of 8 checks pass")
 
 
 def test_6_2_a_truncated_retry_after_gets_a_more_specific_hint(capsys: pytest.CaptureFixture[str]) -> None:
@@ -476,7 +553,7 @@ def test_6_2_headers_only_on_429_are_rejected(capsys: pytest.CaptureFixture[str]
         "       seen:     no RateLimit-Policy and RateLimit (headers: content-length, content-type)\n"
         "       hint:     A client that knows how much is left can slow down before it is refused"
     ) in out
-    assert out.endswith("Exercise 6.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.2: not yet — 7 of 8 checks pass")
 
 
 @pytest.mark.parametrize(
@@ -495,7 +572,19 @@ def test_6_2_other_rate_limit_headers_are_rejected(
     out = rejected(capsys, check_limited_response, limit_answer(variant))
     assert "❌ not yet: each 429 has RateLimit-Policy and RateLimit, in the draft's syntax\n" in out
     assert f"       seen:     no RateLimit-Policy and RateLimit, but {which}" in out
-    assert out.endswith("Exercise 6.2: not yet — 5 of 7 checks pass")
+    assert out.endswith("Exercise 6.2: not yet — 6 of 8 checks pass")
+
+
+def test_6_2_retry_after_on_an_allowed_answer_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_limited_response, limit_answer("retry-after-always"))
+    assert (
+        "❌ not yet: allowed answers carry no Retry-After: they have nothing to wait for\n"
+        "       expected: no Retry-After on an allowed answer, for Decision(allowed=True, limit=5, "
+        "remaining=4, reset_after=9.2)\n"
+        "       seen:     Retry-After: '10' on a 200\n"
+        "       hint:     Retry-After tells a client to wait before its next request"
+    ) in out
+    assert out.endswith("Exercise 6.2: not yet — 7 of 8 checks pass")
 
 
 def test_6_2_a_remaining_that_does_not_count_down_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -504,14 +593,14 @@ def test_6_2_a_remaining_that_does_not_count_down_is_rejected(capsys: pytest.Cap
         "       seen:     RateLimit-Policy: '\"default\";q=5;w=10' and RateLimit: '\"default\";r=5;t=3'\n"
         "       hint:     `r` is what remains, `decision.remaining`.\n"
     ) in out
-    assert out.endswith("Exercise 6.2: not yet — 5 of 7 checks pass")
+    assert out.endswith("Exercise 6.2: not yet — 6 of 8 checks pass")
 
 
 def test_6_2_an_unquoted_policy_name_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_limited_response, limit_answer("unquoted"))
     assert "seen:     RateLimit-Policy: 'default;q=5;w=10' and RateLimit: 'default;r=0;t=3'\n" in out
     assert "hint:     The draft's headers are Structured Fields items: a quoted policy name" in out
-    assert out.endswith("Exercise 6.2: not yet — 5 of 7 checks pass")
+    assert out.endswith("Exercise 6.2: not yet — 6 of 8 checks pass")
 
 
 def test_6_2_waiting_for_the_quota_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -557,6 +646,8 @@ def key_answer(variant: str) -> Any:
             return bool(API_KEY.fullmatch(api_key)) and api_key in issued_keys
         if variant == "module-keys":
             return api_key in NOTEBOOK_ISSUED_KEYS
+        if variant == "any-case":  # and it returns the client's spelling: a quota per spelling
+            return api_key.lower() in {key.lower() for key in issued_keys}
         return api_key in issued_keys
 
     def address(entry: str, peer: str) -> str:
@@ -594,6 +685,8 @@ def key_answer(variant: str) -> Any:
         for entry in reversed(entries):
             if entry not in trusted_proxies:
                 return f"ip:{address(entry, peer)}"
+        if variant == "last-proxy-skipped":  # uvicorn's _TrustedHosts: the leftmost proxy, not the peer
+            return f"ip:{address(entries[0], peer)}"
         return f"ip:{peer}"
 
     async def not_plain(peer: str, headers: Headers, trusted_proxies: set[str], issued_keys: set[str]) -> str:
@@ -679,7 +772,7 @@ def test_6_3_the_rightmost_entry_unskipped_is_rejected(capsys: pytest.CaptureFix
     out = rejected(capsys, check_client_key, key_answer("rightmost"))
     assert "       expected: 'ip:198.51.100.7' for two trusted proxies in a chain" in out
     assert "       seen:     'ip:192.0.2.10'\n" in out
-    assert out.endswith("Exercise 6.3: not yet — 4 of 6 checks pass")
+    assert out.endswith("Exercise 6.3: not yet — 3 of 6 checks pass")
 
 
 def test_6_3_entries_not_stripped_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -691,7 +784,7 @@ def test_6_3_entries_not_stripped_are_rejected(capsys: pytest.CaptureFixture[str
 def test_6_3_garbage_kept_as_an_address_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_client_key, key_answer("no-ip-validation"))
     assert (
-        "❌ not yet: a missing, empty or garbage X-Forwarded-For falls back to the proxy's address\n"
+        "❌ not yet: with no client entry (none, empty, garbage, only trusted proxies), the peer's address\n"
         "       expected: 'ip:192.0.2.10' for a trusted proxy, no X-Forwarded-For (peer 192.0.2.10)\n"
         "       seen:     'ip:'\n"
     ) in out
@@ -704,11 +797,37 @@ def test_6_3_a_key_that_is_only_well_formed_is_rejected(
 ) -> None:
     out = rejected(capsys, check_client_key, key_answer(variant))
     assert (
-        "❌ not yet: any other X-API-Key (well-formed but never issued, 10 kB, a newline, empty) is ignored\n"
+        "❌ not yet: any other X-API-Key (never issued, 10 kB, a newline, empty, other letter case) is "
+        "ignored\n"
         "       expected: 'ip:203.0.113.5' for a well-formed X-API-Key that was never issued "
         "(peer 203.0.113.5; X-API-Key: 'made-up-0001')\n"
         "       seen:     'key:made-up-0001'\n"
         "       hint:     A well-formed key is not an issued one: anyone can make one up"
+    ) in out
+    assert out.endswith("Exercise 6.3: not yet — 5 of 6 checks pass")
+
+
+def test_6_3_a_key_matched_in_any_letter_case_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("any-case"))
+    assert (
+        "❌ not yet: any other X-API-Key (never issued, 10 kB, a newline, empty, other letter case) is "
+        "ignored\n"
+        "       expected: 'ip:203.0.113.5' for an issued X-API-Key in other letter case "
+        "(peer 203.0.113.5; X-API-Key: 'TEAM-42-ABCDEFGH')\n"
+        "       seen:     'key:TEAM-42-ABCDEFGH'\n"
+        "       hint:     A key is a secret, compared exactly"
+    ) in out
+    assert out.endswith("Exercise 6.3: not yet — 5 of 6 checks pass")
+
+
+def test_6_3_only_proxies_in_forwarded_for_is_the_peer(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("last-proxy-skipped"))
+    assert (
+        "❌ not yet: with no client entry (none, empty, garbage, only trusted proxies), the peer's address\n"
+        "       expected: 'ip:192.0.2.11' for two trusted proxies, and no other entry "
+        "(peer 192.0.2.11; X-Forwarded-For: '192.0.2.10')\n"
+        "       seen:     'ip:192.0.2.10'\n"
+        "       hint:     Every entry is one of your proxies, so no client address was forwarded"
     ) in out
     assert out.endswith("Exercise 6.3: not yet — 5 of 6 checks pass")
 

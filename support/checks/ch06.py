@@ -4,7 +4,9 @@ A limiter's answers depend on time, so the checks keep the real clock out of the
 ``take_token`` takes the time as its ``now`` argument: the check drives it with a clock of its own,
 in whole, half and quarter seconds (exact in binary floating point and in the strings Redis stores),
 and asserts exact counts of allowed and refused requests. The one real-time assertion is the bucket
-key's expiry, compared with the bucket's refill time with 0.4 s to spare. Its race is made certain
+key's expiry, compared with the time until the bucket would be full again, with 0.4 s to spare;
+where the check's clock jumps ahead, it ages the key's expiry by as much (``PEXPIRE``), as real time
+would have. Its race is made certain
 rather than hoped for: 50 concurrent calls go through a Redis client that adds a 2 ms round trip to
 every command (``latency=``), so a read, then a write, from Python lets every call read before any
 writes. Exercise 6.2's limiter returns decisions the check scripted in advance, and the app is
@@ -81,12 +83,14 @@ class _Bucket:
 
     def __init__(self, client: redis.asyncio.Redis, take_token: Callable[..., Any], start: float) -> None:
         self.client, self.take_token, self.start = client, take_token, start
+        self.called = time.monotonic()  # when the last call began: its expiry has run since
 
     @staticmethod
     def key(name: str) -> str:
         return f"{_PREFIX}bucket:{name}"
 
     async def take(self, name: str, at: float, *, rate: float = _RATE, capacity: int = _CAPACITY) -> bool:
+        self.called = time.monotonic()
         result = self.take_token(self.client, self.key(name), rate, capacity, self.start + at)
         expect(
             inspect.isawaitable(result),
@@ -116,7 +120,7 @@ def _with_bucket(
     latency: float = 0.0,
 ) -> _T:
     """Run ``body`` on a fresh loop with a Redis client of the check's own and no ``ex06:`` keys."""
-    start = float(int(time.time()))  # a whole second: the check's clock adds exact fractions to it
+    start = float(math.ceil(time.time()))  # a whole second, not behind the real clock: exact fractions added
 
     async def main() -> _T:
         client = redis_client(decode_responses=True, latency=latency)
@@ -169,48 +173,96 @@ async def _fresh(bucket: _Bucket) -> None:
     )
 
 
-_REFILL_PLAN = ((0.25, 1), (0.5, 2), (1.5, 3))  # (seconds after the bucket was drained, calls)
-_REFILL_EXPECTED = [[False], [True, False], [True, True, False]]
+def _story(plan: Sequence[tuple[float, int]], seen: Sequence[list[bool]]) -> str:
+    return "; ".join(f"at +{at:g} s: {_runs(got)}" for (at, _), got in zip(plan, seen, strict=True))
+
+
+async def _after_draining(bucket: _Bucket, name: str, plan: Sequence[tuple[float, int]]) -> list[list[bool]]:
+    await bucket.takes(name, 0.0, _CAPACITY)
+    return [await bucket.takes(name, at, calls) for at, calls in plan]
+
+
+# (seconds after the bucket was drained, calls), and what they must get
+_REFILL_PLAN = ((0.5, 1), (1.5, 3))
+_REFILL_EXPECTED = [[True], [True, True, False]]
+_HALF_PLAN = ((0.25, 1), (0.5, 2))
+_HALF_EXPECTED = [[False], [True, False]]
+_RETRY_PLAN = ((0.25, 3), (0.5, 2))
+_RETRY_EXPECTED = [[False, False, False], [True, False]]
 
 
 async def _refill(bucket: _Bucket) -> None:
-    await bucket.takes("refill", 0.0, _CAPACITY)
-    seen = [await bucket.takes("refill", at, calls) for at, calls in _REFILL_PLAN]
+    seen = await _after_draining(bucket, "refill", _REFILL_PLAN)
     if seen == _REFILL_EXPECTED:
         return
-    story = "; ".join(f"at +{at:g} s: {_runs(got)}" for (at, _), got in zip(_REFILL_PLAN, seen, strict=True))
     expected = (
-        f"after draining the bucket (rate {_RATE:g} a second): at +0.25 s refused (half a token); "
-        "at +0.5 s 1 allowed, then refused; at +1.5 s 2 allowed, then refused"
+        f"after draining the bucket (rate {_RATE:g} a second): at +0.5 s 1 allowed; "
+        "at +1.5 s 2 allowed, then refused"
     )
     flat = [flag for got in seen for flag in got]
-    if not any(flat):
+    if sum(flat) > sum(sum(e) for e in _REFILL_EXPECTED):
         hints: tuple[str, ...] = (
-            "The bucket refills as time passes: before deciding, add `(now - updated) * rate` tokens, "
-            "and store `now` as the new `updated`.",
-            "Use the `now` you are given (pass it in ARGV), not Redis's `TIME` nor `time.time()`: the "
-            "check moves `now` on by 0.5 s without waiting, as a test would.",
-        )
-    elif seen[0] != [False]:
-        hints = (
-            "Half a token let a request through: a request takes a whole token.",
-            "Allow only when the level is at least 1 (`if tokens >= 1`), and keep the level "
-            "fractional: never round it up.",
-        )
-    elif sum(flat) > sum(sum(e) for e in _REFILL_EXPECTED):
-        hints = (
             f"Too many tokens came back: `rate` is tokens a second, so 0.5 s at {_RATE:g} a second "
             "refills one.",
             "Refill `(now - updated) * rate`, where `updated` is the time you stored on the last call.",
         )
     else:
         hints = (
-            "The refused call at +0.25 s lost the half token it refilled: a level rounded down, or "
-            "`updated` moved on without the refill being stored.",
-            "Store the refilled level (a fraction is fine) together with `now` on every call, allowed or "
-            "refused: `HSET key tokens <level> updated <now>`.",
+            "The bucket refills as time passes: before deciding, add `(now - updated) * rate` tokens "
+            f"(`rate` is tokens a second: 0.5 s at {_RATE:g} a second is one token), and store `now` as "
+            "the new `updated`.",
+            "Use the `now` you are given (pass it in ARGV), not Redis's `TIME` nor `time.time()`: the "
+            "check moves `now` on by 0.5 s without waiting, as a test would.",
         )
-    raise Mismatch(expected, story, hints)
+    raise Mismatch(expected, _story(_REFILL_PLAN, seen), hints)
+
+
+async def _half(bucket: _Bucket) -> None:
+    seen = await _after_draining(bucket, "half", _HALF_PLAN)
+    if seen == _HALF_EXPECTED:
+        return
+    expected = (
+        f"after draining the bucket (rate {_RATE:g} a second): at +0.25 s refused (half a token); "
+        "at +0.5 s 1 allowed, then refused"
+    )
+    if seen[0] != [False]:
+        hints: tuple[str, ...] = (
+            "Half a token let a request through: a request takes a whole token.",
+            "Allow only when the level is at least 1 (`if tokens >= 1`), and keep the level "
+            "fractional: never round it up.",
+        )
+    else:
+        hints = (
+            "The refused call at +0.25 s lost the half token it refilled, or paid a token it did not "
+            "get: a level rounded down, `updated` moved on without the refill being stored, or a token "
+            "taken from a refused request.",
+            "Take a token only when you allow the request, and store the refilled level (a fraction is "
+            "fine) together with `now`: `HSET key tokens <level> updated <now>`.",
+        )
+    raise Mismatch(expected, _story(_HALF_PLAN, seen), hints)
+
+
+async def _retries(bucket: _Bucket) -> None:
+    seen = await _after_draining(bucket, "retries", _RETRY_PLAN)
+    if seen == _RETRY_EXPECTED:
+        return
+    if seen[0][:1] == [False] and any(seen[0]):
+        first = (
+            "A client that retries while refused was credited the same time twice: the refusal stored "
+            "the refilled level but kept the old `updated`, so the next call refilled from it again."
+        )
+    else:
+        first = "A refused retry must change nothing: take no token, and neither lose nor repeat a refill."
+    raise Mismatch(
+        f"after draining the bucket (rate {_RATE:g} a second): at +0.25 s 3 refused (half a token, "
+        "however often asked); at +0.5 s 1 allowed, then refused",
+        _story(_RETRY_PLAN, seen),
+        [
+            first,
+            "Store the refilled level and `now` together (`HSET key tokens <level> updated <now>`), or, "
+            "on a refusal, store nothing at all: a level and the time it was measured go together.",
+        ],
+    )
 
 
 async def _capped(bucket: _Bucket) -> None:
@@ -252,56 +304,120 @@ async def _keys_and_arguments(bucket: _Bucket) -> None:
     )
 
 
+_LATER = 2.0  # seconds: the check's clock jumps this far, and ages the key's expiry as much
+_SLOW_RATE = 0.5  # tokens a second: an empty bucket of 5 fills in 10 s, longer than 5 s
+
+
 @dataclass
 class _Expiry:
-    kind: str
-    first: int  # PTTL after the first call, in ms (-1: none, -2: no key)
-    renewed: int  # PTTL after PERSIST and another call
+    moment: str  # when the check looked, and the bucket's state then
+    full_in: float  # seconds until the bucket would be full again
+    longest: float  # seconds: an expiry beyond this keeps idle buckets for no reason
+    kind: str  # the key's type
+    pttl: int  # ms (-1: no expiry, -2: no key)
+    since: float  # seconds of real time since the last call began: the expiry has run that long
+    hints: tuple[str, ...]
 
 
-async def _expiry(bucket: _Bucket) -> _Expiry:
-    key = bucket.key("expiry")
+_SHORT_HINTS = (
+    "A drained bucket that expires before it has refilled comes back full: a client that waits for "
+    "the expiry gets more than its rate.",
+    "Expire after `math.ceil(capacity / rate)` seconds, or after the time until the bucket is full "
+    "again, `math.ceil((capacity - tokens) / rate)`: rounded up, never down.",
+)
+_ONCE_HINTS = (
+    "An expiry set only when the bucket is created runs out while the client is still busy: its "
+    "drained bucket vanishes and comes back full.",
+    "Set the expiry each time the script writes the bucket (`EXPIRE` after `HSET`), not only when "
+    "the bucket is new.",
+)
+_RATE_HINTS = (
+    f"At {_SLOW_RATE:g} tokens a second a bucket of {_CAPACITY} takes {_CAPACITY / _SLOW_RATE:g} s to "
+    "fill: the expiry depends on the rate as well as the capacity.",
+    "Expire after `math.ceil(capacity / rate)` seconds, from the script's own `rate` and `capacity`.",
+)
+
+
+async def _expiry(bucket: _Bucket) -> list[_Expiry]:
+    """The key's type and expiry after each kind of call, with real time simulated for the clock's jumps."""
+    seen: list[_Expiry] = []
+
+    async def look(name: str, moment: str, full_in: float, rate: float, hints: tuple[str, ...]) -> None:
+        key = bucket.key(name)
+        kind, pttl = str(await bucket.client.type(key)), int(await bucket.client.pttl(key))
+        since = time.monotonic() - bucket.called
+        seen.append(_Expiry(moment, full_in, 2 * _CAPACITY / rate + 1, kind, pttl, since, hints))
+
+    async def advance(name: str, seconds: float) -> None:
+        """Age the key's expiry as ``seconds`` of real time would, since the check's clock jumps."""
+        key = bucket.key(name)
+        left = int(await bucket.client.pttl(key))
+        if left >= 0:
+            if left > seconds * 1000:
+                await bucket.client.pexpire(key, left - int(seconds * 1000))
+            else:
+                await bucket.client.delete(key)
+
     await bucket.take("expiry", 0.0)
-    kind = str(await bucket.client.type(key))
-    first = int(await bucket.client.pttl(key))
-    await bucket.client.persist(key)
-    await bucket.take("expiry", 0.5)
-    return _Expiry(kind, first, int(await bucket.client.pttl(key)))
+    await look("expiry", "after a first request (4 tokens left)", 0.5, _RATE, _SHORT_HINTS)
+    await bucket.takes("expiry", 0.0, _CAPACITY - 1)
+    await look("expiry", "after draining the bucket", _REFILL_SECONDS, _RATE, _SHORT_HINTS)
+    await bucket.take("expiry", 0.0)
+    await look("expiry", "after a refused request", _REFILL_SECONDS, _RATE, _SHORT_HINTS)
+    await advance("expiry", _LATER)  # 2 s: a 3 s expiry set at creation has 1 s left
+    await bucket.takes("expiry", _LATER, int(_LATER * _RATE))
+    await look(
+        "expiry",
+        f"{_LATER:g} s later, drained again (an expiry set when it was created has 1 s left)",
+        _REFILL_SECONDS,
+        _RATE,
+        _ONCE_HINTS,
+    )
+    await bucket.takes("slow", 0.0, _CAPACITY, rate=_SLOW_RATE)
+    await look(
+        "slow",
+        f"after draining a bucket of {_CAPACITY} at {_SLOW_RATE:g} a second",
+        _CAPACITY / _SLOW_RATE,
+        _SLOW_RATE,
+        _RATE_HINTS,
+    )
+    return seen
 
 
-def _check_expiry(seen: _Expiry) -> None:
-    expect(
-        seen.kind == "hash",
-        "a hash at the key `take_token` was given (the level and the time of the last update)",
-        "no key at all under that name" if seen.kind == "none" else f"a {seen.kind}",
-        "Keep the bucket in one hash under `KEYS[1]`: `HSET KEYS[1] tokens <level> updated <now>`.",
-    )
-    least = int((_REFILL_SECONDS - _TTL_MARGIN) * 1000)
-    expect(
-        seen.first != -1,
-        "the bucket's key to expire, so that an idle client's bucket does not stay in Redis forever",
-        "no expiry (PTTL -1)",
-        "A full bucket and a missing one mean the same: let the key expire once the bucket would "
-        "be full again.",
-        "`redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate))` in the script, on every call.",
-    )
-    expect(
-        seen.first >= least,
-        f"an expiry no shorter than the time to refill the bucket, {_REFILL_SECONDS:g} s "
-        f"(capacity {_CAPACITY} at {_RATE:g} a second)",
-        f"PTTL {seen.first} ms",
-        "A drained bucket that expires before it has refilled comes back full: a client that waits "
-        "for the expiry gets more than its rate.",
-        "Expire after `math.ceil(capacity / rate)` seconds (or more).",
-    )
-    expect(
-        seen.renewed >= least,
-        "each call to renew the expiry (the check removed it with PERSIST, then called again)",
-        "no expiry after the second call" if seen.renewed == -1 else f"PTTL {seen.renewed} ms",
-        "An expiry set only when the bucket is created runs out while the client is still busy: its "
-        "drained bucket vanishes and comes back full.",
-        "Call `EXPIRE` on every call, after `HSET`, not only when the bucket is new.",
-    )
+def _check_expiry(seen: list[_Expiry]) -> None:
+    for look in seen:
+        expect(
+            look.kind == "hash",
+            f"{look.moment}: a hash at the key `take_token` was given (the level and the time of the "
+            "last update)",
+            "no key at all under that name" if look.kind == "none" else f"a {look.kind}",
+            "Keep the bucket in one hash under `KEYS[1]`: `HSET KEYS[1] tokens <level> updated <now>`.",
+        )
+        expect(
+            look.pttl != -1,
+            f"{look.moment}: the bucket's key to expire, so that an idle client's bucket does not "
+            "stay in Redis forever",
+            "no expiry (PTTL -1)",
+            "A full bucket and a missing one mean the same: let the key expire once the bucket would "
+            "be full again.",
+            "`redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate))` in the script, whenever it "
+            "writes the bucket.",
+        )
+        expect(
+            look.pttl >= (look.full_in - _TTL_MARGIN - look.since) * 1000,
+            f"{look.moment}: an expiry no sooner than the bucket would be full again, in {look.full_in:g} s",
+            f"PTTL {look.pttl} ms",
+            *look.hints,
+        )
+        expect(
+            look.pttl <= look.longest * 1000,
+            f"{look.moment}: an expiry soon after the bucket would be full again, in "
+            f"{look.full_in:g} s (at most {look.longest:g} s)",
+            f"PTTL {look.pttl} ms",
+            "An idle client's bucket is full, and a full bucket is the same as none: keeping it longer "
+            "only fills Redis with buckets of clients long gone.",
+            "Expire after `math.ceil(capacity / rate)` seconds, computed from the arguments.",
+        )
 
 
 async def _concurrent(bucket: _Bucket) -> list[bool]:
@@ -372,11 +488,15 @@ def check_token_bucket(take_token: Callable[..., Awaitable[Any]]) -> None:
     """Check Exercise 6.1: a token bucket kept in a Redis hash, decided in one atomic script.
 
     Calls ``take_token(redis, key, rate, capacity, now)`` with the check's client and clock (rate 2 a
-    second, capacity 5 unless said): a new bucket allows 5 calls at one instant, then refuses; after
-    0.25 s it still refuses, after 0.5 s it allows one, after 1.5 s two; after 1000 s idle it allows 5
-    again, no more; another key is another bucket, and its rate and capacity are the arguments; the
-    key is a hash that expires no sooner than the refill time, renewed on every call; 50 concurrent
-    calls through a client with a 2 ms round trip get exactly 5 tokens; and each call sends one EVAL.
+    second, capacity 5 unless said): a new bucket allows 5 calls at one instant, then refuses; once
+    drained, it allows one 0.5 s later and two 1.5 s later; 0.25 s after draining it refuses (half a
+    token), however often asked, and allows one at 0.5 s; after 1000 s idle it allows 5 again, no
+    more; another key is another bucket, and its rate and capacity are the arguments; the key is a
+    hash whose expiry, after a first, a draining and a refused call, after draining it again 2 s
+    later (its expiry aged as much), and at 0.5 tokens a second, is no shorter than the time until the
+    bucket is full again (less 0.4 s) and no longer than twice an empty bucket's refill time plus 1 s;
+    50 concurrent calls through a client with a 2 ms round trip get exactly 5 tokens; and each call
+    sends one EVAL.
     """
     with exercise("6.1", "A token bucket in one atomic script", SOLUTION) as ex:
         expect(
@@ -391,8 +511,16 @@ def check_token_bucket(take_token: Callable[..., Awaitable[Any]]) -> None:
         ):
             return
         ex.step(
-            f"it refills a token every 1/rate = {1 / _RATE:g} s, and half a token is not enough",
+            f"it refills a token every 1/rate = {1 / _RATE:g} s of the `now` it is given",
             lambda: _with_bucket(take_token, _refill, "refill"),
+        )
+        ex.step(
+            "a request needs a whole token: half a token refuses it, costs nothing, and is kept",
+            lambda: _with_bucket(take_token, _half, "half"),
+        )
+        ex.step(
+            "a client retrying while refused earns no extra tokens",
+            lambda: _with_bucket(take_token, _retries, "retries"),
         )
         ex.step(
             f"after a long idle it holds no more than its capacity, {_CAPACITY}",
@@ -403,7 +531,8 @@ def check_token_bucket(take_token: Callable[..., Awaitable[Any]]) -> None:
             lambda: _with_bucket(take_token, _keys_and_arguments, "keys"),
         )
         ex.step(
-            "the bucket is a hash at its key, and every call renews the key's expiry",
+            "the bucket is a hash at its key, expiring no sooner than it would be full again (after "
+            "every write, at any rate), and not long after",
             lambda: _check_expiry(_with_bucket(take_token, _expiry, "expiry")),
         )
         ex.step(
@@ -730,6 +859,22 @@ def _check_allowed_headers(limited: _Limited) -> None:
             _check_rate_limit_headers(answer)
 
 
+def _check_no_retry_after(limited: _Limited) -> None:
+    for answer in limited.answers:
+        if answer.decision.allowed:
+            value = answer.response.header("retry-after")
+            expect(
+                value is None,
+                f"no Retry-After on an allowed answer, for {answer.decision}",
+                f"Retry-After: {short(value)} on a 200",
+                "Retry-After tells a client to wait before its next request: on an allowed answer it "
+                "makes a client with quota left back off for nothing (RateLimit's `t` already says "
+                "when the window resets).",
+                'Add `Retry-After` only to the refusal\'s headers: `headers | {"Retry-After": …}` in '
+                "the `HTTPException`, not in what goes on `response`.",
+            )
+
+
 def check_limited_response(rate_limit: Callable[..., Any]) -> None:
     """Check Exercise 6.2: 429 with Retry-After and the draft's RateLimit headers; RateLimit on every answer.
 
@@ -737,8 +882,8 @@ def check_limited_response(rate_limit: Callable[..., Any]) -> None:
     returns decisions scripted by the check (limit 5, window 10 s): three allowed (remaining 4, 3, 0),
     then four refused (reset_after 2.2, 0.3, 0 and 7.5 s). Calls the app through ASGI, once per
     decision. Allowed requests must reach the endpoint (200); refused ones must get 429 without it,
-    ``Retry-After`` of 3, 1, 1 and 8; and every answer ``RateLimit-Policy: "default";q=5;w=10`` and
-    ``RateLimit: "default";r=<remaining>;t=<seconds, rounded up>``.
+    ``Retry-After`` of 3, 1, 1 and 8; every answer ``RateLimit-Policy: "default";q=5;w=10`` and
+    ``RateLimit: "default";r=<remaining>;t=<seconds, rounded up>``; and no allowed one ``Retry-After``.
     """
     with exercise("6.2", "Answer a limited request: 429, Retry-After, RateLimit", SOLUTION) as ex:
         expect(callable(rate_limit), "the function `rate_limit`", short(rate_limit), _CALL_6_2)
@@ -769,6 +914,10 @@ def check_limited_response(rate_limit: Callable[..., Any]) -> None:
         ex.step(
             "allowed answers have them too, RateLimit's r counting down",
             lambda: _check_allowed_headers(limited),
+        )
+        ex.step(
+            "allowed answers carry no Retry-After: they have nothing to wait for",
+            lambda: _check_no_retry_after(limited),
         )
 
 
@@ -937,6 +1086,17 @@ _FALLBACK_CASES = (
         _FALLBACK_HINT,
     ),
     _Case(
+        "two trusted proxies, and no other entry",
+        _OUTER_PROXY,
+        (_xff(_PROXY),),
+        f"ip:{_OUTER_PROXY}",
+        (
+            "Every entry is one of your proxies, so no client address was forwarded: the client is "
+            "the peer, not the last proxy you skipped.",
+            'When the walk from the right finds no entry that is not a trusted proxy, `return f"ip:{peer}"`.',
+        ),
+    ),
+    _Case(
         "a trusted proxy, garbage as the rightmost entry",
         _PROXY,
         (_xff(f"{_CLIENT}, <script>"),),
@@ -1007,6 +1167,18 @@ _UNKNOWN_KEY_CASES = (
         _MADE_UP_HINT,
     ),
     _Case("an empty X-API-Key", _DIRECT, (_api_key(b""),), f"ip:{_DIRECT}", _MADE_UP_HINT),
+    _Case(
+        "an issued X-API-Key in other letter case",
+        _DIRECT,
+        (_api_key(b"TEAM-42-ABCDEFGH"),),
+        f"ip:{_DIRECT}",
+        (
+            "A key is a secret, compared exactly: `TEAM-42-ABCDEFGH` is not the key you issued, and "
+            "if every spelling of it counts, a client gets a quota per spelling.",
+            "`if api_key in issued_keys`, as sent: no `.lower()`, and return the key only when it is "
+            "exactly one you issued.",
+        ),
+    ),
 )
 
 
@@ -1056,9 +1228,10 @@ def check_client_key(client_key: Callable[..., Any]) -> None:
     Starlette ``Headers``; trusted proxies 192.0.2.10 and 192.0.2.11; issued keys of the check's own)
     on a table of cases: a direct client is its peer, whatever its X-Forwarded-For says; behind
     trusted proxies, the rightmost entry that is not a trusted proxy (spaces stripped, IPv6 too),
-    read from every X-Forwarded-For line in order, not only the first; an empty or garbage entry
-    falls back to the peer; an issued X-API-Key wins; any other (well-formed but never issued, 10 kB,
-    a newline, non-ASCII, empty) is ignored.
+    read from every X-Forwarded-For line in order, not only the first; an empty or garbage entry, or
+    only trusted proxies, falls back to the peer; an issued X-API-Key wins; any other (well-formed
+    but never issued, 10 kB, a newline, non-ASCII, empty, an issued one in other letter case) is
+    ignored.
     """
     with exercise("6.3", "A client key that cannot be spoofed", SOLUTION) as ex:
         expect(
@@ -1080,7 +1253,7 @@ def check_client_key(client_key: Callable[..., Any]) -> None:
             lambda: _check_cases(client_key, _LINES_CASES),
         )
         ex.step(
-            "a missing, empty or garbage X-Forwarded-For falls back to the proxy's address",
+            "with no client entry (none, empty, garbage, only trusted proxies), the peer's address",
             lambda: _check_cases(client_key, _FALLBACK_CASES),
         )
         ex.step(
@@ -1088,6 +1261,6 @@ def check_client_key(client_key: Callable[..., Any]) -> None:
             lambda: _check_cases(client_key, _ISSUED_CASES),
         )
         ex.step(
-            "any other X-API-Key (well-formed but never issued, 10 kB, a newline, empty) is ignored",
+            "any other X-API-Key (never issued, 10 kB, a newline, empty, other letter case) is ignored",
             lambda: _check_cases(client_key, _UNKNOWN_KEY_CASES),
         )
