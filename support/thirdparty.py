@@ -55,13 +55,17 @@ class EmailProvider:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every call (keep the settings)."""
+        """Forget every call (keep the settings).
+
+        Calls still in flight stay counted as in flight: they end after the reset, and zeroing the
+        count would take it below zero then.
+        """
         with self._lock:
             self.calls = 0
             self.failures = 0
             self.sent: list[SentEmail] = []
-            self.in_flight = 0
-            self.max_in_flight = 0
+            self.in_flight = getattr(self, "in_flight", 0)
+            self.max_in_flight = self.in_flight
 
     def _begin(self) -> int:
         """Count a new call; returns its number if it is one of the scheduled failures, else 0."""

@@ -83,3 +83,17 @@ def test_reset_and_counters_are_thread_safe() -> None:
 def test_rejects_negative_settings() -> None:
     with pytest.raises(ValueError):
         EmailProvider(-1)
+
+
+def test_a_reset_while_calls_are_in_flight_keeps_the_count_right() -> None:
+    provider = EmailProvider(delay=0.05)
+
+    async def scenario() -> tuple[int, int]:
+        first = asyncio.create_task(provider.send("a@example.com"))
+        await asyncio.sleep(0.01)
+        provider.reset()  # the call above is still in flight
+        in_flight_after_reset = provider.in_flight
+        await first
+        return in_flight_after_reset, provider.in_flight
+
+    assert asyncio.run(scenario()) == (1, 0)
