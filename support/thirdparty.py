@@ -57,23 +57,26 @@ class EmailProvider:
     def reset(self) -> None:
         """Forget every call (keep the settings).
 
-        Calls still in flight stay counted as in flight: they end after the reset, and zeroing the
-        count would take it below zero then.
+        A call begun before the reset no longer counts when it ends (a killed worker's calls never
+        end at all): each call remembers the generation it began in.
         """
         with self._lock:
+            self.generation = getattr(self, "generation", 0) + 1
             self.calls = 0
             self.failures = 0
             self.sent: list[SentEmail] = []
-            self.in_flight = getattr(self, "in_flight", 0)
-            self.max_in_flight = self.in_flight
+            self.in_flight = 0
+            self.max_in_flight = 0
 
-    def _begin(self) -> int:
-        """Count a new call; returns its number if it is one of the scheduled failures, else 0."""
+    def _begin(self) -> tuple[int, int]:
+        """Count a new call; returns its generation and its number if it is one of the scheduled
+        failures (else 0)."""
         with self._lock:
             self.calls += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            return self.calls if self.fail_every and self.calls % self.fail_every == 0 else 0
+            failing = self.calls if self.fail_every and self.calls % self.fail_every == 0 else 0
+            return self.generation, failing
 
     def _record(self, to: str, subject: str, key: str | None) -> None:
         with self._lock:
@@ -94,29 +97,30 @@ class EmailProvider:
         with self._lock:
             self.failures += 1
 
-    def _end(self) -> None:
+    def _end(self, generation: int) -> None:
         with self._lock:
-            self.in_flight -= 1
+            if generation == self.generation:
+                self.in_flight -= 1
 
     async def send(self, to: str, subject: str = "Welcome!", *, idempotency_key: str | None = None) -> None:
         """Send one email (asynchronously); raises ``ProviderError`` on the scheduled failures."""
-        failing_call = self._begin()
+        generation, failing_call = self._begin()
         try:
             await asyncio.sleep(self.delay)
             self._complete(failing_call, to, subject, idempotency_key)
         finally:
-            self._end()
+            self._end(generation)
 
     def send_blocking(
         self, to: str, subject: str = "Welcome!", *, idempotency_key: str | None = None
     ) -> None:
         """The same call through a synchronous SDK: blocks the calling thread for ``delay`` s."""
-        failing_call = self._begin()
+        generation, failing_call = self._begin()
         try:
             time.sleep(self.delay)
             self._complete(failing_call, to, subject, idempotency_key)
         finally:
-            self._end()
+            self._end(generation)
 
     def sent_to(self, to: str) -> int:
         """How many emails went to ``to``."""

@@ -85,15 +85,19 @@ def test_rejects_negative_settings() -> None:
         EmailProvider(-1)
 
 
-def test_a_reset_while_calls_are_in_flight_keeps_the_count_right() -> None:
+def test_a_call_begun_before_a_reset_does_not_count_when_it_ends() -> None:
     provider = EmailProvider(delay=0.05)
 
-    async def scenario() -> tuple[int, int]:
+    async def scenario() -> tuple[int, int, int]:
         first = asyncio.create_task(provider.send("a@example.com"))
         await asyncio.sleep(0.01)
         provider.reset()  # the call above is still in flight
-        in_flight_after_reset = provider.in_flight
-        await first
-        return in_flight_after_reset, provider.in_flight
+        second = asyncio.create_task(provider.send("b@example.com"))
+        await asyncio.sleep(0.01)
+        during = provider.in_flight
+        await first  # ends after the reset: must not take the count below the new call
+        after_first = provider.in_flight
+        await second
+        return during, after_first, provider.in_flight
 
-    assert asyncio.run(scenario()) == (1, 0)
+    assert asyncio.run(scenario()) == (1, 1, 0)
