@@ -18,7 +18,9 @@ from typing import Any
 import prometheus_client
 import pytest
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Tracer
@@ -68,6 +70,10 @@ def ids_answer(variant: str) -> tuple[FastAPI, ContextVar[str]]:
             return bool(re.fullmatch(r"[\w.-]{1,64}", incoming, re.ASCII))
         if variant == "backslash-z":  # right too
             return bool(re.match(r"[A-Za-z0-9._-]{1,64}\Z", incoming))
+        if variant == "a-z-range":
+            return bool(re.fullmatch(r"[A-z0-9._-]{1,64}", incoming))
+        if variant == "ignorecase":
+            return bool(re.fullmatch(r"[a-z0-9._-]{1,64}", incoming, re.IGNORECASE))
         return bool(re.fullmatch(r"[A-Za-z0-9._-]{1,64}", incoming))
 
     class RequestIDMiddleware:
@@ -81,7 +87,10 @@ def ids_answer(variant: str) -> tuple[FastAPI, ContextVar[str]]:
             if variant == "placeholder":
                 raise NotImplementedError(placeholder_message("3.1"))
             raw = dict(scope["headers"]).get(b"x-request-id", b"")
-            incoming = raw.decode() if variant == "word-class" else raw.decode("latin-1")
+            utf8 = variant in ("word-class", "ignorecase")
+            incoming = raw.decode("utf-8", "replace") if utf8 else raw.decode("latin-1")
+            if variant == "strict-utf8":
+                incoming = raw.decode()
             if variant == "truncate":
                 incoming = incoming[:64]
             if variant == "refuse" and not accept(incoming):
@@ -97,8 +106,11 @@ def ids_answer(variant: str) -> tuple[FastAPI, ContextVar[str]]:
             async def send_with_id(message: dict) -> None:
                 if message["type"] == "http.response.start" and variant != "no-echo":
                     echo = self.rid if variant == "attribute" else rid
-                    message["headers"] = [*message.get("headers", []), (b"x-request-id", echo.encode())]
+                    kept = [] if variant == "replace-headers" else message.get("headers", [])
+                    message["headers"] = [*kept, (b"x-request-id", echo.encode())]
                 await send(message)
+                if variant == "reset-in-send" and message["type"] == "http.response.body":
+                    request_id_var.reset(token)
 
             if variant == "global":
                 shared["current"] = rid
@@ -107,6 +119,11 @@ def ids_answer(variant: str) -> tuple[FastAPI, ContextVar[str]]:
                 await self.app(scope, receive, send_with_id)
                 return
             token = request_id_var.set(rid)
+            if variant in ("no-finally", "reset-in-send"):
+                await self.app(scope, receive, send_with_id)
+                if variant == "no-finally":
+                    request_id_var.reset(token)
+                return
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
@@ -129,10 +146,11 @@ def test_3_1_a_validating_middleware_passes(variant: str, capsys: pytest.Capture
     out = capsys.readouterr().out
     assert out.startswith("Exercise 3.1 · A correlation-ID middleware\n")
     assert (
-        "  ✅ passed: a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits) is replaced" in out
+        "  ✅ passed: a hostile X-Request-ID (too long, a newline, ESC, punctuation, non-ASCII, not UTF-8) "
+        "is replaced" in out
     )
     assert "  ✅ passed: 20 concurrent requests each see, and get back, their own ID\n" in out
-    assert out.endswith("Exercise 3.1: passed ✅ (6 of 6 checks)\n")
+    assert out.endswith("Exercise 3.1: passed ✅ (9 of 9 checks)\n")
 
 
 def test_3_1_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,53 +161,56 @@ def test_3_1_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_3_1_no_validation_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("no-validation"))
-    assert "❌ not yet: a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits)" in out
+    assert "❌ not yet: a hostile X-Request-ID (too long, a newline, ESC, punctuation, non-ASCII, not" in out
     assert "       expected: each missing or bad ID replaced with a fresh one\n" in out
-    assert "       seen:     6 of 6 kept as sent (65 characters: 'aaaa" in out
+    assert "       seen:     9 of 9 kept as sent (65 characters: 'aaaa" in out
     assert "hint:     An ID a character too long was kept: bound the length at 64." in out
-    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 8 of 9 checks pass")
 
 
 def test_3_1_a_dollar_anchor_with_re_match_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("dollar"))
-    assert "       seen:     1 of 6 kept as sent (a trailing newline: 'abc123\\n')\n" in out
+    assert "       seen:     1 of 9 kept as sent (a trailing newline: 'abc123\\n')\n" in out
     assert "hint:     `$` matches at the very end *and* just before a final newline" in out
-    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 8 of 9 checks pass")
 
 
 def test_3_1_a_word_class_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("word-class"))
-    assert "       seen:     1 of 6 kept as sent (non-ASCII digits: '١٢٣')\n" in out
+    assert (
+        "       seen:     2 of 9 kept as sent (non-ASCII digits: '١٢٣'; "
+        "the Kelvin sign (U+212A): '\u212aey')\n" in out
+    )
     assert "hint:     `\\w` and `\\d` match any Unicode letter or digit" in out
-    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 8 of 9 checks pass")
 
 
 def test_3_1_no_length_bound_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("unbounded"))
-    assert "       seen:     2 of 6 kept as sent (65 characters: 'aaa" in out
+    assert "       seen:     2 of 9 kept as sent (65 characters: 'aaa" in out
     assert "; 10 kB: 'AAA" in out
-    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 8 of 9 checks pass")
 
 
 def test_3_1_a_truncated_id_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("truncate"))
     assert "       expected: a fresh ID for 65 characters, not a piece of the header\n" in out
     assert "hint:     Truncating or cleaning an untrusted ID still lets the client choose it" in out
-    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 8 of 9 checks pass")
 
 
 def test_3_1_a_constant_fallback_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("constant"))
     assert "       expected: a different fresh ID for each of the 2 requests\n" in out
     assert "       seen:     2 requests got '-'\n" in out
-    assert out.endswith("Exercise 3.1: not yet — 4 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 7 of 9 checks pass")
 
 
 def test_3_1_refusing_a_bad_id_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("refuse"))
     assert "       expected: status 200 for a request with no X-Request-ID header\n" in out
     assert "       seen:     status 400\n" in out
-    assert out.endswith("Exercise 3.1: not yet — 4 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 7 of 9 checks pass")
 
 
 def test_3_1_a_global_variable_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -197,14 +218,14 @@ def test_3_1_a_global_variable_is_rejected(capsys: pytest.CaptureFixture[str]) -
     assert "❌ not yet: 20 concurrent requests each see, and get back, their own ID" in out
     assert re.search(r"seen:     1\d of 20 saw another one \(the handler of 'ex31-req-\d\d' saw", out)
     assert "hint:     Each request runs in its own task, with its own copy of the context" in out
-    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 8 of 9 checks pass")
 
 
 def test_3_1_an_id_kept_on_the_middleware_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_middleware, *ids_answer("attribute"))
     assert "       expected: each of 20 concurrent responses to echo its own request's ID\n" in out
     assert "the middleware object is shared by all requests" in out
-    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 8 of 9 checks pass")
 
 
 def test_3_1_no_echo_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -224,7 +245,7 @@ def test_3_1_a_variable_never_reset_is_rejected(capsys: pytest.CaptureFixture[st
         "       expected: request_id_var back to 'ex31-outside' once the request is done\n"
         "       seen:     'ex31-inside'\n"
     ) in out
-    assert out.endswith("Exercise 3.1: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 3.1: not yet — 7 of 9 checks pass")
 
 
 def test_3_1_an_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -252,9 +273,34 @@ STEPS = ("validate", "price", "reserve")
 def checkout_answer(variant: str) -> Any:
     """``checkout`` as a learner might write it."""
 
+    async def traced(order: dict, tracer: Tracer, steps: dict[str, Any], name: str) -> None:
+        with tracer.start_as_current_span(f"checkout.{name}", attributes={"order.id": order["id"]}) as span:
+            try:
+                await steps[name](order)
+            except Exception as exc:
+                if variant != "swallow":
+                    raise
+                span.record_exception(exc)  # and carry on with the next step
+
     async def checkout(order: dict, tracer: Tracer, steps: dict[str, Any]) -> None:
         if variant == "placeholder":
             raise NotImplementedError(placeholder_message("3.2"))
+        if variant == "gather":
+            await asyncio.gather(*(traced(order, tracer, steps, name) for name in STEPS))
+            return
+        if variant == "attach-no-finally":
+            for name in STEPS:
+                span = tracer.start_span(f"checkout.{name}", attributes={"order.id": order["id"]})
+                token = otel_context.attach(otel_trace.set_span_in_context(span))
+                await steps[name](order)
+                otel_context.detach(token)
+                span.end()
+            return
+        names = list(steps) if variant == "dict-order" else STEPS
+        if variant in ("dict-order", "swallow"):
+            for name in names:
+                await traced(order, tracer, steps, name)
+            return
         for name in STEPS:
             attributes = {} if variant == "no-attribute" else {"order.id": order["id"]}
             span_name = name if variant == "wrong-names" else f"checkout.{name}"
@@ -298,14 +344,19 @@ def slowest_answer(variant: str) -> Any:
             return "checkout.price"
         if variant == "span":
             return max(spans, key=lambda span: self_time(span, spans))
-        if variant == "by-hand":  # right too: duration minus the children's, among the steps
+        if variant == "sum-of-children":  # children at the same time are subtracted twice
             return max(steps, key=lambda s: duration(s) - sum(duration(c) for c in children(s, spans))).name
+        if variant == "longest-leaf":
+            leaves = [s for s in spans if not children(s, spans)]
+            return max(leaves, key=duration).name
+        if variant == "steps-only":  # right too: the exercise asks for a step's span
+            return max(steps, key=lambda span: self_time(span, spans)).name
         return max(spans, key=lambda span: self_time(span, spans)).name
 
     return slowest_step
 
 
-@pytest.mark.parametrize("slowest", ["right", "by-hand"])
+@pytest.mark.parametrize("slowest", ["right", "steps-only"])
 def test_3_2_spans_per_step_and_self_time_pass(slowest: str, capsys: pytest.CaptureFixture[str]) -> None:
     check_checkout_spans(checkout_answer("right"), slowest_answer(slowest))
     out = capsys.readouterr().out
@@ -315,7 +366,7 @@ def test_3_2_spans_per_step_and_self_time_pass(slowest: str, capsys: pytest.Capt
         "  ✅ passed: slowest_step(spans) names the step with the most time of its own, in two checkouts\n"
         in out
     )
-    assert out.endswith("Exercise 3.2: passed ✅ (7 of 7 checks)\n")
+    assert out.endswith("Exercise 3.2: passed ✅ (8 of 8 checks)\n")
 
 
 @pytest.mark.parametrize(("checkout", "slowest"), [("placeholder", "right"), ("right", "placeholder")])
@@ -354,21 +405,21 @@ def test_3_2_a_new_trace_per_step_is_rejected(capsys: pytest.CaptureFixture[str]
         "       seen:     checkout.validate is the root of a trace of its own"
     ) in out
     assert "  ✅ passed: slowest_step(spans) names the step with the most time of its own" in out
-    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 3.2: not yet — 7 of 8 checks pass")
 
 
 def test_3_2_a_span_that_is_not_current_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("start-span"), slowest_answer("right"))
     assert "❌ not yet: spans made inside a step nest under the step's span (it is current)" in out
-    assert re.search(r"seen:     8 of 8 were not: they went to the step's parent", out)
-    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+    assert re.search(r"seen:     13 of 13 were not: they went to the step's parent", out)
+    assert out.endswith("Exercise 3.2: not yet — 7 of 8 checks pass")
 
 
 def test_3_2_a_missing_attribute_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("no-attribute"), slowest_answer("right"))
     assert re.search(r"expected: the attribute order.id = 'ord-[0-9a-f]{6}' on checkout.validate\n", out)
     assert "       seen:     attributes {}\n" in out
-    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 3.2: not yet — 7 of 8 checks pass")
 
 
 def test_3_2_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -384,13 +435,13 @@ def test_3_2_the_longest_span_is_rejected(capsys: pytest.CaptureFixture[str]) ->
         r"The spans: checkout \d+ ms long, \d+ ms its own; checkout.validate",
         out,
     )
-    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 3.2: not yet — 7 of 8 checks pass")
 
 
 def test_3_2_the_longest_step_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer("longest-step"))
     assert re.search(r"whose time was spent in its 8 'db.query' children, not in its own code", out)
-    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 3.2: not yet — 7 of 8 checks pass")
 
 
 @pytest.mark.parametrize("variant", ["last-started", "hard-coded"])
@@ -403,7 +454,7 @@ def test_3_2_a_step_not_found_from_the_spans_is_rejected(
         in out
     )
     assert re.search(r"expected: 'checkout\.\w+', the span with the most time of its own \(when '\w+'", out)
-    assert out.endswith("Exercise 3.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 3.2: not yet — 7 of 8 checks pass")
 
 
 def test_3_2_a_span_instead_of_its_name_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -450,6 +501,8 @@ def shop_answer(variant: str) -> FastAPI:
             buckets = [0.005, 0.01, 0.025, 0.05, 0.075, SLO_SECONDS, 0.25, 0.5, 1.0]
             if variant == "fine-buckets":  # the lesson's, 25 % apart: no boundary at 0.1
                 buckets = [round(0.001 * 1.25**i, 5) for i in range(32)]
+            if variant == "float-buckets":  # 0.1 * 0.1 * 10 is 0.10000000000000002
+                buckets = [SLO_SECONDS * 0.1 * i for i in range(1, 21)] + [0.5, 1.0]
             where = {} if in_default else {"registry": registry}
             if variant == "summary":
                 self.latency = Summary(METRIC, "Request duration", ["route"], **where)
@@ -464,10 +517,30 @@ def shop_answer(variant: str) -> FastAPI:
                 return
             start = time.perf_counter()
 
+            def observe() -> None:
+                route = scope["route"].path if "route" in scope else "unmatched"
+                self.latency.labels(route=route).observe(time.perf_counter() - start)
+
+            if variant == "after-app":  # the clock stops after the background tasks
+                await self.app(scope, receive, send)
+                observe()
+                return
+
             async def timed_send(message: dict) -> None:
+                if variant == "at-start" and message["type"] == "http.response.start":
+                    observe()
                 await send(message)
+                if variant == "at-start":
+                    return
+                if variant == "every-body" and message["type"] == "http.response.body":
+                    observe()
+                    return
                 if message["type"] == "http.response.body" and not message.get("more_body", False):
                     route = scope["route"].path if "route" in scope else "unmatched"
+                    if variant == "no-fallback":
+                        route = scope["route"].path
+                    if variant == "raw-fallback" and "route" not in scope:
+                        route = scope["path"]
                     if variant == "raw-path":
                         route = scope["path"]
                     seconds = time.perf_counter() - start
@@ -495,6 +568,8 @@ def shop_answer(variant: str) -> FastAPI:
         served = prometheus_client.REGISTRY if variant == "default-registry" else metrics_registry
         if variant == "bytes":
             return generate_latest(served)
+        if variant == "plain-text":
+            return PlainTextResponse(generate_latest(served).decode())
         return Response(generate_latest(served), media_type=CONTENT_TYPE_LATEST)
 
     return shop_app
@@ -512,13 +587,20 @@ def p99_answer(variant: str) -> Any:
         total_sum = 0.0
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == f"{METRIC}_bucket":
+                if sample.name.endswith("_bucket") and variant == "every-histogram":
+                    le = float(sample.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+                elif sample.name == f"{METRIC}_bucket" and variant == "last-series":
+                    buckets[float(sample.labels["le"])] = sample.value
+                elif sample.name == f"{METRIC}_bucket":
                     le = float(sample.labels["le"])
                     buckets[le] = buckets.get(le, 0.0) + sample.value
                 elif sample.name == f"{METRIC}_sum":
                     total_sum += sample.value
         ordered = sorted(buckets.items())
-        total = ordered[-1][1]
+        total = ordered[-1][1] if ordered else 0.0
+        if total == 0 and variant != "no-nan-guard":
+            return math.nan
         if variant == "mean":
             return total_sum / total
         if variant == "max":  # the highest bucket with requests in it
@@ -527,10 +609,12 @@ def p99_answer(variant: str) -> Any:
         if variant == "no-interpolation":
             return next(le for le, count in ordered if count >= rank)
         lower, below = 0.0, 0.0
-        for upper, count in ordered:
-            if count >= rank:
+        for i, (upper, count) in enumerate(ordered):
+            if count > rank if variant == "strictly-above" else count >= rank:
                 if math.isinf(upper):
-                    return lower
+                    return math.inf if variant == "infinity" else lower
+                if i == 0 and variant == "no-lowest-interpolation":
+                    return upper
                 return lower + (upper - lower) * (rank - below) / (count - below)
             lower, below = upper, count
         return lower
@@ -547,14 +631,14 @@ def test_3_3_a_histogram_per_route_passes(p99: str, capsys: pytest.CaptureFixtur
         '  ✅ passed: it has one series per route template: route="/items/{item_id}", not one per item\n'
         in out
     )
-    assert out.endswith("Exercise 3.3: passed ✅ (10 of 10 checks)\n")
+    assert out.endswith("Exercise 3.3: passed ✅ (17 of 17 checks)\n")
 
 
 def test_3_3_the_same_app_checked_twice_passes(capsys: pytest.CaptureFixture[str]) -> None:
     app, p99 = shop_answer("right"), p99_answer("right")
     check_latency_histogram(app, p99)
     check_latency_histogram(app, p99)  # the histogram holds both runs' requests: only the new ones count
-    assert capsys.readouterr().out.endswith("Exercise 3.3: passed ✅ (10 of 10 checks)\n")
+    assert capsys.readouterr().out.endswith("Exercise 3.3: passed ✅ (17 of 17 checks)\n")
 
 
 @pytest.mark.parametrize(
@@ -572,7 +656,7 @@ def test_3_3_raw_path_labels_are_rejected(capsys: pytest.CaptureFixture[str]) ->
         '       expected: one series, route="/items/{item_id}", for all 60 items\n'
         "       seen:     60 series: route = '/items/0', '/items/1', '/items/10', '/items/11' …\n"
     ) in out
-    assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 3.3: not yet — 15 of 17 checks pass")
 
 
 @pytest.mark.parametrize(
@@ -595,7 +679,7 @@ def test_3_3_the_default_registry_is_rejected(capsys: pytest.CaptureFixture[str]
     assert "❌ not yet: it is in the app's own registry, not the default one" in out
     assert "metrics that only prometheus_client's default REGISTRY has" in out
     assert "hint:     The default REGISTRY is global" in out
-    assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 3.3: not yet — 14 of 15 checks pass")
 
 
 @pytest.mark.usefixtures("default_registry")
@@ -629,13 +713,13 @@ def test_3_3_buckets_without_the_objective_are_rejected(capsys: pytest.CaptureFi
         "       seen:     32 boundaries, the nearest 0.08674 and 0.10842: the share of requests within "
         "0.1 s can only be interpolated\n"
     ) in out
-    assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 3.3: not yet — 16 of 17 checks pass")
 
 
 def test_3_3_milliseconds_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_latency_histogram, shop_answer("milliseconds"), p99_answer("right"))
     assert "❌ not yet: it counted the 60 requests, in seconds" in out
-    assert out.endswith("Exercise 3.3: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 3.3: not yet — 14 of 15 checks pass")
 
 
 def test_3_3_bytes_returned_as_json_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -665,4 +749,203 @@ def test_3_3_p99_not_interpolated_is_rejected(
         "histogram_quantile(0.99, …) estimates it\n"
     ) in out
     assert why in out
-    assert out.endswith("Exercise 3.3: not yet — 8 of 9 checks pass")
+    assert out.endswith("Exercise 3.3: not yet — 10 of 11 checks pass")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Failure paths, edge inputs and state over time, each named by the step that finds it
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variant", "failed", "detail"),
+    [
+        (
+            "a-z-range",
+            "a hostile X-Request-ID (too long, a newline, ESC, punctuation, non-ASCII, not UTF-8)",
+            "seen:     1 of 9 kept as sent (brackets, a caret, a backtick and a backslash: 'a[b]^c`d\\\\e')",
+        ),
+        (
+            "ignorecase",
+            "a hostile X-Request-ID (too long, a newline, ESC, punctuation, non-ASCII, not UTF-8)",
+            "seen:     1 of 9 kept as sent (the Kelvin sign (U+212A): '\u212aey')",
+        ),
+        (
+            "strict-utf8",
+            "a hostile X-Request-ID (too long, a newline, ESC, punctuation, non-ASCII, not UTF-8)",
+            "seen:     the middleware raised UnicodeDecodeError",
+        ),
+        (
+            "replace-headers",
+            "the response keeps the app's own headers beside X-Request-ID",
+            "seen:     the response's headers: x-request-id",
+        ),
+        (
+            "no-finally",
+            "request_id_var is reset even when the endpoint raises",
+            "seen:     'ex31-boom'",
+        ),
+        (
+            "reset-in-send",
+            "a background task of the request still sees its ID",
+            "seen:     it saw 'ex31-outside': the variable was put back before the task ran",
+        ),
+    ],
+)
+def test_3_1_each_flaw_is_named(
+    variant: str, failed: str, detail: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_request_id_middleware, *ids_answer(variant))
+    assert f"❌ not yet: {failed}" in out
+    assert detail in out
+    assert "✅ passed: 20 concurrent requests each see, and get back, their own ID" in out
+
+
+@pytest.mark.parametrize(
+    ("variant", "detail"),
+    [
+        ("gather", "expected: each step to start once the one before it has finished"),
+        ("dict-order", "seen:     reserve, price, validate"),
+    ],
+)
+def test_3_2_steps_out_of_order_are_rejected(
+    variant: str, detail: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer(variant), slowest_answer("right"))
+    assert (
+        "❌ not yet: checkout(order, tracer, steps) runs validate, price and reserve, once each, in order"
+        in out
+    )
+    assert detail in out
+    assert out.endswith("Exercise 3.2: not yet — 1 of 2 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "detail"),
+    [
+        ("attach-no-finally", "seen:     no finished span for it: the code that ends it never ran"),
+        ("swallow", "seen:     checkout returned normally: the caller cannot tell the checkout failed"),
+    ],
+)
+def test_3_2_a_failing_step_mishandled_is_rejected(
+    variant: str, detail: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer(variant), slowest_answer("right"))
+    assert (
+        "❌ not yet: a step that raises stops the checkout: the error reaches the caller, its span still ends"
+        in out
+    )
+    assert detail in out
+    assert out.endswith("Exercise 3.2: not yet — 7 of 8 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "why"),
+    [
+        ("sum-of-children", "the step with the least time of all; checkout."),
+        ("longest-leaf", "seen:     'db.query': a query, not a step"),
+    ],
+)
+def test_3_2_own_time_miscounted_is_rejected(
+    variant: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer(variant))
+    assert (
+        "❌ not yet: slowest_step(spans) names the step with the most time of its own, in two checkouts"
+        in out
+    )
+    assert why in out
+    assert out.endswith("Exercise 3.2: not yet — 7 of 8 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "failed", "detail"),
+    [
+        (
+            "float-buckets",
+            "its buckets have a boundary at the objective, 0.1 s",
+            'seen:     le="0.10000000000000002": almost 0.1',
+        ),
+        (
+            "at-start",
+            "it times a request until its last body message: all of a streamed body, no background task",
+            "ms: the clock stopped before the last body message",
+        ),
+        (
+            "after-app",
+            "it times a request until its last body message: all of a streamed body, no background task",
+            "ms: the clock stopped when the app returned, after its background tasks",
+        ),
+        (
+            "every-body",
+            "it times a request until its last body message: all of a streamed body, no background task",
+            "seen:     4 observations",
+        ),
+        (
+            "no-fallback",
+            "requests that match no route are counted under one fixed label, not their path",
+            "seen:     the middleware raised KeyError",
+        ),
+        (
+            "raw-fallback",
+            "requests that match no route are counted under one fixed label, not their path",
+            "seen:     3 series, labelled '/admin.php', '/nowhere/1', '/nowhere/2'",
+        ),
+        (
+            "plain-text",
+            "GET /metrics answers with the Prometheus text format, and its content type",
+            "seen:     'text/plain; charset=utf-8': no version of the exposition format",
+        ),
+    ],
+)
+def test_3_3_each_middleware_flaw_is_named(
+    variant: str, failed: str, detail: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer(variant), p99_answer("right"))
+    assert f"❌ not yet: {failed}" in out
+    assert detail in out
+    assert out.count("❌ not yet") == 1
+
+
+@pytest.mark.parametrize(
+    ("variant", "failed", "detail"),
+    [
+        (
+            "every-histogram",
+            "adds up every series of http_request_duration_seconds, and nothing else on the page",
+            "on a page with two routes, and another histogram beside it",
+        ),
+        (
+            "last-series",
+            "adds up every series of http_request_duration_seconds, and nothing else on the page",
+            "on a page with two routes, and another histogram beside it",
+        ),
+        (
+            "strictly-above",
+            "takes the first bucket whose count reaches the rank, even when it equals it exactly",
+            "seen:     0.5: beyond the first bucket whose count reaches the rank",
+        ),
+        (
+            "infinity",
+            "answers the highest finite boundary when the rank is in the +Inf bucket",
+            "seen:     inf: infinity; when the rank falls in the +Inf bucket",
+        ),
+        (
+            "no-lowest-interpolation",
+            "interpolates from 0 inside the lowest bucket",
+            "expected: p99 ≈ 0.0099 s on a page where the rank falls in the lowest bucket",
+        ),
+        (
+            "no-nan-guard",
+            "is NaN when the histogram has counted no request yet",
+            "your code raised ZeroDivisionError",
+        ),
+    ],
+)
+def test_3_3_p99_edge_cases_are_named(
+    variant: str, failed: str, detail: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer("right"), p99_answer(variant))
+    assert f"❌ not yet: p99_from_metrics(text) {failed}" in out
+    assert detail in out
+    assert "✅ passed: p99_from_metrics(text) estimates p99 as Prometheus does, on a page with known" in out

@@ -27,9 +27,10 @@ from typing import Any
 
 import httpx
 import prometheus_client
+from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Tracer
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.asgi import AsgiResponse, call
@@ -153,6 +154,26 @@ _HOSTILE = (
             "Spell the class out: `[A-Za-z0-9._-]` (or compile with `re.ASCII`).",
         ),
     ),
+    _Hostile(
+        "brackets, a caret, a backtick and a backslash",
+        b"a[b]^c`d\\e",
+        (
+            "`A-z` is a range of code points: besides the letters it spans `[ \\ ] ^ _` and the "
+            "backtick, which sit between 'Z' and 'a'.",
+            "Give the letters as two ranges: `[A-Za-z0-9._-]`.",
+        ),
+    ),
+    _Hostile(
+        "the Kelvin sign (U+212A)",
+        "\u212aey".encode(),
+        (
+            "With `re.IGNORECASE`, `[a-z]` also matches non-ASCII letters that case-fold into it: the "
+            "Kelvin sign 'K', the long s 'ſ', the dotless 'ı'.",
+            "Spell out both cases, `[A-Za-z0-9._-]`, without IGNORECASE (or add `re.ASCII`), and decode "
+            "the header as latin-1.",
+        ),
+    ),
+    _Hostile("bytes that are not UTF-8", b"\xff\xfeid", (_NO_CHECK_HINT, _FULLMATCH_HINT)),
 )
 
 
@@ -182,7 +203,19 @@ def _from_handler(response: AsgiResponse) -> str | None:
 
 async def _send(app: Any, label: str, value: bytes | None) -> _Seen:
     headers = [] if value is None else [(b"x-request-id", value)]
-    response = await call(app, _WHOAMI, headers=headers)
+    try:
+        response = await call(app, _WHOAMI, headers=headers)
+    except UnicodeError as exc:
+        raise Mismatch(
+            f"status 200 and a fresh ID for a request with {label} ({short(value, 30)})",
+            f"the middleware raised {type(exc).__name__}: {short(str(exc), 70)}",
+            [
+                "Header values are bytes, and a client may send any bytes: decoding them as UTF-8 "
+                "fails on some, and the request then fails instead of getting a fresh ID.",
+                'Decode with `.decode("latin-1")`, which cannot fail (one character per byte), then '
+                "fullmatch: any byte outside ASCII fails the pattern.",
+            ],
+        ) from None
     return _Seen(label, value, response.status, _from_handler(response), response.header("x-request-id"))
 
 
@@ -338,7 +371,98 @@ def _check_concurrent(app: Any) -> None:
         )
 
 
+def _check_app_headers(app: Any) -> None:
+    async def main() -> Any:
+        return await call(app, _WHOAMI, headers=[(b"x-request-id", b"ex31-headers")])
+
+    response = in_fresh_loop(main, timeout=10, name="check-3.1-headers")
+    names = sorted({name.decode("latin-1").lower() for name, _ in response.raw_headers})
+    expect(
+        response.header("content-type") == "application/json" and response.header("content-length"),
+        "the app's own headers (content-type: application/json, content-length) beside X-Request-ID",
+        f"the response's headers: {', '.join(names) or 'none'}",
+        "Add X-Request-ID to the headers the app sent, rather than replacing them: without "
+        "content-type and content-length the client cannot read the body.",
+        '`message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]`.',
+    )
+
+
 _OUTSIDE = "ex31-outside"
+
+
+def _probe_app(app: Any, request_id_var: ContextVar[str], seen: list[str]) -> Any:
+    """A FastAPI app of the check's own, behind the learner's middleware: a background task, an error."""
+    from fastapi import FastAPI
+    from starlette.background import BackgroundTask
+    from starlette.responses import JSONResponse
+
+    middleware = list(getattr(app, "user_middleware", []))
+    expect(
+        middleware,
+        "the middleware added to ids_app with `ids_app.add_middleware(RequestIDMiddleware)`",
+        "no middleware on the app",
+        "Keep the given line `ids_app.add_middleware(RequestIDMiddleware)`.",
+    )
+    probe = FastAPI(middleware=middleware)
+
+    async def record() -> None:
+        await asyncio.sleep(0.01)
+        seen.append(request_id_var.get())
+
+    @probe.get("/later")
+    async def later() -> JSONResponse:
+        return JSONResponse({"ok": True}, background=BackgroundTask(record))
+
+    @probe.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("ex31: the endpoint failed")
+
+    return probe
+
+
+def _check_background(app: Any, request_id_var: ContextVar[str]) -> None:
+    seen: list[str] = []
+    probe = _probe_app(app, request_id_var, seen)
+
+    async def main() -> None:
+        request_id_var.set(_OUTSIDE)
+        await call(probe, "/later", headers=[(b"x-request-id", b"ex31-later")])
+
+    in_fresh_loop(main, timeout=10, name="check-3.1-background")
+    expect(
+        seen == ["ex31-later"],
+        "a background task of the request to see its ID, 'ex31-later'",
+        f"it saw {short(seen[0]) if seen else 'nothing (it did not run)'}: the variable was put back "
+        "before the task ran",
+        "Starlette runs a request's background tasks after the response's last body message is sent, "
+        "still inside `await self.app(…)`: the request is not over when its response is.",
+        "Reset the variable after `await self.app(scope, receive, send_with_id)` returns (in a "
+        "`finally:`), not in `send`.",
+    )
+
+
+def _check_reset_on_error(app: Any, request_id_var: ContextVar[str]) -> None:
+    probe = _probe_app(app, request_id_var, [])
+
+    async def main() -> tuple[str, BaseException | None]:
+        request_id_var.set(_OUTSIDE)
+        raised: BaseException | None = None
+        try:
+            await call(probe, "/boom", headers=[(b"x-request-id", b"ex31-boom")])
+        except RuntimeError as exc:
+            raised = exc
+        return request_id_var.get(), raised
+
+    after, _ = in_fresh_loop(main, timeout=10, name="check-3.1-error")
+    expect(
+        after == _OUTSIDE,
+        f"request_id_var back to {_OUTSIDE!r} after a request whose endpoint raised",
+        f"{after!r}",
+        "When the app raises, the code after `await self.app(…)` never runs: the ID stays behind in "
+        "the context that ran the request.",
+        "`token = request_id_var.set(rid)`, then `try: await self.app(scope, receive, send_with_id)` "
+        "and `finally: request_id_var.reset(token)`.",
+    )
 
 
 def _check_reset(app: Any, request_id_var: ContextVar[str]) -> None:
@@ -387,11 +511,15 @@ def check_request_id_middleware(app: Any, request_id_var: ContextVar[str]) -> No
         ):
             return
         ex.step(
+            "the response keeps the app's own headers beside X-Request-ID", lambda: _check_app_headers(app)
+        )
+        ex.step(
             "a missing or empty X-Request-ID gets a fresh ID, seen by the handler and echoed",
             lambda: _check_missing(app),
         )
         ex.step(
-            "a hostile X-Request-ID (too long, a newline, ESC, non-ASCII digits) is replaced by a fresh one",
+            "a hostile X-Request-ID (too long, a newline, ESC, punctuation, non-ASCII, not UTF-8) is "
+            "replaced by a fresh one",
             lambda: _check_hostile(app),
         )
         ex.step(
@@ -399,6 +527,14 @@ def check_request_id_middleware(app: Any, request_id_var: ContextVar[str]) -> No
             lambda: _check_concurrent(app),
         )
         ex.step("request_id_var is reset once the request is done", lambda: _check_reset(app, request_id_var))
+        ex.step(
+            "request_id_var is reset even when the endpoint raises",
+            lambda: _check_reset_on_error(app, request_id_var),
+        )
+        ex.step(
+            "a background task of the request still sees its ID",
+            lambda: _check_background(app, request_id_var),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,8 +545,13 @@ _STEPS = ("validate", "price", "reserve")
 _PARENT = "checkout"
 _CHILD = "db.query"
 _SLOW = 0.1  # the slow step sleeps this long, in its own code
-_QUERIES, _QUERY = 8, 0.02  # the busy step makes this many child spans, each this long: longer, not slower
+_SLOW_QUERIES, _SLOW_QUERY = 5, 0.04  # ... then makes this many child spans at once, each this long
+_QUERIES, _QUERY = (
+    8,
+    0.025,
+)  # the busy step makes this many child spans, one after the other: longer, not slower
 _FAST = 0.005
+_FAILED = "ex32: the card was declined"
 _CALL_3_2 = "Call the check as `check_checkout_spans(checkout, slowest_step)`."
 _START_AS_CURRENT = (
     '`with tracer.start_as_current_span(f"checkout.{name}", attributes={"order.id": order["id"]}):` '
@@ -429,9 +570,13 @@ class _Checkout:
     slow: str
     busy: str
     order_id: str
+    fail: str | None = None  # the step that raises, if any
     calls: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)  # "start <step>", "end <step>", in order
     spans: list[ReadableSpan] = field(default_factory=list)  # in the order they ended
     parent: ReadableSpan | None = None
+    raised: BaseException | None = None  # what checkout raised (the run with a failing step)
+    current_after: str = ""  # the current span's name once checkout returned or raised
 
     def step_spans(self, step: str) -> list[ReadableSpan]:
         return [s for s in self.spans if s.name == _span_name(step)]
@@ -449,22 +594,35 @@ async def _reference_checkout(order: dict[str, Any], tracer: Tracer, steps: dict
             await steps[name](order)
 
 
-async def _run_checkout(checkout: Callable[..., Any], traced: Tracing, slow: str, busy: str) -> _Checkout:
+async def _run_checkout(
+    checkout: Callable[..., Any], traced: Tracing, slow: str, busy: str, fail: str | None = None
+) -> _Checkout:
     traced.clear()
     tracer = traced.tracer
-    run = _Checkout(slow, busy, f"ord-{random.randrange(16**6):06x}")
+    run = _Checkout(slow, busy, f"ord-{random.randrange(16**6):06x}", fail)
     made: list[Coroutine[Any, Any, None]] = []
+
+    async def query(seconds: float) -> None:
+        with tracer.start_as_current_span(_CHILD):
+            await asyncio.sleep(seconds)
 
     async def work(step: str) -> None:
         run.calls.append(step)
-        if step == slow:
-            await asyncio.sleep(_SLOW)
-        elif step == busy:
-            for _ in range(_QUERIES):
-                with tracer.start_as_current_span(_CHILD):
-                    await asyncio.sleep(_QUERY)
-        else:
-            await asyncio.sleep(_FAST)
+        run.events.append(f"start {step}")
+        try:
+            if step == fail:
+                await asyncio.sleep(_FAST)
+                raise RuntimeError(_FAILED)
+            if step == slow:
+                await asyncio.sleep(_SLOW)
+                await asyncio.gather(*(query(_SLOW_QUERY) for _ in range(_SLOW_QUERIES)))
+            elif step == busy:
+                for _ in range(_QUERIES):
+                    await query(_QUERY)
+            else:
+                await asyncio.sleep(_FAST)
+        finally:
+            run.events.append(f"end {step}")
 
     def step_function(step: str) -> Callable[[dict[str, Any]], Coroutine[Any, Any, None]]:
         def step_call(order: dict[str, Any]) -> Coroutine[Any, Any, None]:
@@ -475,7 +633,7 @@ async def _run_checkout(checkout: Callable[..., Any], traced: Tracing, slow: str
         step_call.__name__ = step
         return step_call
 
-    steps = {name: step_function(name) for name in _STEPS}
+    steps = {name: step_function(name) for name in reversed(_STEPS)}  # not in the order to run them
     order = {"id": run.order_id, "items": ["lamp", "book"]}
     try:
         with tracer.start_as_current_span(_PARENT) as parent:
@@ -487,7 +645,14 @@ async def _run_checkout(checkout: Callable[..., Any], traced: Tracing, slow: str
                 "The steps are coroutines, so `checkout` must be `async def checkout(…)` and "
                 "`await steps[name](order)`.",
             )
-            await result
+            try:
+                await result
+            except RuntimeError as exc:
+                if fail is None or str(exc) != _FAILED:
+                    raise
+                run.raised = exc
+            current = otel_trace.get_current_span()
+            run.current_after = getattr(current, "name", "") if current is not parent else _PARENT
     finally:
         for coroutine in made:
             if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
@@ -497,12 +662,14 @@ async def _run_checkout(checkout: Callable[..., Any], traced: Tracing, slow: str
     return run
 
 
-def _run_all(checkout: Callable[..., Any], plan: list[tuple[str, str]]) -> list[_Checkout]:
+def _run_all(
+    checkout: Callable[..., Any], plan: list[tuple[str, str]], fail: str | None = None
+) -> list[_Checkout]:
     traced = tracing("ch03-check", processor="simple", name="check-3.2")
     try:
 
         async def main() -> list[_Checkout]:
-            return [await _run_checkout(checkout, traced, slow, busy) for slow, busy in plan]
+            return [await _run_checkout(checkout, traced, slow, busy, fail) for slow, busy in plan]
 
         return in_fresh_loop(main, timeout=10, name="check-3.2")
     finally:
@@ -516,7 +683,16 @@ def _check_steps_called(runs: list[_Checkout]) -> None:
             f"the steps called once each, in order: {', '.join(_STEPS)}",
             f"{', '.join(run.calls) or 'none'}",
             "Call each step once, in order, and await it: `await steps[name](order)` for `name` in "
-            f"{_STEPS}.",
+            f"{_STEPS}: the order of the dict `steps` is not the order of the checkout.",
+        )
+        wanted = [f"{event} {step}" for step in _STEPS for event in ("start", "end")]
+        expect(
+            run.events == wanted,
+            "each step to start once the one before it has finished",
+            f"{', '.join(run.events[:4])} …: the steps ran at the same time",
+            "A checkout's steps depend on each other (reserve what was priced): await each before "
+            "starting the next, not `asyncio.gather`.",
+            "`for name in STEPS:` … `await steps[name](order)` inside the span.",
         )
 
 
@@ -599,18 +775,62 @@ def _check_attributes(runs: list[_Checkout]) -> None:
 def _check_nesting(runs: list[_Checkout]) -> None:
     for run in runs:
         (busy,) = run.step_spans(run.busy)
-        assert busy.context is not None
+        (slow,) = run.step_spans(run.slow)
+        assert busy.context is not None and slow.context is not None
+        ids = {busy.context.span_id, slow.context.span_id}
         queries = [s for s in run.spans if s.name == _CHILD]
-        elsewhere = [s for s in queries if s.parent is None or s.parent.span_id != busy.context.span_id]
+        elsewhere = [s for s in queries if s.parent is None or s.parent.span_id not in ids]
         expect(
             not elsewhere,
-            f"the {_CHILD!r} spans made inside step {run.busy!r} nested under {busy.name}",
+            f"the {_CHILD!r} spans made inside steps {run.busy!r} and {run.slow!r} nested under their "
+            "step's span",
             f"{len(elsewhere)} of {len(queries)} were not: they went to the step's parent, so the "
             "step's span was not the current span while the step ran",
             "`tracer.start_span(…)` (even in a `with`) starts a span without making it current; what "
             "the step's code traces then hangs off the step's parent instead.",
             "Make it current: " + _START_AS_CURRENT,
         )
+
+
+def _fast_step(run: _Checkout) -> str:
+    return next(s for s in _STEPS if s not in (run.slow, run.busy))
+
+
+def _check_failure(failed: _Checkout) -> None:
+    fail = failed.fail
+    assert fail is not None
+    expect(
+        failed.raised is not None,
+        f"checkout to raise the RuntimeError that step {fail!r} raised",
+        "checkout returned normally: the caller cannot tell the checkout failed",
+        "Record the error on the span if you like, but let it go on to the caller: a failed step "
+        "fails the checkout.",
+        "`start_as_current_span` records the exception on the span and re-raises it: no `try` needed.",
+    )
+    after = _STEPS[_STEPS.index(fail) + 1 :]
+    expect(
+        not any(step in failed.calls for step in after),
+        f"no step after the failing {fail!r}",
+        f"steps called: {', '.join(failed.calls)}",
+        "Once a step has failed, the checkout stops: do not catch the exception to carry on.",
+    )
+    spans = failed.step_spans(fail)
+    expect(
+        len(spans) == 1,
+        f"the span {_span_name(fail)} finished (and exported) although its step raised",
+        "no finished span for it: the code that ends it never ran",
+        "When the step raises, the lines after `await` are skipped: end the span in a `finally:`, or "
+        "let a `with` block end it.",
+        "Make it current: " + _START_AS_CURRENT,
+    )
+    expect(
+        failed.current_after == _PARENT,
+        f"the caller's span ({_PARENT!r}) current again once checkout has raised",
+        f"the current span is {failed.current_after!r}: the step's context is still attached",
+        "`context.attach(…)` must be matched by `context.detach(token)` in a `finally:`, or the step's "
+        "span stays current for whatever the caller does next.",
+        "Let `with tracer.start_as_current_span(…):` attach and detach it.",
+    )
 
 
 def _check_slowest(slowest_step: Callable[..., Any], runs: list[_Checkout]) -> None:
@@ -633,10 +853,18 @@ def _check_slowest(slowest_step: Callable[..., Any], runs: list[_Checkout]) -> N
         )
         if answer == _PARENT:
             why = "the root span: it is always the longest, but its time is its children's"
+        elif answer == _CHILD:
+            why = "a query, not a step: the answer is one of the steps' spans"
         elif answer == _span_name(run.busy):
             why = (
                 f"the longest step, whose time was spent in its {_QUERIES} {_CHILD!r} children, "
                 "not in its own code"
+            )
+        elif answer == _span_name(_fast_step(run)):
+            why = (
+                f"the step with the least time of all; {_span_name(run.slow)}'s {_SLOW_QUERIES} "
+                f"{_CHILD!r} children ran at the same time: subtracting the sum of their durations "
+                "subtracts the same time several times"
             )
         else:
             why = "not the span with the most time of its own"
@@ -683,11 +911,22 @@ def check_checkout_spans(checkout: Callable[..., Awaitable[None]], slowest_step:
             run_checkouts,
         ):
             return
+
         if not ex.step(
             "each step runs in a finished span named checkout.validate, checkout.price, checkout.reserve",
             lambda: _check_named_spans(runs),
         ):
             return
+        fail = random.choice(_STEPS[:2])
+
+        def failing_step() -> None:
+            (failed,) = _run_all(checkout, [plan[0]], fail=fail)
+            _check_failure(failed)
+
+        ex.step(
+            "a step that raises stops the checkout: the error reaches the caller, its span still ends",
+            failing_step,
+        )
         structure = [
             ex.step(
                 "each step's span is a child of the current span, 'checkout'", lambda: _check_parents(runs)
@@ -798,14 +1037,22 @@ class _Shop:
     client_seconds: float = 0.0  # the requests' latencies as the client measured them, summed
 
 
-async def _get_metrics(server: Server) -> tuple[int, str]:
+async def _get_metrics(server: Server) -> tuple[int, str, str]:
     async with httpx.AsyncClient(base_url=server.url, timeout=10, trust_env=False) as http:
         response = await http.get("/metrics")
-    return response.status_code, response.text
+    return response.status_code, response.text, response.headers.get("content-type", "")
 
 
-def _scrape(server: Server) -> _Page:
-    status, text = in_fresh_loop(lambda: _get_metrics(server), timeout=15, name="check-3.3-scrape")
+def _media_type(value: str) -> tuple[str, dict[str, str]]:
+    kind, *params = (part.strip() for part in value.split(";"))
+    pairs = (param.partition("=") for param in params if param)
+    return kind.lower(), {k.strip().lower(): v.strip().strip('"').lower() for k, _, v in pairs}
+
+
+def _scrape(server: Server, content_type: list[str] | None = None) -> _Page:
+    status, text, kind = in_fresh_loop(lambda: _get_metrics(server), timeout=15, name="check-3.3-scrape")
+    if content_type is not None:
+        content_type.append(kind)
     if status >= 500:
         _raise_server_error(server, [status], "status 200 for GET /metrics")
     expect(
@@ -818,7 +1065,17 @@ def _scrape(server: Server) -> _Page:
 
 
 def _check_metrics_page(server: Server, shop: _Shop) -> None:
-    shop.before = _scrape(server)
+    kinds: list[str] = []
+    shop.before = _scrape(server, kinds)
+    wanted, seen = _media_type(CONTENT_TYPE_LATEST), _media_type(kinds[0])
+    expect(
+        seen[0] == wanted[0] and seen[1].get("version") == wanted[1]["version"],
+        f"the content type {CONTENT_TYPE_LATEST!r} on GET /metrics",
+        f"{kinds[0]!r}" + ("" if "version" in seen[1] else ": no version of the exposition format"),
+        "A scraper reads the `version` in the content type to know which text format it gets; without "
+        "it, it must guess.",
+        _RESPONSE_HINT,
+    )
 
 
 async def _get_items(server: Server) -> tuple[list[int], float]:
@@ -950,8 +1207,18 @@ def _check_slo_bucket(page: _Page) -> None:
     below = [le for le in bounds if le < _SLO]
     above = [le for le in bounds if le > _SLO]
     nearest = ([f"{below[-1]:g}"] if below else []) + ([f"{above[0]:g}"] if above else [])
+    almost = [le for le in bounds if le != _SLO and math.isclose(le, _SLO, rel_tol=1e-6)]
     expect(
-        any(math.isclose(le, _SLO, rel_tol=1e-9) for le in bounds),
+        not almost,
+        f'a bucket boundary at exactly SLO_SECONDS = {_SLO:g} s (le="{_SLO:g}")',
+        f'le="{almost[0] if almost else _SLO!r}": almost {_SLO:g}, off by a floating-point rounding; '
+        f'a dashboard or an alert that reads the bucket le="{_SLO:g}" finds nothing',
+        "Multiplying floats rounds: `0.1 * 0.1 * 10` is 0.10000000000000002, not 0.1, and the label is "
+        "the number as it is.",
+        "Put `SLO_SECONDS` itself in the list (or round each computed boundary, e.g. `round(x, 6)`).",
+    )
+    expect(
+        _SLO in bounds,
         f'a bucket boundary at the objective, SLO_SECONDS = {_SLO:g} s (le="{_SLO:g}")',
         f"{len(bounds)} boundaries, the nearest {' and '.join(nearest) or 'none'}: the share of requests "
         f"within {_SLO:g} s can only be interpolated",
@@ -983,6 +1250,134 @@ def _check_counted(shop: _Shop) -> None:
     )
 
 
+_PROBE_CHUNKS, _PROBE_GAP = 3, 0.05  # a streamed body: chunks this far apart
+_PROBE_BACKGROUND = 0.3  # a background task this long, after the response
+_UNMATCHED = ("/nowhere/1", "/nowhere/2", "/admin.php")
+
+
+def _probe(app: Any) -> tuple[Any, CollectorRegistry]:
+    """An app of the check's own behind the learner's middleware, with a registry of its own."""
+    from fastapi import FastAPI
+    from starlette.background import BackgroundTask
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    registry = CollectorRegistry()
+    middleware = [
+        Middleware(m.cls, *m.args, **{**m.kwargs, "registry": registry}) if "registry" in m.kwargs else m
+        for m in getattr(app, "user_middleware", [])
+    ]
+    probe = FastAPI(middleware=middleware)
+
+    async def chunks() -> Any:
+        for i in range(_PROBE_CHUNKS):
+            if i:
+                await asyncio.sleep(_PROBE_GAP)
+            yield b"chunk\n"
+
+    @probe.get("/probe/stream/{n}")
+    async def stream(n: int) -> StreamingResponse:
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    @probe.get("/probe/later/{n}")
+    async def later(n: int) -> JSONResponse:
+        return JSONResponse({"n": n}, background=BackgroundTask(asyncio.sleep, _PROBE_BACKGROUND))
+
+    return probe, registry
+
+
+def _probe_series(registry: CollectorRegistry) -> dict[tuple[tuple[str, str], ...], dict[str, Any]]:
+    return _parse(prometheus_client.generate_latest(registry).decode()).series
+
+
+def _run_probe(app: Any, paths: Sequence[str]) -> tuple[CollectorRegistry, list[BaseException]]:
+    probe, registry = _probe(app)
+
+    async def main() -> list[BaseException]:
+        raised = []
+        for path in paths:
+            try:
+                await call(probe, path)
+            except Exception as exc:
+                raised.append(exc)
+        return raised
+
+    return registry, in_fresh_loop(main, timeout=10, name="check-3.3-probe")
+
+
+def _check_timed_to_last_body(app: Any) -> None:
+    registry, raised = _run_probe(app, ["/probe/stream/1"])
+    if raised:
+        raise raised[0]
+    series = _probe_series(registry)
+    count = sum(s["count"] for s in series.values())
+    seconds = sum(s["sum"] for s in series.values())
+    body = _PROBE_GAP * (_PROBE_CHUNKS - 1)
+    expect(
+        count == 1,
+        f"one observation for one streamed response (its body in {_PROBE_CHUNKS} messages)",
+        f"{count:g} observations",
+        "A streamed body arrives in several `http.response.body` messages; only the last has "
+        "`more_body` false.",
+        'Observe once: `if message["type"] == "http.response.body" and not message.get("more_body", '
+        "False):`.",
+    )
+    expect(
+        seconds >= 0.9 * body,
+        f"a streamed response whose body took {body * 1000:.0f} ms to send timed at {body * 1000:.0f} ms "
+        "or more",
+        f"{seconds * 1000:.1f} ms: the clock stopped before the last body message",
+        "The response is over when its last body message is sent, not when it starts "
+        "(`http.response.start` carries only the status and headers).",
+        "Stop the clock after `await send(message)` for the body message whose `more_body` is false.",
+    )
+    registry, raised = _run_probe(app, ["/probe/later/1"])
+    if raised:
+        raise raised[0]
+    seconds = sum(s["sum"] for s in _probe_series(registry).values())
+    expect(
+        seconds < _PROBE_BACKGROUND / 2,
+        f"a response with a {_PROBE_BACKGROUND * 1000:.0f} ms background task timed without it "
+        f"(under {_PROBE_BACKGROUND * 500:.0f} ms)",
+        f"{seconds * 1000:.0f} ms: the clock stopped when the app returned, after its background tasks",
+        "Starlette runs a response's background tasks after its last body message, before "
+        "`await self.app(…)` returns: the client already has its answer.",
+        "Stop the clock in the `send` wrapper, at the last body message, not after `await self.app(…)`.",
+    )
+
+
+def _check_unmatched(app: Any) -> None:
+    registry, raised = _run_probe(app, _UNMATCHED)
+    if raised:
+        raise Mismatch(
+            f"{len(_UNMATCHED)} requests to paths no route matches answered 404 and counted",
+            f"the middleware raised {type(raised[0]).__name__}: {short(str(raised[0]), 60)}",
+            [
+                'A request that matches no route has no `scope["route"]`: the router answers 404 '
+                "without setting it.",
+                'Give those one fixed label: `scope["route"].path if "route" in scope else "unmatched"`.',
+            ],
+        )
+    series = _probe_series(registry)
+    values = sorted({v for labels in series for _, v in labels})
+    count = sum(s["count"] for s in series.values())
+    expect(
+        count == len(_UNMATCHED),
+        f"the {len(_UNMATCHED)} requests to paths no route matches counted",
+        f"{count:g} counted",
+        "A 404 is a request too: a scanner's traffic belongs on the dashboard.",
+        'Observe it under a fixed label: `scope["route"].path if "route" in scope else "unmatched"`.',
+    )
+    raw = [v for v in values if v in _UNMATCHED]
+    expect(
+        not raw and len(series) <= 1,
+        f"the requests to {len(_UNMATCHED)} unmatched paths under one fixed label",
+        f"{len(series)} series, labelled {', '.join(map(repr, values))}",
+        "Any client can send any path: a label taken from it makes a new series per path, without bound.",
+        'One fixed label for whatever matched no route: `… if "route" in scope else "unmatched"`.',
+    )
+
+
 def _known_page() -> str:
     """A /metrics page whose p99 is 0.2 s: 392 requests of 4 ms, 6 of 200 ms and 2 of 700 ms.
 
@@ -1000,6 +1395,79 @@ def _known_page() -> str:
     return prometheus_client.generate_latest(registry).decode()
 
 
+_BOUNDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+
+def _page_of(routes: dict[str, Sequence[tuple[float, int]]], *, other: bool = False) -> str:
+    """A /metrics page: ``http_request_duration_seconds`` with one series per route, observed as given."""
+    registry = CollectorRegistry()
+    latency = Histogram(_METRIC, "Request duration", ["route"], buckets=_BOUNDS, registry=registry)
+    for route, observations in routes.items():
+        series = latency.labels(route=route)
+        for seconds, times in observations:
+            for _ in range(times):
+                series.observe(seconds)
+    if other:  # another histogram on the same page, with buckets of its own
+        size = Histogram(
+            "http_response_size_bytes", "Response size", buckets=[100, 1000, 10_000], registry=registry
+        )
+        for _ in range(300):
+            size.observe(5000)
+    return prometheus_client.generate_latest(registry).decode()
+
+
+@dataclass(frozen=True)
+class _EdgePage:
+    step: str
+    where: str
+    text: str
+
+
+def _edge_pages() -> list[_EdgePage]:
+    items = _ITEM_ROUTE
+    return [
+        _EdgePage(
+            "adds up every series of http_request_duration_seconds, and nothing else on the page",
+            "a page with two routes, and another histogram beside it",
+            _page_of({items: [(0.004, 190), (0.2, 10)], "/health": [(0.004, 200)]}, other=True),
+        ),
+        _EdgePage(
+            "takes the first bucket whose count reaches the rank, even when it equals it exactly",
+            "a page where a bucket's count equals the rank, with empty buckets after it",
+            _page_of({items: [(0.004, 90), (0.03, 5), (0.08, 4), (0.7, 1)]}),
+        ),
+        _EdgePage(
+            "answers the highest finite boundary when the rank is in the +Inf bucket",
+            "a page with requests above the top bucket",
+            _page_of({items: [(0.004, 97), (2.0, 3)]}),
+        ),
+        _EdgePage(
+            "interpolates from 0 inside the lowest bucket",
+            "a page where the rank falls in the lowest bucket",
+            _page_of({items: [(0.004, 100)]}),
+        ),
+    ]
+
+
+def _check_p99_edge(p99_from_metrics: Callable[[str], Any], page: _EdgePage) -> None:
+    buckets = _parse(page.text).buckets()
+    expected = histogram_quantile(0.99, buckets)
+    answer = p99_from_metrics(page.text)
+    if not _agrees(answer, expected):
+        raise _p99_mismatch(answer, expected, page.where, buckets)
+
+
+def _check_p99_empty(p99_from_metrics: Callable[[str], Any]) -> None:
+    answer = p99_from_metrics(_page_of({_ITEM_ROUTE: []}))
+    expect(
+        isinstance(answer, float) and math.isnan(answer),
+        "NaN on a page whose series has counted no request yet, as PromQL answers",
+        short(answer),
+        "With no requests there is no p99: say so with `math.nan` rather than a number or an error.",
+        "Before the division: `if total == 0: return math.nan`.",
+    )
+
+
 def _p99_mismatch(answer: Any, expected: float, where: str, buckets: list[tuple[float, float]]) -> Mismatch:
     total = buckets[-1][1] if buckets else 0.0
     bounds = [le for le, count in buckets if not math.isinf(le)]
@@ -1015,6 +1483,16 @@ def _p99_mismatch(answer: Any, expected: float, where: str, buckets: list[tuple[
             why = ": the upper bound of the highest bucket with requests in it, a maximum, not p99"
         elif rank_bound is not None and math.isclose(answer, rank_bound, rel_tol=1e-6):
             why = ": the upper bound of the bucket that holds the rank, without interpolating inside it"
+        elif math.isinf(answer):
+            why = (
+                ": infinity; when the rank falls in the +Inf bucket, PromQL answers the highest finite "
+                "boundary"
+            )
+        elif any(count == 0.99 * total and le < answer for le, count in buckets):
+            why = (
+                ": beyond the first bucket whose count reaches the rank; a count equal to the rank "
+                "reaches it (>=, not >)"
+            )
         elif answer < expected / 3:
             why = ": far below it; a mean? The few slow requests barely move a mean, but they make the p99"
     shown = ", ".join(f"{le:g}: {count:g}" for le, count in buckets if not math.isinf(le))
@@ -1043,7 +1521,7 @@ def _agrees(answer: Any, expected: float) -> bool:
         isinstance(answer, int | float)
         and not isinstance(answer, bool)
         and math.isfinite(answer)
-        and math.isclose(answer, expected, rel_tol=0.01, abs_tol=1e-6)
+        and math.isclose(answer, expected, rel_tol=1e-6, abs_tol=1e-9)
     )
 
 
@@ -1095,7 +1573,7 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
         shop = _Shop()
         with joins_new_threads(), serve_answer(app, "check-3.3", "3.3", _SERVE_FAILED) as server:
             if not ex.step(
-                "GET /metrics answers with the Prometheus text format",
+                "GET /metrics answers with the Prometheus text format, and its content type",
                 lambda: _check_metrics_page(server, shop),
             ):
                 return
@@ -1109,7 +1587,7 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
                 lambda: (_scrape_after(server, shop), _check_histogram(shop.after)),
             ):
                 return
-        ex.step(
+        own = ex.step(
             "it is in the app's own registry, not the default one", lambda: _check_own_registry(shop.after)
         )
         ex.step(
@@ -1119,12 +1597,30 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
         ex.step(
             f"its buckets have a boundary at the objective, {_SLO:g} s", lambda: _check_slo_bucket(shop.after)
         )
-        ex.step(f"it counted the {_REQUESTS} requests, in seconds", lambda: _check_counted(shop))
+        counted = ex.step(f"it counted the {_REQUESTS} requests, in seconds", lambda: _check_counted(shop))
+        if own and counted:  # the middleware again, with a registry of the check's own
+            ex.step(
+                "it times a request until its last body message: all of a streamed body, no background task",
+                lambda: _check_timed_to_last_body(app),
+            )
+            ex.step(
+                "requests that match no route are counted under one fixed label, not their path",
+                lambda: _check_unmatched(app),
+            )
         if not ex.step(
             "p99_from_metrics(text) estimates p99 as Prometheus does, on a page with known buckets",
             lambda: _check_p99_known(p99_from_metrics),
         ):
             return
+        for edge in _edge_pages():
+            ex.step(
+                f"p99_from_metrics(text) {edge.step}",
+                lambda edge=edge: _check_p99_edge(p99_from_metrics, edge),  # type: ignore[misc]
+            )
+        ex.step(
+            "p99_from_metrics(text) is NaN when the histogram has counted no request yet",
+            lambda: _check_p99_empty(p99_from_metrics),
+        )
         ex.step(
             "p99_from_metrics(text) agrees with Prometheus's estimate on your app's page",
             lambda: _check_p99_app(p99_from_metrics, shop.after),
