@@ -24,7 +24,16 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    contains_eager,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+    subqueryload,
+)
 
 from support.checks import forget_answers, placeholder_message
 from support.checks.ch04 import check_orders_with_lines, check_pool_fail_fast, check_session_dependency
@@ -77,6 +86,26 @@ def session_answer(variant: str, engines: list[AsyncEngine]) -> tuple[async_sess
                     yield session
                 finally:
                     await session.commit()
+        elif variant == "base-exception":  # right too: rolls back on cancellation, closes in finally
+            session = Session()
+            try:
+                yield session
+            except BaseException:
+                await session.rollback()
+                raise
+            else:
+                await session.commit()
+            finally:
+                await session.close()
+        elif variant == "commit-if-pending":
+            async with Session() as session:
+                try:
+                    yield session
+                    if session.new or session.dirty or session.deleted:
+                        await session.commit()
+                except Exception:
+                    await session.rollback()
+                    raise
         elif variant == "not-closed":
             session = Session()
             try:
@@ -136,7 +165,7 @@ def session_answer(variant: str, engines: list[AsyncEngine]) -> tuple[async_sess
     return Session, Annotated[AsyncSession, Depends(dependency, scope="function")]
 
 
-@pytest.mark.parametrize("variant", ["right", "begin"])
+@pytest.mark.parametrize("variant", ["right", "begin", "base-exception"])
 def test_4_1_a_session_per_request_passes(
     variant: str, notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -145,7 +174,11 @@ def test_4_1_a_session_per_request_passes(
     out = capsys.readouterr().out
     assert out.startswith("Exercise 4.1 · A session per request, committed or rolled back\n")
     assert "  ✅ passed: 10 concurrent requests: each gets a session of its own\n" in out
-    assert out.endswith("Exercise 4.1: passed ✅ (5 of 5 checks)\n")
+    assert (
+        "  ✅ passed: a request cancelled midway (as by a timeout): its row is not stored, its connection "
+        "given back\n"
+    ) in out
+    assert out.endswith("Exercise 4.1: passed ✅ (7 of 7 checks)\n")
     assert Session.kw["bind"] is notebook_engines[0], "the check must point Session back at its engine"
 
 
@@ -182,17 +215,26 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
             "       seen:     its row was stored: the handler had flushed it into the transaction, and "
             "something committed that transaction anyway\n"
             "       hint:     Commit only when the handler returned; a `finally:` runs when it raised too.\n",
+            "  ❌ not yet: a request cancelled midway (as by a timeout): its row is not stored, its "
+            "connection given back\n"
+            "       expected: no row from a request that was cancelled\n",
         ),
-        "4 of 5",
+        "5 of 7",
     ),
-    "not-closed": (
+    "not-closed": (  # `except Exception` does not see a cancellation, and nothing closes the session
         (
+            "  ❌ not yet: a request cancelled midway (as by a timeout): its row is not stored, its "
+            "connection given back\n"
+            "       expected: every connection back in the pool after a request that was cancelled\n"
+            "       seen:     1 still checked out 2 s later: the session was never closed\n"
+            "       hint:     Cancelling a request raises `asyncio.CancelledError` at your `yield`; it "
+            "derives from BaseException, not Exception, so `except Exception:` does not see it",
             "  ❌ not yet: a request whose commit fails (a duplicate sku) gets an error status, not 200\n"
             "       expected: every connection back in the pool after a request whose commit failed\n"
             "       seen:     1 still checked out 2 s later: the session was never closed\n"
             "       hint:     When `commit()` raises, the session is left in a failed transaction",
         ),
-        "4 of 5",
+        "5 of 7",
     ),
     "bare": (
         (
@@ -202,7 +244,7 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
             "       hint:     The handler's exception comes out of your `yield`",
             "  ✅ passed: 10 concurrent requests: each gets a session of its own\n",  # the leak was tidied
         ),
-        "3 of 5",
+        "4 of 7",
     ),
     "default-scope": (
         (
@@ -214,14 +256,24 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
             "       hint:     With the default scope, FastAPI runs the code after `yield` once the response "
             "has been sent",
         ),
-        "4 of 5",
+        "6 of 7",
     ),
     "swallowed": (
         (
             "       seen:     status 200: the client was told its order was placed, but it could not be",
             "hint:     The commit's exception must reach FastAPI, which answers 500",
         ),
-        "4 of 5",
+        "6 of 7",
+    ),
+    "commit-if-pending": (  # a flushed row is no longer in session.new, but still uncommitted
+        (
+            "  ❌ not yet: a request that flushed its row (to learn its id) and returned: its row is stored\n"
+            "       expected: the row of a request that flushed it (to learn its id) and returned stored in "
+            "the database\n"
+            "       seen:     not there, though the row of a request that only added its row was: once "
+            "flushed, a row is in the transaction but no longer pending (`session.new` is empty)",
+        ),
+        "6 of 7",
     ),
     "shared": (
         (
@@ -286,6 +338,8 @@ def pool_answer(variant: str) -> tuple[Any, Any]:
             del options["max_overflow"]
         elif variant == "unbounded":
             options["max_overflow"] = -1
+        elif variant == "hard-coded-size":
+            options["pool_size"] = 2  # the size the notebook uses, whatever the caller asks
         return create_async_engine(url, **options)
 
     def make_app(engine: AsyncEngine) -> FastAPI:
@@ -302,9 +356,36 @@ def pool_answer(variant: str) -> tuple[Any, Any]:
             raise NotImplementedError(placeholder_message("4.2"))
         if variant == "no-handler":
             return app
-        caught: Any = {"builtin-timeout": TimeoutError, "catch-all": Exception}.get(
-            variant, sqlalchemy.exc.TimeoutError
-        )
+        if variant in ("middleware", "counting-middleware", "deadline"):
+            in_flight = [0]
+
+            @app.middleware("http")
+            async def busy(request: Request, call_next: Any) -> Any:
+                refused = JSONResponse({"detail": "busy"}, status_code=503, headers={"Retry-After": "1"})
+                if variant == "middleware":  # right too: the pool's exception, caught around the app
+                    try:
+                        return await call_next(request)
+                    except sqlalchemy.exc.TimeoutError:
+                        return refused
+                if variant == "deadline":  # a limit on the whole request, not on the wait
+                    try:
+                        return await asyncio.wait_for(call_next(request), timeout=1)
+                    except (TimeoutError, sqlalchemy.exc.TimeoutError):
+                        return refused
+                if in_flight[0] >= engine.pool.size():  # type: ignore[attr-defined]
+                    return refused  # a guess from a count, not the pool's answer
+                in_flight[0] += 1
+                try:
+                    return await call_next(request)
+                finally:
+                    in_flight[0] -= 1
+
+            return app
+        caught: Any = {
+            "builtin-timeout": TimeoutError,
+            "catch-all": Exception,
+            "sqlalchemy-error": SQLAlchemyError,
+        }.get(variant, sqlalchemy.exc.TimeoutError)
 
         @app.exception_handler(caught)
         async def database_busy(request: Request, exc: Exception) -> Any:
@@ -323,13 +404,17 @@ def pool_answer(variant: str) -> tuple[Any, Any]:
     return make_engine, make_app
 
 
-def test_4_2_a_small_pool_and_a_503_handler_pass(capsys: pytest.CaptureFixture[str]) -> None:
-    check_pool_fail_fast(*pool_answer("right"))
+@pytest.mark.parametrize("variant", ["right", "middleware"])
+def test_4_2_a_small_pool_and_a_503_handler_pass(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_pool_fail_fast(*pool_answer(variant))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 4.2 · Fail fast when the pool is exhausted\n")
-    assert "  ✅ passed: its pool: 2 connections, no overflow, a wait of at most 1 s for one\n" in out
+    assert (
+        "  ✅ passed: its pool: the size asked for (2), no overflow, a wait of at most 1 s for a connection\n"
+    ) in out
     assert "  ✅ passed: the others get 503, with Retry-After in whole seconds and a JSON body\n" in out
-    assert out.endswith("Exercise 4.2: passed ✅ (8 of 8 checks)\n")
+    assert "  ✅ passed: one request that wants 3 connections from a pool of 2 gets 503 too\n" in out
+    assert out.endswith("Exercise 4.2: passed ✅ (10 of 10 checks)\n")
 
 
 @pytest.mark.parametrize("variant", ["placeholder-engine", "placeholder-app"])
@@ -347,7 +432,7 @@ def test_4_2_the_default_pool_timeout_is_rejected_without_waiting(capsys: pytest
         "waits 30 s before failing\n"
     ) in out
     assert "  ✅ passed: each 503 comes within 3 s, not after a long wait\n" in out  # on the check's own pool
-    assert out.endswith("Exercise 4.2: not yet — 7 of 8 checks pass")
+    assert out.endswith("Exercise 4.2: not yet — 9 of 10 checks pass")
 
 
 @pytest.mark.parametrize(
@@ -366,7 +451,7 @@ def test_4_2_an_overflowing_pool_is_rejected(
     out = rejected(capsys, check_pool_fail_fast, *pool_answer(variant))
     assert "       expected: max_overflow=0: never more connections than the pool's\n" in out
     assert f"       seen:     {seen}" in out
-    assert out.endswith("Exercise 4.2: not yet — 7 of 8 checks pass")
+    assert out.endswith("Exercise 4.2: not yet — 9 of 10 checks pass")
 
 
 def test_4_2_no_handler_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -380,20 +465,20 @@ def test_4_2_no_handler_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         "hint:     The pool raises `sqlalchemy.exc.TimeoutError` when no connection frees up in time" in out
     )
-    assert out.endswith("Exercise 4.2: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 4.2: not yet — 6 of 7 checks pass")
 
 
 def test_4_2_a_handler_for_the_builtin_timeout_error_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_pool_fail_fast, *pool_answer("builtin-timeout"))
     assert "hint:     Your handler is registered for Python's built-in TimeoutError" in out
-    assert out.endswith("Exercise 4.2: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 4.2: not yet — 6 of 7 checks pass")
 
 
 def test_4_2_a_handler_answering_500_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_pool_fail_fast, *pool_answer("500"))
     assert "       expected: no 500: a request refused by the pool gets 503, Service Unavailable\n" in out
     assert re.search(r"seen:     \d+ of 20 got 500 from your handler: '\{\"detail\":", out)
-    assert out.endswith("Exercise 4.2: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 4.2: not yet — 6 of 7 checks pass")
 
 
 @pytest.mark.parametrize(
@@ -410,17 +495,67 @@ def test_4_2_a_503_without_a_good_retry_after_is_rejected(
     out = rejected(capsys, check_pool_fail_fast, *pool_answer(variant))
     assert "       expected: every 503 with Retry-After (whole seconds) and a short JSON body\n" in out
     assert re.search(rf"seen:     (\d+) of \1 {re.escape(seen)}", out)
-    assert out.endswith("Exercise 4.2: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 4.2: not yet — 7 of 8 checks pass")
 
 
 def test_4_2_a_handler_for_every_exception_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_pool_fail_fast, *pool_answer("catch-all"))
     assert (
-        "  ❌ not yet: a request that raises another exception still gets 500\n"
+        "  ❌ not yet: a request that raises another exception (a bug, a bad query) still gets 500\n"
         "       expected: status 500 for a handler that raised another exception (a bug)\n"
         "       seen:     status 503: a handler for every Exception answers 'busy, retry later' to bugs too\n"
     ) in out
-    assert out.endswith("Exercise 4.2: not yet — 7 of 8 checks pass")
+    assert out.endswith("Exercise 4.2: not yet — 9 of 10 checks pass")
+
+
+def test_4_2_a_pool_size_fixed_in_make_engine_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer("hard-coded-size"))
+    assert (
+        "       expected: pool_size=5 from make_engine(url, 5): the size the caller passed\n"
+        "       seen:     pool_size 2: the same size whatever the caller asks\n"
+    ) in out
+    assert out.endswith("Exercise 4.2: not yet — 9 of 10 checks pass")
+
+
+def test_4_2_a_handler_for_every_database_error_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer("sqlalchemy-error"))
+    assert (
+        "  ❌ not yet: a request that raises another exception (a bug, a bad query) still gets 500\n"
+        "       expected: status 500 for a query on a table that does not exist (a database error, not a "
+        "busy pool)\n"
+        "       seen:     status 503: a handler for SQLAlchemyError answers 'busy, retry later' to errors "
+        "that retrying cannot fix\n"
+    ) in out
+    assert out.endswith("Exercise 4.2: not yet — 9 of 10 checks pass")
+
+
+def test_4_2_refusing_by_a_count_of_requests_in_flight_is_rejected(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer("counting-middleware"))
+    assert "  ✅ passed: the others get 503, with Retry-After in whole seconds and a JSON body\n" in out
+    assert (
+        "  ❌ not yet: one request that wants 3 connections from a pool of 2 gets 503 too\n"
+        "       expected: status 503 with Retry-After for a request that, alone in the app, wanted 3 "
+        "connections of a pool of 2\n"
+        "       seen:     status 500: QueuePool limit of size 2 overflow 0 reached, connection timed out, "
+        "timeout 0.50 reached the client unhandled, though only one request was in the app\n"
+        "       hint:     Only the pool knows when it has no connection to give"
+    ) in out
+    assert out.endswith("Exercise 4.2: not yet — 9 of 10 checks pass")
+
+
+def test_4_2_a_deadline_on_the_whole_request_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_pool_fail_fast, *pool_answer("deadline"))
+    assert (
+        "  ❌ not yet: a request that gets its connection at once is served, even with a 1.5 s query\n" in out
+    )
+    assert re.search(
+        r"seen:     status 503 after \d\.\d s: '\{\"detail\":\"busy\"\}': the limit was put on the whole "
+        r"request, not on the wait for a connection\n",
+        out,
+    )
+    assert out.endswith("Exercise 4.2: not yet — 9 of 10 checks pass")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -502,6 +637,21 @@ def loading_answer(variant: str) -> Any:
             return list((await session.scalars(select(Order).options(selectinload(Order.lines)))).all())
         if variant == "not-awaited":
             return session.scalars(mine.options(selectinload(Order.lines)))
+        if variant == "subquery":  # right too: two queries, whatever the number of orders
+            return list((await session.scalars(mine.options(subqueryload(Order.lines)))).all())
+        if variant == "inner-join":  # one query, but an order with no lines has no row to join
+            query = mine.join(Order.lines).options(contains_eager(Order.lines))
+            return list((await session.scalars(query)).unique().all())
+        if variant == "commits":
+            orders = list((await session.scalars(mine.options(selectinload(Order.lines)))).all())
+            await session.commit()  # "to release the connection": the caller's transaction
+            return orders
+        if variant == "rolls-back":
+            orders = list((await session.scalars(mine.options(selectinload(Order.lines)))).all())
+            await session.rollback()
+            return orders
+        if variant == "scalar-result":
+            return await session.scalars(mine.options(selectinload(Order.lines)))
         if variant == "touches-lines":
             orders = (await session.scalars(mine)).all()
             return [order for order in orders if order.lines]
@@ -510,13 +660,17 @@ def loading_answer(variant: str) -> Any:
     return orders_with_lines
 
 
-@pytest.mark.parametrize("variant", ["selectin", "joined-unique", "via-customer"])
+@pytest.mark.parametrize("variant", ["selectin", "joined-unique", "via-customer", "subquery"])
 def test_4_3_eager_loading_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     check_orders_with_lines(loading_answer(variant), *MODELS)
     out = capsys.readouterr().out
     assert out.startswith("Exercise 4.3 · Orders with their lines, loaded before the session closes\n")
     assert "  ✅ passed: in at most 3 queries, not one per order\n" in out
-    assert out.endswith("Exercise 4.3: passed ✅ (5 of 5 checks)\n")
+    assert (
+        "  ✅ passed: orders_with_lines(session, customer_id) runs and leaves the caller's transaction "
+        "alone: nothing committed, nothing rolled back\n"
+    ) in out
+    assert out.endswith("Exercise 4.3: passed ✅ (6 of 6 checks)\n")
 
 
 def test_4_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -536,14 +690,14 @@ def test_4_3_lines_not_loaded_are_rejected(variant: str, capsys: pytest.CaptureF
         "SQLAlchemy refuses under asyncio: MissingGreenlet\n"
     ) in out
     assert "Traceback" not in out
-    assert out.endswith("Exercise 4.3: not yet — 2 of 3 checks pass")
+    assert out.endswith("Exercise 4.3: not yet — 3 of 4 checks pass")
 
 
 def test_4_3_a_lazy_load_inside_the_function_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_orders_with_lines, loading_answer("touches-lines"), *MODELS)
     assert "       seen:     inside orders_with_lines: `order.lines` was not loaded" in out
     assert "MissingGreenlet" in out and "your code raised" not in out
-    assert out.endswith("Exercise 4.3: not yet — 1 of 2 checks pass")
+    assert out.endswith("Exercise 4.3: not yet — 2 of 3 checks pass")
 
 
 def test_4_3_one_query_per_order_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -558,7 +712,7 @@ def test_4_3_one_query_per_order_is_rejected(capsys: pytest.CaptureFixture[str])
         "  ✅ passed: the lines still read after the session has closed, as when FastAPI serialises them\n"
         in out
     )
-    assert out.endswith("Exercise 4.3: not yet — 4 of 5 checks pass")
+    assert out.endswith("Exercise 4.3: not yet — 5 of 6 checks pass")
 
 
 def test_4_3_joinedload_without_unique_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
@@ -568,13 +722,24 @@ def test_4_3_joinedload_without_unique_is_explained(capsys: pytest.CaptureFixtur
         "       seen:     SQLAlchemy refused the result: 'The unique() method must be invoked on this Result"
     ) in out
     assert "hint:     `joinedload(Order.lines)` joins each order to its lines" in out
-    assert out.endswith("Exercise 4.3: not yet — 1 of 2 checks pass")
+    assert out.endswith("Exercise 4.3: not yet — 2 of 3 checks pass")
 
 
 @pytest.mark.parametrize(
     ("variant", "expected", "seen"),
     [
-        ("join", "each of the 20 orders once", "60 objects for 20 orders: each order repeated once per line"),
+        ("join", "each of the 20 orders once", "57 objects for 19 orders: each order repeated once per line"),
+        (
+            "inner-join",
+            "the customer's 20 orders, the one with no lines yet among them",
+            "19 of them: the order that has no lines is missing, so the query kept only orders that have a "
+            "line (an inner join)",
+        ),
+        (
+            "scalar-result",
+            "a list of the customer's 20 Order objects",
+            "a ScalarResult: a result to iterate once, with no len() and no indexing",
+        ),
         ("rows", "a list of the customer's 20 Order objects", "20 Row objects (tuples of columns), such as"),
         (
             "every-customer",
@@ -594,6 +759,34 @@ def test_4_3_the_wrong_orders_are_rejected(
     out = rejected(capsys, check_orders_with_lines, loading_answer(variant), *MODELS)
     assert f"       expected: {expected}\n" in out
     assert f"       seen:     {seen}" in out
+    assert out.endswith("Exercise 4.3: not yet — 2 of 3 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "seen"),
+    [
+        (
+            "commits",
+            "a commit during the call: orders_with_lines committed the caller's transaction, one it does "
+            "not own, with whatever the caller had not committed yet",
+        ),
+        (
+            "rolls-back",
+            "it was over when the call returned: orders_with_lines rolled back (or closed) the caller's "
+            "transaction, one it does not own, and whatever the caller had not committed with it",
+        ),
+    ],
+)
+def test_4_3_ending_the_callers_transaction_is_rejected(
+    variant: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_orders_with_lines, loading_answer(variant), *MODELS)
+    assert (
+        "  ❌ not yet: orders_with_lines(session, customer_id) runs and leaves the caller's transaction "
+        "alone: nothing committed, nothing rolled back\n"
+        "       expected: the caller's transaction left open: orders_with_lines only reads\n"
+        f"       seen:     {seen}\n"
+    ) in out
     assert out.endswith("Exercise 4.3: not yet — 1 of 2 checks pass")
 
 

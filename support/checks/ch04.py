@@ -12,7 +12,12 @@ the code FastAPI runs after the response has gone. The one clock, "a refused req
 within 3 s", gives a pool wait of at most 1 s a threefold margin; the pool settings are read from the
 engine before any load is sent, so a 30 s default wait is named at once instead of being sat through.
 Exercise 4.2's slow query holds its connection 0.3 s, so that twenty requests on two connections
-always leave some waiting longer than any accepted pool wait.
+always leave some waiting longer than any accepted pool wait; its long query (1.5 s, on a connection
+got at once) outlasts any accepted pool wait by half a second, so a deadline put on the whole
+request instead of on the wait for a connection shows. Mechanisms the load alone would not show get
+a request of their own: a handler that flushed and returned (nothing pending, still uncommitted), a
+request cancelled midway (``CancelledError`` is not an ``Exception``), one request wanting more
+connections than the pool has (no count of requests in flight predicts that pool timeout).
 
 What a wrong answer leaves behind is tidied too: sessions it never closed are closed by the check
 (so no connection is left for the garbage collector to complain about), and the "coroutine was never
@@ -32,14 +37,14 @@ import typing
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import httpx
 import sqlalchemy
 from fastapi import FastAPI, HTTPException, params
-from sqlalchemy import Row, String, insert, select
+from sqlalchemy import Row, String, event, insert, select
 from sqlalchemy.exc import InvalidRequestError, MissingGreenlet, NoInspectionAvailable
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -158,16 +163,15 @@ def _quiet_unawaited() -> Iterator[None]:
 
     SQLAlchemy refuses IO outside its greenlet (``MissingGreenlet``) after aiosqlite has already made
     a coroutine for the query; that coroutine is never awaited, and Python warns when it is collected.
-    The collection is forced here, while the warning is filtered, so it never reaches the notebook.
+    The check collects garbage itself, while the warning is filtered, so it never reaches the notebook:
+    on its own thread, once its engine is disposed (forced from a kernel's main thread instead, the
+    collection intermittently killed the Jupyter kernel).
     """
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning
         )
-        try:
-            yield
-        finally:
-            gc.collect()
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,6 +320,22 @@ def _session_app(session_dep: Any, engine: AsyncEngine, seen: list[Any]) -> Fast
         await session.flush()  # the row is in the transaction now: only a rollback keeps it out
         raise HTTPException(status_code=409, detail="out of stock")
 
+    async def place_and_flush(sku: str, session: Any) -> dict[str, Any]:
+        seen.append(session)
+        row = _Placed(sku=sku)
+        session.add(row)
+        await session.flush()  # to learn its id: nothing is pending in the session any more
+        return {"sku": sku, "id": row.id}
+
+    async def place_then_cancelled(sku: str, session: Any) -> None:
+        seen.append(session)
+        session.add(_Placed(sku=sku))
+        await session.flush()
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # as a timeout around the request does when it expires
+        await asyncio.sleep(0)  # the CancelledError arrives here, as it would at any await
+
     async def place_slowly(sku: str, session: Any) -> dict[str, str]:
         seen.append(session)
         session.add(_Placed(sku=sku))
@@ -324,7 +344,9 @@ def _session_app(session_dep: Any, engine: AsyncEngine, seen: list[Any]) -> Fast
 
     for path, endpoint in (
         ("/orders/{sku}", place),
+        ("/orders/{sku}/flushed", place_and_flush),
         ("/orders/{sku}/fail", place_then_fail),
+        ("/orders/{sku}/cancelled", place_then_cancelled),
         ("/orders/{sku}/slow", place_slowly),
     ):
         endpoint.__annotations__ = {"sku": str, "session": session_dep}  # the learner's SessionDep
@@ -445,6 +467,57 @@ class _SessionRun:
         )
         self.expect_returned(leaked, "after a request that succeeded")
 
+    def flushed(self) -> None:
+        before_errors, before_seen = len(self.server.exceptions), len(self.seen)
+        answer = self.post("/orders/ch04x-flushed/flushed")
+        leaked = self.settle()
+        self.expect_session(self.seen[before_seen:], "POST /orders/ch04x-flushed/flushed")
+        if answer.status >= 500:
+            self.raise_server_error(before_errors, answer.status, "status 200 for a request that succeeds")
+        expect(answer.status == 200, "status 200 for a request that succeeds", f"status {answer.status}")
+        stored = self.skus()
+        expect(
+            "ch04x-flushed" in stored,
+            "the row of a request that flushed it (to learn its id) and returned stored in the database",
+            "not there, though the row of a request that only added its row was: once flushed, a row is "
+            "in the transaction but no longer pending (`session.new` is empty), and get_session closed "
+            "the session without committing it, so closing rolled it back",
+            "Commit whenever the handler returned, whatever the session still holds: a flushed row, or "
+            "one written with `session.execute(insert(…))`, is in the transaction but not in "
+            "`session.new`, `dirty` or `deleted`.",
+            "`else: await session.commit()`, with no condition: committing a transaction with nothing in "
+            "it costs next to nothing.",
+        )
+        self.expect_returned(leaked, "after a request that flushed its row and returned")
+
+    def cancelled(self) -> None:
+        before_seen = len(self.seen)
+        self.post("/orders/ch04x-cancelled/cancelled")  # whatever the client gets: the request died
+        leaked = self.settle()
+        self.expect_session(self.seen[before_seen:], "POST /orders/ch04x-cancelled/cancelled")
+        stored = self.skus()
+        expect(
+            "ch04x-cancelled" not in stored,
+            "no row from a request that was cancelled",
+            "its row was stored: the handler had flushed it, was cancelled, and something committed "
+            "that transaction anyway",
+            "A cancelled request did not finish: roll back, as for any exception; commit only when the "
+            "handler returned.",
+            "`try: yield session` / `except BaseException: await session.rollback(); raise` / "
+            "`else: await session.commit()`, inside `async with Session() as session:`.",
+        )
+        self.expect_returned(
+            leaked,
+            "after a request that was cancelled",
+            (
+                "Cancelling a request raises `asyncio.CancelledError` at your `yield`; it derives from "
+                "BaseException, not Exception, so `except Exception:` does not see it, and a session "
+                "closed only there, or after the commit, stays open with its connection.",
+                "Let `async with Session() as session:` close it (or close it in `finally:`): both run "
+                "on every way out, cancellation included.",
+            ),
+        )
+
     def fails(self) -> None:
         before_seen = len(self.seen)
         answer = self.post("/orders/ch04x-refused/fail")
@@ -551,11 +624,13 @@ def check_session_dependency(Session: Any, SessionDep: Any) -> None:
     """Check Exercise 4.1: a session per request, committed when the handler succeeded, else rolled back.
 
     Points ``Session`` at a database of the check's own for the duration of the check, then serves
-    an app whose handlers take ``SessionDep``: one adds a row and returns, one flushes a row and
-    raises ``HTTPException(409)``, one adds a row while nine others do the same. The first row must
-    be stored, the second not; every request must get a session of its own, made by ``Session()``;
-    after each request no connection may stay checked out; and a request whose commit fails (a
-    duplicate unique sku, seen only at commit) must get an error status, not 200.
+    an app whose handlers take ``SessionDep``: one adds a row and returns, one adds and flushes a
+    row and returns, one flushes a row and raises ``HTTPException(409)``, one flushes a row and is
+    cancelled, one adds a row while nine others do the same. The rows of the handlers that returned
+    must be stored, the others not; every request must get a session of its own, made by
+    ``Session()``; after each request (the cancelled one too) no connection may stay checked out; and
+    a request whose commit fails (a duplicate unique sku, seen only at commit) must get an error
+    status, not 200.
     """
     with exercise("4.1", "A session per request, committed or rolled back", SOLUTION) as ex:
         found: list[params.Depends] = []
@@ -593,8 +668,17 @@ def check_session_dependency(Session: Any, SessionDep: Any) -> None:
                 ):
                     return
                 ex.step(
+                    "a request that flushed its row (to learn its id) and returned: its row is stored",
+                    run.flushed,
+                )
+                ex.step(
                     "a request whose handler raises: its row is not stored, its connection given back",
                     run.fails,
+                )
+                ex.step(
+                    "a request cancelled midway (as by a timeout): its row is not stored, its connection "
+                    "given back",
+                    run.cancelled,
                 )
                 ex.step(
                     f"{_CONCURRENT_41} concurrent requests: each gets a session of its own", run.concurrent
@@ -617,8 +701,13 @@ _MAX_WAIT = 1.0  # the longest pool_timeout accepted, in seconds
 _REQUESTS_42 = 20
 _HOLD = 0.3  # each request keeps its connection this long
 _REFUSED_WITHIN = 3.0
+_OTHER_SIZE = 5  # make_engine is called with this size too: the size must be the caller's
+_LONG = 1.5  # a query this long, on a connection got at once, must be served: the bound is on the wait
 _HOLD_PATH = "/_ch04x/hold"
+_LONG_PATH = "/_ch04x/long"
+_GREEDY_PATH = "/_ch04x/greedy"
 _BUG_PATH = "/_ch04x/bug"
+_BROKEN_PATH = "/_ch04x/broken-query"
 _CALL_4_2 = "Call the check as `check_pool_fail_fast(make_engine, make_app)`."
 _HANDLER = (
     "`@app.exception_handler(sqlalchemy.exc.TimeoutError)` on an `async def` that returns "
@@ -630,11 +719,13 @@ class _BugError(Exception):
     """What the check's route raises: a bug, not a busy database."""
 
 
-def _make_engine(make_engine: Callable[..., Any], url: str, engines: list[AsyncEngine]) -> None:
-    engine = make_engine(url, _POOL)
+def _make_engine(
+    make_engine: Callable[..., Any], url: str, engines: list[AsyncEngine], size: int = _POOL
+) -> AsyncEngine:
+    engine = make_engine(url, size)
     if isinstance(engine, AsyncEngine):
         engines.append(engine)
-        return
+        return engine
     if isinstance(engine, sqlalchemy.Engine):
         engine.dispose()
     raise Mismatch(
@@ -644,7 +735,9 @@ def _make_engine(make_engine: Callable[..., Any], url: str, engines: list[AsyncE
     )
 
 
-def _check_pool_settings(engine: AsyncEngine) -> None:
+def _check_pool_settings(
+    engine: AsyncEngine, make_engine: Callable[..., Any], url: str, engines: list[AsyncEngine]
+) -> None:
     pool = engine.pool
     size, timeout = getattr(pool, "size", None), getattr(pool, "timeout", None)
     expect(
@@ -688,6 +781,15 @@ def _check_pool_settings(engine: AsyncEngine) -> None:
         "can retry or go elsewhere, instead of piling up behind the others.",
         "`pool_timeout=0.5` (seconds).",
     )
+    other = _make_engine(make_engine, url, engines, _OTHER_SIZE)
+    other_size = getattr(other.pool, "size", None)
+    seen_size = other_size() if callable(other_size) else None
+    expect(
+        seen_size == _OTHER_SIZE,
+        f"pool_size={_OTHER_SIZE} from make_engine(url, {_OTHER_SIZE}): the size the caller passed",
+        f"pool_size {seen_size}" + (": the same size whatever the caller asks" if seen_size == _POOL else ""),
+        "`create_async_engine(url, pool_size=pool_size, …)`: the caller chooses the size.",
+    )
 
 
 def _add_check_routes(app: FastAPI, engine: AsyncEngine) -> None:
@@ -698,13 +800,35 @@ def _add_check_routes(app: FastAPI, engine: AsyncEngine) -> None:
             await conn.execute(slow_query(_HOLD, dialect))
         return {"held": _HOLD}
 
+    async def long() -> dict[str, float]:
+        async with engine.connect() as conn:
+            await conn.execute(slow_query(_LONG, dialect))
+        return {"held": _LONG}
+
+    async def greedy() -> dict[str, int]:
+        # one request that wants one connection more than the pool has: no count of requests in
+        # flight predicts it, only the pool knows
+        async with AsyncExitStack() as stack:
+            for _ in range(engine.pool.size() + 1):  # type: ignore[attr-defined]
+                await stack.enter_async_context(engine.connect())
+        return {"connections": engine.pool.size() + 1}  # type: ignore[attr-defined]
+
     async def bug() -> None:
         raise _BugError("a bug in a handler, not a busy database")
 
-    hold.__annotations__ = {}
-    bug.__annotations__ = {}
-    app.add_api_route(_HOLD_PATH, hold, methods=["GET"])
-    app.add_api_route(_BUG_PATH, bug, methods=["GET"])
+    async def broken_query() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(sqlalchemy.text("SELECT * FROM ch04x_no_such_table"))
+
+    for path, endpoint in (
+        (_HOLD_PATH, hold),
+        (_LONG_PATH, long),
+        (_GREEDY_PATH, greedy),
+        (_BUG_PATH, bug),
+        (_BROKEN_PATH, broken_query),
+    ):
+        endpoint.__annotations__ = {}
+        app.add_api_route(path, endpoint, methods=["GET"])
 
 
 def _build_app(make_app: Callable[[AsyncEngine], Any], engine: AsyncEngine, apps: list[FastAPI]) -> None:
@@ -850,17 +974,76 @@ def _check_refused_fast(burst: _Burst) -> None:
     )
 
 
+def _check_greedy(server: Server, app: FastAPI) -> None:
+    before = len(server.exceptions)
+    (answer,) = _request(server, "GET", [_GREEDY_PATH], "check-4.2-greedy")
+    raised = _new_exceptions(server, before, 1.0) if answer.status == 500 else []
+    unhandled = [e for e in raised if isinstance(e, sqlalchemy.exc.TimeoutError)]
+    expect(
+        answer.status == 503 and _retry_after_problem(answer) is None,
+        f"status 503 with Retry-After for a request that, alone in the app, wanted {_POOL + 1} "
+        f"connections of a pool of {_POOL}",
+        f"status {answer.status}"
+        + (
+            f": {_first_line(unhandled[-1])} reached the client unhandled, though only one request was "
+            "in the app"
+            if unhandled
+            else f", {_retry_after_problem(answer)}"
+            if answer.status == 503
+            else f": {short(answer.text, 60)}"
+        ),
+        "Only the pool knows when it has no connection to give: a count of requests in flight misses "
+        "a request that needs two connections, or another user of the same engine, and refuses "
+        "requests a short wait would have served.",
+        "Answer the pool's own `sqlalchemy.exc.TimeoutError`, wherever it is raised: " + _HANDLER,
+    )
+
+
+def _check_long(server: Server) -> None:
+    (answer,) = _request(server, "GET", [_LONG_PATH], "check-4.2-long")
+    expect(
+        answer.status == 200,
+        f"status 200 for a request that got its connection at once and ran a {_LONG:g} s query",
+        f"status {answer.status} after {answer.seconds:.1f} s: {short(answer.text, 60)}: the limit was "
+        "put on the whole request, not on the wait for a connection",
+        "pool_timeout bounds how long a request waits for a connection to come free; a request that "
+        "has one is doing its work, and cancelling it throws that work away.",
+        "Leave the request alone: `pool_timeout` in make_engine, and a handler for the "
+        "`sqlalchemy.exc.TimeoutError` it raises.",
+    )
+
+
 def _check_bug(server: Server, app: FastAPI) -> None:
-    (answer,) = _request(server, "GET", [_BUG_PATH], "check-4.2-bug")
+    bug, broken = _request(server, "GET", [_BUG_PATH, _BROKEN_PATH], "check-4.2-bug")
     catch_all = Exception in app.exception_handlers
     expect(
-        answer.status == 500,
+        bug.status == 500,
         "status 500 for a handler that raised another exception (a bug)",
-        f"status {answer.status}"
+        f"status {bug.status}"
         + (": a handler for every Exception answers 'busy, retry later' to bugs too" if catch_all else ""),
         "Register the handler for the pool's exception only, so that a bug still shows as one "
         "(500, and a traceback in the log) instead of hiding behind 'retry later'.",
         "`@app.exception_handler(sqlalchemy.exc.TimeoutError)`, not `Exception`.",
+    )
+    broad = [
+        cls.__name__
+        for cls in app.exception_handlers
+        if isinstance(cls, type)
+        and issubclass(cls, sqlalchemy.exc.SQLAlchemyError)
+        and not issubclass(cls, sqlalchemy.exc.TimeoutError)
+    ]
+    expect(
+        broken.status == 500,
+        "status 500 for a query on a table that does not exist (a database error, not a busy pool)",
+        f"status {broken.status}"
+        + (
+            f": a handler for {broad[0]} answers 'busy, retry later' to errors that retrying cannot fix"
+            if broad
+            else ""
+        ),
+        "Only the pool's `sqlalchemy.exc.TimeoutError` means 'busy now': an IntegrityError, a bad "
+        "query or a database that is down fail again when retried, and must show as 500.",
+        "`@app.exception_handler(sqlalchemy.exc.TimeoutError)`, not `SQLAlchemyError`.",
     )
 
 
@@ -868,12 +1051,15 @@ def check_pool_fail_fast(make_engine: Callable[..., Any], make_app: Callable[[As
     """Check Exercise 4.2: a small pool that refuses quickly, and 503 with Retry-After when it does.
 
     ``make_engine(url, 2)`` must return an async engine whose pool has 2 connections, no overflow and a
-    pool_timeout above 0 and at most 1 s (read from the engine, before any load). The app from
-    ``make_app(engine)`` then gets two routes of the check's: one holding a connection for a 0.3 s
-    query, one raising an exception of its own. Twenty requests at once to the first: at least two are
-    served, none gets 500, the others get 503 with a whole-seconds ``Retry-After`` and a JSON body,
-    each within 3 s; the second route still answers 500. If the pool settings are wrong, the app is
-    checked on an engine of the check's own (pool of 2, no overflow, 0.3 s wait).
+    pool_timeout above 0 and at most 1 s (read from the engine, before any load), and
+    ``make_engine(url, 5)`` one of 5. The app from ``make_app(engine)`` then gets routes of the
+    check's: one holding a connection for a 0.3 s query, one for a 1.5 s query, one wanting 3
+    connections at once, one raising an exception of its own, one querying a table that does not
+    exist. Twenty requests at once to the first: at least two are served, none gets 500, the others
+    get 503 with a whole-seconds ``Retry-After`` and a JSON body, each within 3 s. Alone, the greedy
+    request gets 503 too, the 1.5 s query is served, and the two errors still answer 500. If the pool
+    settings are wrong, the app is checked on an engine of the check's own (pool of 2, no overflow,
+    0.3 s wait).
     """
     with exercise("4.2", "Fail fast when the pool is exhausted", SOLUTION) as ex:
 
@@ -894,8 +1080,9 @@ def check_pool_fail_fast(make_engine: Callable[..., Any], make_app: Callable[[As
                 return
             engine = engines[0]
             if not ex.step(
-                f"its pool: {_POOL} connections, no overflow, a wait of at most {_MAX_WAIT:g} s for one",
-                lambda: _check_pool_settings(engine),
+                f"its pool: the size asked for ({_POOL}), no overflow, a wait of at most {_MAX_WAIT:g} s "
+                "for a connection",
+                lambda: _check_pool_settings(engine, make_engine, url, engines),
             ):
                 # check the handler all the same, on a pool that is right
                 engine = create_async_engine(url, pool_size=_POOL, max_overflow=0, pool_timeout=0.3)
@@ -930,8 +1117,18 @@ def check_pool_fail_fast(make_engine: Callable[..., Any], make_app: Callable[[As
                         f"each 503 comes within {_REFUSED_WITHIN:g} s, not after a long wait",
                         lambda: _check_refused_fast(burst),
                     )
+                    # the burst's refusals were right: were they the pool's own, or a guess?
+                    ex.step(
+                        f"one request that wants {_POOL + 1} connections from a pool of {_POOL} gets 503 too",
+                        lambda: _check_greedy(server, app),
+                    )
                 ex.step(
-                    "a request that raises another exception still gets 500", lambda: _check_bug(server, app)
+                    f"a request that gets its connection at once is served, even with a {_LONG:g} s query",
+                    lambda: _check_long(server),
+                )
+                ex.step(
+                    "a request that raises another exception (a bug, a bad query) still gets 500",
+                    lambda: _check_bug(server, app),
                 )
         finally:
             rest = [e for e in engines if e not in disposed]
@@ -963,6 +1160,7 @@ class _Loading:
     items: list[Any] | None = None
     not_async: bool = False
     returned_coroutine: bool = False
+    one_shot: str | None = None  # the type of an iterable returned that is not a sequence
     error: str | None = None  # "unique", "missing-greenlet" or "detached": an error translated
     error_text: str = ""
     statements: list[str] = field(default_factory=list)
@@ -971,6 +1169,9 @@ class _Loading:
     open_statements: int = 0
     closed_read: dict[int, list[int]] | None = None  # the same, once the session is closed
     closed_error: str | None = None
+    empty: set[int] = field(default_factory=set)  # the asked customer's orders that have no lines
+    transaction_open: bool = True  # the caller's transaction still open after the call
+    pending_committed: bool = False  # the call committed the caller's transaction
 
 
 def _translate(exc: BaseException) -> str | None:
@@ -1007,25 +1208,33 @@ async def _load(
             await conn.run_sync(lambda sync: metadata.create_all(sync, tables=tables))
         Session = async_sessionmaker(engine, expire_on_commit=False)
 
-        def customer(name: str, orders: int, lines: int) -> Any:
+        def customer(name: str, lines: list[int]) -> Any:
             return Customer(
                 name=name,
                 orders=[
-                    Order(lines=[OrderLine(sku=f"sku-{o}-{n}", quantity=n + 1) for n in range(lines)])
-                    for o in range(orders)
+                    Order(lines=[OrderLine(sku=f"sku-{o}-{n}", quantity=n + 1) for n in range(count)])
+                    for o, count in enumerate(lines)
                 ],
             )
 
         async with Session() as session:
-            other = customer("ch04x-other", _OTHER_ORDERS, _OTHER_LINES)
-            target = customer("ch04x-asked", _ORDERS, _LINES)
+            other = customer("ch04x-other", [_OTHER_LINES] * _OTHER_ORDERS)
+            # the last order has no lines yet: it is still one of the customer's orders
+            target = customer("ch04x-asked", [_LINES] * (_ORDERS - 1) + [0])
             session.add_all([other, target])
             await session.commit()
             seen.truth = {o.id: sorted(line.id for line in o.lines) for o in target.orders}
             seen.others = {o.id for o in other.orders}
+            seen.empty = {o.id for o in target.orders if not o.lines}
             target_id = target.id
         watch = PoolWatch(engine)
         async with Session() as session:
+            # the session's transaction is the caller's: orders_with_lines must not end it
+            ended: list[str] = []
+            sync_session = session.sync_session
+            on_commit, on_rollback = (lambda _: ended.append("commit")), (lambda _: ended.append("rollback"))
+            event.listen(sync_session, "after_commit", on_commit)
+            event.listen(sync_session, "after_rollback", on_rollback)
             try:
                 result = orders_with_lines(session, target_id)
                 if inspect.isawaitable(result):
@@ -1037,12 +1246,18 @@ async def _load(
                     seen.returned_coroutine = True
                     result.close()  # e.g. `return session.scalars(…)`, never awaited
                 elif hasattr(result, "__iter__") and not isinstance(result, str | bytes | dict):
+                    if not isinstance(result, Sequence):
+                        seen.one_shot = type(result).__name__
                     seen.items = list(result)
             except Exception as exc:
                 kind = _translate(exc)
                 if kind is None:
                     raise
                 seen.error, seen.error_text = kind, str(exc).splitlines()[0]
+            event.remove(sync_session, "after_commit", on_commit)
+            event.remove(sync_session, "after_rollback", on_rollback)
+            seen.pending_committed = "commit" in ended
+            seen.transaction_open = not ended
             seen.statements = list(watch.statements)
             orders = [item for item in seen.items or () if isinstance(item, Order)]
             if seen.error is None and orders:
@@ -1062,6 +1277,7 @@ async def _load(
                 await conn.run_sync(lambda sync: metadata.drop_all(sync, tables=tables))
         finally:
             await engine.dispose()
+            gc.collect()  # on the check's own thread and loop: see _quiet_unawaited
 
 
 def _run_load(orders_with_lines: Callable[..., Any], Customer: Any, Order: Any, OrderLine: Any) -> _Loading:
@@ -1139,6 +1355,16 @@ def _check_returned(seen: _Loading, Order: Any) -> None:
             seen.returned,
             ["Return the orders themselves: `return list((await session.scalars(query)).all())`."],
         )
+    if seen.one_shot is not None:
+        raise Mismatch(
+            f"a list of the customer's {len(seen.truth)} Order objects",
+            f"a {seen.one_shot}: a result to iterate once, with no len() and no indexing (a second loop "
+            "over it finds nothing)",
+            [
+                "A result is a cursor over rows, not a collection: turn it into a list before you return it.",
+                "`return list((await session.scalars(query)).all())`.",
+            ],
+        )
     if items and all(isinstance(item, Row) for item in items):
         raise Mismatch(
             f"a list of the customer's {len(seen.truth)} Order objects",
@@ -1168,17 +1394,29 @@ def _check_returned(seen: _Loading, Order: Any) -> None:
         "Filter on the customer: `.where(Order.customer_id == customer_id)`.",
     )
     expect(
-        returned == expected,
-        f"the customer's {len(expected)} orders",
-        f"{len(returned)} of them" + (f", {len(expected - returned)} missing" if expected - returned else ""),
-        "Select every order of the customer: `select(Order).where(Order.customer_id == customer_id)`.",
-    )
-    expect(
         len(ids) == len(returned),
         f"each of the {len(expected)} orders once",
         f"{len(ids)} objects for {len(returned)} orders: each order repeated once per line (a join)",
         "A join to the lines returns one row per line; load the lines with an option instead.",
         _SELECTIN,
+    )
+    missing = expected - returned
+    if missing and missing <= seen.empty:
+        raise Mismatch(
+            f"the customer's {len(expected)} orders, the one with no lines yet among them",
+            f"{len(returned)} of them: the order that has no lines is missing, so the query kept only "
+            "orders that have a line (an inner join)",
+            [
+                "`.join(Order.lines)` is an INNER JOIN: an order with no line has no row to join, and "
+                "drops out of the result.",
+                "Load the lines with a loader option, which never filters the orders: " + _SELECTIN,
+            ],
+        )
+    expect(
+        returned == expected,
+        f"the customer's {len(expected)} orders",
+        f"{len(returned)} of them" + (f", {len(missing)} missing" if missing else ""),
+        "Select every order of the customer: `select(Order).where(Order.customer_id == customer_id)`.",
     )
 
 
@@ -1194,7 +1432,7 @@ def _check_lines_loaded(seen: _Loading) -> None:
     wrong = [oid for oid, lines in (seen.open_read or {}).items() if lines != seen.truth.get(oid)]
     expect(
         not wrong,
-        f"each order with its own {_LINES} lines",
+        "each order with its own lines",
         f"{len(wrong)} of {len(seen.truth)} orders with other lines, e.g. order {wrong[0] if wrong else ''}: "
         f"{(seen.open_read or {}).get(wrong[0]) if wrong else ''}",
         "Load the relationship as it is: `selectinload(Order.lines)`, without extra criteria.",
@@ -1226,17 +1464,44 @@ def _check_after_close(seen: _Loading) -> None:
     )
 
 
+def _check_transaction(seen: _Loading) -> None:
+    if seen.pending_committed:
+        raise Mismatch(
+            "the caller's transaction left open: orders_with_lines only reads",
+            "a commit during the call: orders_with_lines committed the caller's transaction, one it "
+            "does not own, with whatever the caller had not committed yet",
+            [
+                "The session, and its transaction, belong to the caller (the request's dependency "
+                "commits or rolls back once the handler is done); a function that reads through it "
+                "must not end it.",
+                "Return the loaded orders and leave `commit()` to get_session.",
+            ],
+        )
+    expect(
+        seen.transaction_open,
+        "the caller's transaction left open: orders_with_lines only reads",
+        "it was over when the call returned: orders_with_lines rolled back (or closed) the caller's "
+        "transaction, one it does not own, and whatever the caller had not committed with it",
+        "The session, and its transaction, belong to the caller; a function that reads through it "
+        "must not end it.",
+        "Return the loaded orders without `rollback()`, `close()` or `async with session:`.",
+    )
+
+
 def check_orders_with_lines(
     orders_with_lines: Callable[..., Any], Customer: Any, Order: Any, OrderLine: Any
 ) -> None:
     """Check Exercise 4.3: a customer's orders, with their lines loaded up front, in a few queries.
 
-    On a database of the check's own, one customer has 20 orders of 3 lines and another 4 orders of
-    2. ``await orders_with_lines(session, customer_id)`` must return the first customer's 20 Order
-    objects, each once; reading every ``order.lines`` in the still-open session must run no query
-    (a lazy load raises MissingGreenlet under asyncio) and give each order its own lines; the call
-    must run at most 3 SQL statements (not one per order); and the lines must still read after the
-    session has closed, as when FastAPI serialises a response.
+    On a database of the check's own, one customer has 20 orders (19 of 3 lines, one with none) and
+    another 4 orders of 2. In a session of the check's,
+    ``await orders_with_lines(session, customer_id)`` must return a list (a sequence) of the first
+    customer's 20 Order objects, each once, the one without lines too; reading every
+    ``order.lines`` in the still-open session must run no query (a lazy load raises
+    MissingGreenlet under asyncio) and give each order its own lines; the call
+    must run at most 3 SQL statements (not one per order); the lines must still read after the
+    session has closed, as when FastAPI serialises a response; and the caller's transaction must be
+    left open, neither committed nor rolled back (session events tell which).
     """
     with exercise("4.3", "Orders with their lines, loaded before the session closes", SOLUTION) as ex:
 
@@ -1254,14 +1519,19 @@ def check_orders_with_lines(
             return
         found: list[_Loading] = []
         if not ex.step(
-            f"orders_with_lines(session, customer_id) returns the customer's {_ORDERS} orders, each once",
+            "orders_with_lines(session, customer_id) runs and leaves the caller's transaction alone: "
+            "nothing committed, nothing rolled back",
             lambda: (
                 found.append(_run_load(orders_with_lines, Customer, Order, OrderLine)),
-                _check_returned(found[0], Order),
+                _check_transaction(found[0]),
             ),
         ):
             return
         seen = found[0]
+        if not ex.step(
+            f"it returns the customer's {_ORDERS} orders, each once", lambda: _check_returned(seen, Order)
+        ):
+            return
         if not ex.step(
             "each order's lines are loaded: reading them in the open session runs no query",
             lambda: _check_lines_loaded(seen),
