@@ -189,8 +189,9 @@ def main(argv: list[str]) -> int:
             args.append("--allow-root")
     elif command == "test":
         # Two workers: the notebooks mostly wait on sleeps and sockets, so two overlap well even on
-        # two cores. `-n 0` (or plain `pytest`) runs serially.
-        args = [python, "-m", "pytest", "-n", "2", "--dist", "load", *rest]
+        # two cores (tests sharing one PostgreSQL database are grouped onto one worker). `-n 0`, or
+        # plain `pytest`, runs serially.
+        args = [python, "-m", "pytest", "-n", "2", "--dist", "loadgroup", *rest]
     else:
         args = [python, "-m", COMMANDS[command], *rest]
     return run_child(args)

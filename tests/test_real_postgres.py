@@ -18,7 +18,8 @@ from sqlalchemy.engine import make_url
 
 from tests.backends import ROOT, run_notebook, run_tests
 
-pytestmark = pytest.mark.backends
+# One scratch database for every worker: its tests run on one worker, one at a time.
+pytestmark = [pytest.mark.backends, pytest.mark.xdist_group("postgresql")]
 
 NOTEBOOKS = [
     ROOT / "notebooks" / "04_async_database.ipynb",
