@@ -1308,7 +1308,16 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
     )
 
 
-def _check_refused_at_once(server: Server) -> None:
+def _check_refused_at_once(server: Server, spike: _Spike) -> None:
+    # The spike can end with one slot free (a consumer took its job after the last answer came):
+    # fill the queue one request at a time until a 503, so that the probes meet a full queue.
+    for n in range(4):
+        (answer,) = in_fresh_loop(
+            lambda job=f"top-up-{n}": _post_jobs(server, [job]), timeout=10, name="check-2.3-top-up"
+        )
+        spike.answers.append(answer)
+        if answer.status == 503:
+            break
     probes = [f"probe-{i}" for i in range(_PROBES)]
     answers = in_fresh_loop(lambda: _post_jobs(server, probes), timeout=10, name="check-2.3-probes")
     taken = [a for a in answers if 200 <= a.status < 300]
@@ -1461,7 +1470,7 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
                     ex.step(
                         f"while the queue stays full, a refusal comes at once (faster than a "
                         f"{_JOB_SECONDS:g} s job)",
-                        lambda: _check_refused_at_once(server),
+                        lambda: _check_refused_at_once(server, spike),
                     )
                 ex.step(
                     f"every 503 carries Retry-After: whole seconds, at least 1, at most {_RETRY_AFTER_MAX}",
