@@ -188,10 +188,10 @@ def main(argv: list[str]) -> int:
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers often run as root; JupyterLab refuses
             args.append("--allow-root")
     elif command == "test":
-        # Two workers: the notebooks mostly wait on sleeps and sockets, so two overlap well even on
-        # two cores (tests sharing one PostgreSQL database are grouped onto one worker). `-n 0`, or
-        # plain `pytest`, runs serially.
-        args = [python, "-m", "pytest", "-n", "2", "--dist", "loadgroup", *rest]
+        # Three workers: the notebooks mostly wait on sleeps and sockets (the suite keeps 2 cores
+        # under half busy), so three overlap well even on two cores; tests sharing one PostgreSQL
+        # database are grouped onto one worker. `-n 0`, or plain `pytest`, runs serially.
+        args = [python, "-m", "pytest", "-n", "3", "--dist", "loadgroup", *rest]
     else:
         args = [python, "-m", COMMANDS[command], *rest]
     return run_child(args)
