@@ -704,14 +704,19 @@ def _stalled_run(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) -> _Prob
     return runs["stalled"]
 
 
-def _check_probe_duration(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) -> None:
-    run = _stalled_run(probe, runs)
+def _expect_seconds(value: Any) -> None:
+    """The probe returned a number (of seconds), not None, a list or a bool."""
     expect(
-        isinstance(run.value, int | float) and not isinstance(run.value, bool),
+        isinstance(value, int | float) and not isinstance(value, bool),
         "a number of seconds",
-        short(run.value),
+        short(value),
         "Return the worst lag as a float, in seconds.",
     )
+
+
+def _check_probe_duration(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) -> None:
+    run = _stalled_run(probe, runs)
+    _expect_seconds(run.value)
     expect(
         run.elapsed >= _STALLED_DURATION - 2 * _INTERVAL,
         f"max_loop_lag({_STALLED_DURATION}) to keep measuring for about {_STALLED_DURATION} s",
@@ -735,12 +740,7 @@ def _check_probe_duration(probe: Callable[..., Any], runs: dict[str, _ProbeRun])
 
 def _check_probe_stalled(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) -> None:
     value = _stalled_run(probe, runs).value
-    expect(
-        isinstance(value, int | float) and not isinstance(value, bool),
-        "a number of seconds",
-        short(value),
-        "Return the worst lag as a float, in seconds.",
-    )
+    _expect_seconds(value)
     low, high = _STALLED_RANGE
     if low <= value <= high:
         return
@@ -782,12 +782,7 @@ def _check_probe_stalled(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) 
 def _check_probe_one_stall(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) -> None:
     run = _run_probe(probe, _ONE_STALL_DURATION, (_ONE_STALL_AT,))
     value = run.value
-    expect(
-        isinstance(value, int | float) and not isinstance(value, bool),
-        "a number of seconds",
-        short(value),
-        "Return the worst lag as a float, in seconds.",
-    )
+    _expect_seconds(value)
     low, high = _STALLED_RANGE
     three = runs["stalled"].value if "stalled" in runs else None
     three_seen = isinstance(three, int | float) and low <= three <= high
@@ -810,12 +805,7 @@ def _check_probe_one_stall(probe: Callable[..., Any], runs: dict[str, _ProbeRun]
 def _check_probe_short(probe: Callable[..., Any]) -> None:
     run = _run_probe(probe, _SHORT_DURATION, (_SHORT_STALL_AT,), interval=_INTERVAL)
     value = run.value
-    expect(
-        isinstance(value, int | float) and not isinstance(value, bool),
-        "a number of seconds",
-        short(value),
-        "Return the worst lag as a float, in seconds.",
-    )
+    _expect_seconds(value)
     low, high = _SHORT_RANGE
     call = f"max_loop_lag({_SHORT_DURATION}, {_INTERVAL})"
     if run.elapsed < _SHORT_DURATION:
