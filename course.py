@@ -189,9 +189,9 @@ def main(argv: list[str]) -> int:
             args.append("--allow-root")
     elif command == "test":
         # Three workers: the notebooks mostly wait on sleeps and sockets (the suite keeps 2 cores
-        # under half busy), so three overlap well even on two cores; tests sharing one PostgreSQL
-        # database are grouped onto one worker. `-n 0`, or plain `pytest`, runs serially.
-        args = [python, "-m", "pytest", "-n", "3", "--dist", "loadgroup", *rest]
+        # under half busy), so three overlap well even on two cores (each worker gets a PostgreSQL
+        # database of its own). `-n 0`, or plain `pytest`, runs serially.
+        args = [python, "-m", "pytest", "-n", "3", *rest]
     else:
         args = [python, "-m", COMMANDS[command], *rest]
     return run_child(args)
