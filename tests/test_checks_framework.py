@@ -122,6 +122,35 @@ def test_every_status_is_a_word_beside_its_mark(capsys: pytest.CaptureFixture[st
     )
 
 
+def run_required(answer: Any) -> list[str]:
+    """A check whose later steps need the first one's value (``ex.require``)."""
+    later: list[str] = []
+    with exercise("9.1", "Return the answer", SOLUTION) as ex:
+        number = ex.require(
+            "returns an int", lambda: expect(isinstance(answer, int), "an int", "?") or answer
+        )
+        result = ex.step("returns 42", lambda: expect(number == 42, "42", repr(number)) or number * 2)
+        later.append(f"doubled {result.value}" if result else "not doubled")
+    return later
+
+
+def test_step_returns_its_value_and_require_stops_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_required(42) == ["doubled 84"]
+    assert capsys.readouterr().out.endswith("Exercise 9.1: passed ✅ (2 of 2 checks)\n")
+    with pytest.raises(ExerciseIncomplete, match="1 of 2 checks pass"):
+        run_required(41)
+    assert "❌ not yet: returns 42" in capsys.readouterr().out
+    later: list[str] = []
+    with pytest.raises(ExerciseIncomplete, match="0 of 1 checks pass"):
+        later = run_required("42")
+    out = capsys.readouterr().out
+    assert "❌ not yet: returns an int" in out and "returns 42" not in out, (
+        "the run ended at the failed require"
+    )
+    assert later == []
+    assert support.checks.last_verdict is not None and support.checks.last_verdict.status == "not yet"
+
+
 def test_an_untouched_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ExerciseIncomplete, match=re.escape("Exercise 9.1: not started")):
         with_learner_code(placeholder)

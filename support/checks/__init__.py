@@ -4,6 +4,7 @@ A chapter's check functions (``support.checks.ch01`` …) are written with ``exe
 
     def check_something(answer):
         with exercise("1.2", "Measure loop lag", SOLUTION) as ex:
+            run = ex.require("it returns a number of seconds", lambda: ...)  # stops here if not
             ex.step("an idle loop shows almost no lag", lambda: ...)
             ex.step("a 200 ms block shows up as ~200 ms of lag", lambda: ...)
 
@@ -11,6 +12,9 @@ A step passes when its function returns, and fails when it raises ``Mismatch`` (
 was expected, what was seen, hints), the placeholder's ``NotImplementedError`` (not started), or any
 other exception, ``BaseException`` included (the learner's code raised: shown as one line, pointing
 at the line of their cell); only ``KeyboardInterrupt`` goes through, so the learner can stop a check.
+``ex.step`` returns a ``StepResult``, true when the step passed, with what its function returned as
+``.value``; ``ex.require`` returns that value, or ends the run there (summary and verdict as usual)
+when the step failed, for steps the later ones cannot do without.
 
 Hints come in tiers, one more per *changed* answer: the check's arguments are hashed (see
 ``support.checks.answers``), so running a check again on the same answer shows the same hints and
@@ -58,6 +62,7 @@ __all__ = [
     "Mismatch",
     "Status",
     "Step",
+    "StepResult",
     "Verdict",
     "exercise",
     "expect",
@@ -198,6 +203,21 @@ class Verdict:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return {VERDICT_MIME: self.to_json(), "text/plain": self.summary}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What ``ex.step`` returns: true when the step passed, with its function's return value."""
+
+    passed: bool
+    value: Any = None
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+class _StopRun(Exception):
+    """Raised by ``ex.require`` when its step failed: the ``with`` block ends, the verdict stands."""
 
 
 class ExerciseIncomplete(AssertionError):
@@ -469,6 +489,8 @@ class _Exercise:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
+        if isinstance(exc, _StopRun):
+            exc = None
         if exc is not None:
             if _propagates(exc):
                 return False
@@ -479,24 +501,31 @@ class _Exercise:
         self._finish()
         return True
 
-    def step(self, description: str, check: Callable[[], Any]) -> bool:
-        """Run one sub-check and print its line; returns whether it passed."""
+    def step(self, description: str, check: Callable[[], Any]) -> StepResult:
+        """Run one sub-check and print its line; true when it passed, with ``check()``'s value."""
         if self.not_started:
-            return False
+            return StepResult(False)
         try:
-            check()
+            value = check()
         except Mismatch as wrong:
             self._fail(description, wrong=wrong)
-            return False
+            return StepResult(False)
         except BaseException as exc:  # the learner's code raised, or a placeholder is still there
             if _propagates(exc):
                 raise
             self._raised(description, exc)
-            return False
+            return StepResult(False)
         self.passed += 1
         self.steps.append(Step(description, "passed"))
         print(wrap(f"  {MARKS['passed']}: ", description))
-        return True
+        return StepResult(True, value)
+
+    def require(self, description: str, check: Callable[[], Any]) -> Any:
+        """Like ``step``, but the run ends here when it fails; returns ``check()``'s value."""
+        result = self.step(description, check)
+        if not result:
+            raise _StopRun(description)
+        return result.value
 
     # -- failures ------------------------------------------------------------------------------------
 
