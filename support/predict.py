@@ -31,7 +31,8 @@ def read_number(guess: object) -> float | None:
 
 
 def _figure(value: float, unit: str) -> str:
-    digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+    whole = float(value).is_integer()
+    digits = 0 if whole or abs(value) >= 100 else 1 if abs(value) >= 10 else 2
     return f"{value:,.{digits}f}{' ' + unit if unit else ''}"
 
 

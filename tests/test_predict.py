@@ -31,7 +31,8 @@ def test_compare_says_how_far_off_the_guess_was() -> None:
     assert compare(100, 1000, unit="ms").endswith("you predicted 100 ms: the run measured 10.0× your guess")
     assert compare(1000, 100, unit="ms").endswith("the run measured 10.0× less than your guess")
     assert compare("110ms", 100, unit="ms").endswith("close: within 25 %")
-    assert compare(0, 5).endswith("off by 5.00")
+    assert compare(0, 5).endswith("off by 5")
+    assert compare(10, 15.0, what="of 30").startswith("of 30: 15;"), "a count prints as a whole number"
 
 
 def test_compare_without_a_usable_guess_still_gives_the_measurement() -> None:
