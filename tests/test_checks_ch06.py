@@ -392,12 +392,13 @@ def limit_answer(variant: str) -> Any:
             if variant == "twice":
                 decision = await limiter.check(key(request))
             seconds = max(1, math.ceil(decision.reset_after))
-            if variant == "int-plus-one":  # right too: the check has no whole-second reset_after but 0
+            if variant == "int-plus-one":  # a second too long for a whole number: 3.0 gives 4
                 seconds = int(decision.reset_after) + 1
             remaining = decision.limit if variant == "remaining-is-limit" else decision.remaining
             name = "default" if variant == "unquoted" else '"default"'
+            window = 10 if variant == "fixed-window" else limiter.window  # the notebook's window, written in
             headers = {
-                "RateLimit-Policy": f"{name};q={decision.limit};w={limiter.window}",
+                "RateLimit-Policy": f"{name};q={decision.limit};w={window}",
                 "RateLimit": f"{name};r={remaining};t={seconds}",
             }
             if variant == "legacy":
@@ -448,13 +449,48 @@ def limit_answer(variant: str) -> Any:
     return rate_limit
 
 
-@pytest.mark.parametrize("variant", ["right", "int-plus-one"])
-def test_6_2_a_429_with_its_headers_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
-    check_limited_response(limit_answer(variant))
+def test_6_2_a_429_with_its_headers_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    check_limited_response(limit_answer("right"))
     out = capsys.readouterr().out
     assert out.startswith("Exercise 6.2 · Answer a limited request: 429, Retry-After, RateLimit\n")
     assert "  ✅ passed: each 429 has Retry-After: whole seconds, rounded up, at least 1\n" in out
-    assert out.endswith("Exercise 6.2: passed ✅ (8 of 8 checks)\n")
+    assert (
+        "  ✅ passed: with another limiter (20 per 60 s), its own q and w; a wait of exactly 3 s is 3\n"
+        in out
+    )
+    assert out.endswith("Exercise 6.2: passed ✅ (9 of 9 checks)\n")
+
+
+def test_6_2_a_window_written_in_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    answer = limit_answer("fixed-window")
+    out = rejected(capsys, check_limited_response, answer)
+    assert (
+        "❌ not yet: with another limiter (20 per 60 s), its own q and w; a wait of exactly 3 s is 3\n"
+        '       expected: RateLimit-Policy: "default";q=20;w=60 and RateLimit: "default";r=0;t=3, for '
+        "Decision(allowed=False, limit=20, remaining=0, reset_after=3)\n"
+        "       seen:     RateLimit-Policy: '\"default\";q=20;w=10' and RateLimit: '\"default\";r=0;t=3'\n"
+        "       hint:     `w` is the window in seconds of the limiter the dependency is given"
+    ) in out
+    assert out.endswith("Exercise 6.2: not yet — 8 of 9 checks pass")
+    forget_answers()  # the learner changes their answer: the next hint
+    second = rejected(capsys, check_limited_response, answer)
+    assert "hint:     `w={limiter.window}` (this limiter's is 60 s), not a number written in.\n" in second
+
+
+def test_6_2_a_second_added_to_a_whole_number_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    answer = limit_answer("int-plus-one")
+    out = rejected(capsys, check_limited_response, answer)
+    assert "  ✅ passed: each 429 has Retry-After: whole seconds, rounded up, at least 1\n" in out
+    assert (
+        "❌ not yet: with another limiter (20 per 60 s), its own q and w; a wait of exactly 3 s is 3\n"
+        "       expected: Retry-After: 3, for Decision(allowed=False, limit=20, remaining=0, reset_after=3)\n"
+        "       seen:     Retry-After: 4: a second more than the 3 s left, which is already a whole number\n"
+        "       hint:     Rounding up leaves a whole number as it is"
+    ) in out
+    assert out.endswith("Exercise 6.2: not yet — 8 of 9 checks pass")
+    forget_answers()  # the learner changes their answer: the next hint
+    second = rejected(capsys, check_limited_response, answer)
+    assert "hint:     `int(x) + 1` rounds a fraction up, but adds a second to a whole number" in second
 
 
 def test_6_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -669,16 +705,27 @@ def key_answer(variant: str) -> Any:
             return headers.get("x-forwarded-for", "")
         return ",".join(headers.getlist("x-forwarded-for"))
 
+    def is_proxy(address: str, trusted_proxies: set[str]) -> bool:
+        if variant != "proxy-subnet":
+            return address in trusted_proxies
+        try:  # "the load balancers' subnet": every host in the proxies' /24
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(f"{proxy}/24", strict=False) for proxy in trusted_proxies)
+
     def client_key(peer: str, headers: Headers, trusted_proxies: set[str], issued_keys: set[str]) -> str:
         if variant == "placeholder":
             raise NotImplementedError(placeholder_message("6.3"))
         if variant == "module-constant":
             trusted_proxies = NOTEBOOK_TRUSTED_PROXIES
         api_key = headers.get("x-api-key", "")
+        if variant == "stripped-key":  # an issued key with a newline, space or tab around it counts
+            api_key = api_key.strip()
         if variant != "no-key" and known_key(api_key, issued_keys):
             return f"key:{api_key}"
         forwarded = forwarded_for(headers)
-        if peer not in trusted_proxies and variant != "any-peer":
+        if not is_proxy(peer, trusted_proxies) and variant != "any-peer":
             return f"ip:{peer}"
         entries = forwarded.split(",") if variant == "no-strip" else [e.strip() for e in forwarded.split(",")]
         if variant == "leftmost":
@@ -686,7 +733,7 @@ def key_answer(variant: str) -> Any:
         if variant == "rightmost":
             return f"ip:{address(entries[-1], peer)}"
         for entry in reversed(entries):
-            if entry not in trusted_proxies:
+            if not is_proxy(entry, trusted_proxies):
                 return f"ip:{address(entry, peer)}"
         if variant == "last-proxy-skipped":  # uvicorn's _TrustedHosts: the leftmost proxy, not the peer
             return f"ip:{address(entries[0], peer)}"
@@ -800,8 +847,8 @@ def test_6_3_a_key_that_is_only_well_formed_is_rejected(
 ) -> None:
     out = rejected(capsys, check_client_key, key_answer(variant))
     assert (
-        "❌ not yet: any other X-API-Key (never issued, 10 kB, a newline, empty, other letter case) is "
-        "ignored\n"
+        "❌ not yet: any other X-API-Key (never issued, 10 kB, a newline, empty, an issued one in other "
+        "letter case or with spaces around it) is ignored\n"
         "       expected: 'ip:203.0.113.5' for a well-formed X-API-Key that was never issued "
         "(peer 203.0.113.5; X-API-Key: 'made-up-0001')\n"
         "       seen:     'key:made-up-0001'\n"
@@ -813,8 +860,8 @@ def test_6_3_a_key_that_is_only_well_formed_is_rejected(
 def test_6_3_a_key_matched_in_any_letter_case_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_client_key, key_answer("any-case"))
     assert (
-        "❌ not yet: any other X-API-Key (never issued, 10 kB, a newline, empty, other letter case) is "
-        "ignored\n"
+        "❌ not yet: any other X-API-Key (never issued, 10 kB, a newline, empty, an issued one in other "
+        "letter case or with spaces around it) is ignored\n"
         "       expected: 'ip:203.0.113.5' for an issued X-API-Key in other letter case "
         "(peer 203.0.113.5; X-API-Key: 'TEAM-42-ABCDEFGH')\n"
         "       seen:     'key:TEAM-42-ABCDEFGH'\n"
@@ -889,3 +936,33 @@ def test_6_3_a_coroutine_function_is_rejected(capsys: pytest.CaptureFixture[str]
     out = rejected(capsys, check_client_key, key_answer("async"))
     assert "       expected: a str from `client_key`\n       seen:     a coroutine\n" in out
     assert out.endswith("Exercise 6.3: not yet — 0 of 6 checks pass")
+
+
+def test_6_3_an_issued_key_with_spaces_around_it_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("stripped-key"))
+    assert (
+        "❌ not yet: any other X-API-Key (never issued, 10 kB, a newline, empty, an issued one in other "
+        "letter case or with spaces around it) is ignored\n"
+        "       expected: 'ip:203.0.113.5' for an issued X-API-Key with a newline after it "
+        "(peer 203.0.113.5; X-API-Key: 'light-client-01\\n')\n"
+        "       seen:     'key:light-client-01'\n"
+        "       hint:     A key counts only when it is exactly one you issued"
+    ) in out
+    assert out.endswith("Exercise 6.3: not yet — 5 of 6 checks pass")
+
+
+def test_6_3_a_host_in_the_proxies_network_is_not_a_proxy(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_client_key, key_answer("proxy-subnet"))
+    assert (
+        "❌ not yet: a direct client is its own address, whatever its X-Forwarded-For says\n"
+        "       expected: 'ip:192.0.2.99' for a direct client in the proxies' own network, not a proxy, "
+        "with a forged X-Forwarded-For (peer 192.0.2.99; X-Forwarded-For: '6.6.6.6')\n"
+        "       seen:     'ip:6.6.6.6'\n"
+        "       hint:     Your proxies are the addresses in `trusted_proxies`, and only those"
+    ) in out
+    assert (
+        "       expected: 'ip:192.0.2.99' for a client in the proxies' own network, not a proxy "
+        "(peer 192.0.2.10; X-Forwarded-For: '192.0.2.99')\n"
+        "       seen:     'ip:192.0.2.10'\n"
+    ) in out
+    assert out.endswith("Exercise 6.3: not yet — 4 of 6 checks pass")

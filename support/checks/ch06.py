@@ -574,7 +574,7 @@ class _Decision:
         )
 
 
-# No whole-second reset_after but 0: `int(x) + 1` and `math.ceil(x)` agree on all of them.
+# The notebook's description of the check: limit 5, window 10 s, these seven decisions.
 _PLAN = (
     _Decision(True, _LIMIT, 4, 9.2),
     _Decision(True, _LIMIT, 3, 8.5),
@@ -585,18 +585,29 @@ _PLAN = (
     _Decision(False, _LIMIT, 0, 7.5),
 )
 
+# Another limiter, with its own limit and window, and whole seconds to wait (a fresh window's first
+# request has exactly the window left): a limit or window written into the code shows, and so does a
+# rounding up that adds a second to a whole number (`int(x) + 1`).
+_OTHER_LIMIT, _OTHER_WINDOW = 20, 60
+_OTHER_PLAN = (
+    _Decision(True, _OTHER_LIMIT, 19, 60.0),
+    _Decision(False, _OTHER_LIMIT, 0, 3.0),
+)
+
 
 class _ScriptedLimiter:
     """A limiter whose decisions the check wrote in advance, one per call of ``check``."""
 
-    def __init__(self) -> None:
-        self.limit, self.window = _LIMIT, _WINDOW
+    def __init__(
+        self, limit: int = _LIMIT, window: int = _WINDOW, plan: tuple[_Decision, ...] = _PLAN
+    ) -> None:
+        self.limit, self.window, self.plan = limit, window, plan
         self.keys: list[str] = []
 
     async def check(self, key: str) -> _Decision:
         self.keys.append(key)
         index = len(self.keys) - 1
-        return _PLAN[index] if index < len(_PLAN) else _Decision(False, _LIMIT, 0, 1.5)
+        return self.plan[index] if index < len(self.plan) else _Decision(False, self.limit, 0, 1.5)
 
 
 @dataclass
@@ -614,8 +625,8 @@ class _Limited:
     answers: list[_Answer]
 
 
-def _limited_app(rate_limit: Callable[..., Any]) -> _Limited:
-    limiter = _ScriptedLimiter()
+def _limited_app(rate_limit: Callable[..., Any], limiter: _ScriptedLimiter | None = None) -> _Limited:
+    limiter = limiter or _ScriptedLimiter()
     dependency = rate_limit(limiter)
     expect(
         isinstance(dependency, Depends),
@@ -635,9 +646,11 @@ def _limited_app(rate_limit: Callable[..., Any]) -> _Limited:
 
 
 def _answer(limited: _Limited) -> None:
+    plan = limited.limiter.plan
+
     async def main() -> list[_Answer]:
         answers = []
-        for index, decision in enumerate(_PLAN):
+        for index, decision in enumerate(plan):
             before = len(limited.runs)
             response = await call(limited.app, "/search", client=("203.0.113.5", 40000 + index))
             answers.append(_Answer(decision, response, len(limited.runs) > before))
@@ -646,8 +659,10 @@ def _answer(limited: _Limited) -> None:
     try:
         limited.answers = in_fresh_loop(main, timeout=5, name="check-6.2")
     except NoReturn as late:
+        allowed = sum(decision.allowed for decision in plan)
         raise Mismatch(
-            f"{len(_PLAN)} requests answered at once, 3 of them within the limit and 4 over it",
+            f"{len(plan)} requests answered at once, {allowed} of them within the limit and "
+            f"{len(plan) - allowed} over it",
             f"no answer within {late.seconds:g} s"
             + (" (and the loop is still held: restart the kernel)" if late.stuck else ""),
             [
@@ -658,8 +673,8 @@ def _answer(limited: _Limited) -> None:
         ) from None
     asked = len(limited.limiter.keys)
     expect(
-        asked == len(_PLAN),
-        f"the limiter asked once per request: {len(_PLAN)} times",
+        asked == len(plan),
+        f"the limiter asked once per request: {len(plan)} times",
         f"{asked} times",
         "Keep the given line `decision = await limiter.check(key(request))`, and call it once: each "
         "call counts a request.",
@@ -711,6 +726,12 @@ def _check_refused(limited: _Limited) -> None:
         )
 
 
+_WHOLE_HINT = (
+    "`int(x) + 1` rounds a fraction up, but adds a second to a whole number: `math.ceil(x)` rounds "
+    "up only what is not whole."
+)
+
+
 def _check_retry_after(limited: _Limited) -> None:
     for answer in limited.answers:
         if answer.decision.allowed:
@@ -755,6 +776,18 @@ def _check_retry_after(limited: _Limited) -> None:
                 "up, and is refused again",
                 ["Round up: `math.ceil`, not `int()` or `round()`.", ceil_hint],
             )
+        if seconds == want + 1 and left == math.ceil(left) and left >= 1:
+            raise Mismatch(
+                expected,
+                f"Retry-After: {seconds}: a second more than the {left:g} s left, which is already "
+                "a whole number",
+                [
+                    f"Rounding up leaves a whole number as it is: {left:g} s to wait is {want}; a "
+                    f"client told {seconds} waits a second longer than it must.",
+                    _WHOLE_HINT,
+                    ceil_hint,
+                ],
+            )
         expect(
             seconds == want,
             expected,
@@ -787,11 +820,11 @@ _SYNTAX_HINT = (
 )
 
 
-def _check_rate_limit_headers(answer: _Answer) -> None:
+def _check_rate_limit_headers(answer: _Answer, window: int) -> None:
     response, decision = answer.response, answer.decision
     left = math.ceil(decision.reset_after)
     resets = sorted({str(left), str(max(1, left))})
-    want_policy = f'"default";q={decision.limit};w={_WINDOW}'
+    want_policy = f'"default";q={decision.limit};w={window}'
     want_state = f'"default";r={decision.remaining};t={" or ".join(resets)}'
     expected = f"RateLimit-Policy: {want_policy} and RateLimit: {want_state}, for {decision}"
     policy, state = response.header("ratelimit-policy"), response.header("ratelimit")
@@ -829,34 +862,63 @@ def _check_rate_limit_headers(answer: _Answer) -> None:
     if parsed_policy is None or parsed_state is None:
         raise Mismatch(expected, seen, [_SYNTAX_HINT])
     (policy_name, quota), (state_name, remaining) = parsed_policy, parsed_state
+    t_hint = (
+        "`t` is the seconds until the quota frees up, a whole number rounded up: "
+        "`math.ceil(decision.reset_after)`."
+    )
     checks = [
         (
             policy_name == state_name,
-            "RateLimit names the policy it reports on: the same quoted name in both.",
+            ["RateLimit names the policy it reports on: the same quoted name in both.", _SYNTAX_HINT],
         ),
-        (quota.get("q") == str(decision.limit), "`q` is the quota, `decision.limit`."),
-        (quota.get("w") == str(_WINDOW), "`w` is the window in seconds, `limiter.window`."),
-        (remaining.get("r") == str(decision.remaining), "`r` is what remains, `decision.remaining`."),
         (
-            remaining.get("t") in resets,
-            "`t` is the seconds until the quota frees up, a whole number rounded up: "
-            "`math.ceil(decision.reset_after)`.",
+            quota.get("q") == str(decision.limit),
+            [
+                "`q` is the quota of the limiter the dependency is given, whatever limiter that is.",
+                f"`q={{decision.limit}}` (this limiter's is {decision.limit}), not a number written in.",
+            ],
+        ),
+        (
+            quota.get("w") == str(window),
+            [
+                "`w` is the window in seconds of the limiter the dependency is given, whatever "
+                "limiter that is.",
+                f"`w={{limiter.window}}` (this limiter's is {window} s), not a number written in.",
+            ],
+        ),
+        (
+            remaining.get("r") == str(decision.remaining),
+            ["`r` is what remains, `decision.remaining`.", _SYNTAX_HINT],
         ),
     ]
-    for holds, hint in checks:
-        expect(holds, expected, seen, hint, _SYNTAX_HINT)
+    t = remaining.get("t")
+    if t is not None and t.isdigit() and left >= 1 and left == decision.reset_after and int(t) == left + 1:
+        checks.append(
+            (
+                False,
+                [
+                    f"Rounding up leaves a whole number as it is: {decision.reset_after:g} s to wait "
+                    f"is `t={left}`, not `t={t}`.",
+                    _WHOLE_HINT,
+                    t_hint,
+                ],
+            )
+        )
+    checks.append((t in resets, [t_hint, _SYNTAX_HINT]))
+    for holds, hints in checks:
+        expect(holds, expected, seen, *hints)
 
 
 def _check_refused_headers(limited: _Limited) -> None:
     for answer in limited.answers:
         if not answer.decision.allowed:
-            _check_rate_limit_headers(answer)
+            _check_rate_limit_headers(answer, limited.limiter.window)
 
 
 def _check_allowed_headers(limited: _Limited) -> None:
     for answer in limited.answers:
         if answer.decision.allowed:
-            _check_rate_limit_headers(answer)
+            _check_rate_limit_headers(answer, limited.limiter.window)
 
 
 def _check_no_retry_after(limited: _Limited) -> None:
@@ -875,6 +937,21 @@ def _check_no_retry_after(limited: _Limited) -> None:
             )
 
 
+def _check_other_limiter(rate_limit: Callable[..., Any]) -> None:
+    """The same answers from an app whose limiter has a limit, a window and waits of its own."""
+    limited = _limited_app(rate_limit, _ScriptedLimiter(_OTHER_LIMIT, _OTHER_WINDOW, _OTHER_PLAN))
+    _answer(limited)
+    for check in (
+        _check_allowed_served,
+        _check_refused,
+        _check_retry_after,
+        _check_refused_headers,
+        _check_allowed_headers,
+        _check_no_retry_after,
+    ):
+        check(limited)
+
+
 def check_limited_response(rate_limit: Callable[..., Any]) -> None:
     """Check Exercise 6.2: 429 with Retry-After and the draft's RateLimit headers; RateLimit on every answer.
 
@@ -884,6 +961,8 @@ def check_limited_response(rate_limit: Callable[..., Any]) -> None:
     decision. Allowed requests must reach the endpoint (200); refused ones must get 429 without it,
     ``Retry-After`` of 3, 1, 1 and 8; every answer ``RateLimit-Policy: "default";q=5;w=10`` and
     ``RateLimit: "default";r=<remaining>;t=<seconds, rounded up>``; and no allowed one ``Retry-After``.
+    Once all of that holds, the same with another limiter (limit 20, window 60 s), whose waits are
+    whole seconds (60 and 3): ``q=20;w=60``, and ``Retry-After: 3`` and ``t=3`` for 3.0 s, not 4.
     """
     with exercise("6.2", "Answer a limited request: 429, Retry-After, RateLimit", SOLUTION) as ex:
         expect(callable(rate_limit), "the function `rate_limit`", short(rate_limit), _CALL_6_2)
@@ -898,27 +977,37 @@ def check_limited_response(rate_limit: Callable[..., Any]) -> None:
             lambda: _answer(limited),
         ):
             return
-        ex.step("requests within the limit reach the endpoint (200)", lambda: _check_allowed_served(limited))
-        ex.step(
-            "requests over the limit get 429, and the endpoint does not run",
-            lambda: _check_refused(limited),
-        )
-        ex.step(
-            "each 429 has Retry-After: whole seconds, rounded up, at least 1",
-            lambda: _check_retry_after(limited),
-        )
-        ex.step(
-            "each 429 has RateLimit-Policy and RateLimit, in the draft's syntax",
-            lambda: _check_refused_headers(limited),
-        )
-        ex.step(
-            "allowed answers have them too, RateLimit's r counting down",
-            lambda: _check_allowed_headers(limited),
-        )
-        ex.step(
-            "allowed answers carry no Retry-After: they have nothing to wait for",
-            lambda: _check_no_retry_after(limited),
-        )
+        passed = [
+            ex.step(
+                "requests within the limit reach the endpoint (200)", lambda: _check_allowed_served(limited)
+            ),
+            ex.step(
+                "requests over the limit get 429, and the endpoint does not run",
+                lambda: _check_refused(limited),
+            ),
+            ex.step(
+                "each 429 has Retry-After: whole seconds, rounded up, at least 1",
+                lambda: _check_retry_after(limited),
+            ),
+            ex.step(
+                "each 429 has RateLimit-Policy and RateLimit, in the draft's syntax",
+                lambda: _check_refused_headers(limited),
+            ),
+            ex.step(
+                "allowed answers have them too, RateLimit's r counting down",
+                lambda: _check_allowed_headers(limited),
+            ),
+            ex.step(
+                "allowed answers carry no Retry-After: they have nothing to wait for",
+                lambda: _check_no_retry_after(limited),
+            ),
+        ]
+        if all(passed):  # otherwise the same flaw would show twice
+            ex.step(
+                f"with another limiter ({_OTHER_LIMIT} per {_OTHER_WINDOW} s), its own q and w; a wait "
+                "of exactly 3 s is 3",
+                lambda: _check_other_limiter(rate_limit),
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -929,6 +1018,7 @@ _TRUSTED = frozenset({"192.0.2.10", "192.0.2.11"})  # not the notebook's TRUSTED
 _ISSUED = frozenset({"light-client-01", "Team-42-abcdefgh"})  # not the notebook's ISSUED_KEYS either
 _PROXY, _OUTER_PROXY = "192.0.2.10", "192.0.2.11"
 _DIRECT = "203.0.113.5"
+_NEIGHBOUR = "192.0.2.99"  # in the proxies' network, 192.0.2.0/24, but not a proxy
 _CLIENT = "198.51.100.7"
 _EVERY_LINE = '`",".join(headers.getlist("x-forwarded-for"))`'
 _FROM_RIGHT_HINT = (
@@ -989,6 +1079,19 @@ _DIRECT_CASES = (
             'Check the peer first: `if peer not in trusted_proxies: return f"ip:{peer}"`.',
         ),
     ),
+    _Case(
+        "a direct client in the proxies' own network, not a proxy, with a forged X-Forwarded-For",
+        _NEIGHBOUR,
+        (_xff("6.6.6.6"),),
+        f"ip:{_NEIGHBOUR}",
+        (
+            f"Your proxies are the addresses in `trusted_proxies`, and only those: {_NEIGHBOUR} shares "
+            "their network but is not one of them, so what it writes in X-Forwarded-For is its own "
+            "invention. Any host that gets an address in that network could forge it.",
+            "Test the peer with `peer in trusted_proxies`, an exact match: not a network around the "
+            "proxies' addresses.",
+        ),
+    ),
 )
 
 _LEFTMOST_HINT = (
@@ -1041,6 +1144,17 @@ _PROXIED_CASES = (
         (_xff("2001:db8::7"),),
         "ip:2001:db8::7",
         ("An IPv6 address is an address too: `ipaddress.ip_address` accepts both.", _FROM_RIGHT_HINT),
+    ),
+    _Case(
+        "a client in the proxies' own network, not a proxy",
+        _PROXY,
+        (_xff(_NEIGHBOUR),),
+        f"ip:{_NEIGHBOUR}",
+        (
+            f"Skip only the entries that are in `trusted_proxies`: {_NEIGHBOUR} shares their network "
+            "but is not one of them, so it is the client your proxy saw.",
+            _FROM_RIGHT_HINT,
+        ),
     ),
 )
 
@@ -1136,6 +1250,14 @@ _MADE_UP_HINT = (
     "as none, and the client is keyed on its address.",
 )
 
+_SPACING_HINT = (
+    "A key counts only when it is exactly one you issued: with a newline, a space or a tab around "
+    "it, it is a value you never issued, and counts as no key. Cleaning up the client's value before "
+    "the lookup accepts what you never issued.",
+    "`if api_key in issued_keys`, with the value as sent: no `.strip()`, and return the key only "
+    "when it is exactly one you issued.",
+)
+
 _UNKNOWN_KEY_CASES = (
     _Case(
         "a well-formed X-API-Key that was never issued",
@@ -1167,6 +1289,27 @@ _UNKNOWN_KEY_CASES = (
         _MADE_UP_HINT,
     ),
     _Case("an empty X-API-Key", _DIRECT, (_api_key(b""),), f"ip:{_DIRECT}", _MADE_UP_HINT),
+    _Case(
+        "an issued X-API-Key with a newline after it",
+        _DIRECT,
+        (_api_key(b"light-client-01\n"),),
+        f"ip:{_DIRECT}",
+        _SPACING_HINT,
+    ),
+    _Case(
+        "an issued X-API-Key with a space after it",
+        _DIRECT,
+        (_api_key(b"light-client-01 "),),
+        f"ip:{_DIRECT}",
+        _SPACING_HINT,
+    ),
+    _Case(
+        "an issued X-API-Key with a tab before it",
+        _DIRECT,
+        (_api_key(b"\tTeam-42-abcdefgh"),),
+        f"ip:{_DIRECT}",
+        _SPACING_HINT,
+    ),
     _Case(
         "an issued X-API-Key in other letter case",
         _DIRECT,
@@ -1226,12 +1369,13 @@ def check_client_key(client_key: Callable[..., Any]) -> None:
 
     Calls ``client_key(peer, headers, trusted_proxies, issued_keys)`` (``headers`` a case-insensitive
     Starlette ``Headers``; trusted proxies 192.0.2.10 and 192.0.2.11; issued keys of the check's own)
-    on a table of cases: a direct client is its peer, whatever its X-Forwarded-For says; behind
+    on a table of cases: a direct client is its peer, whatever its X-Forwarded-For says (192.0.2.99
+    too: in the proxies' network, but not a proxy); behind
     trusted proxies, the rightmost entry that is not a trusted proxy (spaces stripped, IPv6 too),
     read from every X-Forwarded-For line in order, not only the first; an empty or garbage entry, or
     only trusted proxies, falls back to the peer; an issued X-API-Key wins; any other (well-formed
-    but never issued, 10 kB, a newline, non-ASCII, empty, an issued one in other letter case) is
-    ignored.
+    but never issued, 10 kB, a newline, non-ASCII, empty, an issued one in other letter case or with a
+    newline, space or tab around it) is ignored.
     """
     with exercise("6.3", "A client key that cannot be spoofed", SOLUTION) as ex:
         expect(
@@ -1261,6 +1405,7 @@ def check_client_key(client_key: Callable[..., Any]) -> None:
             lambda: _check_cases(client_key, _ISSUED_CASES),
         )
         ex.step(
-            "any other X-API-Key (never issued, 10 kB, a newline, empty, other letter case) is ignored",
+            "any other X-API-Key (never issued, 10 kB, a newline, empty, an issued one in other letter "
+            "case or with spaces around it) is ignored",
             lambda: _check_cases(client_key, _UNKNOWN_KEY_CASES),
         )
