@@ -40,6 +40,8 @@ def cache_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     ttl = {"no-ttl": None, "year-ttl": 365 * 86_400}.get(variant, 300)
 
     def product_key(product_id: int) -> str:
+        if variant == "hard-coded-key":  # the id of the example in the text, written in
+            return "ex05:product:v1:7"
         if variant == "bare-key":
             return str(product_id)
         if variant == "no-version":
@@ -109,6 +111,14 @@ def cache_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
             return
         if variant == "no-invalidation":
             return
+        if variant == "rewarm":  # "so the next visitor gets a hit"
+            await redis.delete(key)
+            await get_product(redis, db, product_id)
+            return
+        if variant == "rewarm-if-absent":  # the same, with SET NX "so as not to overwrite a newer entry"
+            await redis.delete(key)
+            await redis.set(key, json.dumps(await db.read(product_id)), ex=ttl, nx=True)
+            return
         if variant == "wrong-key":
             await redis.delete(f"ex05:product:{product_id}")
         elif variant == "write-through":  # the new value read back and written over the old one
@@ -129,7 +139,7 @@ def test_5_1_cache_aside_passes(variant: str, capsys: pytest.CaptureFixture[str]
         "  ✅ passed: update_price deletes the key after the write: a read during the write leaves "
         "nothing stale\n"
     ) in out
-    assert out.endswith("Exercise 5.1: passed ✅ (10 of 10 checks)\n")
+    assert out.endswith("Exercise 5.1: passed ✅ (11 of 11 checks)\n")
 
 
 @pytest.mark.parametrize("variant", ["placeholder", "placeholder-update"])
@@ -173,7 +183,7 @@ def test_5_1_deleting_before_the_write_is_rejected(capsys: pytest.CaptureFixture
         "the TTL\n"
     ) in out
     assert "hint:     Until the write commits, the database still holds the old row" in out
-    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
 
 
 def test_5_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,13 +202,13 @@ def test_5_1_no_ttl_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
         "       expected: the entry to expire on its own: a TTL of at most a day\n"
         "       seen:     'ex05:product:v1:7' has no TTL: if an invalidation is ever missed"
     ) in out
-    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
 
 
 def test_5_1_a_ttl_of_a_year_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer("year-ttl"))
     assert "       seen:     a TTL of 31,536,000 s (about 365 days)" in out
-    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
 
 
 def test_5_1_pickle_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -240,7 +250,7 @@ def test_5_1_a_key_without_namespace_or_version_is_rejected(
         "version, the id\n"
         f"       seen:     written: {written}\n"
     ) in out
-    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
 
 
 def test_5_1_a_miss_cached_for_ever_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -250,7 +260,7 @@ def test_5_1_a_miss_cached_for_ever_is_rejected(capsys: pytest.CaptureFixture[st
         "       expected: nothing cached for ever about product 404, which does not exist\n"
         "       seen:     'ex05:product:v1:404' = b'null' with no TTL"
     ) in out
-    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
 
 
 def test_5_1_a_cache_never_read_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -263,7 +273,7 @@ def test_5_1_a_cache_never_read_is_rejected(capsys: pytest.CaptureFixture[str]) 
     assert re.search(
         r"       seen:     (299|300) s after the hit: the second call was no hit: it read the", out
     )
-    assert out.endswith("Exercise 5.1: not yet — 8 of 10 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 9 of 11 checks pass")
 
 
 def test_5_1_a_ttl_renewed_on_every_hit_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,7 +288,7 @@ def test_5_1_a_ttl_renewed_on_every_hit_is_rejected(capsys: pytest.CaptureFixtur
         r"a new SET\), so a product read more often than once a TTL never expires\n",
         out,
     )
-    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
 
 
 def test_5_1_a_delete_nobody_awaits_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -322,13 +332,53 @@ def test_5_1_writing_the_new_value_instead_of_deleting_is_rejected(
 ) -> None:
     out = rejected(capsys, check_cache_aside, *cache_answer(variant))
     assert (
-        "❌ not yet: two updates at once leave the newer price: the entry is deleted, not overwritten\n"
+        "❌ not yet: two updates at once leave the newer price: the entry is deleted, not overwritten or "
+        "refilled\n"
         "       expected: after two updates at once (2499, then 2999), the price the database holds, 2999\n"
         "       seen:     price_cents 2499: update_price wrote the price into the cache (SET), and the first "
         "writer's copy landed after the second's\n"
         "       hint:     Writing the new value into the cache (write-through) races"
     ) in out
-    assert out.endswith("Exercise 5.1: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
+
+
+def test_5_1_a_key_that_leaves_out_the_id_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("hard-coded-key"))
+    assert (
+        "❌ not yet: each product has an entry of its own: products 7 and 8, read and updated\n"
+        "       expected: product 8, read after product 7: {'id': 8, 'name': 'office chair', 'price_cents': "
+        "8999}\n"
+        "       seen:     product 7, {'id': 7, 'name': 'desk lamp', 'price_cents': 1999}: products 7 and 8 "
+        "shared one entry, 'ex05:product:v1:7': the key does not depend on the id\n"
+        "       hint:     A cache key holds everything the cached value depends on"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
+
+
+def test_5_1_refilling_the_entry_in_update_price_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("rewarm"))
+    assert (
+        "❌ not yet: two updates at once leave the newer price: the entry is deleted, not overwritten or "
+        "refilled\n"
+        "       expected: after two updates at once (2499, then 2999), the price the database holds, 2999\n"
+        "       seen:     price_cents 2499: after its delete, update_price read the product again and cached "
+        "it (a re-warm): the first writer's read got 2499, before the second writer's commit, and its SET "
+        "landed after the second writer's delete\n"
+        "       hint:     When update_price returns, the entry must be gone"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
+
+
+def test_5_1_refilling_the_entry_only_if_absent_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_cache_aside, *cache_answer("rewarm-if-absent"))
+    assert (
+        "❌ not yet: two updates at once leave the newer price: the entry is deleted, not overwritten or "
+        "refilled\n"
+        "       expected: the entry gone once both updates have returned: the next read loads it from the "
+        "database\n"
+        "       seen:     'ex05:product:v1:7' was cached again by update_price\n"
+    ) in out
+    assert out.endswith("Exercise 5.1: not yet — 10 of 11 checks pass")
 
 
 def test_5_1_an_answer_that_never_returns_is_reported(capsys: pytest.CaptureFixture[str]) -> None:

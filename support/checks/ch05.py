@@ -3,7 +3,8 @@
 The checks count instead of timing: database reads, loads started, loads in flight at once, and the
 keys, values and TTLs in Redis. Where a race is the point, the check orders it itself instead of
 hoping for it: Exercise 5.1's database can hold a write half-done until the check has read in the
-middle of it, and Exercise 5.2's loads wait on events the check sets, so that the outcome is the same
+middle of it, or hold back the answer of a read that a writer makes after its commit until a second
+writer is done, and Exercise 5.2's loads wait on events the check sets, so that the outcome is the same
 on an idle laptop and on a loaded 2-core runner. The few waits that are bounded by a clock (a load
 waiting for a second one to start) are a second or more, for something that takes one turn of the
 event loop.
@@ -90,6 +91,9 @@ def _watch(hangs: list[str], scenario: Callable[[], object]) -> Callable[[], Non
 _NAMESPACE = "ex05:*"
 _ID = 7
 _PRODUCT = {"id": _ID, "name": "desk lamp", "price_cents": 1999}
+_OTHER_ID = 8
+_OTHER = {"id": _OTHER_ID, "name": "office chair", "price_cents": 8999}
+_OTHER_PRICE = 9499
 _NEW_PRICE = 2499
 _MISSING = 404
 _KEY = re.compile(rf"ex05:product:v\d+:{_ID}")
@@ -113,17 +117,29 @@ class _CheckDatabase:
     ``hold``, when set to an event, pauses every write in the middle (before it commits) until the
     event is set; ``writing`` is set as soon as a write begins; ``first_committed`` once the write of
     the update that the check runs as the first of two writers (``_WRITER``) has committed.
+    ``slow_reads``, when set to an event, slows a read that the first writer makes after its commit:
+    it reads the row at once, sets ``slowed``, and answers only when the event is set (a read whose
+    answer is delayed on its way back).
     """
 
     def __init__(self) -> None:
-        self.rows: dict[int, dict[str, Any]] = {_ID: dict(_PRODUCT)}
+        self.rows: dict[int, dict[str, Any]] = {_ID: dict(_PRODUCT), _OTHER_ID: dict(_OTHER)}
         self.reads: Counter[int] = Counter()
         self.hold: asyncio.Event | None = None
         self.writing = asyncio.Event()
         self.first_committed = asyncio.Event()
+        self.slow_reads: asyncio.Event | None = None
+        self.slowed = asyncio.Event()
 
     async def read(self, product_id: int) -> dict[str, Any] | None:
         self.reads[product_id] += 1
+        if self.slow_reads is not None and _WRITER.get() == "first" and self.first_committed.is_set():
+            row = self.rows.get(product_id)
+            answer = dict(row) if row is not None else None
+            self.slowed.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.slow_reads.wait(), _UNTIL_SECOND)
+            return answer
         await asyncio.sleep(0.02)
         row = self.rows.get(product_id)
         return dict(row) if row is not None else None
@@ -563,6 +579,52 @@ async def _update(scene: _Scene) -> None:
     )
 
 
+async def _two_products(scene: _Scene) -> None:
+    """Two products read one after the other, then the second one updated: an entry each."""
+    await scene.get(_ID)
+    before = len(scene.written)
+    other = await scene.get(_OTHER_ID)
+    keys = list(dict.fromkeys(scene.written))
+    shared = other == _PRODUCT
+    expect(
+        other == _OTHER,
+        f"product {_OTHER_ID}, read after product {_ID}: {_OTHER}",
+        f"product {_ID}, {short(other)}: products {_ID} and {_OTHER_ID} shared one entry"
+        + (f", {keys[0]!r}: the key does not depend on the id" if len(keys) == 1 else "")
+        if shared
+        else short(other),
+        "A cache key holds everything the cached value depends on: here, which product it is. A key "
+        "that leaves the id out serves every product the one that was cached first.",
+        '`product_key` returns `f"ex05:product:v1:{product_id}"`, and both functions use it.',
+    )
+    key = next((k for k in scene.written[before:] if k.endswith(f":{_OTHER_ID}")), None)
+    deleted_before = len(scene.deleted)
+    await scene.update(_OTHER_ID, _OTHER_PRICE)
+    deleted = list(dict.fromkeys(scene.deleted[deleted_before:]))
+    updated, untouched = await scene.get(_OTHER_ID), await scene.get(_ID)
+    expect(
+        _price_of(updated) == _OTHER_PRICE,
+        f"product {_OTHER_ID} at its new price, {_OTHER_PRICE}, after `update_price(…, {_OTHER_ID}, "
+        f"{_OTHER_PRICE})`",
+        f"price_cents {short(_price_of(updated))}: the cache still held its old price"
+        + (
+            f"; update_price deleted {', '.join(map(repr, deleted))}, but product {_OTHER_ID} is cached "
+            f"under {key!r}"
+            if deleted and key and key not in deleted
+            else ""
+        ),
+        "update_price must delete the entry of the product it changed, whichever product that is.",
+        "`await redis.delete(product_key(product_id))`, with the `product_id` that update_price was given.",
+    )
+    expect(
+        untouched == _PRODUCT,
+        f"product {_ID} as it was, {_PRODUCT}, after product {_OTHER_ID}'s update",
+        short(untouched),
+        f"An update to product {_OTHER_ID} changes product {_OTHER_ID} only: the key of each entry holds "
+        "its product's id.",
+    )
+
+
 async def _ttl_kept(scene: _Scene) -> None:
     """A hit must not renew the TTL: the TTL is the bound on how long a missed invalidation lasts."""
     await scene.get(_ID)
@@ -592,10 +654,19 @@ async def _ttl_kept(scene: _Scene) -> None:
     )
 
 
-async def _two_writers(scene: _Scene) -> None:
-    """Two updates at once; the first commits first, but its Redis calls after the commit land last."""
-    await scene.get(_ID)  # cached: the old price
-    scene.second_done = asyncio.Event()
+async def _until(event: asyncio.Event, task: asyncio.Future[None]) -> None:
+    """Wait (up to 2 s) until ``event`` is set or ``task`` is done; raise what the task raised."""
+    waiting = asyncio.ensure_future(event.wait())
+    await asyncio.wait([waiting, task], timeout=2, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if task.done():
+        task.result()  # raises what update_price raised
+
+
+async def _two_updates(scene: _Scene, release: asyncio.Event, parked: asyncio.Event | None = None) -> None:
+    """``update_price`` to _NEW_PRICE (the first writer), then, once its write has committed (and, with
+    ``parked``, once it is held there), to _SECOND_PRICE (the second); ``release`` is set when the
+    second is done, so that what the check holds of the first goes on."""
 
     async def as_writer(name: str, price: int) -> None:
         _WRITER.set(name)  # in this task only, and the tasks it starts
@@ -603,19 +674,30 @@ async def _two_writers(scene: _Scene) -> None:
 
     first = asyncio.ensure_future(as_writer("first", _NEW_PRICE))
     try:
-        committed = asyncio.ensure_future(scene.db.first_committed.wait())
-        await asyncio.wait([committed, first], timeout=2, return_when=asyncio.FIRST_COMPLETED)
-        committed.cancel()
-        if first.done():
-            first.result()  # raises what update_price raised
+        await _until(scene.db.first_committed, first)
+        if parked is not None:
+            await _until(parked, first)
         await asyncio.wait_for(asyncio.ensure_future(as_writer("second", _SECOND_PRICE)), 3)
-        scene.second_done.set()
+        release.set()
         await asyncio.wait_for(first, 3)
     finally:
-        scene.second_done.set()
+        release.set()
         if not first.done():
             first.cancel()
         await asyncio.gather(first, return_exceptions=True)
+
+
+_INVALIDATE_HINT = "Invalidate, do not update: " + _DELETE_AFTER_HINT
+_REFILL_HINT = (
+    "Leave the refill to the next get_product, and end update_price with the delete: " + _DELETE_AFTER_HINT
+)
+
+
+async def _two_writers(scene: _Scene) -> None:
+    """Two updates at once; the first commits first, but its Redis calls after the commit land last."""
+    await scene.get(_ID)  # cached: the old price
+    scene.second_done = asyncio.Event()
+    await _two_updates(scene, scene.second_done)
     after = await scene.get(_ID)
     wrote = scene.by_writer & _WRITES
     expect(
@@ -632,7 +714,45 @@ async def _two_writers(scene: _Scene) -> None:
         "Writing the new value into the cache (write-through) races: two writers can commit in one "
         "order and reach Redis in the other, and the older price then stays until the TTL. A delete "
         "gives the same result whichever lands last.",
-        "Invalidate, do not update: " + _DELETE_AFTER_HINT,
+        _INVALIDATE_HINT,
+    )
+
+
+async def _rewarm(scene: _Scene) -> None:
+    """Two updates at once again; this time a read of the database that the first writer makes after
+    its commit (to fill the cache again) answers only once the second writer is done."""
+    await scene.get(_ID)  # cached: the old price
+    scene.db.slow_reads = asyncio.Event()
+    await _two_updates(scene, scene.db.slow_reads, parked=scene.db.slowed)
+    cached = [e.key for e in await scene.entries() if _KEY.fullmatch(e.key)]
+    after = await scene.get(_ID)
+    refilled = sorted(scene.by_writer & _WRITES)
+    how = (
+        ("after its delete, " if scene.by_writer & _DELETES else "")
+        + f"update_price read the product again and cached it (a re-warm): the first writer's read got "
+        f"{_NEW_PRICE}, before the second writer's commit, and its {refilled[0] if refilled else ''} landed "
+        "after the second writer's delete"
+        if scene.db.slowed.is_set() and refilled
+        else "a read of the database that the first writer made after its commit, slowed, left its price "
+        "cached"
+    )
+    expect(
+        _price_of(after) == scene.db.price(_ID) == _SECOND_PRICE,
+        f"after two updates at once ({_NEW_PRICE}, then {_SECOND_PRICE}), the price the database holds, "
+        f"{scene.db.price(_ID)}",
+        f"price_cents {short(_price_of(after))}: {how}",
+        "When update_price returns, the entry must be gone: filling it again there (a re-warm) stores "
+        "what a read saw, and that read may have started before another writer's commit. Its older price "
+        "then lands after that writer's delete and stays until the TTL.",
+        _REFILL_HINT,
+    )
+    expect(
+        not cached,
+        "the entry gone once both updates have returned: the next read loads it from the database",
+        f"{cached[0]!r} was cached again by update_price" if cached else "",
+        "When update_price returns, the entry must be gone: filling it again there (a re-warm) races "
+        "with other writers, who may commit between its read and its SET.",
+        _REFILL_HINT,
     )
 
 
@@ -685,19 +805,24 @@ def check_cache_aside(
     """Check Exercise 5.1: cache-aside with JSON and a TTL, invalidated after the write.
 
     Each scenario runs on a fresh loop, with a database of the check's own (the notebook's
-    ``ProductDatabase``: 20 ms a read, counted) holding product 7, and a Redis client of the check's
+    ``ProductDatabase``: 20 ms a read, counted) holding products 7 and 8, and a Redis client of the check's
     own (``decode_responses=True``); keys under ``ex05:``, and any other key the answer wrote, are
     deleted before and after. A first call returns the product with one database read and stores it
     under ``ex05:product:v<n>:7`` as JSON with a TTL of at most a day; a second call reads nothing; a
     hit leaves the TTL alone (the check cuts it to 100 s first: a hit must not set it back up); a
     missing product gives None and is not cached for ever; after ``update_price`` the next read has the
     new price, also on another instance (a loop of its own, run while the check's loop is held, so a
-    delete left in a task nobody awaited has not landed); a read made while the write is half-done
+    delete left in a task nobody awaited has not landed); product 8 read after product 7 must be product
+    8, and after its update have its new price while product 7 keeps its own (rejects a key that leaves
+    out the id); a read made while the write is half-done
     (the check pauses it) must not leave the old price cached once ``update_price`` returns, which
     rejects deleting before writing; and of two updates at once, the first to commit has its Redis
     calls after the commit held until the second is done: the newer price must be what a read gets,
-    which rejects writing the new value into the cache instead of deleting it. Commands sent in a
-    pipeline are seen as well as single ones.
+    which rejects writing the new value into the cache instead of deleting it. Then two updates at once
+    again, with the first writer's database reads after its commit answered (with the row as it was
+    when asked) only once the second is done: the newer price must be what a read gets, and the entry
+    must be gone, which rejects filling the cache again in ``update_price`` (a re-warm). Commands sent
+    in a pipeline are seen as well as single ones.
     """
     with exercise("5.1", "Cache-aside, invalidated on write", SOLUTION) as ex:
         for name, function in (("get_product", get_product), ("update_price", update_price)):
@@ -740,12 +865,21 @@ def check_cache_aside(
         ):
             return
         ex.step(
+            "each product has an entry of its own: products 7 and 8, read and updated",
+            scene(_two_products, "two-products"),
+        )
+        ex.step(
             "update_price deletes the key after the write: a read during the write leaves nothing stale",
             scene(_race, "race"),
         )
+
+        def two_writers() -> None:
+            _scenario(get_product, update_price, _two_writers, "two-writers")
+            _scenario(get_product, update_price, _rewarm, "re-warm")
+
         ex.step(
-            "two updates at once leave the newer price: the entry is deleted, not overwritten",
-            scene(_two_writers, "two-writers"),
+            "two updates at once leave the newer price: the entry is deleted, not overwritten or refilled",
+            two_writers,
         )
 
 
