@@ -3,7 +3,9 @@
 Exercise 3.1's middleware is called straight through its ASGI interface (``support.asgi.call``), so
 the check can send header bytes no HTTP client would, and needs no server. Exercise 3.2's spans go to
 a tracer provider of the check's own, with a ``SimpleSpanProcessor`` and an in-memory exporter, so
-every span is there the moment it ends. Exercise 3.3's app is served in-process and scraped.
+every span is there the moment it ends; ``slowest_step`` is also given traces the check builds with
+set times (a root or a query with more time of its own than any step, a gap between a step's
+children), so no clock decides those. Exercise 3.3's app is served in-process and scraped.
 
 Where time matters (which checkout step is slow), the slow step sleeps several times longer than
 anything it is compared with, and each comparison is a ratio, not a deadline. Every server and
@@ -32,6 +34,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 from support.asgi import AsgiResponse, call
 from support.checks import Mismatch, exercise, expect
@@ -796,7 +799,7 @@ def _fast_step(run: _Checkout) -> str:
     return next(s for s in _STEPS if s not in (run.slow, run.busy))
 
 
-def _check_failure(failed: _Checkout) -> None:
+def _check_failure(failed: _Checkout, runs: list[_Checkout]) -> None:
     fail = failed.fail
     assert fail is not None
     expect(
@@ -822,6 +825,22 @@ def _check_failure(failed: _Checkout) -> None:
         "When the step raises, the lines after `await` are skipped: end the span in a `finally:`, or "
         "let a `with` block end it.",
         "Make it current: " + _START_AS_CURRENT,
+    )
+    attributes = dict(spans[0].attributes or {})
+    tagged = all(  # order.id on this step's span when the step returns: the attributes step checks that
+        dict(span.attributes or {}).get("order.id") == run.order_id
+        for run in runs
+        for span in run.step_spans(fail)
+    )
+    expect(
+        attributes.get("order.id") == failed.order_id or not tagged,
+        f"the attribute order.id = {failed.order_id!r} on {_span_name(fail)}, whose step raised",
+        f"attributes {short(attributes)}, though the span carries it when its step returns: it is set "
+        "after the step, a line that a step that raises skips",
+        "The span of a failed step is the one you will search for by order: give it its attributes "
+        "when you start it, before the step runs.",
+        '`tracer.start_as_current_span(name, attributes={"order.id": order["id"]})`, or '
+        '`span.set_attribute("order.id", order["id"])` before `await steps[name](order)`.',
     )
     expect(
         failed.current_after == _PARENT,
@@ -880,16 +899,180 @@ def _check_slowest(slowest_step: Callable[..., Any], runs: list[_Checkout]) -> N
         )
 
 
+@dataclass(frozen=True)
+class _Trace:
+    """A checkout's finished spans, made by the check with set times: no clock involved."""
+
+    where: str
+    slow: str  # the step whose span has the most time of its own
+    spans: list[ReadableSpan]
+    layout: list[tuple[str, int | None, int, int]]  # (name, parent's index, start ms, end ms)
+
+
+def _trace(where: str, slow: str, layout: list[tuple[str, int | None, int, int]]) -> _Trace:
+    """Spans as an exporter hands them over (in the order they ended), from (name, parent, start, end)."""
+    trace_id = random.getrandbits(128)
+    contexts = [
+        otel_trace.SpanContext(trace_id, random.getrandbits(64), False, otel_trace.TraceFlags(1))
+        for _ in layout
+    ]
+    t0 = time.time_ns()
+    order = {"order.id": f"ord-{random.randrange(16**6):06x}"}
+    spans = [
+        ReadableSpan(
+            name,
+            context=contexts[i],
+            parent=None if parent is None else contexts[parent],
+            attributes=order if name.startswith(f"{_PARENT}.") else {},
+            start_time=t0 + start * 1_000_000,
+            end_time=t0 + end * 1_000_000,
+        )
+        for i, (name, parent, start, end) in enumerate(layout)
+    ]
+    return _Trace(where, slow, sorted(spans, key=lambda s: s.end_time or 0), layout)
+
+
+def _not_a_step_traces() -> list[_Trace]:
+    """Two checkouts in which a span that is not a step has more time of its own than any step."""
+    q = _CHILD
+    return [
+        _trace(
+            "a checkout whose root span has 160 ms of its own, after the steps (serialising the answer, "
+            "say), more than any step",
+            "reserve",
+            [
+                (_PARENT, None, 0, 420),
+                ("checkout.validate", 0, 10, 20),
+                ("checkout.price", 0, 20, 140),
+                (q, 2, 20, 60),
+                (q, 2, 60, 100),
+                (q, 2, 100, 140),
+                ("checkout.reserve", 0, 140, 270),  # 100 ms of its own, then three queries at once
+                (q, 6, 240, 270),
+                (q, 6, 240, 265),
+                (q, 6, 242, 270),
+            ],
+        ),
+        _trace(
+            "a checkout in which one query took 150 ms, more time of its own than any step",
+            "price",
+            [
+                (_PARENT, None, 0, 310),
+                ("checkout.validate", 0, 0, 160),
+                (q, 1, 5, 155),
+                ("checkout.price", 0, 160, 290),  # 100 ms of its own, then a query
+                (q, 3, 260, 290),
+                ("checkout.reserve", 0, 290, 300),
+            ],
+        ),
+    ]
+
+
+def _gap_trace() -> _Trace:
+    """A checkout whose slow step spends its own time between two of its queries."""
+    q = _CHILD
+    return _trace(
+        "a checkout whose checkout.validate runs a query, works 100 ms on its own, then runs two more",
+        "validate",
+        [
+            (_PARENT, None, 0, 300),
+            ("checkout.validate", 0, 5, 135),
+            (q, 1, 5, 20),
+            (q, 1, 120, 135),
+            (q, 1, 120, 130),
+            ("checkout.price", 0, 135, 165),
+            ("checkout.reserve", 0, 165, 290),
+            (q, 6, 165, 205),
+            (q, 6, 205, 245),
+            (q, 6, 245, 285),
+        ],
+    )
+
+
+def _own_ms(trace: _Trace, index: int, *, envelope: bool = False) -> int:
+    """A span's own time in the trace's layout; with ``envelope``, its children taken as one block from
+    the first one's start to the last one's end."""
+    _, _, start, end = trace.layout[index]
+    kids = sorted((s, e) for _, parent, s, e in trace.layout if parent == index)
+    if envelope and kids:
+        return end - start - (max(e for _, e in kids) - kids[0][0])
+    covered, cursor = 0, start
+    for s, e in kids:
+        s = max(s, cursor)
+        if e > s:
+            covered, cursor = covered + e - s, e
+    return end - start - covered
+
+
+def _check_slowest_in(slowest_step: Callable[..., Any], traces: list[_Trace]) -> None:
+    for trace in traces:
+        expected = _span_name(trace.slow)
+        answer = slowest_step(list(trace.spans))
+        if not isinstance(answer, str) and hasattr(answer, "name"):
+            answer = getattr(answer, "name", None)  # the step before this one names that
+        if answer == expected:
+            continue
+        own = {i: _own_ms(trace, i) for i in range(len(trace.layout))}
+        shown = "; ".join(
+            f"{name} {own[i]} ms" for i, (name, _, _, _) in enumerate(trace.layout) if name != _CHILD
+        )
+        queries = [own[i] for i, (name, _, _, _) in enumerate(trace.layout) if name == _CHILD]
+        spans = f"Time of their own: {shown}; the longest query {max(queries)} ms"
+        steps = [i for i, (name, _, _, _) in enumerate(trace.layout) if name.startswith(f"{_PARENT}.")]
+        by_envelope = max(steps, key=lambda i: _own_ms(trace, i, envelope=True))
+        hints: list[str]
+        if answer in (_PARENT, _CHILD):
+            what = "the root span" if answer == _PARENT else "a query"
+            why = (
+                f"{what}: it has the most time of its own here, but it is not a step, and the question is "
+                "which step is slow"
+            )
+            hints = [
+                "The root's own time (the work around the steps) and a query's are not a step's, however "
+                "much of it they have: rank only the steps' spans.",
+                f'Keep the spans named `checkout.<step>`: `max((s for s in spans if s.name.startswith("'
+                f'{_PARENT}.")), key=lambda s: self_time(s, spans)).name`.',
+            ]
+        elif answer == trace.layout[by_envelope][0] != expected:
+            slow = next(i for i in steps if trace.layout[i][0] == expected)
+            why = (
+                "the step with the most time of its own if its children covered everything from the first "
+                f"one's start to the last one's end; {expected} worked {own[slow]} ms between two of its "
+                "queries, time no child covers"
+            )
+            hints = [
+                "Children cover only the time they run: the time between one child's end and the next "
+                "child's start is the span's own.",
+                "Merge the children's intervals and subtract the length of their union, as "
+                "`self_time(span, spans)` from `support.telemetry` does.",
+            ]
+        else:
+            why = "not the step's span with the most time of its own"
+            hints = [
+                "A span's own time is its duration minus the time covered by its children (merged where "
+                "they overlap); the slow step is the step's span with the most of it.",
+                f'`max((s for s in spans if s.name.startswith("{_PARENT}.")), key=lambda s: '
+                "self_time(s, spans)).name`, with `self_time` from `support.telemetry`.",
+            ]
+        raise Mismatch(
+            f"{expected!r}, the step's span with the most time of its own, on {trace.where}",
+            f"{short(answer)}: {why}. {spans}",
+            hints,
+        )
+
+
 def check_checkout_spans(checkout: Callable[..., Awaitable[None]], slowest_step: Callable[..., Any]) -> None:
     """Check Exercise 3.2: a span per checkout step, and the slow step found from the spans alone.
 
     Runs ``await checkout(order, tracer, steps)`` twice inside a ``checkout`` span, with a tracer
     provider of the check's own (a ``SimpleSpanProcessor`` to memory, stopped before returning). In
     each run one step, chosen at random and different in the two runs, sleeps 100 ms; another makes
-    8 ``db.query`` child spans of 20 ms (longer, but not its own time); the third sleeps 5 ms. Each
+    8 ``db.query`` child spans of 25 ms (longer, but not its own time); the third sleeps 5 ms. Each
     step must run once, in order, in a finished span ``checkout.<step>`` that is a child of the
-    ``checkout`` span, carries ``order.id`` and is current while the step runs; and
-    ``slowest_step(spans)`` must name the slow step's span.
+    ``checkout`` span, carries ``order.id`` (the span of a step that raises too) and is current while
+    the step runs; and ``slowest_step(spans)`` must name the slow step's span: in those two runs, and in
+    traces the check makes with set times, where the root or a query has more time of its own than any
+    step, and where the slow step's own time lies between two of its children.
     """
     with exercise("3.2", "Custom spans, and the slow step", SOLUTION) as ex:
 
@@ -921,10 +1104,11 @@ def check_checkout_spans(checkout: Callable[..., Awaitable[None]], slowest_step:
 
         def failing_step() -> None:
             (failed,) = _run_all(checkout, [plan[0]], fail=fail)
-            _check_failure(failed)
+            _check_failure(failed, runs)
 
         ex.step(
-            "a step that raises stops the checkout: the error reaches the caller, its span still ends",
+            "a step that raises stops the checkout: the error reaches the caller, its span still ends, "
+            "with order.id",
             failing_step,
         )
         structure = [
@@ -942,6 +1126,14 @@ def check_checkout_spans(checkout: Callable[..., Awaitable[None]], slowest_step:
         ex.step(
             "slowest_step(spans) names the step with the most time of its own, in two checkouts",
             lambda: _check_slowest(slowest_step, runs),
+        )
+        ex.step(
+            "slowest_step(spans) names a step, even where the root or a query has more time of its own",
+            lambda: _check_slowest_in(slowest_step, _not_a_step_traces()),
+        )
+        ex.step(
+            "slowest_step(spans) counts the time between a step's children as the step's own",
+            lambda: _check_slowest_in(slowest_step, [_gap_trace()]),
         )
 
 
@@ -1398,12 +1590,26 @@ def _known_page() -> str:
 _BOUNDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
 
 
-def _page_of(routes: dict[str, Sequence[tuple[float, int]]], *, other: bool = False) -> str:
-    """A /metrics page: ``http_request_duration_seconds`` with one series per route, observed as given."""
+def _page_of(
+    routes: dict[str, Sequence[tuple[float, int]]],
+    *,
+    other: bool = False,
+    bounds: Sequence[float] = _BOUNDS,
+    code: dict[str, str] | None = None,
+) -> str:
+    """A /metrics page: ``http_request_duration_seconds`` with one series per route, observed as given.
+
+    With ``code`` (route → status code), each series also carries a ``code`` label, which the text
+    format writes before ``le`` (prometheus_client sorts the labels by name).
+    """
     registry = CollectorRegistry()
-    latency = Histogram(_METRIC, "Request duration", ["route"], buckets=_BOUNDS, registry=registry)
+    names = ["code", "route"] if code is not None else ["route"]
+    latency = Histogram(_METRIC, "Request duration", names, buckets=bounds, registry=registry)
     for route, observations in routes.items():
-        series = latency.labels(route=route)
+        path = route.split("#")[0]  # "#…": another series of the same route (another code)
+        series = (
+            latency.labels(code=code[route], route=path) if code is not None else latency.labels(route=path)
+        )
         for seconds, times in observations:
             for _ in range(times):
                 series.observe(seconds)
@@ -1416,11 +1622,33 @@ def _page_of(routes: dict[str, Sequence[tuple[float, int]]], *, other: bool = Fa
     return prometheus_client.generate_latest(registry).decode()
 
 
+def _estimate_in_text_order(buckets: list[tuple[float, float]]) -> float:
+    """The estimate with the finite buckets taken in the order of their ``le`` labels as text."""
+    total = buckets[-1][1] if buckets else 0.0
+    finite = sorted(((floatToGoString(le), count) for le, count in buckets if not math.isinf(le)))
+    rank, lower, below = 0.99 * total, 0.0, 0.0
+    for le, count in finite:
+        upper = float(le)
+        if count >= rank:
+            return lower + (upper - lower) * (rank - below) / (count - below) if count > below else upper
+        lower, below = upper, count
+    return lower
+
+
+def _read_no_series(answer: Any, buckets: list[tuple[float, float]]) -> bool:
+    """Whether ``answer`` says the page had no bucket of the histogram, though it counted requests."""
+    total = buckets[-1][1] if buckets else 0.0
+    return total > 0 and (answer is None or (isinstance(answer, float) and math.isnan(answer)))
+
+
 @dataclass(frozen=True)
 class _EdgePage:
     step: str
     where: str
     text: str
+    flaw: Callable[[Any, list[tuple[float, float]]], bool] | None = None  # the answer shows this flaw
+    why: str = ""  # … which the line names, with these hints
+    hints: tuple[str, ...] = ()
 
 
 def _edge_pages() -> list[_EdgePage]:
@@ -1446,6 +1674,39 @@ def _edge_pages() -> list[_EdgePage]:
             "a page where the rank falls in the lowest bucket",
             _page_of({items: [(0.004, 100)]}),
         ),
+        _EdgePage(
+            "orders the buckets by their bounds as numbers, in which 2.5 comes before 10",
+            'a page with buckets up to 10 s (le="2.5", le="5.0", le="10.0"), the rank between 2.5 and 5 s',
+            _page_of(
+                {items: [(0.004, 90), (0.7, 5), (3.0, 5)]}, bounds=[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+            ),
+            lambda answer, buckets: _agrees(answer, _estimate_in_text_order(buckets)),
+            "the estimate with the buckets in the order of their le labels as text, in which "
+            '"10.0" comes before "2.5"',
+            (
+                "A bucket's bound is a number written as text: as text, '10.0' sorts before '2.5', and the "
+                "cumulative counts are then out of order.",
+                'Turn each le into a number before sorting: `float(sample.labels["le"])` as the key of '
+                'your buckets (`float("+Inf")` is infinity, so +Inf sorts last too).',
+            ),
+        ),
+        _EdgePage(
+            'reads every series, whatever its labels: code="…" written before le="…"',
+            "a page whose series carry a code label too, which the text format writes before le",
+            _page_of(
+                {items: [(0.004, 190), (0.2, 5)], f"{items}#500": [(0.7, 5)]},
+                code={items: "200", f"{items}#500": "500"},
+            ),
+            _read_no_series,
+            "as if the page had no bucket of the histogram: every series here has a code label, written "
+            "before le, and a reader that expects le first skips them all",
+            (
+                "The labels of a sample come in any order (prometheus_client writes them sorted by name: "
+                "`code` before `le`): read them by name, not by position.",
+                "Let the parser read the labels: `text_string_to_metric_families(text)`, then "
+                '`float(sample.labels["le"])` for each `…_bucket` sample.',
+            ),
+        ),
     ]
 
 
@@ -1453,8 +1714,26 @@ def _check_p99_edge(p99_from_metrics: Callable[[str], Any], page: _EdgePage) -> 
     buckets = _parse(page.text).buckets()
     expected = histogram_quantile(0.99, buckets)
     answer = p99_from_metrics(page.text)
-    if not _agrees(answer, expected):
-        raise _p99_mismatch(answer, expected, page.where, buckets)
+    if _agrees(answer, expected):
+        return
+    if page.flaw is not None and page.flaw(answer, buckets):
+        shown = ", ".join(f"{le:g}: {count:g}" for le, count in buckets if not math.isinf(le))
+        raise Mismatch(
+            f"p99 ≈ {expected:.4g} s on {page.where}, as Prometheus's histogram_quantile(0.99, …) "
+            "estimates it",
+            f"{_number(answer)}: {page.why} (cumulative buckets le → count: {shown}, "
+            f"+Inf: {buckets[-1][1]:g})",
+            page.hints,
+        )
+    raise _p99_mismatch(answer, expected, page.where, buckets)
+
+
+_NO_SERIES_HINTS = (
+    "Before its first request, a histogram with labels has no series at all: the page shows only its "
+    "HELP and TYPE lines, and there is no bucket to read.",
+    "Check that you found buckets, and that they counted something, before using them: "
+    "`if not buckets or total == 0: return math.nan`.",
+)
 
 
 def _check_p99_empty(p99_from_metrics: Callable[[str], Any]) -> None:
@@ -1465,6 +1744,28 @@ def _check_p99_empty(p99_from_metrics: Callable[[str], Any]) -> None:
         short(answer),
         "With no requests there is no p99: say so with `math.nan` rather than a number or an error.",
         "Before the division: `if total == 0: return math.nan`.",
+    )
+    where = (
+        "a page where the histogram has no series yet (its HELP and TYPE lines only, as before the first "
+        "request)"
+    )
+    try:
+        answer = p99_from_metrics(_page_of({}))
+    except LookupError as exc:
+        if type(exc) is LookupError:  # support.metrics.read_histogram: "no histogram … in the metrics text"
+            return
+        raise Mismatch(
+            f"NaN on {where}",
+            f"{type(exc).__name__}: {short(str(exc), 50)}: the code looked up a bucket (`buckets[-1]`, "
+            "say) before checking there is one",
+            _NO_SERIES_HINTS,
+        ) from None
+    except (ValueError, ZeroDivisionError) as exc:
+        raise Mismatch(
+            f"NaN on {where}", f"{type(exc).__name__}: {short(str(exc), 50)}", _NO_SERIES_HINTS
+        ) from None
+    expect(
+        isinstance(answer, float) and math.isnan(answer), f"NaN on {where}", short(answer), *_NO_SERIES_HINTS
     )
 
 
@@ -1554,7 +1855,10 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
     histogram in the app's own registry (no default-registry metrics on the page), with one series,
     ``route="/items/{item_id}"``, a bucket boundary at 0.1 s, and 60 more requests counted, in seconds.
     ``p99_from_metrics(text)`` must then agree (within 1 %) with PromQL's ``histogram_quantile(0.99,
-    …)``: on a page the check makes (p99 0.2 s), and on the app's.
+    …)``: on a page the check makes (p99 0.2 s); on edge pages (several series and another histogram,
+    a count exactly at the rank, requests above the top bucket, a rank in the lowest bucket, bounds
+    whose order as text is not their order as numbers, series whose labels put ``code`` before ``le``);
+    NaN with no request counted, with or without a series; and on the app's page.
     """
     with exercise("3.3", "A latency histogram, and p99 from it", SOLUTION) as ex:
 
@@ -1618,7 +1922,8 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
                 lambda edge=edge: _check_p99_edge(p99_from_metrics, edge),  # type: ignore[misc]
             )
         ex.step(
-            "p99_from_metrics(text) is NaN when the histogram has counted no request yet",
+            "p99_from_metrics(text) is NaN when the histogram has counted no request yet, even before "
+            "it has a series",
             lambda: _check_p99_empty(p99_from_metrics),
         )
         ex.step(
