@@ -32,7 +32,12 @@ class Histogram:
         return self.buckets[-1][1] if self.buckets else 0.0
 
     def quantile(self, q: float) -> float:
-        """The ``q``-quantile (0 < q < 1) estimated as PromQL's ``histogram_quantile`` does."""
+        """The ``q``-quantile (0 < q < 1) estimated as PromQL's ``histogram_quantile`` does.
+
+        NaN while the histogram has no observations (and no series yet), as in PromQL.
+        """
+        if not self.buckets:
+            return histogram_quantile(q, ((math.inf, 0.0),))
         return histogram_quantile(q, self.buckets)
 
 
@@ -77,6 +82,8 @@ def read_histogram(text: str, name: str, **labels: str) -> Histogram:
 
     ``name`` is the metric's base name (without ``_bucket``). Label values not given are summed over,
     e.g. ``read_histogram(text, "http_request_duration_seconds", route="/orders/{sku}")``.
+    A histogram declared on the page but without a matching series yet (a labelled histogram before
+    its first observation shows only its ``HELP`` and ``TYPE`` lines) is empty: count 0, quantiles NaN.
     """
     counts: dict[float, float] = {}
     total_sum = 0.0
@@ -86,6 +93,7 @@ def read_histogram(text: str, name: str, **labels: str) -> Histogram:
             continue
         if family.type != "histogram":
             raise ValueError(f"{name} is a {family.type}, not a histogram")
+        found = found or not labels or not family.samples
         for sample in family.samples:
             if any(sample.labels.get(k) != v for k, v in labels.items()):
                 continue

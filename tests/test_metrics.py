@@ -70,3 +70,11 @@ def test_scrapes_a_running_app(server) -> None:
 
     running = support.serve(app, name="t-metrics")
     assert scrape_histogram(running, "t_seconds").buckets == ((1.0, 1.0), (INF, 1.0))
+
+
+def test_a_histogram_declared_but_not_yet_observed_is_empty() -> None:
+    page = "# HELP lat Latency\n# TYPE lat histogram\n"  # a labelled histogram before its first request
+    assert read_histogram(page, "lat").count == 0
+    assert math.isnan(read_histogram(page, "lat", route="/orders").quantile(0.99))
+    with pytest.raises(LookupError, match="no histogram missing"):
+        read_histogram(page, "missing")
