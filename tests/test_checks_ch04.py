@@ -115,6 +115,16 @@ def session_answer(variant: str, engines: list[AsyncEngine]) -> tuple[async_sess
                 raise
             else:
                 await session.commit()
+        elif variant == "close-not-awaited":  # `session.close()` without `await`: a coroutine, dropped
+            session = Session()
+            try:
+                yield session
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+            finally:
+                session.close()
         elif variant == "bare":
             session = Session()
             yield session
@@ -178,7 +188,10 @@ def test_4_1_a_session_per_request_passes(
         "  ✅ passed: a request cancelled midway (as by a timeout): its row is not stored, its connection "
         "given back\n"
     ) in out
-    assert out.endswith("Exercise 4.1: passed ✅ (7 of 7 checks)\n")
+    assert (
+        "  ✅ passed: every request's session is closed once the request is done, whatever happened\n"
+    ) in out
+    assert out.endswith("Exercise 4.1: passed ✅ (8 of 8 checks)\n")
     assert Session.kw["bind"] is notebook_engines[0], "the check must point Session back at its engine"
 
 
@@ -219,7 +232,7 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
             "connection given back\n"
             "       expected: no row from a request that was cancelled\n",
         ),
-        "5 of 7",
+        "6 of 8",
     ),
     "not-closed": (  # `except Exception` does not see a cancellation, and nothing closes the session
         (
@@ -234,7 +247,7 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
             "       seen:     1 still checked out 2 s later: the session was never closed\n"
             "       hint:     When `commit()` raises, the session is left in a failed transaction",
         ),
-        "5 of 7",
+        "5 of 8",
     ),
     "bare": (
         (
@@ -244,7 +257,7 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
             "       hint:     The handler's exception comes out of your `yield`",
             "  ✅ passed: 10 concurrent requests: each gets a session of its own\n",  # the leak was tidied
         ),
-        "4 of 7",
+        "4 of 8",
     ),
     "default-scope": (
         (
@@ -256,14 +269,14 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
             "       hint:     With the default scope, FastAPI runs the code after `yield` once the response "
             "has been sent",
         ),
-        "6 of 7",
+        "7 of 8",
     ),
     "swallowed": (
         (
             "       seen:     status 200: the client was told its order was placed, but it could not be",
             "hint:     The commit's exception must reach FastAPI, which answers 500",
         ),
-        "6 of 7",
+        "7 of 8",
     ),
     "commit-if-pending": (  # a flushed row is no longer in session.new, but still uncommitted
         (
@@ -273,7 +286,20 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
             "       seen:     not there, though the row of a request that only added its row was: once "
             "flushed, a row is in the transaction but no longer pending (`session.new` is empty)",
         ),
-        "6 of 7",
+        "7 of 8",
+    ),
+    "close-not-awaited": (  # commit or rollback gives the connection back: only the close is missing
+        (
+            "  ✅ passed: a request cancelled midway (as by a timeout): its row is not stored, its "
+            "connection given back\n",
+            "  ❌ not yet: every request's session is closed once the request is done, whatever happened\n"
+            "       expected: every session closed by get_session once its request is done\n"
+            "       seen:     14 of 14 sessions never closed (the first given to POST /orders/ch04x-ok): "
+            "`session.close()` was called but not awaited, so it only made a coroutine, which was dropped "
+            "(Python warns: \"coroutine 'AsyncSession.close' was never awaited\"), and the close never ran\n"
+            "       hint:     Calling an `async def` method runs none of its code",
+        ),
+        "7 of 8",
     ),
     "shared": (
         (
@@ -294,7 +320,21 @@ WRONG_SESSIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
 }
 
 
-@pytest.mark.parametrize("variant", list(WRONG_SESSIONS))
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param(
+            variant,
+            marks=pytest.mark.filterwarnings(  # the learner's dropped coroutine: Python warns, as it should
+                "ignore:coroutine 'AsyncSession.close' was never awaited:RuntimeWarning",
+                "ignore::pytest.PytestUnraisableExceptionWarning",
+            ),
+        )
+        if variant == "close-not-awaited"
+        else variant
+        for variant in WRONG_SESSIONS
+    ],
+)
 def test_4_1_wrong_answers_are_rejected(
     variant: str, notebook_engines: list[AsyncEngine], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -650,6 +690,15 @@ def loading_answer(variant: str) -> Any:
             orders = list((await session.scalars(mine.options(selectinload(Order.lines)))).all())
             await session.rollback()
             return orders
+        if variant == "rolls-back-first":
+            await session.rollback()  # "to read from a clean transaction, only committed rows"
+            return list((await session.scalars(mine.options(selectinload(Order.lines)))).all())
+        if variant == "filters-in-python":
+            everything = (await session.scalars(select(Order).options(selectinload(Order.lines)))).all()
+            return [order for order in everything if order.customer_id == customer_id]
+        if variant == "own-session":  # a session of its own: it sees only what is committed
+            async with AsyncSession(session.bind) as own:
+                return list((await own.scalars(mine.options(selectinload(Order.lines)))).all())
         if variant == "scalar-result":
             return await session.scalars(mine.options(selectinload(Order.lines)))
         if variant == "touches-lines":
@@ -670,7 +719,7 @@ def test_4_3_eager_loading_passes(variant: str, capsys: pytest.CaptureFixture[st
         "  ✅ passed: orders_with_lines(session, customer_id) runs and leaves the caller's transaction "
         "alone: nothing committed, nothing rolled back\n"
     ) in out
-    assert out.endswith("Exercise 4.3: passed ✅ (6 of 6 checks)\n")
+    assert out.endswith("Exercise 4.3: passed ✅ (7 of 7 checks)\n")
 
 
 def test_4_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -705,14 +754,14 @@ def test_4_3_one_query_per_order_is_rejected(capsys: pytest.CaptureFixture[str])
     assert (
         "  ❌ not yet: in at most 3 queries, not one per order\n"
         "       expected: at most 3 queries for 20 orders, not one per order\n"
-        "       seen:     21 queries for 20 orders: one for the orders, then one more per order "
+        "       seen:     20 queries for 20 orders: one for the orders, then one more per order "
         "(the N+1 problem)\n"
     ) in out
     assert (
         "  ✅ passed: the lines still read after the session has closed, as when FastAPI serialises them\n"
         in out
     )
-    assert out.endswith("Exercise 4.3: not yet — 5 of 6 checks pass")
+    assert out.endswith("Exercise 4.3: not yet — 6 of 7 checks pass")
 
 
 def test_4_3_joinedload_without_unique_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
@@ -773,7 +822,15 @@ def test_4_3_the_wrong_orders_are_rejected(
         (
             "rolls-back",
             "it was over when the call returned: orders_with_lines rolled back (or closed) the caller's "
-            "transaction, one it does not own, and whatever the caller had not committed with it",
+            "transaction, one it does not own, and whatever the caller had not committed with it: the "
+            "order the caller had added and flushed, not committed, is gone from its session",
+        ),
+        (  # "to read from a clean transaction": the caller's new order is never read either
+            "rolls-back-first",
+            "it was over when the call returned: orders_with_lines rolled back (or closed) the caller's "
+            "transaction, one it does not own, and whatever the caller had not committed with it: the "
+            "order the caller had added and flushed, not committed, is gone from its session and missing "
+            "from the result",
         ),
     ],
 )
@@ -788,6 +845,30 @@ def test_4_3_ending_the_callers_transaction_is_rejected(
         f"       seen:     {seen}\n"
     ) in out
     assert out.endswith("Exercise 4.3: not yet — 1 of 2 checks pass")
+
+
+def test_4_3_loading_every_customers_orders_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_orders_with_lines, loading_answer("filters-in-python"), *MODELS)
+    assert "  ✅ passed: it returns the customer's 20 orders, each once\n" in out
+    assert (
+        "  ❌ not yet: it reads only that customer's orders and lines, not every customer's\n"
+        "       expected: only the customer's orders and their lines read from the database\n"
+        "       seen:     4 orders and 8 lines of another customer loaded too: the query read every "
+        "customer's orders (the whole table), and the customer's were picked out afterwards, in Python\n"
+    ) in out
+    assert out.endswith("Exercise 4.3: not yet — 6 of 7 checks pass")
+
+
+def test_4_3_reading_through_a_session_of_its_own_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_orders_with_lines, loading_answer("own-session"), *MODELS)
+    assert (
+        "  ❌ not yet: it returns the customer's 20 orders, each once\n"
+        "       expected: the customer's 20 orders, read through the session it was given\n"
+        "       seen:     19 of 19 orders that are not in that session: they were read through another "
+        "session (or connection), whose transaction cannot see what the caller has flushed but not "
+        "committed, so the caller's new order is missing\n"
+    ) in out
+    assert out.endswith("Exercise 4.3: not yet — 2 of 3 checks pass")
 
 
 def test_4_3_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,11 @@ got at once) outlasts any accepted pool wait by half a second, so a deadline put
 request instead of on the wait for a connection shows. Mechanisms the load alone would not show get
 a request of their own: a handler that flushed and returned (nothing pending, still uncommitted), a
 request cancelled midway (``CancelledError`` is not an ``Exception``), one request wanting more
-connections than the pool has (no count of requests in flight predicts that pool timeout).
+connections than the pool has (no count of requests in flight predicts that pool timeout). Whether a
+session was closed is told by the session's own ``close``, wrapped on the instance, not by the pool
+(a commit or a rollback gives the connection back too). Exercise 4.3's caller has flushed an order of
+its own before the call, so that a function which ends the caller's transaction loses it, and the
+session's load events tell which rows the call read, so that reading every customer's shows.
 
 What a wrong answer leaves behind is tidied too: sessions it never closed are closed by the check
 (so no connection is left for the garbage collector to complain about), and the "coroutine was never
@@ -47,7 +51,7 @@ from fastapi import FastAPI, HTTPException, params
 from sqlalchemy import Row, String, event, insert, select
 from sqlalchemy.exc import InvalidRequestError, MissingGreenlet, NoInspectionAvailable
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_session
 from sqlalchemy.orm.exc import DetachedInstanceError
 
 from support.checks import Mismatch, exercise, expect
@@ -297,7 +301,44 @@ async def _close_all(sessions: list[Any], engine: AsyncEngine) -> int:
     return closed
 
 
-def _session_app(session_dep: Any, engine: AsyncEngine, seen: list[Any]) -> FastAPI:
+class _Closes:
+    """Which of the sessions given to the handlers were closed, and which only had ``close()`` called.
+
+    Each session's ``close`` is wrapped on the instance: ``async with`` (``AsyncSession.__aexit__``),
+    ``Session.begin()`` and ``aclose()`` all call ``self.close()``, so they go through it. The
+    wrapper notes the call and returns the real coroutine; the session's own ``sync_session.close``
+    (and ``invalidate``), which that coroutine runs once awaited, note that a close ran.
+    """
+
+    def __init__(self) -> None:
+        self.called: set[int] = set()
+        self.ran: set[int] = set()
+        self._watched: set[int] = set()
+
+    def watch(self, session: Any) -> None:
+        key = id(session)
+        if not isinstance(session, AsyncSession) or key in self._watched:
+            return
+        self._watched.add(key)
+        close = session.close
+
+        def called() -> Awaitable[None]:
+            self.called.add(key)
+            return close()
+
+        session.close = called  # type: ignore[method-assign]
+        sync = session.sync_session
+        for name in ("close", "invalidate"):
+            original = getattr(sync, name)
+
+            def ran(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+                self.ran.add(key)
+                return _original(*args, **kwargs)
+
+            setattr(sync, name, ran)
+
+
+def _session_app(session_dep: Any, engine: AsyncEngine, seen: list[Any], closes: _Closes) -> FastAPI:
     """The check's own shop: its handlers take the learner's SessionDep, and remember each session."""
 
     @asynccontextmanager
@@ -309,26 +350,30 @@ def _session_app(session_dep: Any, engine: AsyncEngine, seen: list[Any]) -> Fast
 
     app = FastAPI(lifespan=lifespan)
 
-    async def place(sku: str, session: Any) -> dict[str, str]:
+    def given(session: Any) -> None:
         seen.append(session)
+        closes.watch(session)
+
+    async def place(sku: str, session: Any) -> dict[str, str]:
+        given(session)
         session.add(_Placed(sku=sku))  # no flush: a duplicate sku fails only when committed
         return {"sku": sku}
 
     async def place_then_fail(sku: str, session: Any) -> None:
-        seen.append(session)
+        given(session)
         session.add(_Placed(sku=sku))
         await session.flush()  # the row is in the transaction now: only a rollback keeps it out
         raise HTTPException(status_code=409, detail="out of stock")
 
     async def place_and_flush(sku: str, session: Any) -> dict[str, Any]:
-        seen.append(session)
+        given(session)
         row = _Placed(sku=sku)
         session.add(row)
         await session.flush()  # to learn its id: nothing is pending in the session any more
         return {"sku": sku, "id": row.id}
 
     async def place_then_cancelled(sku: str, session: Any) -> None:
-        seen.append(session)
+        given(session)
         session.add(_Placed(sku=sku))
         await session.flush()
         task = asyncio.current_task()
@@ -337,7 +382,7 @@ def _session_app(session_dep: Any, engine: AsyncEngine, seen: list[Any]) -> Fast
         await asyncio.sleep(0)  # the CancelledError arrives here, as it would at any await
 
     async def place_slowly(sku: str, session: Any) -> dict[str, str]:
-        seen.append(session)
+        given(session)
         session.add(_Placed(sku=sku))
         await asyncio.sleep(_OVERLAP)  # the other requests arrive meanwhile
         return {"sku": sku}
@@ -383,13 +428,33 @@ class _SessionRun:
     engine: AsyncEngine
     depends: params.Depends
     seen: list[Any] = field(default_factory=list)
+    closes: _Closes = field(default_factory=_Closes)
+    # id(session) → (the request it was given to, whether `close()` had been called), if not closed
+    left_open: dict[int, tuple[str, bool]] = field(default_factory=dict)
+    last_request: str = ""
+    tracked: dict[int, None] = field(default_factory=dict)  # the sessions whose closing is checked, in order
 
     def post(self, path: str) -> _Answer:
+        self.last_request = f"POST {path}"
         return _request(self.server, "POST", [path], "check-4.1")[0]
 
-    def settle(self) -> int:
-        """Connections still checked out once the app is done (then closed by the check)."""
+    def settle(self, closed: bool = True) -> int:
+        """Connections still checked out once the app is done (then closed by the check).
+
+        Unless ``closed`` is false, the sessions that get_session had not closed by then are noted
+        first, before the check closes any of them.
+        """
         self.wrapper.settle(self.watch)
+        for session in self.seen if closed else ():
+            key = id(session)
+            if not isinstance(session, AsyncSession):
+                continue
+            self.tracked.setdefault(key, None)
+            if key not in self.closes.ran:
+                self.left_open[key] = (
+                    self.left_open.get(key, (self.last_request, False))[0],
+                    key in self.closes.called,
+                )
         leaked = self.watch.in_use
         if leaked:
             _request(self.server, "POST", ["/_ch04x/release"], "check-4.1-release")
@@ -554,6 +619,7 @@ class _SessionRun:
     def concurrent(self) -> None:
         before_errors, before_seen = len(self.server.exceptions), len(self.seen)
         paths = [f"/orders/ch04x-c{i}/slow" for i in range(_CONCURRENT_41)]
+        self.last_request = f"one of {_CONCURRENT_41} concurrent requests"
         answers = _request(self.server, "POST", paths, "check-4.1-concurrent")
         leaked = self.settle()
         sessions = self.seen[before_seen:]
@@ -580,12 +646,46 @@ class _SessionRun:
         )
         self.expect_returned(leaked, f"after {_CONCURRENT_41} concurrent requests")
 
+    def all_closed(self) -> None:
+        sessions = list(self.tracked)
+        left = [key for key in sessions if key in self.left_open]
+        if not left:
+            return
+        example = self.left_open[left[0]][0]
+        if any(self.left_open[key][1] for key in left):
+            raise Mismatch(
+                "every session closed by get_session once its request is done",
+                f"{len(left)} of {len(sessions)} sessions never closed (the first given to {example}): "
+                "`session.close()` was called but not awaited, so it only made a coroutine, which was "
+                "dropped (Python warns: \"coroutine 'AsyncSession.close' was never awaited\"), and the "
+                "close never ran",
+                [
+                    "Calling an `async def` method runs none of its code: it returns a coroutine, and the "
+                    "work happens only when that coroutine is awaited.",
+                    "`finally: await session.close()`; or let `async with Session() as session:` close it.",
+                ],
+            )
+        raise Mismatch(
+            "every session closed by get_session once its request is done",
+            f"{len(left)} of {len(sessions)} sessions still open after their request (the first given to "
+            f"{example}): nothing closed them; a commit or a rollback gives the connection back, but "
+            "only closing ends the session, whatever happened in the request",
+            [
+                "A session is closed by `close()`, or by the `async with` block it was made in; "
+                "committing or rolling back is not closing.",
+                "Let `async with Session() as session:` close it, around the `yield` (or `await "
+                "session.close()` in `finally:`).",
+            ],
+        )
+
     def commit_fails(self) -> None:
         seeded = _request(self.server, "POST", ["/_ch04x/seed/ch04x-taken"], "check-4.1-seed")[0]
         assert seeded.status == 200, f"the check could not seed its table: {seeded.text}"
         before_errors = len(self.server.exceptions)
         answer = self.post("/orders/ch04x-taken")
-        leaked = self.settle()
+        # not whether it was closed: `Session.begin()` skips the close when its commit raises (having
+        # rolled back, which gives the connection back); whether the connection came back is checked
+        leaked = self.settle(closed=False)
         late = [e for e in _new_exceptions(self.server, before_errors, 0.2) if "UNIQUE" in str(e).upper()]
         if answer.status < 400:
             when = "; the commit failed after the response had gone (the server logged it)" if late else ""
@@ -628,8 +728,11 @@ def check_session_dependency(Session: Any, SessionDep: Any) -> None:
     row and returns, one flushes a row and raises ``HTTPException(409)``, one flushes a row and is
     cancelled, one adds a row while nine others do the same. The rows of the handlers that returned
     must be stored, the others not; every request must get a session of its own, made by
-    ``Session()``; after each request (the cancelled one too) no connection may stay checked out; and
-    a request whose commit fails (a duplicate unique sku, seen only at commit) must get an error
+    ``Session()``; after each request (the cancelled one too) no connection may stay checked out, and
+    its session must have been closed (each session's ``close`` is wrapped on the instance, which
+    ``async with`` and ``Session.begin()`` call too: a commit or rollback gives the connection back,
+    so the pool alone does not show a session never closed, or a ``close()`` never awaited); and a
+    request whose commit fails (a duplicate unique sku, seen only at commit) must get an error
     status, not 200.
     """
     with exercise("4.1", "A session per request, committed or rolled back", SOLUTION) as ex:
@@ -644,6 +747,7 @@ def check_session_dependency(Session: Any, SessionDep: Any) -> None:
         )
         watch = PoolWatch(engine)
         seen: list[Any] = []
+        closes = _Closes()
 
         async def cleanup() -> None:
             await _close_all(seen, engine)
@@ -653,14 +757,14 @@ def check_session_dependency(Session: Any, SessionDep: Any) -> None:
             finally:
                 await engine.dispose()
 
-        wrapper = _InFlight(_session_app(SessionDep, engine, seen), cleanup)
+        wrapper = _InFlight(_session_app(SessionDep, engine, seen, closes), cleanup)
         try:
             with (
                 _bound(Session, engine),
                 joins_new_threads(),
                 serve_answer(wrapper, "check-4.1", "4.1", _SERVE_FAILED) as server,
             ):
-                run = _SessionRun(server, wrapper, watch, engine, found[0], seen)
+                run = _SessionRun(server, wrapper, watch, engine, found[0], seen, closes)
                 if not ex.step(
                     "a request that succeeds: it gets a new session, its row is stored, its connection "
                     "given back",
@@ -686,6 +790,10 @@ def check_session_dependency(Session: Any, SessionDep: Any) -> None:
                 ex.step(
                     "a request whose commit fails (a duplicate sku) gets an error status, not 200",
                     run.commit_fails,
+                )
+                ex.step(
+                    "every request's session is closed once the request is done, whatever happened",
+                    run.all_closed,
                 )
         finally:
             if not wrapper.cleaned:  # the app never started, so its shutdown never ran
@@ -1172,6 +1280,12 @@ class _Loading:
     empty: set[int] = field(default_factory=set)  # the asked customer's orders that have no lines
     transaction_open: bool = True  # the caller's transaction still open after the call
     pending_committed: bool = False  # the call committed the caller's transaction
+    new_kept: bool = True  # the order the caller flushed (not committed) still in its session after the call
+    new_returned: bool = False  # … and among the orders returned
+    elsewhere: int = 0  # orders returned that are not in the caller's session (read through another)
+    other_lines: set[int] = field(default_factory=set)  # the other customer's line ids
+    others_loaded: int = 0  # the other customer's orders the call loaded from the database
+    other_lines_loaded: int = 0  # … and their lines
 
 
 def _translate(exc: BaseException) -> str | None:
@@ -1219,22 +1333,44 @@ async def _load(
 
         async with Session() as session:
             other = customer("ch04x-other", [_OTHER_LINES] * _OTHER_ORDERS)
-            # the last order has no lines yet: it is still one of the customer's orders
-            target = customer("ch04x-asked", [_LINES] * (_ORDERS - 1) + [0])
+            target = customer("ch04x-asked", [_LINES] * (_ORDERS - 1))
             session.add_all([other, target])
             await session.commit()
             seen.truth = {o.id: sorted(line.id for line in o.lines) for o in target.orders}
             seen.others = {o.id for o in other.orders}
-            seen.empty = {o.id for o in target.orders if not o.lines}
+            seen.other_lines = {line.id for o in other.orders for line in o.lines}
             target_id = target.id
         watch = PoolWatch(engine)
         async with Session() as session:
+            # the caller's own work, flushed and not committed: a new order with no lines yet, one of
+            # the customer's orders all the same (only this transaction can see it)
+            new = Order(customer_id=target_id, lines=[])
+            session.add(new)
+            await session.flush()
+            seen.truth[new.id] = []
+            seen.empty = {new.id}
+            watch.reset()
             # the session's transaction is the caller's: orders_with_lines must not end it
             ended: list[str] = []
+            loaded: list[tuple[type, Any]] = []
             sync_session = session.sync_session
-            on_commit, on_rollback = (lambda _: ended.append("commit")), (lambda _: ended.append("rollback"))
-            event.listen(sync_session, "after_commit", on_commit)
-            event.listen(sync_session, "after_rollback", on_rollback)
+
+            def on_commit(_: Any) -> None:
+                ended.append("commit")
+
+            def on_rollback(_: Any) -> None:
+                ended.append("rollback")
+
+            def on_load(_: Any, instance: Any) -> None:
+                loaded.append((type(instance), sqlalchemy.inspect(instance).identity))
+
+            listeners = (
+                ("after_commit", on_commit),
+                ("after_rollback", on_rollback),
+                ("loaded_as_persistent", on_load),
+            )
+            for name, listener in listeners:
+                event.listen(sync_session, name, listener)
             try:
                 result = orders_with_lines(session, target_id)
                 if inspect.isawaitable(result):
@@ -1254,12 +1390,25 @@ async def _load(
                 if kind is None:
                     raise
                 seen.error, seen.error_text = kind, str(exc).splitlines()[0]
-            event.remove(sync_session, "after_commit", on_commit)
-            event.remove(sync_session, "after_rollback", on_rollback)
+            for name, listener in listeners:
+                event.remove(sync_session, name, listener)
             seen.pending_committed = "commit" in ended
             seen.transaction_open = not ended
+            seen.new_kept = new in session
             seen.statements = list(watch.statements)
             orders = [item for item in seen.items or () if isinstance(item, Order)]
+            seen.new_returned = any(item is new for item in orders)
+            seen.elsewhere = sum(object_session(item) is not sync_session for item in orders)
+            seen.others_loaded = len(
+                {key for cls, key in loaded if issubclass(cls, Order) and key and key[0] in seen.others}
+            )
+            seen.other_lines_loaded = len(
+                {
+                    key
+                    for cls, key in loaded
+                    if issubclass(cls, OrderLine) and key and key[0] in seen.other_lines
+                }
+            )
             if seen.error is None and orders:
                 try:
                     seen.open_read = _read_lines(orders)
@@ -1383,6 +1532,19 @@ def _check_returned(seen: _Loading, Order: Any) -> None:
         f"{short(strangers[0] if strangers else None, 50)}",
         "Return the Order objects the query loaded: `list((await session.scalars(query)).all())`.",
     )
+    if seen.elsewhere:
+        raise Mismatch(
+            f"the customer's {len(seen.truth)} orders, read through the session it was given",
+            f"{seen.elsewhere} of {len(items)} orders that are not in that session: they were read "
+            "through another session (or connection), whose transaction cannot see what the caller "
+            "has flushed but not committed"
+            + ("" if seen.new_returned else ", so the caller's new order is missing"),
+            [
+                "The caller passes its session so that the read happens in its transaction, and sees "
+                "its own work; a session of your own reads only what is committed.",
+                "Query through the `session` argument: " + _SELECTIN,
+            ],
+        )
     ids = [order.id for order in items]
     returned = set(ids)
     expected = set(seen.truth)
@@ -1441,7 +1603,7 @@ def _check_lines_loaded(seen: _Loading) -> None:
 
 def _check_queries(seen: _Loading) -> None:
     count = len(seen.statements)
-    per_order = count > len(seen.truth)
+    per_order = count > len(seen.truth) - len(seen.empty)  # the new order's lines are known already
     expect(
         count <= _MAX_QUERIES,
         f"at most {_MAX_QUERIES} queries for {len(seen.truth)} orders, not one per order",
@@ -1450,6 +1612,19 @@ def _check_queries(seen: _Loading) -> None:
         "Each `await order.awaitable_attrs.lines` is a query of its own: with 1,000 orders, 1,001 "
         "round trips to the database.",
         "Load the lines of all the orders in one more query (one per 500 orders): " + _SELECTIN,
+    )
+
+
+def _check_only_customer(seen: _Loading) -> None:
+    expect(
+        not seen.others_loaded and not seen.other_lines_loaded,
+        "only the customer's orders and their lines read from the database",
+        f"{seen.others_loaded} orders and {seen.other_lines_loaded} lines of another customer loaded "
+        "too: the query read every customer's orders (the whole table), and the customer's were picked "
+        "out afterwards, in Python",
+        "Let the database filter: a `WHERE` sends back only the customer's rows, where filtering in "
+        "Python loads every order (and its lines) on each request, however large the table grows.",
+        "`select(Order).where(Order.customer_id == customer_id)`, with `selectinload(Order.lines)`.",
     )
 
 
@@ -1477,11 +1652,16 @@ def _check_transaction(seen: _Loading) -> None:
                 "Return the loaded orders and leave `commit()` to get_session.",
             ],
         )
+    lost = ""
+    if not seen.new_kept:
+        lost = ": the order the caller had added and flushed, not committed, is gone from its session" + (
+            "" if seen.new_returned else " and missing from the result"
+        )
     expect(
-        seen.transaction_open,
+        seen.transaction_open and seen.new_kept,
         "the caller's transaction left open: orders_with_lines only reads",
         "it was over when the call returned: orders_with_lines rolled back (or closed) the caller's "
-        "transaction, one it does not own, and whatever the caller had not committed with it",
+        "transaction, one it does not own, and whatever the caller had not committed with it" + lost,
         "The session, and its transaction, belong to the caller; a function that reads through it "
         "must not end it.",
         "Return the loaded orders without `rollback()`, `close()` or `async with session:`.",
@@ -1493,15 +1673,17 @@ def check_orders_with_lines(
 ) -> None:
     """Check Exercise 4.3: a customer's orders, with their lines loaded up front, in a few queries.
 
-    On a database of the check's own, one customer has 20 orders (19 of 3 lines, one with none) and
-    another 4 orders of 2. In a session of the check's,
+    On a database of the check's own, one customer has 19 committed orders of 3 lines and another 4
+    orders of 2. In a session of the check's, which has added and flushed (not committed) a 20th
+    order of the first customer, with no lines yet,
     ``await orders_with_lines(session, customer_id)`` must return a list (a sequence) of the first
-    customer's 20 Order objects, each once, the one without lines too; reading every
-    ``order.lines`` in the still-open session must run no query (a lazy load raises
-    MissingGreenlet under asyncio) and give each order its own lines; the call
-    must run at most 3 SQL statements (not one per order); the lines must still read after the
-    session has closed, as when FastAPI serialises a response; and the caller's transaction must be
-    left open, neither committed nor rolled back (session events tell which).
+    customer's 20 Order objects, each once, the new one too, read through that session; reading
+    every ``order.lines`` in the still-open session must run no query (a lazy load raises
+    MissingGreenlet under asyncio) and give each order its own lines; the call must run at most 3
+    SQL statements (not one per order) and load none of the other customer's orders or lines (the
+    session's ``loaded_as_persistent`` events tell); the lines must still read after the session has
+    closed, as when FastAPI serialises a response; and the caller's transaction must be left open,
+    neither committed nor rolled back (session events tell which), its new order still in the session.
     """
     with exercise("4.3", "Orders with their lines, loaded before the session closes", SOLUTION) as ex:
 
@@ -1538,6 +1720,10 @@ def check_orders_with_lines(
         ):
             return
         ex.step(f"in at most {_MAX_QUERIES} queries, not one per order", lambda: _check_queries(seen))
+        ex.step(
+            "it reads only that customer's orders and lines, not every customer's",
+            lambda: _check_only_customer(seen),
+        )
         ex.step(
             "the lines still read after the session has closed, as when FastAPI serialises them",
             lambda: _check_after_close(seen),
