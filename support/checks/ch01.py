@@ -522,6 +522,13 @@ _SHORT_RANGE = (0.1, 0.3)
 _OVERRUN = 0.25  # a probe may end up to one interval past `duration`, and this much more for noise
 _BEAT_STALL = 0.03  # a heartbeat this late was held up by the probe (or by a busy machine: run again)
 _IDLE_ATTEMPTS = 3
+_BUSY = 0.3  # the loop's worker threads are all taken for this long at the start of a run
+_BUSY_WORKERS = 2  # the size of the loop's default executor during that run
+_SMALL_STALL = 0.04
+_SMALL_INTERVAL = 0.01
+_SMALL_STALL_AT = 0.1
+_SMALL_DURATION = 0.3
+_SMALL_RANGE = (0.02, 0.15)  # the lag is at least stall − interval (0.03 s) whatever the phase
 
 
 @dataclass
@@ -533,10 +540,53 @@ class _ProbeRun:
     worst_beat: float = 0.0  # the heartbeat's worst lag: the longest the loop was held up at once
 
 
+@contextlib.contextmanager
+def _worker_threads_taken(seconds: float) -> Iterator[None]:
+    """For ``seconds``, every worker thread the running loop offers is taken: its default executor
+    (``asyncio.to_thread``, ``run_in_executor(None, …)``), made two threads that both sleep, and
+    AnyIO's default thread limiter (``anyio.to_thread.run_sync``), every token of which is borrowed.
+    The loop itself stays idle."""
+    import anyio.to_thread
+
+    loop = asyncio.get_running_loop()
+    executor = concurrent.futures.ThreadPoolExecutor(_BUSY_WORKERS, thread_name_prefix="check-1.2-busy")
+    loop.set_default_executor(executor)  # asyncio.run shuts it down with the loop
+    for _ in range(_BUSY_WORKERS):
+        executor.submit(time.sleep, seconds)
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    borrowers = [object() for _ in range(math.ceil(limiter.available_tokens))]
+    for borrower in borrowers:
+        limiter.acquire_on_behalf_of_nowait(borrower)
+
+    def give_back() -> None:
+        while borrowers:
+            limiter.release_on_behalf_of(borrowers.pop())
+
+    handle = loop.call_later(seconds, give_back)
+    try:
+        yield
+    finally:
+        handle.cancel()
+        give_back()
+
+
 async def _measure_probe(
-    probe: Callable[..., Any], duration: float, interval: float, stalls: tuple[float, ...]
+    probe: Callable[..., Any],
+    duration: float,
+    interval: float,
+    stalls: tuple[float, ...],
+    stall: float = _STALL,
+    busy: float = 0.0,
 ) -> _ProbeRun:
-    """Run ``probe(duration, interval)`` beside a heartbeat task, with ``stalls`` scheduled on the loop."""
+    """Run ``probe(duration, interval)`` beside a heartbeat task, with ``stalls`` (each holding the
+    loop ``stall`` seconds) scheduled on the loop, and its worker threads taken for ``busy`` seconds."""
+    with _worker_threads_taken(busy) if busy else contextlib.nullcontext():
+        return await _measure_probe_beside_heartbeat(probe, duration, interval, stalls, stall)
+
+
+async def _measure_probe_beside_heartbeat(
+    probe: Callable[..., Any], duration: float, interval: float, stalls: tuple[float, ...], stall: float
+) -> _ProbeRun:
     loop = asyncio.get_running_loop()
     run = _ProbeRun()
     lags: list[float] = []
@@ -552,7 +602,7 @@ async def _measure_probe(
 
     beat = asyncio.create_task(heartbeat())
     await asyncio.sleep(0)  # the heartbeat starts its first sleep
-    handles = [loop.call_later(at, time.sleep, _STALL) for at in stalls]
+    handles = [loop.call_later(at, time.sleep, stall) for at in stalls]
     start = time.perf_counter()
     try:
         result = probe(duration, interval)
@@ -572,12 +622,17 @@ async def _measure_probe(
 
 
 def _run_probe(
-    probe: Callable[..., Any], duration: float, stalls: tuple[float, ...] = (), interval: float = _INTERVAL
+    probe: Callable[..., Any],
+    duration: float,
+    stalls: tuple[float, ...] = (),
+    interval: float = _INTERVAL,
+    stall: float = _STALL,
+    busy: float = 0.0,
 ) -> _ProbeRun:
     try:
         with joins_new_threads():
             return run_in_fresh_loop(
-                lambda: _measure_probe(probe, duration, interval, stalls),
+                lambda: _measure_probe(probe, duration, interval, stalls, stall, busy),
                 timeout=duration + 3,
                 name="check-1.2-loop",
             )
@@ -695,6 +750,93 @@ def _check_probe_idle(runs: dict[str, _ProbeRun]) -> None:
         "On an idle loop every wake-up comes within a millisecond or two of the time asked.",
         "Measure each wake-up: `lag = loop.time() - asked`, where `asked = loop.time() + interval` "
         "was noted just before `await asyncio.sleep(interval)`.",
+    )
+
+
+def _check_probe_busy_threads(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) -> None:
+    for _ in range(_IDLE_ATTEMPTS):
+        run = _run_probe(probe, _IDLE_DURATION, busy=_BUSY)
+        if not _noisy(run):
+            break
+    value = run.value
+    _expect_seconds(value)
+    expected = (
+        f"less than {_IDLE_MAX} s on an idle loop whose worker threads are all busy for its first "
+        f"{_BUSY} s (those of its default executor and of AnyIO)"
+    )
+    idle = runs["idle"].value  # measured by the steps above, the worker threads free
+    idle_passed = isinstance(idle, int | float) and idle < _IDLE_MAX
+    if value >= _IDLE_MAX and idle_passed and run.worst_beat < _HELD:
+        raise Mismatch(
+            expected,
+            f"{value:.3f} s, though a heartbeat task on the same loop was never more than "
+            f"{run.worst_beat * 1000:.0f} ms late: your probe slept in a worker thread, so it waited for "
+            "a free one first: it measured the queue of the loop's thread pool, not the loop",
+            [
+                "Loop lag is how late the loop's own timer wakes a task. A sleep in a worker thread "
+                "(`asyncio.to_thread(time.sleep, …)`) waits for a free thread before it even starts, "
+                "so a busy pool reads as lag though the loop is idle.",
+                "Sleep on the loop itself: `await asyncio.sleep(interval)`; it sets a timer on the loop "
+                "and never blocks it.",
+            ],
+        )
+    expect(
+        value < _IDLE_MAX,
+        expected,
+        f"{value:.3f} s",
+        "On an idle loop every wake-up comes within a millisecond or two of the time asked, "
+        "whatever its worker threads are doing."
+        if idle_passed
+        else "That follows from the step above: this loop is idle too.",
+    )
+
+
+def _check_probe_small_stall(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) -> None:
+    low, high = _SMALL_RANGE
+    for _ in range(_IDLE_ATTEMPTS):
+        run = _run_probe(
+            probe, _SMALL_DURATION, (_SMALL_STALL_AT,), interval=_SMALL_INTERVAL, stall=_SMALL_STALL
+        )
+        if not (isinstance(run.value, int | float) and run.value > high and run.worst_beat > high):
+            break  # else the machine, not the stall, held the loop that long: measure again
+    value = run.value
+    _expect_seconds(value)
+    if low <= value <= high:
+        return
+    call = f"max_loop_lag({_SMALL_DURATION}, {_SMALL_INTERVAL})"
+    expected = (
+        f"{call} to report the {_SMALL_STALL} s stall {_SMALL_STALL_AT} s in: a worst lag between {low} "
+        f"and {high} s (a wake-up comes at least {_SMALL_STALL - _SMALL_INTERVAL:.2f} s late)"
+    )
+    stalled = _stalled_run(probe, runs).value
+    rounded = isinstance(stalled, int | float) and stalled > 0  # a measured lag is never a round number
+    digits = next(
+        (d for d in (0, 1, 2) if rounded and round(stalled, d) == stalled and round(value, d) == value), None
+    )
+    if value < low and digits is not None:
+        raise Mismatch(
+            expected,
+            f"{value:.3f} s here, and exactly {stalled:g} s for the {_STALL} s stalls: your probe rounds "
+            f"the lag to {digits} decimal place{'' if digits == 1 else 's'}, so a stall of tens of "
+            "milliseconds reads as none",
+            [
+                f"Tens of milliseconds are lag that matters: a {_SMALL_STALL} s stall delays every request "
+                "waiting on the loop by as much. The probe returns the lag as measured, in seconds.",
+                "Return the worst lag unrounded (`return worst`); round only where you display it, "
+                'as in `f"{lag:.3f} s"`.',
+            ],
+        )
+    stalls_seen = isinstance(stalled, int | float) and _STALLED_RANGE[0] <= stalled <= _STALLED_RANGE[1]
+    expect(
+        False,
+        expected,
+        f"{value:.3f} s",
+        "Measure every wake-up, for the whole `duration`, whatever the interval: each lag is (when you "
+        "woke) − (when you asked to wake), and the worst of them is the answer."
+        if stalls_seen
+        else f"That follows from the steps above: the {_STALL} s stalls did not read right either.",
+        "In a loop: note `asked = loop.time() + interval`, `await asyncio.sleep(interval)`, "
+        "then `lag = loop.time() - asked`; keep the largest.",
     )
 
 
@@ -837,7 +979,12 @@ def check_loop_lag_probe(max_loop_lag: Callable[..., Awaitable[float]]) -> None:
     more at once); while the loop is blocked three times for 0.2 s (``time.sleep`` scheduled with
     ``call_later``), where it must return after about 1.3 s and report a worst lag of 0.15–0.2 s
     (accepted: 0.14–0.38 s); while it is blocked once for 0.2 s among many on-time wake-ups (the
-    same); and for a duration (0.03 s) shorter than the interval, with a 0.2 s stall 0.01 s in.
+    same); and for a duration (0.03 s) shorter than the interval, with a 0.2 s stall 0.01 s in. Two
+    more runs: idle again while every worker thread of the loop is taken for 0.3 s (its default
+    executor's, AnyIO's), where it must still report < 0.03 s (a probe that sleeps in a thread measures
+    the pool's queue); and with ``interval=0.01`` and one 0.04 s stall, where any wake-up it delays is
+    at least 0.03 s late whatever the phase, so the probe must report 0.02–0.15 s (rounding to tenths
+    reports 0).
     """
     with exercise("1.2", "Write a loop-lag probe", SOLUTION) as ex:
         runs: dict[str, _ProbeRun] = {}
@@ -853,6 +1000,11 @@ def check_loop_lag_probe(max_loop_lag: Callable[..., Awaitable[float]]) -> None:
             return
         ex.step(f"an idle loop shows less than {_IDLE_MAX} s of lag", lambda: _check_probe_idle(runs))
         ex.step(
+            f"an idle loop whose worker threads are all busy still shows less than {_IDLE_MAX} s: "
+            "the probe measures the loop, not a thread pool",
+            lambda: _check_probe_busy_threads(max_loop_lag, runs),
+        )
+        ex.step(
             f"it stops after `duration` ({_STALLED_DURATION} s), however late the loop wakes it",
             lambda: _check_probe_duration(max_loop_lag, runs),
         )
@@ -864,6 +1016,11 @@ def check_loop_lag_probe(max_loop_lag: Callable[..., Awaitable[float]]) -> None:
             f"a loop blocked once for {_STALL} s among on-time wake-ups shows a worst lag of "
             f"about {_STALL} s",
             lambda: _check_probe_one_stall(max_loop_lag, runs),
+        )
+        ex.step(
+            f"a short stall ({_SMALL_STALL} s, with `interval={_SMALL_INTERVAL}`) shows too: a worst lag "
+            f"of about {_SMALL_STALL - _SMALL_INTERVAL:.2f}–{_SMALL_STALL} s",
+            lambda: _check_probe_small_stall(max_loop_lag, runs),
         )
         ex.step(
             f"a duration ({_SHORT_DURATION} s) shorter than the interval still measures: "
@@ -1053,6 +1210,18 @@ class _Outcome:
     elapsed: float = 0.0
     held_up: float = 0.0  # how long a heartbeat on the loop was held up during the call
     literal_place: str | None = None  # where it ran when ``kind`` was the very literal, if asked
+    processes_before: frozenset[int] | None = None  # this process's descendants when the call began
+
+    @property
+    def new_process(self) -> bool:
+        """It ran in another process, one that did not exist yet when the call began."""
+        value = self.value
+        return (
+            self.place == "process"
+            and self.processes_before is not None
+            and isinstance(value, Ran)
+            and value.pid not in self.processes_before
+        )
 
     @property
     def place(self) -> str | None:
@@ -1092,9 +1261,21 @@ class _Beat:
         return sum(lag for when, lag in self.lags if when >= start and lag > _HELD)
 
 
+def _descendants() -> frozenset[int] | None:
+    """The ids of this process's child processes and theirs (None where psutil is missing)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - IPython installs it
+        return None
+    try:
+        return frozenset(child.pid for child in psutil.Process().children(recursive=True))
+    except psutil.Error:  # pragma: no cover
+        return None
+
+
 async def _call(run_offloaded: Callable[..., Any], beat: _Beat, kind: str, func: Any, args: Any) -> _Outcome:
     loop = asyncio.get_running_loop()
-    outcome = _Outcome()
+    outcome = _Outcome(processes_before=_descendants())
     start, began = loop.time(), time.perf_counter()
     try:
         result = run_offloaded(kind, func, *args)
@@ -1207,6 +1388,22 @@ def _judge(work: _Workload, outcomes: dict[Any, _Outcome]) -> None:
             "it runs, so the result has to be *awaited*: a synchronous wait blocks the loop as much as "
             "the work itself.",
             f"Await it: {_TO_PROCESS if work.right == 'process' else _TO_THREAD}",
+        )
+    (_, first), (_, second) = views
+    if work.right == "process" and second.new_process:
+        raise Mismatch(
+            f"{expected}, a worker process kept for the next calls",
+            f"each call started a process of its own: the first ran in process {first.value.pid}, the "
+            f"second in process {second.value.pid}, which did not exist yet when that call began: a "
+            "process start-up (a new interpreter, its imports) on every call",
+            [
+                "Starting a process costs far more than the work of one call here; a pool pays it once "
+                "and keeps its workers for the next calls. A pool opened in a `with` block inside the "
+                "function starts a process on every call, and leaving the block waits, on the loop's "
+                "thread, for that process to exit.",
+                "Let AnyIO keep its worker processes between calls: " + _TO_PROCESS + " Or make one "
+                "`ProcessPoolExecutor` once, outside the function, and reuse it.",
+            ],
         )
 
 
