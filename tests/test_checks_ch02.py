@@ -7,6 +7,7 @@ around it (the request-ID middleware, `fulfil`, the queue's consumer) is the not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
 import re
@@ -115,6 +116,9 @@ def orders_answer(variant: str) -> tuple[FastAPI, Any, dict[str, str], str]:
             await queue.enqueue("process_order", order_id=order_id)
         elif variant == "wrong-name":
             await queue.enqueue("process", order_id=order_id, request_id=request_id_var.get())
+        elif variant == "update-after":  # the ID added by a second command: a running worker may be first
+            job = await queue.enqueue("process_order", order_id=order_id)
+            await job.update(kwargs={"order_id": order_id, "request_id": request_id_var.get()})
         else:
             await queue.enqueue("process_order", order_id=order_id, request_id=request_id_var.get())
         return {"order_id": order_id, "queued": True}
@@ -130,6 +134,16 @@ def orders_answer(variant: str) -> tuple[FastAPI, Any, dict[str, str], str]:
         if variant == "set-only":  # the worker's own context is fine, but the ID stays set after the job
             request_id_var.set(request_id)
             await fulfil(order_id)
+            return
+        if variant == "set-dash":  # "cleans up" with the default: the caller's own ID is lost
+            request_id_var.set(request_id)
+            await fulfil(order_id)
+            request_id_var.set("-")
+            return
+        if variant == "no-finally":  # reset by the token, but skipped when the work raises
+            token = request_id_var.set(request_id)
+            await fulfil(order_id)
+            request_id_var.reset(token)
             return
         if variant == "child-task":  # right too: the child's context is a copy; nothing leaks back
 
@@ -169,7 +183,10 @@ def test_2_1_passing_the_id_with_the_job_passes(variant: str, capsys: pytest.Cap
         "job is stored\n"
     ) in out
     assert "  ✅ passed: every job worked for the request that enqueued it\n" in out
-    assert "  ✅ passed: the job resets the variable: run directly, it leaves no request's ID behind\n" in out
+    assert (
+        "  ✅ passed: the job restores the variable as it found it, whether its work returns or raises\n"
+        in out
+    )
     assert out.endswith("Exercise 2.1: passed ✅ (6 of 6 checks)\n")
 
 
@@ -224,8 +241,8 @@ def test_2_1_an_id_kept_in_the_apps_memory_is_rejected(
     out = rejected(capsys, check_request_id_in_jobs, *orders_answer(variant))
     name = "request_id" if variant == "app-state" else "request_ids"
     assert (
-        "❌ not yet: each request's ID is stored in Redis with its job (a worker in another process sees "
-        "only Redis)\n"
+        "❌ not yet: each job carries its request's ID in Redis from the moment it is enqueued (a worker in "
+        "another process sees only Redis)\n"
         "       expected: each job to carry its request's ID in Redis, with the job: all a worker in another "
         "process (or after a restart) can see\n"
         "       seen:     20 of 20 requests' IDs were nowhere in Redis once the requests were answered (e.g. "
@@ -266,13 +283,63 @@ def test_2_1_a_202_before_the_job_is_stored_is_rejected(capsys: pytest.CaptureFi
 def test_2_1_an_id_set_and_never_reset_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_request_id_in_jobs, *orders_answer("set-only"))
     assert (
-        "❌ not yet: the job resets the variable: run directly, it leaves no request's ID behind\n"
+        "❌ not yet: the job restores the variable as it found it, whether its work returns or raises\n"
         "       expected: the job to leave the context as it found it: after it returns, no variable holds "
         "its request's ID\n"
         "       seen:     after `await process_order(ctx, …)` returned, `request_id` still held "
         "'ex21-direct-call', the ID of the job just run"
     ) in out
     assert out.endswith("Exercise 2.1: not yet — 5 of 6 checks pass")
+
+
+def test_2_1_an_id_added_after_the_enqueue_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # enqueued without the ID, then `job.update(kwargs=…)`: a worker already running may take the job
+    # in between; the check notes what each enqueue carried, as it was called
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer("update-after"))
+    assert (
+        "❌ not yet: each job carries its request's ID in Redis from the moment it is enqueued (a worker in "
+        "another process sees only Redis)\n"
+        "       expected: each job to carry its request's ID from the moment it is enqueued (a worker may "
+        "take a job the instant it is stored)\n"
+        "       seen:     20 of 20 jobs were enqueued without their request's ID (e.g. the job for 'o-00' "
+        "was enqueued with order_id='o-00' only, without 'ex21-req-00'); the ID reached Redis only afterwards"
+    ) in out
+    assert "hint:     A worker waiting on the queue takes a job as soon as it is stored" in out
+    assert out.endswith("Exercise 2.1: not yet — 5 of 6 checks pass")
+
+
+def test_2_1_a_variable_set_back_to_the_default_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # set, work, then set "-": run where the variable held the caller's own ID, the job wipes it
+    out = rejected(capsys, check_request_id_in_jobs, *orders_answer("set-dash"))
+    assert (
+        "❌ not yet: the job restores the variable as it found it, whether its work returns or raises\n"
+        "       expected: the job to leave the context as it found it: called where `request_id_var` held "
+        "'ex21-outer-request' (the caller's own request), the variable back to that once the job returns\n"
+        "       seen:     after `await process_order(ctx, …)` returned, `request_id_var` held '-', not the "
+        "caller's 'ex21-outer-request'"
+    ) in out
+    assert (
+        "hint:     Setting the variable to '-' (or any value) after the work is not undoing your `set`" in out
+    )
+    assert out.endswith("Exercise 2.1: not yet — 5 of 6 checks pass")
+
+
+def test_2_1_a_reset_skipped_when_the_work_raises_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # set and reset by the token, without try/finally: the check makes `fulfil` raise once
+    app, process_order, worked_for, queue = orders_answer("no-finally")
+    out = rejected(capsys, check_request_id_in_jobs, app, process_order, worked_for, queue)
+    assert (
+        "❌ not yet: the job restores the variable as it found it, whether its work returns or raises\n"
+        "       expected: the variable restored even when the work raises: called where `request_id_var` "
+        "held 'ex21-outer-request', back to that once the failed job has raised\n"
+        "       seen:     the check made `fulfil` raise (as a failed attempt does, which the queue retries); "
+        "afterwards `request_id_var` still held 'ex21-failing-call', not the caller's 'ex21-outer-request': "
+        "the exception skipped the line that resets it"
+    ) in out
+    assert "hint:     An exception skips every line after the `await` that raised it" in out
+    assert out.endswith("Exercise 2.1: not yet — 5 of 6 checks pass")
+    asyncio.run(process_order({}, order_id="after-the-check", request_id="mine"))  # `fulfil` is its own again
+    assert worked_for["after-the-check"] == "mine"
 
 
 def test_2_1_a_job_enqueued_by_another_name_is_named(capsys: pytest.CaptureFixture[str]) -> None:
@@ -377,6 +444,13 @@ def welcome_job(variant: str) -> Any:
             finally:
                 await redis.delete(key)
             return
+        if variant == "release-then-mark":  # the claim released in `finally`, then the mark: a gap between
+            try:
+                await provider.send(email, "Welcome!")
+            finally:
+                await redis.eval(RELEASE_IF_MINE, 1, key, token)
+            await redis.set(key, "sent")
+            return
         claim = f"{key}:claim" if variant.startswith("two-keys") else key
         try:
             await provider.send(email, "Welcome!")
@@ -416,7 +490,7 @@ def test_2_2_an_atomic_claim_released_only_by_its_owner_passes(
         "  ✅ passed: a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's\n"
         in out
     )
-    assert out.endswith("Exercise 2.2: passed ✅ (10 of 10 checks)\n")
+    assert out.endswith("Exercise 2.2: passed ✅ (11 of 11 checks)\n")
 
 
 def test_2_2_a_release_by_plain_delete_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -431,7 +505,7 @@ def test_2_2_a_release_by_plain_delete_is_rejected(capsys: pytest.CaptureFixture
         "claimed the user and sent again\n"
     ) in out
     assert "hint:     A plain `DELETE` removes whatever claim is there now" in out
-    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 10 of 11 checks pass")
 
 
 def test_2_2_the_release_hint_gets_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
@@ -457,10 +531,10 @@ def test_2_2_no_guard_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     ) in out
     assert "seen:     10: the copies all looked before any of them marked the user" in out
     assert "no key mentioning the user existed during the send" in out
-    assert out.endswith("Exercise 2.2: not yet — 3 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 4 of 11 checks pass")
 
 
-@pytest.mark.parametrize(("variant", "passing"), [("get-then-set", 8), ("get-send-set", 6)])
+@pytest.mark.parametrize(("variant", "passing"), [("get-then-set", 9), ("get-send-set", 7)])
 def test_2_2_a_check_then_set_is_rejected(
     variant: str, passing: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -471,7 +545,7 @@ def test_2_2_a_check_then_set_is_rejected(
         "       seen:     10: the copies all looked before any of them marked the user\n"
         "       hint:     Looking (GET) and marking (SET) are two round trips"
     ) in out
-    assert out.endswith(f"Exercise 2.2: not yet — {passing} of 10 checks pass")
+    assert out.endswith(f"Exercise 2.2: not yet — {passing} of 11 checks pass")
 
 
 def test_2_2_a_claim_kept_after_a_failure_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -481,7 +555,7 @@ def test_2_2_a_claim_kept_after_a_failure_is_rejected(capsys: pytest.CaptureFixt
         "       seen:     0: the first attempt failed, and its claim was still there when the retry ran, "
         "so the retry skipped the user; the email is lost\n"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 7 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 8 of 11 checks pass")
 
 
 def test_2_2_a_claim_without_expiry_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -490,19 +564,34 @@ def test_2_2_a_claim_without_expiry_is_rejected(capsys: pytest.CaptureFixture[st
         "seen:     ch02:welcome:ex22-barbara had no expiry: if the worker crashed mid-send, the claim "
         "would stay for ever"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 8 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 9 of 11 checks pass")
 
 
 def test_2_2_a_swallowed_failure_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_idempotent_job, welcome_job("swallow"))
     assert "it returned normally without sending: the queue would mark the job done" in out
-    assert out.endswith("Exercise 2.2: not yet — 8 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 9 of 11 checks pass")
 
 
 def test_2_2_a_claim_released_after_success_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_idempotent_job, welcome_job("release-always"))
     assert "seen:     2: the second run sent again" in out
-    assert out.endswith("Exercise 2.2: not yet — 6 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 6 of 11 checks pass")
+
+
+def test_2_2_a_claim_released_before_the_mark_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # released in `finally` after the send, then marked: the check runs a copy right after the release
+    out = rejected(capsys, check_idempotent_job, welcome_job("release-then-mark"))
+    assert (
+        "❌ not yet: once the email is sent, a copy run between two of the job's commands does not send "
+        "again\n"
+        "       expected: 1 email to ex22-mary@example.com: once the email is sent, a copy arriving between "
+        "two of the job's commands finds it sent (or still being sent)\n"
+        "       seen:     2: after the send succeeded, the check ran another copy right after your EVAL, "
+        "when no key named the user any more; the copy found the user free and sent a second email."
+    ) in out
+    assert "hint:     Releasing the claim after a successful send opens a gap" in out
+    assert out.endswith("Exercise 2.2: not yet — 10 of 11 checks pass")
 
 
 def test_2_2_a_claim_whose_expiry_comes_in_a_second_command_is_rejected(
@@ -517,7 +606,7 @@ def test_2_2_a_claim_whose_expiry_comes_in_a_second_command_is_rejected(
         "       seen:     ch02:welcome:ex22-barbara existed without an expiry between two of your commands, "
         "before the send: a worker that crashed right then (between the claim and its EXPIRE)"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 10 of 11 checks pass")
 
 
 def test_2_2_a_claim_shorter_than_a_send_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -541,7 +630,7 @@ def test_2_2_a_mark_that_expires_is_rejected(capsys: pytest.CaptureFixture[str])
         "       seen:     2: after the send, every key naming the user had an expiry (ch02:welcome:ex22-ada: "
         "60 s left)"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 10 of 11 checks pass")
 
 
 def test_2_2_a_mark_dropped_after_a_slow_send_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -552,7 +641,7 @@ def test_2_2_a_mark_dropped_after_a_slow_send_is_rejected(capsys: pytest.Capture
         "after a slow send\n"
         "       seen:     2: the first copy's claim lapsed during its send"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 10 of 11 checks pass")
 
 
 def test_2_2_a_mark_looked_for_only_before_the_claim_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -565,7 +654,7 @@ def test_2_2_a_mark_looked_for_only_before_the_claim_is_rejected(capsys: pytest.
         "commands\n"
         "       seen:     2: copy B looked while A was sending and found no mark"
     ) in out
-    assert out.endswith("Exercise 2.2: not yet — 9 of 10 checks pass")
+    assert out.endswith("Exercise 2.2: not yet — 10 of 11 checks pass")
 
 
 def test_2_2_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -640,6 +729,12 @@ def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
                 await asyncio.wait_for(queue.put(job_id), timeout=1.0)
             except TimeoutError:
                 raise HTTPException(503, "queue full", headers={"Retry-After": retry_after}) from None
+            return {"job_id": job_id, "queued": True}
+        if variant == "put-then-full":  # puts first, then refuses if full: the job that filled it too
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(job_id)
+            if queue.full():
+                raise HTTPException(503, "queue full", headers={"Retry-After": retry_after})
             return {"job_id": job_id, "queued": True}
         try:
             queue.put_nowait(job_id)
@@ -762,6 +857,22 @@ def test_2_3_a_refused_job_put_on_the_queue_later_is_rejected(capsys: pytest.Cap
         "       expected: only accepted jobs processed, and nothing else in the queue once they are done\n"
     ) in out
     assert re.search(r"seen:     .*: jobs answered 503 were put on the queue anyway\n", out)
+    assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
+
+
+def test_2_3_a_job_refused_after_its_put_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # put first (QueueFull ignored), then 503 if the queue is full: the job that took the last slot is
+    # refused yet queued; counted as it enters the queue, not by when it is processed
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("put-then-full"))
+    assert (
+        "❌ not yet: every accepted job is processed, once, and no refused one\n"
+        "       expected: no job left on the queue by a request answered 503: a refused job is not queued\n"
+    ) in out
+    assert re.search(
+        r"seen:     \d+ of the \d+ requests answered 503 had put their job on the queue first "
+        r"\(e\.g\. 'j-\d\d'\): the job that took the last slot was refused, yet stays queued",
+        out,
+    )
     assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
 
 

@@ -5,8 +5,10 @@ how many emails the provider sent, how many requests a full queue accepted and r
 timing (a refusal faster than one job) is taken while the queue is held full, fastest of three. Where a
 race is the point (Exercise 2.2), the check makes it happen rather than hoping for it: its Redis
 client takes a millisecond per command, as a Redis across a network does, so a read followed by a
-write leaves room for another job in between; and it expires a claim mid-send and lets another copy
-take it over, which a slow send does in production.
+write leaves room for another job in between; it expires a claim mid-send and lets another copy
+take it over, which a slow send does in production; and it runs a copy between two commands of one
+that has sent. Elsewhere it notes the instant that matters instead of racing for it: what each job
+carried as it was enqueued (Exercise 2.1), which jobs entered the queue (Exercise 2.3).
 
 The learner's coroutines run on a fresh event loop in a thread of the check's own (as in chapter 1),
 and every server and worker a check starts is stopped before it returns.
@@ -99,6 +101,8 @@ class _OrdersRun:
     announced: dict[str, str] = field(default_factory=dict)  # order → the ID in its response's X-Request-ID
     answered_at: dict[str, float] = field(default_factory=dict)  # order → when its response came
     stored_at: dict[str, float] = field(default_factory=dict)  # order → when its enqueue finished
+    enqueued_with: dict[str, str] = field(default_factory=dict)  # order → what its enqueue call passed
+    enqueued_args: dict[str, str] = field(default_factory=dict)  # order → the job's arguments, as shown
     state_added: list[str] = field(default_factory=list)  # app.state attributes the requests added
     queued: int = 0
     calls: list[dict[str, Any]] = field(default_factory=list)  # the kwargs of each job the worker ran
@@ -124,11 +128,16 @@ class _TimedQueue:
         return getattr(self._queue, name)
 
     async def enqueue(self, job_or_func: Any, **kwargs: Any) -> Any:
+        arguments = getattr(job_or_func, "kwargs", None) or kwargs.get("kwargs") or kwargs
+        order = arguments.get("order_id") if isinstance(arguments, dict) else None
+        if order is not None:  # what the job carries as it is stored: a worker may take it at once
+            carried = [kwargs] + [getattr(job_or_func, name, None) for name in ("kwargs", "meta", "key")]
+            self._run.enqueued_with[str(order)] = repr(carried)
+            self._run.enqueued_args[str(order)] = ", ".join(f"{k}={v!r}" for k, v in arguments.items())
         await asyncio.sleep(_ENQUEUE_LATENCY)
         job = await self._queue.enqueue(job_or_func, **kwargs)
-        arguments = getattr(job_or_func, "kwargs", None) or kwargs
-        if isinstance(arguments, dict) and arguments.get("order_id") is not None:
-            self._run.stored_at[str(arguments["order_id"])] = time.monotonic()
+        if order is not None:
+            self._run.stored_at[str(order)] = time.monotonic()
         return job
 
 
@@ -234,6 +243,7 @@ def _check_ids_stored(queue_name: str, run: _OrdersRun) -> None:
     found = in_fresh_loop(lambda: _find_ids(queue_name, expected), timeout=10, name="check-2.1-ids")
     missing = [order for order, there in found.items() if not there]
     if not missing:
+        _check_ids_enqueued(run, expected)
         return
     sent = _sent_headers()
     if all(order not in _order_ids() for order in missing):
@@ -268,6 +278,33 @@ def _check_ids_stored(queue_name: str, run: _OrdersRun) -> None:
             "arguments travel with it, stored in Redis.",
             'Pass the ID when you enqueue: `enqueue("process_order", order_id=order_id, '
             "request_id=request_id_var.get())`, and in the job set `request_id_var` from it.",
+        ],
+    )
+
+
+def _check_ids_enqueued(run: _OrdersRun, expected: dict[str, str]) -> None:
+    """Each job must carry its request's ID in the enqueue itself: a running worker takes it at once."""
+    added = [
+        order
+        for order, carried in run.enqueued_with.items()
+        if order in expected and expected[order] not in carried
+    ]
+    if not added:
+        return
+    order = sorted(added)[0]
+    raise Mismatch(
+        "each job to carry its request's ID from the moment it is enqueued (a worker may take a job "
+        "the instant it is stored)",
+        f"{len(added)} of {_ORDERS} jobs were enqueued without their request's ID (e.g. the job for "
+        f"{order!r} was enqueued with {run.enqueued_args[order]} only, without {expected[order]!r}); the ID "
+        "reached Redis only afterwards, with a second command. A worker already running can take the "
+        "job in between and run it under '-'",
+        [
+            "A worker waiting on the queue takes a job as soon as it is stored, before the endpoint's "
+            "next line runs: whatever the job needs must be in it when it is enqueued.",
+            "Pass the ID in the enqueue itself, not in a `job.update(…)` after it: "
+            '`await request.app.state.queue.enqueue("process_order", order_id=order_id, '
+            "request_id=request_id_var.get())`.",
         ],
     )
 
@@ -417,20 +454,86 @@ def _check_request_ids(worked_for: dict[str, Any], run: _OrdersRun) -> None:
     )
 
 
+class _WorkFailed(Exception):
+    """The check's stand-in for the job's work failing (a provider down, say): the queue retries."""
+
+
+def _request_id_var(job: Callable[..., Any]) -> tuple[str, contextvars.ContextVar[Any]] | None:
+    """The context variable the job sets, and its name: `request_id_var` where the job's code finds it."""
+    function = inspect.unwrap(job)
+    found: list[tuple[str, contextvars.ContextVar[Any]]] = []
+    for name, value in (getattr(function, "__globals__", None) or {}).items():
+        if isinstance(value, contextvars.ContextVar):
+            found.append((name, value))
+    code = getattr(function, "__code__", None)
+    cells = getattr(function, "__closure__", None) or ()
+    for name, cell in zip(getattr(code, "co_freevars", ())[: len(cells)], cells, strict=True):
+        with contextlib.suppress(ValueError):  # an empty cell
+            if isinstance(cell.cell_contents, contextvars.ContextVar):
+                found.append((name, cell.cell_contents))
+    for wanted in (lambda name, var: name == "request_id_var", lambda name, var: var.name == "request_id"):
+        chosen = [(name, var) for name, var in found if wanted(name, var)]
+        if chosen:
+            return chosen[-1]
+    return found[0] if len(found) == 1 else None
+
+
+@contextlib.contextmanager
+def _swapped(job: Callable[..., Any], name: str, replacement: Any) -> Any:
+    """``name`` as the job's code finds it (a global, or a variable of an enclosing function), replaced
+    by ``replacement`` for the block; yields whether it could be."""
+    function = inspect.unwrap(job)
+    code = getattr(function, "__code__", None)
+    freevars = getattr(code, "co_freevars", ())
+    namespace = getattr(function, "__globals__", None)
+    cells = getattr(function, "__closure__", None) or ()
+    if name in freevars[: len(cells)]:
+        cell = cells[freevars.index(name)]
+        try:
+            original = cell.cell_contents
+        except ValueError:  # an empty cell: nothing to swap
+            yield False
+            return
+        cell.cell_contents = replacement
+        try:
+            yield True
+        finally:
+            cell.cell_contents = original
+    elif isinstance(namespace, dict) and name in namespace:
+        original = namespace[name]
+        namespace[name] = replacement
+        try:
+            yield True
+        finally:
+            namespace[name] = original
+    else:
+        yield False
+
+
+_OUTER_ID = "ex21-outer-request"  # the ID of whatever called the job directly
+_FAILING_ID = "ex21-failing-call"
+
+
 def _check_context_restored(job: Callable[..., Any], worked_for: dict[str, Any], run: _OrdersRun) -> None:
-    """Run the job once more, directly in the check's own task: it must leave no ID behind."""
+    """Run the job once more, directly in the check's own task: it must leave no ID behind; then run it
+    where `request_id_var` already holds another ID, once succeeding and once with its work failing:
+    each time its work runs under its own ID, and afterwards the variable holds the caller's again."""
     expected = run.expected()
     call = next((c for c in run.calls if expected.get(str(c.get("order_id"))) in c.values()), None)
     if call is None:
         return
     right = expected[str(call["order_id"])]
-    kwargs = {k: (_DIRECT_ID if v == right else v) for k, v in call.items()}
-    kwargs["order_id"] = "ex21-direct"
 
-    async def main() -> list[str]:
+    def arguments(request_id: str, order: str) -> dict[str, Any]:
+        return {**{k: (request_id if v == right else v) for k, v in call.items()}, "order_id": order}
+
+    async def run_job(kwargs: dict[str, Any]) -> None:
         result = job(dict(run.ctx), **kwargs)
         if inspect.isawaitable(result):
             await result
+
+    async def main() -> list[str]:
+        await run_job(arguments(_DIRECT_ID, "ex21-direct"))
         return [var.name for var, value in contextvars.copy_context().items() if value == _DIRECT_ID]
 
     try:
@@ -448,6 +551,97 @@ def _check_context_restored(job: Callable[..., Any], worked_for: dict[str, Any],
         "`token = request_id_var.set(request_id)`, `try: await fulfil(order_id)`, "
         "`finally: request_id_var.reset(token)`.",
     )
+    found = _request_id_var(job)
+    if found is None:
+        return
+    name, var = found
+
+    async def under_outer_id(kwargs: dict[str, Any], failing: bool = False) -> tuple[Any, bool]:
+        """Run the job where the variable holds the caller's ID: (its value afterwards, whether it raised)."""
+        token = var.set(_OUTER_ID)
+        try:
+            try:
+                await run_job(kwargs)
+            except Exception:
+                if not failing:
+                    raise
+                return var.get(), True
+            return var.get(), False
+        finally:
+            var.reset(token)
+
+    try:
+        after, _ = in_fresh_loop(
+            lambda: under_outer_id(arguments(_DIRECT_ID, "ex21-direct")), timeout=5, name="check-2.1-outer"
+        )
+        worked = worked_for.get("ex21-direct")
+    finally:
+        worked_for.pop("ex21-direct", None)
+    expect(
+        worked == _DIRECT_ID,
+        f"the job's work to run under the job's own ID ({_DIRECT_ID!r}), whatever its caller's ID",
+        f"called where `{name}` held {_OUTER_ID!r}, the job's work ran under {short(worked)}",
+        "The job must set the variable to its own `request_id` for its work, whatever it held before.",
+    )
+    restore_hints = (
+        "Keep the token that `set` returns: `request_id_var.reset(token)` puts back exactly the value "
+        "the variable held before the `set`, whatever it was.",
+        "`token = request_id_var.set(request_id)`, `try: await fulfil(order_id)`, "
+        "`finally: request_id_var.reset(token)`.",
+    )
+    expect(
+        after == _OUTER_ID,
+        f"the job to leave the context as it found it: called where `{name}` held {_OUTER_ID!r} (the "
+        "caller's own request), the variable back to that once the job returns",
+        f"after `await process_order(ctx, …)` returned, `{name}` held {short(after)}, not the caller's "
+        f"{_OUTER_ID!r}: the job put a value of its own there instead of restoring the one it found, so "
+        "the code that called it (a test, the next job run in the same task) lost its request's ID",
+        "Setting the variable to '-' (or any value) after the work is not undoing your `set`: the "
+        "caller may have held an ID of its own.",
+        *restore_hints,
+    )
+    seen_by_work: list[Any] = []
+
+    async def failing_fulfil(*args: Any, **kwargs: Any) -> None:
+        seen_by_work.append(var.get())
+        raise _WorkFailed("the work failed (the check made it fail)")
+
+    with _swapped(job, "fulfil", failing_fulfil) as swapped:
+        if not swapped:
+            return
+        after, failed = in_fresh_loop(
+            lambda: under_outer_id(arguments(_FAILING_ID, "ex21-failing"), failing=True),
+            timeout=5,
+            name="check-2.1-fails",
+        )
+    worked_for.pop("ex21-failing", None)
+    if not seen_by_work:
+        return  # the job does not call `fulfil` by that name: nothing to judge
+    expect(
+        seen_by_work[0] == _FAILING_ID,
+        f"the job's work to run under the job's own ID ({_FAILING_ID!r})",
+        f"called where `{name}` held {_OUTER_ID!r}, the job's work ran under {short(seen_by_work[0])}",
+        "The job must set the variable to its own `request_id` for its work, whatever it held before.",
+    )
+    expect(
+        after == _OUTER_ID,
+        f"the variable restored even when the work raises: called where `{name}` held {_OUTER_ID!r}, "
+        "back to that once the failed job has raised",
+        f"the check made `fulfil` raise (as a failed attempt does, which the queue retries); afterwards "
+        f"`{name}` still held {short(after)}, not the caller's {_OUTER_ID!r}"
+        + (
+            ": the exception skipped the line that resets it, and the job's ID leaked to whatever runs "
+            "next in that context"
+            if after == _FAILING_ID
+            else ""
+        )
+        + ("" if failed else " (and the job swallowed the error)"),
+        "An exception skips every line after the `await` that raised it: a reset written after the "
+        "work does not run when the work fails.",
+        "Reset in a `finally:`, which runs whether the work returns or raises: "
+        "`token = request_id_var.set(request_id)`, `try: await fulfil(order_id)`, "
+        "`finally: request_id_var.reset(token)`.",
+    )
 
 
 def check_request_id_in_jobs(
@@ -459,11 +653,15 @@ def check_request_id_in_jobs(
     ``POST /orders/{order_id}`` at once: 16 with a sane ``X-Request-ID`` of their own, 2 without one
     and 2 with one the middleware refuses (the request's ID is then the one its response announces).
     Each 202 must come once its job is stored; each request's ID must then be in Redis (in the job's
-    record, or any other key), all a worker in another process can see. Then, with the server stopped
-    and the app's ``state`` emptied (a worker process has its own), a SAQ worker runs
-    ``process_order``; ``worked_for`` (order id → the request ID ``fulfil`` saw) must match the IDs
-    announced. Last, the job is called once more directly, in the check's own task: afterwards no
-    context variable may still hold the ID it was given (set, then reset).
+    record, or any other key), all a worker in another process can see, and in the arguments of the
+    enqueue call itself (the check notes them as it is called: an ID added by a later command is too
+    late for a worker already running). Then, with the server stopped and the app's ``state`` emptied
+    (a worker process has its own), a SAQ worker runs ``process_order``; ``worked_for`` (order id → the
+    request ID ``fulfil`` saw) must match the IDs announced. Last, the job is called directly, in the
+    check's own task: afterwards no context variable may still hold the ID it was given; then where
+    ``request_id_var`` already holds a caller's ID, once as it is and once with ``fulfil`` made to
+    raise (swapped for the call, where the job's code finds it): each time the work runs under the
+    job's ID, and afterwards the variable holds the caller's ID again (set, then reset in ``finally``).
     """
     with exercise("2.1", "Carry the request ID into a queued job", SOLUTION) as ex:
 
@@ -513,7 +711,8 @@ def check_request_id_in_jobs(
         if not accepted:
             return
         ex.step(
-            "each request's ID is stored in Redis with its job (a worker in another process sees only Redis)",
+            "each job carries its request's ID in Redis from the moment it is enqueued (a worker in another "
+            "process sees only Redis)",
             lambda: _check_ids_stored(queue_name, run),
         )
         if not ex.step(
@@ -526,7 +725,7 @@ def check_request_id_in_jobs(
         ):
             return
         ex.step(
-            "the job resets the variable: run directly, it leaves no request's ID behind",
+            "the job restores the variable as it found it, whether its work returns or raises",
             lambda: _check_context_restored(process_order, worked_for, run),
         )
 
@@ -565,10 +764,11 @@ class _CheckProvider(EmailProvider):
         await super().send(to, subject, idempotency_key=idempotency_key)
 
 
-_after_command: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = contextvars.ContextVar(
+_after_command: contextvars.ContextVar[Callable[[str], Awaitable[None]] | None] = contextvars.ContextVar(
     "check_2_2_after_command", default=None
 )
-"""What the check does after each Redis command of the job running in this context (None: nothing)."""
+"""What the check does after each Redis command of the job running in this context, given the command's
+name (None: nothing)."""
 
 
 def _job_client() -> redis.asyncio.Redis:
@@ -579,7 +779,7 @@ def _job_client() -> redis.asyncio.Redis:
     async def execute_then_look(*args: Any, **options: Any) -> Any:
         result = await execute(*args, **options)
         if (hook := _after_command.get()) is not None:
-            await hook()
+            await hook(str(args[0]).upper() if args else "")
         return result
 
     client.execute_command = execute_then_look  # type: ignore[method-assign]
@@ -592,7 +792,7 @@ def _job_client() -> redis.asyncio.Redis:
         async def execute_pipe(*run_args: Any, **run_options: Any) -> Any:
             result = await run(*run_args, **run_options)
             if (hook := _after_command.get()) is not None:
-                await hook()
+                await hook("MULTI/EXEC" if getattr(pipe, "is_transaction", False) else "pipeline")
             return result
 
         pipe.execute = execute_pipe
@@ -752,7 +952,7 @@ async def _concurrent(scene: _Scene) -> None:
         nonlocal arrived
         first = True
 
-        async def after_command() -> None:
+        async def after_command(_: str) -> None:
             nonlocal first, arrived
             if first:
                 first, arrived = False, arrived + 1
@@ -791,7 +991,7 @@ async def _claim_expires(scene: _Scene) -> None:
     before_send: list[tuple[str, int]] = []  # (key, ms to live) after each command, until the send is done
     during: list[tuple[str, int]] = []
 
-    async def after_command() -> None:
+    async def after_command(_: str) -> None:
         if scene.sent("barbara") == 0:
             before_send.extend((await scene.keys("barbara")).items())
 
@@ -910,7 +1110,7 @@ async def _slow_copy(scene: _Scene) -> None:
     b_task: asyncio.Task[None] | None = None
 
     async def b_copy() -> None:
-        async def after_command() -> None:  # copy B is held up after each command until A is done
+        async def after_command(_: str) -> None:  # copy B is held up after each command until A is done
             b_waiting.set()
             await _wait(a_done, 2.0)
 
@@ -944,6 +1144,57 @@ async def _slow_copy(scene: _Scene) -> None:
         'Keep one key that goes from your claim to "sent" without ever being absent (overwrite the '
         "claim with the mark, do not delete it after success), or look for the mark again once the "
         "claim is yours.",
+    )
+
+
+async def _copy_after_send(scene: _Scene) -> None:
+    user = "mary"
+    copies: list[tuple[str, list[str], asyncio.Task[None]]] = []  # (after which command, keys then, copy)
+
+    async def copy() -> None:
+        _after_command.set(None)  # the copy's own commands: no copies of copies
+        await scene.run(user)
+
+    async def after_command(command: str) -> None:  # between two commands of the job, once it has sent
+        if scene.sent(user) == 0 or len(copies) >= 5:
+            return
+        keys = sorted(await scene.keys(user))
+        task = asyncio.create_task(copy())
+        copies.append((command, keys, task))
+        await asyncio.wait([task], timeout=1.0)  # a copy that waits for this one must not stall it
+
+    _after_command.set(after_command)
+    try:
+        await scene.run(user)
+    finally:
+        _after_command.set(None)
+        if copies:
+            await asyncio.wait([task for *_, task in copies])
+    for *_, task in copies:
+        if task.exception() is not None:
+            raise task.exception()  # the learner's own error, in a copy
+    sent = scene.sent(user)
+    if sent <= 1 or not copies:
+        return
+    command, keys, _ = copies[0]
+    raise Mismatch(
+        f"1 email to {_email(user)}: once the email is sent, a copy arriving between two of the job's "
+        "commands finds it sent (or still being sent)",
+        f"{sent}: after the send succeeded, the check ran another copy right after your {command}, "
+        + (
+            "when no key named the user any more"
+            if not keys
+            else f"when the keys naming the user were {', '.join(keys)}"
+        )
+        + "; the copy found the user free and sent a second email. Between that command and the next "
+        "one, nothing said the email was sent or being sent",
+        [
+            "Releasing the claim after a successful send opens a gap before the mark exists: between two "
+            "of your commands another copy can run.",
+            "Do not release after success: overwrite the claim with the mark, "
+            '`await redis.set(key, "sent")`, and release only when the send fails (in `except`, not '
+            "`finally`); with a separate mark key, write the mark first, then release the claim.",
+        ],
     )
 
 
@@ -1043,7 +1294,8 @@ def check_idempotent_job(send_welcome_once: Callable[..., Awaitable[None]]) -> N
     an expiry: claim and expiry in one command) and during it (an expiry of 1 s to 1 h); a copy run
     after every key with an expiry has lapsed (1: the mark lasts); a send that outlasts its claim and
     succeeds, then another copy (1: marked anyway); a copy B held up after each of its commands while
-    copy A sends, marks and releases (1); and a takeover: copy A's claim lapses mid-send (the check
+    copy A sends, marks and releases (1); a copy run to its end after each command of a copy that has
+    sent (1: no instant without a claim or a mark); and a takeover: copy A's claim lapses mid-send (the check
     expires it), copy B claims the user and sends slowly, A's send fails and A releases, then copy C
     runs while B is sending: 1 email in all, which a release by plain ``DELETE`` does not give.
     Keys containing "ex22-" (the check's users) are deleted before and after each scenario.
@@ -1070,6 +1322,11 @@ def check_idempotent_job(send_welcome_once: Callable[..., Awaitable[None]]) -> N
                 "a copy held up between its commands while another sends does not send again",
                 _slow_copy,
                 "slow-copy",
+            ),
+            (
+                "once the email is sent, a copy run between two of the job's commands does not send again",
+                _copy_after_send,
+                "after-send",
             ),
             (
                 "a copy whose claim lapsed mid-send releases only its own claim, not a newer copy's",
@@ -1102,23 +1359,35 @@ _PROBES = 3
 
 
 class _Pause:
-    """Holds the app's consumers back (their next ``queue.get()`` waits), so a full queue stays full."""
+    """Holds the app's consumers back (their next ``queue.get()`` waits), so a full queue stays full;
+    and notes each job put on the queue (``put`` goes through ``put_nowait``), with whether the
+    consumers were held back then, until ``stop``."""
 
     def __init__(self, queue: Any) -> None:
         self.queue, self.go = queue, threading.Event()
-        original = type(queue).get
+        self.put: list[tuple[Any, bool]] = []  # (job, put while the consumers were held back)
+        get, put_nowait = type(queue).get, type(queue).put_nowait
 
-        async def get() -> Any:
+        async def held_get() -> Any:
             while not self.go.is_set():
                 await asyncio.sleep(0.01)
-            return await original(queue)
+            return await get(queue)
 
-        queue.get = get
+        def noted_put_nowait(item: Any) -> None:
+            put_nowait(queue, item)  # raises QueueFull: nothing put
+            self.put.append((item, not self.go.is_set()))
+
+        queue.get, queue.put_nowait = held_get, noted_put_nowait
 
     def release(self) -> None:
         self.go.set()
         with contextlib.suppress(AttributeError):
             del self.queue.get
+
+    def stop(self) -> None:
+        self.release()
+        with contextlib.suppress(AttributeError):
+            del self.queue.put_nowait
 
 
 @dataclass(frozen=True)
@@ -1367,7 +1636,7 @@ def _check_retry_after(spike: _Spike) -> None:
     )
 
 
-def _check_all_processed(processed: list[Any], spike: _Spike, queue: Any) -> None:
+def _check_all_processed(processed: list[Any], spike: _Spike, queue: Any, pause: _Pause | None) -> None:
     accepted = set(spike.accepted)
     _wait_processed(processed, accepted, _PROCESSED_WITHIN)
     done = list(processed)
@@ -1378,13 +1647,41 @@ def _check_all_processed(processed: list[Any], spike: _Spike, queue: Any) -> Non
         f"{len(missing)} not processed (e.g. {missing[0]!r})" if missing else "",
         "Put each accepted job on the queue the consumer reads, before answering 202.",
     )
+    # counted where they enter the queue: a refused job processed last may still be in progress now
+    queued_then = [
+        job for job, held in (pause.put if pause is not None else []) if held and job not in accepted
+    ]
+    if queued_then:
+        first = sorted(queued_then)[0]
+        raise Mismatch(
+            "no job left on the queue by a request answered 503: a refused job is not queued",
+            f"{len(queued_then)} of the {len(spike.refused)} requests answered 503 had put their job on "
+            f"the queue first (e.g. {first!r}): the job that took the last slot was refused, yet stays "
+            "queued and gets processed, and its client, told to retry, sends it again",
+            [
+                "Whether there was room is known only from the put itself: `put_nowait` either queues the "
+                "job, then answer 202, or raises QueueFull and queues nothing, then 503. A look at "
+                "`full()` after a put that succeeded sees the slot your own job just took.",
+                "`try: queue.put_nowait(job_id)` / `except asyncio.QueueFull: raise HTTPException(503, …)`; "
+                "otherwise 202, with no second test of the queue.",
+            ],
+        )
     refused = sorted(set(done) - accepted)
+    put_later = sorted({job for job, _ in (pause.put if pause is not None else [])} - accepted - set(done))
     left = queue.qsize() if isinstance(queue, asyncio.Queue) else 0
     expect(
-        not refused and not left,
+        not refused and not put_later and not left,
         "only accepted jobs processed, and nothing else in the queue once they are done",
         "; ".join(
             ([f"{len(refused)} refused jobs processed too (e.g. {refused[0]!r})"] if refused else [])
+            + (
+                [
+                    f"{len(put_later)} refused jobs put on the queue once there was room "
+                    f"(e.g. {put_later[0]!r})"
+                ]
+                if put_later
+                else []
+            )
             + ([f"{left} more jobs waiting in the queue once every accepted one was done"] if left else [])
         )
         + ": jobs answered 503 were put on the queue anyway",
@@ -1410,8 +1707,9 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
     ``POST /jobs/{job_id}`` at once: every request answered within 1.5 s and none with 500; some
     accepted (2xx), at most ``queue_size + consumers``; the rest 503, each with ``Retry-After`` in
     whole seconds from 1 to 10; 3 more requests, sent while the queue is still full, refused faster
-    than one 0.1 s job (no wait for room). Released, the consumers must process every accepted job
-    (``processed`` lists the job ids done), once, and no refused one.
+    than one 0.1 s job (no wait for room). No refused job may have entered the queue (counted as each
+    is put, while the consumers are held back). Released, the consumers must process every accepted
+    job (``processed`` lists the job ids done), once, and no refused one.
     """
     with exercise("2.3", "Bound a queue with a proper 503", SOLUTION) as ex:
 
@@ -1479,7 +1777,11 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
             finally:
                 if pause is not None:
                     pause.release()
-            ex.step(
-                "every accepted job is processed, once, and no refused one",
-                lambda: _check_all_processed(processed, spike, queue),
-            )
+            try:
+                ex.step(
+                    "every accepted job is processed, once, and no refused one",
+                    lambda: _check_all_processed(processed, spike, queue, pause),
+                )
+            finally:
+                if pause is not None:
+                    pause.stop()
