@@ -25,7 +25,12 @@ import support
 import support.checks
 from support.backends import redis_url
 from support.checks import forget_answers, placeholder_message
-from support.checks.ch06 import check_client_key, check_limited_response, check_token_bucket
+from support.checks.ch06 import (
+    check_client_key,
+    check_limited_response,
+    check_plan_quotas,
+    check_token_bucket,
+)
 from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
@@ -966,3 +971,379 @@ def test_6_3_a_host_in_the_proxies_network_is_not_a_proxy(capsys: pytest.Capture
         "       seen:     'ip:192.0.2.10'\n"
     ) in out
     assert out.endswith("Exercise 6.3: not yet — 4 of 6 checks pass")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 6.4: quotas per plan, on a shared store
+# ---------------------------------------------------------------------------------------------------
+
+NOTEBOOK_QUOTAS = {"free": (5, 10), "paid": (50, 10)}  # (limit, window): the notebook's, not the check's
+COUNT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+
+
+class SharedWindow:
+    """The notebook's given limiter: a fixed window in Redis, on the real clock."""
+
+    def __init__(self, prefix: str = "ex06:plans") -> None:
+        self.prefix = prefix
+
+    async def check(self, redis: Redis, key: str, limit: int, window: int) -> Any:
+        now = time.time()
+        slot = int(now // window)
+        count = await redis.eval(COUNT, 1, f"{self.prefix}:{key}:{window}:{slot}", window + 1)
+        return support.checks.ch06._Decision(
+            count <= limit, limit, max(0, limit - count), (slot + 1) * window - now
+        )
+
+
+def issued_or_peer(peer: str, headers: Headers, issued_keys: set[str]) -> str:
+    """Exercise 6.3's answer, without proxies: the issued key, else the peer."""
+    api_key = headers.get("x-api-key", "")
+    return f"key:{api_key}" if api_key in issued_keys else f"ip:{peer}"
+
+
+def plan_answer(variant: str) -> Any:
+    """``plan_limit`` as a learner might write it."""
+
+    def plan_limit(limiter: Any, plans: dict[str, str], quotas: dict[str, Any]) -> Any:
+        counts: dict[tuple[str, int], int] = {}  # "per-instance": this dependency's own counts
+        known = dict(plans)  # "snapshot": the plans as they were when the dependency was made
+        own = SharedWindow()  # "own-limiter": the notebook's limiter, not the one passed in
+        own_client = support.redis_client(decode_responses=True) if variant == "own-client" else None
+        longest = max(quota.window for quota in quotas.values())
+
+        def identify(request: Request) -> tuple[str, str] | None:
+            """(the client's key, its plan); None for a client left unlimited."""
+            assert request.client is not None
+            host = request.client.host
+            api_key = request.headers.get("x-api-key", "")
+            if variant == "client-key":  # right too: exercise 6.3's function, the plans' keys as issued
+                client = issued_or_peer(host, request.headers, set(plans))
+                return client, plans.get(client.removeprefix("key:"), "free")
+            plan = (known if variant == "snapshot" else plans).get(api_key)
+            if variant == "x-plan":
+                plan = request.headers.get("x-plan") or plan
+            if plan is None:
+                if variant == "made-up-key" and api_key:
+                    return f"key:{api_key}", "free"
+                if variant == "anonymous-unlimited":
+                    return None
+                return ("anonymous" if variant == "anonymous-shared" else f"ip:{host}"), "free"
+            if variant == "keyed-on-address":
+                return f"ip:{host}", plan
+            return f"key:{api_key}", plan
+
+        async def enforce(request: Request, response: Response) -> None:
+            if variant == "placeholder":
+                raise NotImplementedError(placeholder_message("6.4"))
+            found = identify(request)
+            if found is None:
+                return
+            client, plan = found
+            if variant == "keyed-on-plan":
+                client = f"plan:{plan}"
+            if variant == "plan-in-key":  # right too: the plan in the key, beside the client
+                client = f"{plan}:{client}"
+            quota = quotas["free" if variant == "one-quota" else plan]
+            limit, window = NOTEBOOK_QUOTAS[plan] if variant == "notebook-quotas" else quota
+            if variant == "free-window":  # the plan's limit, but the free plan's window for everyone
+                window = quotas["free"].window
+            if variant == "per-instance":
+                slot = (client, int(time.time() // window))
+                counts[slot] = counts.get(slot, 0) + 1
+                left = (slot[1] + 1) * window - time.time()
+                decision = support.checks.ch06._Decision(counts[slot] <= limit, limit, 0, left)
+            elif variant == "own-limiter":
+                decision = await own.check(request.app.state.redis, client, limit, window)
+            elif variant == "own-client":
+                decision = await limiter.check(own_client, client, limit, window)
+            else:
+                decision = await limiter.check(request.app.state.redis, client, limit, window)
+            if variant == "twice":  # asks again, "to be sure": each call counts the request
+                decision = await limiter.check(request.app.state.redis, client, limit, window)
+            if decision.allowed:
+                if variant == "headers":  # right too: the draft's headers on every answer
+                    response.headers["RateLimit-Policy"] = f'"{plan}";q={limit};w={window}'
+                return
+            if variant == "waits":
+                await asyncio.sleep(decision.reset_after)
+                return
+            retry_after = {
+                "truncated": str(int(decision.reset_after)),
+                "float": str(decision.reset_after),
+                "longest-window": str(longest),
+            }.get(variant, str(max(1, math.ceil(decision.reset_after))))
+            headers = {} if variant == "no-retry-after" else {"Retry-After": retry_after}
+            raise HTTPException(429, "rate limit exceeded", headers=headers)
+
+        return Depends(enforce)
+
+    return plan_limit
+
+
+PLAN_QUOTAS = (
+    "❌ not yet: a free key gets the free quota (3 per 30 s) and a paid key the paid one (12 per 20 s), "
+    "across two instances sharing one store\n"
+)
+BOTH_QUOTAS = (
+    "       expected: the free key: 3 of 8 admitted (3 per 30 s); the paid key: 12 of 20 admitted (12 per "
+    "20 s), the requests alternating between two instances\n"
+)
+ANONYMOUS = (
+    "❌ not yet: a client with no key gets the free quota, keyed on its address\n"
+    "       expected: each anonymous client: 3 of 14 admitted (the free quota, 3 per 30 s, keyed on its "
+    "address)\n"
+)
+NO_UPGRADE = "❌ not yet: a made-up key, or an X-Plan header, buys no more than the free quota\n"
+SEPARATE = (
+    "❌ not yet: one client's refusals leave other clients' quotas alone, behind one address too\n"
+    "       expected: after the free key's 10 requests (3 admitted), another free key and an anonymous "
+    "client 3 each of 5, the paid key 12 of 14, all from 198.51.100.40\n"
+)
+RETRY_AFTER = (
+    "❌ not yet: each 429 has Retry-After: whole seconds, rounded up, at least 1, within the plan's window\n"
+)
+RETRY_FREE = (
+    "       expected: Retry-After between 18 and 30, for the free key (3 per 30 s): the 17.5 s until its "
+    "quota frees up, rounded up, and no more than its window\n"
+)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "right",
+        "client-key",  # exercise 6.3's function, with the plans' keys as the issued keys
+        "plan-in-key",  # the plan in the counter's key, beside the client
+        "headers",  # the draft's RateLimit-Policy on allowed answers as well
+    ],
+)
+def test_6_4_quotas_per_plan_pass(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    start = time.perf_counter()
+    check_plan_quotas(plan_answer(variant))
+    assert time.perf_counter() - start < 5
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 6.4 · Quotas per plan, on a shared store\n")
+    assert "  ✅ passed: a changed plan, a new key and a revoked key count from the next window\n" in out
+    assert out.endswith("Exercise 6.4: passed ✅ (7 of 7 checks)\n")
+
+
+def test_6_4_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_plan_quotas, plan_answer("placeholder"))
+    assert "⬜ not started: Exercise 6.4's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 6.4: not started")
+
+
+def test_6_4_counts_per_instance_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """A dict in the dependency: one per instance, so each client gets its quota twice."""
+    answer = plan_answer("per-instance")
+    out = rejected(capsys, check_plan_quotas, answer)
+    assert (
+        PLAN_QUOTAS + BOTH_QUOTAS + "       seen:     the free key: 6 of 8 admitted; the paid key: 20 of 20 "
+        "admitted\n"
+        "       hint:     Each client got its quota twice: once per instance."
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 1 of 2 checks pass")
+    forget_answers()  # the learner changes their answer: the next hint
+    second = rejected(capsys, check_plan_quotas, answer)
+    assert (
+        "hint:     Count with the limiter you are given, in the store every instance shares: `decision = "
+        "await limiter.check(request.app.state.redis, client, quota.limit, quota.window)`." in second
+    )
+
+
+def test_6_4_a_limiter_of_its_own_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """The notebook's SharedWindow made in the answer: right counts, but not the limiter passed in."""
+    out = rejected(capsys, check_plan_quotas, plan_answer("own-limiter"))
+    assert (
+        PLAN_QUOTAS + "       expected: the limiter you are given asked once per request of the free key, "
+        "8 times, with its plan's quota, 3 per 30 s\n"
+        "       seen:     0 times\n"
+        "       hint:     The limiter you are given was never asked"
+    ) in out
+
+
+def test_6_4_a_redis_client_of_its_own_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """A client made outside the app (the notebook's `redis`, say), not the instance's."""
+    out = rejected(capsys, check_plan_quotas, plan_answer("own-client"))
+    assert (
+        PLAN_QUOTAS + "       expected: `limiter.check(request.app.state.redis, …)`: the Redis client of the "
+        "instance serving the request\n"
+        "       seen:     a "  # FakeRedis, or Redis with REDIS_URL set
+    ) in out
+    assert "Redis that is not the serving instance's `app.state.redis`\n" in out
+    assert out.endswith("Exercise 6.4: not yet — 1 of 2 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "seen", "hint"),
+    [
+        (  # the plan ignored: everyone on the free quota
+            "one-quota",
+            "the free key: 3 of 8 admitted; the paid key: 3 of 20 admitted",
+            "The paid key was counted with 3 per 30 s; its plan's quota is 12 per 20 s.",
+        ),
+        (  # the notebook's QUOTAS, not the argument
+            "notebook-quotas",
+            "the free key: 5 of 8 admitted; the paid key: 20 of 20 admitted",
+            "The free key was counted with 5 per 10 s; its plan's quota is 3 per 30 s.",
+        ),
+        (  # the limiter asked twice per request
+            "twice",
+            "the free key: 1 of 8 admitted; the paid key: 6 of 20 admitted",
+            "The free key's 8 requests were counted 16 times",
+        ),
+    ],
+)
+def test_6_4_a_quota_other_than_the_plans_is_rejected(
+    variant: str, seen: str, hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_plan_quotas, plan_answer(variant))
+    assert PLAN_QUOTAS + BOTH_QUOTAS + f"       seen:     {seen}\n       hint:     {hint}" in out
+    assert out.endswith("Exercise 6.4: not yet — 1 of 2 checks pass")
+
+
+def test_6_4_one_window_for_every_plan_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """The paid limit with the free plan's window: right counts at one instant, the wrong window."""
+    out = rejected(capsys, check_plan_quotas, plan_answer("free-window"))
+    assert (
+        PLAN_QUOTAS + "       expected: the limiter you are given asked once per request of the paid key, "
+        "20 times, with its plan's quota, 12 per 20 s\n"
+        "       seen:     20 times, with 12 per 30 s\n"
+        "       hint:     The paid key was counted with 12 per 30 s; its plan's quota is 12 per 20 s."
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 1 of 2 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "seen", "hint"),
+    [
+        (  # no key: no limit
+            "anonymous-unlimited",
+            "an anonymous client at 203.0.113.21: 14 of 14 admitted; an anonymous client at 203.0.113.22: "
+            "14 of 14 admitted",
+            "Clients with no key were not limited at all",
+        ),
+        (  # every anonymous client on one counter
+            "anonymous-shared",
+            "an anonymous client at 203.0.113.21: 2 of 14 admitted; an anonymous client at 203.0.113.22: "
+            "1 of 14 admitted",
+            "Every anonymous client shared one quota",
+        ),
+    ],
+)
+def test_6_4_anonymous_clients_keyed_wrongly_are_rejected(
+    variant: str, seen: str, hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_plan_quotas, plan_answer(variant))
+    assert ANONYMOUS + f"       seen:     {seen}\n       hint:     {hint}" in out
+
+
+def test_6_4_a_made_up_key_as_a_client_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown key counted as a free client of its own: a new key, a new quota."""
+    out = rejected(capsys, check_plan_quotas, plan_answer("made-up-key"))
+    assert (
+        NO_UPGRADE + "       expected: a client at 203.0.113.31 sending a new made-up X-API-Key with each "
+        "request: 3 of 14 admitted (the free quota, 3 per 30 s), all counted on its address\n"
+        "       seen:     a client at 203.0.113.31 sending a new made-up X-API-Key with each request: "
+        "14 of 14 admitted\n"
+        "       hint:     A key you never issued is no key"
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+
+
+def test_6_4_a_plan_header_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """The plan taken from X-Plan when the client sends one."""
+    answer = plan_answer("x-plan")
+    out = rejected(capsys, check_plan_quotas, answer)
+    assert (
+        NO_UPGRADE + "       expected: a client at 203.0.113.32 with no key and `X-Plan: paid`: 3 of 14 "
+        "admitted (the free quota, 3 per 30 s)\n"
+        "       seen:     a client at 203.0.113.32 with no key and `X-Plan: paid`: 12 of 14 admitted\n"
+        "       hint:     The plan belongs to the key, and the service keeps it (`plans`)"
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+    forget_answers()  # the learner changes their answer: the next hint
+    second = rejected(capsys, check_plan_quotas, answer)
+    assert "hint:     Take the plan only from `plans.get(api_key)`; ignore `X-Plan`" in second
+
+
+def test_6_4_a_count_per_plan_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """The counter keyed on the plan: every free client shares one quota."""
+    out = rejected(capsys, check_plan_quotas, plan_answer("keyed-on-plan"))
+    assert (
+        SEPARATE + "       seen:     the free key, from 198.51.100.40: 3 of 10 admitted; another free key, "
+        "from 198.51.100.40: 0 of 5 admitted; an anonymous client at 198.51.100.40: 0 of 5 admitted; the "
+        "paid key, from 198.51.100.40: 12 of 14 admitted\n"
+        "       hint:     Every client on the free plan shared one count"
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 3 of 7 checks pass")
+
+
+def test_6_4_a_count_per_address_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """The counter keyed on the address, the key choosing only the plan: a NAT shares one count."""
+    out = rejected(capsys, check_plan_quotas, plan_answer("keyed-on-address"))
+    assert (
+        SEPARATE + "       seen:     the free key, from 198.51.100.40: 3 of 10 admitted; another free key, "
+        "from 198.51.100.40: 0 of 5 admitted; an anonymous client at 198.51.100.40: 0 of 5 admitted; the "
+        "paid key, from 198.51.100.40: 12 of 14 admitted\n"
+        "       hint:     Every client from one address shared one count"
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+
+
+def test_6_4_plans_read_once_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """A copy of the plans made with the dependency: upgrades, new keys and revocations never count."""
+    answer = plan_answer("snapshot")
+    out = rejected(capsys, check_plan_quotas, answer)
+    assert (
+        "❌ not yet: a changed plan, a new key and a revoked key count from the next window\n"
+        "       expected: in the next window, after the plans changed: the free key, upgraded to paid: "
+        "12 of 14 admitted; the paid key, downgraded to free: 3 of 14 admitted; a key issued since, on the "
+        "paid plan: 12 of 14 admitted; the paid key revoked since: 3 of 14 admitted\n"
+        "       seen:     the free key, upgraded to paid: 3 of 14 admitted; the paid key, downgraded to "
+        "free: 12 of 14 admitted; a key issued since, on the paid plan: 3 of 14 admitted; the paid key "
+        "revoked since: 12 of 14 admitted\n"
+        "       hint:     The plans were read once, when the dependency was made"
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+    forget_answers()  # the learner changes their answer: the next hint
+    second = rejected(capsys, check_plan_quotas, answer)
+    assert "hint:     Look the key up in `plans` on each request, `plans.get(api_key)`" in second
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected", "seen"),
+    [
+        ("truncated", RETRY_FREE, "Retry-After: 17: rounded down, so the client comes back before its quota"),
+        ("float", RETRY_FREE, "Retry-After: '17.5': not a whole number of seconds"),
+        ("no-retry-after", RETRY_FREE, "a 429 with no Retry-After header"),
+        (
+            "longest-window",  # the free plan's 30 s for the paid key too
+            "       expected: Retry-After between 8 and 20, for the paid key (12 per 20 s): the 7.5 s until "
+            "its quota frees up, rounded up, and no more than its window\n",
+            "Retry-After: 30: longer than the plan's whole window",
+        ),
+    ],
+)
+def test_6_4_a_wrong_retry_after_is_rejected(
+    variant: str, expected: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_plan_quotas, plan_answer(variant))
+    assert RETRY_AFTER + expected + f"       seen:     {seen}" in out
+    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+
+
+def test_6_4_a_hanging_answer_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    """A dependency that sleeps until the quota frees up, instead of refusing."""
+    out = rejected(capsys, check_plan_quotas, plan_answer("waits"))
+    assert (
+        PLAN_QUOTAS + "       expected: each request answered at once, allowed or refused\n"
+        "       seen:     no answer within 5 s\n"
+        "       hint:     Does the dependency wait until the quota frees up?"
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 1 of 2 checks pass")

@@ -11,7 +11,11 @@ rather than hoped for: 50 concurrent calls go through a Redis client that adds a
 every command (``latency=``), so a read, then a write, from Python lets every call read before any
 writes. Exercise 6.2's limiter returns decisions the check scripted in advance, and the app is
 called straight through ASGI (``support.asgi.call``): no server, no clock. Exercise 6.3's
-``client_key`` is a pure function, checked against a table of cases.
+``client_key`` is a pure function, checked against a table of cases. Exercise 6.4's dependency runs in
+two apps of the check's own (two instances, each with its own Redis client on one store), called through
+ASGI with requests alternating between them; the limiter it is given is the check's, the notebook's
+fixed window in Redis on a clock of the check's, which moves to the next window instead of waiting and
+records what each request was counted with, so the counts of admitted requests are exact.
 
 The learner's coroutines run on a fresh event loop in a thread of the check's own, bounded in time.
 The check's Redis keys start with ``ex06:``; they are cleared before and after each run, and every
@@ -27,7 +31,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio
 from fastapi import FastAPI
@@ -39,7 +43,7 @@ from support.backends import delete_keys, redis_client
 from support.checks import Mismatch, exercise, expect
 from support.checks.running import NoReturn, in_fresh_loop, short
 
-__all__ = ["check_client_key", "check_limited_response", "check_token_bucket"]
+__all__ = ["check_client_key", "check_limited_response", "check_plan_quotas", "check_token_bucket"]
 
 SOLUTION = "solutions/06_rate_limiting_exercises.ipynb"
 _PREFIX = "ex06:"
@@ -1408,4 +1412,669 @@ def check_client_key(client_key: Callable[..., Any]) -> None:
             "any other X-API-Key (never issued, 10 kB, a newline, empty, an issued one in other letter "
             "case or with spaces around it) is ignored",
             lambda: _check_cases(client_key, _UNKNOWN_KEY_CASES),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 6.4: quotas per plan, on a shared store
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Quota(NamedTuple):
+    """A plan's quota (the fields of the notebook's ``Quota``)."""
+
+    limit: int  # requests per window
+    window: int  # seconds
+
+
+# Not the notebook's quotas (5 and 50 per 10 s), and a window of their own each: numbers written into
+# the answer show, and so does one plan's window used for the other.
+_FREE, _PAID = _Quota(3, 30), _Quota(12, 20)
+_START = 1_800_000_000.0  # the check's clock starts on a whole minute: a new window of both plans
+_NEXT_WINDOWS = 60.0  # a whole number of both windows: the next window of both
+_COUNT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+# the check's issued keys, not the notebook's
+_FREE_KEY, _FREE_KEY_2, _PAID_KEY = "bluebird-7731", "larkspur-2208", "kestrel-9054"
+_REVOKED_KEY, _NEW_KEY = "osprey-4410", "wren-6623"
+_CALL_6_4 = "Call the check as `check_plan_quotas(plan_limit)`."
+_SHARED_HINT = (
+    "Count with the limiter you are given, in the store every instance shares: "
+    "`decision = await limiter.check(request.app.state.redis, client, quota.limit, quota.window)`."
+)
+_LOOKUP_HINT = (
+    "Look the key up in `plans` (the argument) on every request: `plan = plans.get(api_key)`; an issued "
+    'key is the client `f"key:{api_key}"` on that plan; no plan means an anonymous client, '
+    '`f"ip:{request.client.host}"`, on the free plan; its quota is `quotas[plan]`.'
+)
+
+
+def _plans() -> dict[str, str]:
+    return {_FREE_KEY: "free", _FREE_KEY_2: "free", _PAID_KEY: "paid", _REVOKED_KEY: "paid"}
+
+
+def _quotas() -> dict[str, _Quota]:
+    return {"free": _FREE, "paid": _PAID}
+
+
+def _per(quota: _Quota) -> str:
+    return f"{quota.limit} per {quota.window} s"
+
+
+@dataclass(frozen=True)
+class _Client:
+    """One client of the check's: where it connects from and what it sends."""
+
+    label: str  # how the check's lines name it
+    peer: str
+    key: str | None = None  # its X-API-Key
+    plan_header: str | None = None  # an X-Plan header of its own invention
+    made_up: bool = False  # a new made-up X-API-Key with every request
+
+    def headers(self, index: int) -> list[tuple[str, str]]:
+        sent = []
+        if self.made_up:
+            sent.append(("X-API-Key", f"premium-{index:04d}"))
+        elif self.key is not None:
+            sent.append(("X-API-Key", self.key))
+        if self.plan_header is not None:
+            sent.append(("X-Plan", self.plan_header))
+        return sent
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """One call of the check's limiter: whose request it was, and what the answer asked it to count."""
+
+    client: str
+    key: str
+    limit: int
+    window: float
+    decision: _Decision
+
+
+class _PlanLimiter:
+    """The notebook's ``SharedWindow``: a fixed window in Redis, counted by one script, with the quota given
+    on each call; on the check's clock, ``now``. It counts only with the Redis client of the instance that
+    serves the request, and records each call."""
+
+    def __init__(self) -> None:
+        self.now = _START
+        self.serving: Any = None  # the Redis client of the instance serving the current request
+        self.client = ""  # the label of the client whose request it is
+        self.calls: list[_Counted] = []
+
+    async def check(self, redis: Any, key: Any, limit: Any, window: Any) -> _Decision:
+        expect(
+            redis is self.serving,
+            "`limiter.check(request.app.state.redis, …)`: the Redis client of the instance serving the "
+            "request",
+            f"a {type(redis).__name__} that is not the serving instance's `app.state.redis`",
+            "Each instance reaches the store they share through its own client, `request.app.state.redis`: "
+            "pass that one (the notebook's `redis` belongs to the notebook's event loop, not the app's).",
+            _SHARED_HINT,
+        )
+        expect(
+            isinstance(key, str),
+            "a str as the client's key, such as `key:<API key>` or `ip:<address>`",
+            short(key),
+            "The limiter keeps one count per key: pass a string that names the client, the same for each "
+            "of its requests.",
+            _SHARED_HINT,
+        )
+        numbers = isinstance(limit, int) and not isinstance(limit, bool) and isinstance(window, int | float)
+        expect(
+            numbers and limit >= 0 and window > 0,
+            "`limiter.check(redis, key, limit, window)` with the plan's limit and window, as numbers",
+            f"limit {short(limit, 40)}, window {short(window, 40)}",
+            "The limiter counts with the limit and window it is given on each call: the client's plan's, "
+            "from `quotas`.",
+            "Pass the two fields of the plan's quota: `quota = quotas[plan]`, then "
+            "`quota.limit, quota.window`.",
+        )
+        slot = int(self.now // window)
+        counter = f"{_PREFIX}plans:{key}:{window:g}:{slot}"
+        count = int(await redis.eval(_COUNT, 1, counter, math.ceil(window) + 1))
+        decision = _Decision(count <= limit, limit, max(0, limit - count), (slot + 1) * window - self.now)
+        self.calls.append(_Counted(self.client, key, limit, window, decision))
+        return decision
+
+
+@dataclass
+class _Instance:
+    app: FastAPI
+    redis: redis.asyncio.Redis
+    runs: list[int]  # one entry per request the endpoint served
+
+
+@dataclass
+class _Burst:
+    """What one client got: each answer's status, and the refusals with the limiter's decision."""
+
+    client: _Client
+    statuses: list[int]
+    refusals: list[tuple[AsgiResponse, _Decision | None]]
+
+    @property
+    def admitted(self) -> int:
+        return self.statuses.count(200)
+
+    def __str__(self) -> str:
+        return f"{self.client.label}: {self.admitted} of {len(self.statuses)} admitted"
+
+
+def _instance(
+    plan_limit: Callable[..., Any], limiter: _PlanLimiter, plans: dict[str, str], quotas: Any, client: Any
+) -> _Instance:
+    """One instance of the service: its own dependency from ``plan_limit``, and its own Redis client."""
+    dependency = plan_limit(limiter, plans, quotas)
+    expect(
+        isinstance(dependency, Depends),
+        "a dependency: `Depends(enforce)`",
+        short(dependency),
+        "Keep the given last line of `plan_limit`: `return Depends(enforce)`.",
+    )
+    app = FastAPI()
+    app.state.redis = client
+    runs: list[int] = []
+
+    @app.get("/search", dependencies=[dependency])
+    async def search() -> dict[str, list[str]]:
+        runs.append(1)
+        return {"results": []}
+
+    return _Instance(app, client, runs)
+
+
+class _World:
+    """Two instances of the service, each with its own dependency and Redis client, on one store."""
+
+    def __init__(self, limiter: _PlanLimiter, plans: dict[str, str], instances: list[_Instance]) -> None:
+        self.limiter, self.plans, self.instances = limiter, plans, instances
+
+    async def _send(self, client: _Client, index: int, burst: _Burst) -> None:
+        instance = self.instances[index % len(self.instances)]  # each client's requests alternate
+        self.limiter.serving, self.limiter.client = instance.redis, client.label
+        before, asked = len(instance.runs), len(self.limiter.calls)
+        response = await call(
+            instance.app, "/search", headers=client.headers(index), client=(client.peer, 40000 + index)
+        )
+        ran = len(instance.runs) > before
+        status = response.status
+        if status not in (200, 429):
+            raise Mismatch(
+                f"200 or 429 for each request, from {client.label}",
+                f"status {status}",
+                [
+                    "Within its quota a request goes on to the endpoint (200); over it, the dependency "
+                    "refuses it with 429, the status for a client over its own quota.",
+                    'Refuse with `raise HTTPException(429, "rate limit exceeded", headers={…})`, '
+                    "with `Retry-After` in the headers.",
+                ],
+            )
+        expect(
+            status == 429 or ran,
+            f"the endpoint to run for a 200, from {client.label}",
+            "status 200, but the endpoint did not run",
+            "An allowed request goes on to the endpoint, which gives the answer: the dependency only "
+            "decides whether it may.",
+            "Return nothing from the dependency when the request is allowed: the endpoint then runs.",
+        )
+        expect(
+            status == 200 or not ran,
+            f"the endpoint not to run for a 429, from {client.label}",
+            "status 429, but the endpoint ran: its work was done anyway",
+            "Setting the answer's status stops nothing: the endpoint did the work the limit protects.",
+            "A refusal must stop the request before the endpoint: raise `HTTPException(429, …)` from the "
+            "dependency, rather than setting `response.status_code`.",
+        )
+        burst.statuses.append(status)
+        if status == 429:
+            decisions = self.limiter.calls[asked:]
+            burst.refusals.append((response, decisions[-1].decision if decisions else None))
+
+    async def rounds(self, *plan: tuple[_Client, int]) -> list[_Burst]:
+        """Each client sends its number of requests, the clients taking turns, to alternate instances."""
+        bursts = [_Burst(client, [], []) for client, _ in plan]
+        for index in range(max(times for _, times in plan)):
+            for burst, (client, times) in zip(bursts, plan, strict=True):
+                if index < times:
+                    await self._send(client, index, burst)
+        return bursts
+
+    def calls_of(self, client: _Client) -> list[_Counted]:
+        return [counted for counted in self.limiter.calls if counted.client == client.label]
+
+
+def _with_world(plan_limit: Callable[..., Any], body: Callable[[_World], Awaitable[_T]], name: str) -> _T:
+    """Run ``body`` on a fresh loop: two instances, the check's plans and limiter, no ``ex06:`` keys."""
+
+    async def main() -> _T:
+        clients = [redis_client(decode_responses=True) for _ in range(2)]
+        try:
+            await delete_keys(clients[0], f"{_PREFIX}*")
+            limiter, plans, quotas = _PlanLimiter(), _plans(), _quotas()
+            instances = [_instance(plan_limit, limiter, plans, quotas, client) for client in clients]
+            return await body(_World(limiter, plans, instances))
+        finally:
+            try:
+                await delete_keys(clients[0], f"{_PREFIX}*")
+            finally:
+                for client in clients:
+                    await client.aclose()
+
+    try:
+        return in_fresh_loop(main, timeout=5, name=f"check-6.4-{name}")
+    except NoReturn as late:
+        raise Mismatch(
+            "each request answered at once, allowed or refused",
+            f"no answer within {late.seconds:g} s"
+            + (" (and the loop is still held: restart the kernel)" if late.stuck else ""),
+            [
+                "Does the dependency wait until the quota frees up? A limiter decides at once, and "
+                "`Retry-After` tells the client when to come back.",
+                _SHARED_HINT + " Then, when `not decision.allowed`, `raise HTTPException(429, …)`.",
+            ],
+        ) from None
+
+
+def _admitted(bursts: Sequence[_Burst]) -> str:
+    return "; ".join(str(burst) for burst in bursts)
+
+
+def _quota_hints(world: _World, bursts: Sequence[_Burst], quotas: Sequence[_Quota]) -> list[str]:
+    """Hints for clients that did not get their plan's quota, from what the limiter was asked."""
+    pairs = list(zip(bursts, quotas, strict=True))
+    if not world.limiter.calls:
+        if any(b.admitted == min(len(b.statuses), 2 * q.limit) > q.limit for b, q in pairs):
+            first = (
+                "Each client got its quota twice: once per instance. Counts kept in the dependency (or in "
+                "this process's memory) are one set per instance; the instances share only the store."
+            )
+        else:
+            first = (
+                "The limiter you are given was never asked: the requests were counted elsewhere, or "
+                "not at all."
+            )
+        return [first, _SHARED_HINT + " (The check passes a limiter of its own, on a clock of its own.)"]
+    for burst in bursts:
+        calls = len(world.calls_of(burst.client))
+        if calls > len(burst.statuses):
+            return [
+                f"{burst.client.label.capitalize()}'s {len(burst.statuses)} requests were counted {calls} "
+                "times: each call of the limiter counts a request, so a second call uses up the quota twice "
+                "as fast.",
+                _SHARED_HINT + " Once per request.",
+            ]
+    for burst, quota in pairs:
+        asked = {(c.limit, c.window) for c in world.calls_of(burst.client)}
+        if asked and asked != {(quota.limit, quota.window)}:
+            used = ", ".join(f"{limit} per {window:g} s" for limit, window in sorted(asked))
+            return [
+                f"{burst.client.label.capitalize()} was counted with {used}; its plan's quota is "
+                f"{_per(quota)}. The check passes plans and quotas of its own: use the arguments, "
+                "`plans` and `quotas`, not the notebook's `PLANS` and `QUOTAS` nor numbers written in.",
+                _LOOKUP_HINT,
+            ]
+    for quota in set(quotas):
+        same = [b for b, q in pairs if q == quota]
+        if len(same) > 1 and sum(b.admitted for b in same) == quota.limit:
+            return [
+                "Clients on one plan shared one count: together they got one client's quota, and each "
+                "one's requests used up the others'.",
+                "Key the count on the client (`key:<API key>` or `ip:<address>`), not on the plan: the "
+                "plan sets the limit, the client owns the count.",
+            ]
+    return [
+        "Each client's count is its own, and its limit is its plan's: an issued key's plan is in "
+        "`plans`, and the quota of a plan in `quotas`.",
+        _LOOKUP_HINT,
+    ]
+
+
+def _expect_quotas(world: _World, bursts: Sequence[_Burst], quotas: Sequence[_Quota], why: str = "") -> None:
+    wanted = [min(len(b.statuses), q.limit) for b, q in zip(bursts, quotas, strict=True)]
+    if [b.admitted for b in bursts] == wanted:
+        return
+    expected = "; ".join(
+        f"{b.client.label}: {want} of {len(b.statuses)} admitted ({_per(q)})"
+        for b, q, want in zip(bursts, quotas, wanted, strict=True)
+    )
+    raise Mismatch(expected + why, _admitted(bursts), _quota_hints(world, bursts, quotas))
+
+
+def _expect_asked(world: _World, bursts: Sequence[_Burst], quotas: Sequence[_Quota]) -> None:
+    """Each request counted once, by the check's limiter, with its client's plan's quota."""
+    for burst, quota in zip(bursts, quotas, strict=True):
+        calls = world.calls_of(burst.client)
+        asked = sorted({(c.limit, c.window) for c in calls})
+        seen = f"{len(calls)} times" + (
+            ", with " + ", ".join(f"{limit} per {window:g} s" for limit, window in asked) if asked else ""
+        )
+        expect(
+            len(calls) == len(burst.statuses) and asked == [(quota.limit, quota.window)],
+            f"the limiter you are given asked once per request of {burst.client.label}, "
+            f"{len(burst.statuses)} times, with its plan's quota, {_per(quota)}",
+            seen,
+            *(
+                _quota_hints(world, bursts, quotas)
+                if len(calls) in (0, len(burst.statuses))
+                else [
+                    "Every request must be counted once, in the store both instances share: a request "
+                    "counted twice uses up two of the client's quota, and one counted elsewhere is "
+                    "counted once per process.",
+                    _SHARED_HINT + " Once per request.",
+                ]
+            ),
+        )
+
+
+async def _plan_quotas(world: _World) -> None:
+    free = _Client("the free key", "198.51.100.11", _FREE_KEY)
+    paid = _Client("the paid key", "198.51.100.12", _PAID_KEY)
+    bursts = await world.rounds((free, 8), (paid, 20))
+    _expect_quotas(world, bursts, (_FREE, _PAID), ", the requests alternating between two instances")
+    _expect_asked(world, bursts, (_FREE, _PAID))
+
+
+async def _anonymous(world: _World) -> None:
+    first = _Client("an anonymous client at 203.0.113.21", "203.0.113.21")
+    second = _Client("an anonymous client at 203.0.113.22", "203.0.113.22")
+    bursts = await world.rounds((first, 14), (second, 14))
+    admitted = [b.admitted for b in bursts]
+    if admitted == [_FREE.limit, _FREE.limit]:
+        return
+    if all(a == 14 for a in admitted):
+        hints = [
+            "Clients with no key were not limited at all: a client without a key is still a client, and "
+            "the cheapest one to flood you with.",
+            "When the key is missing, or not in `plans`, key the client on its address, "
+            '`f"ip:{request.client.host}"`, and give it the free quota, `quotas["free"]`.',
+        ]
+    elif sum(admitted) == _FREE.limit:
+        hints = [
+            "Every anonymous client shared one quota: once one had used it, the other was refused "
+            "without having sent anything over its limit.",
+            'Key each anonymous client on its own address, `f"ip:{request.client.host}"`, not on a '
+            'single name such as `"anonymous"`.',
+        ]
+    elif all(a == min(14, _PAID.limit) for a in admitted):
+        hints = [
+            "Anonymous clients got the paid quota: a client with no issued key is on the free plan.",
+            'For an unknown client, `quota = quotas["free"]`.',
+        ]
+    else:
+        hints = [_LOOKUP_HINT]
+    raise Mismatch(
+        f"each anonymous client: {_FREE.limit} of 14 admitted (the free quota, {_per(_FREE)}, keyed on its "
+        "address)",
+        _admitted(bursts),
+        hints,
+    )
+
+
+_SHORT_HINTS_6_4 = (
+    "This client got less than the free quota: its count was shared with another client's, so the "
+    "other's requests used up its quota.",
+    'Key each anonymous client on its own address, `f"ip:{request.client.host}"`.',
+)
+
+
+async def _no_upgrade(world: _World) -> None:
+    made_up = _Client(
+        "a client at 203.0.113.31 sending a new made-up X-API-Key with each request",
+        "203.0.113.31",
+        made_up=True,
+    )
+    header = _Client(
+        "a client at 203.0.113.32 with no key and `X-Plan: paid`", "203.0.113.32", plan_header="paid"
+    )
+    free = _Client("the free key with `X-Plan: paid`", "198.51.100.11", _FREE_KEY, plan_header="paid")
+    bursts = await world.rounds((made_up, 14), (header, 14), (free, 14))
+    expected = f"{_FREE.limit} of 14 admitted (the free quota, {_per(_FREE)})"
+    made_up_burst, header_burst, free_burst = bursts
+    expect(
+        made_up_burst.admitted == _FREE.limit,
+        f"{made_up.label}: {expected}, all counted on its address",
+        str(made_up_burst),
+        *(
+            _SHORT_HINTS_6_4
+            if made_up_burst.admitted < _FREE.limit
+            else (
+                "A key you never issued is no key: anyone can make one up, and a client that sends a new "
+                "one with every request gets a new quota each time (the lesson's section 6 measured it).",
+                "Use the key only when it is in `plans`; otherwise the client is anonymous: "
+                '`f"ip:{request.client.host}"`, on the free plan.',
+            )
+        ),
+    )
+    for burst in (header_burst, free_burst):
+        expect(
+            burst.admitted == _FREE.limit,
+            f"{burst.client.label}: {expected}",
+            str(burst),
+            *(
+                _SHORT_HINTS_6_4
+                if burst.admitted < _FREE.limit
+                else (
+                    "The plan belongs to the key, and the service keeps it (`plans`): a header says "
+                    "whatever the client writes, so `X-Plan: paid` would sell the paid plan for nothing.",
+                    "Take the plan only from `plans.get(api_key)`; ignore `X-Plan` and any other header "
+                    "that claims a plan.",
+                )
+            ),
+        )
+
+
+async def _separate(world: _World) -> None:
+    nat = "198.51.100.40"  # one address for everyone behind a NAT or a corporate proxy
+    heavy = _Client(f"the free key, from {nat}", nat, _FREE_KEY)
+    (hammered,) = await world.rounds((heavy, 10))
+    others = await world.rounds(
+        (_Client(f"another free key, from {nat}", nat, _FREE_KEY_2), 5),
+        (_Client(f"an anonymous client at {nat}", nat), 5),
+        (_Client(f"the paid key, from {nat}", nat, _PAID_KEY), 14),
+    )
+    bursts = [hammered, *others]
+    admitted = [b.admitted for b in bursts]
+    if admitted == [_FREE.limit, _FREE.limit, _FREE.limit, _PAID.limit]:
+        return
+    counted = [{c.key for c in world.calls_of(b.client)} for b in bursts]
+    if admitted[0] == _FREE.limit and admitted[1:3] == [0, 0] and counted[0] & counted[3]:
+        hints = [
+            "Every client from one address shared one count: the clients behind a NAT or a company's "
+            "proxy share an address, and the free key's refusals used up the others' quotas.",
+            "Count an issued key on the key, `key:<API key>`, wherever it connects from; only an "
+            "anonymous client is counted on its address.",
+        ]
+    elif admitted[0] == _FREE.limit and admitted[1:3] == [0, 0]:
+        hints = [
+            "Every client on the free plan shared one count: once the free key had used it up, the "
+            "other free clients were refused without having sent anything over their limit.",
+            "Key the count on the client (`key:<API key>` or `ip:<address>`), not on the plan: the plan "
+            "sets the limit, the client owns the count (the plan may be part of the key, not all of it).",
+        ]
+    else:
+        hints = [
+            "Each client's count is its own: one client's requests, refused ones included, must not touch "
+            "another's.",
+            _LOOKUP_HINT,
+        ]
+    raise Mismatch(
+        f"after the free key's 10 requests (3 admitted), another free key and an anonymous client "
+        f"{_FREE.limit} each of 5, the paid key {_PAID.limit} of 14, all from {nat}",
+        _admitted(bursts),
+        hints,
+    )
+
+
+async def _plan_change(world: _World) -> None:
+    before = await world.rounds(
+        (_Client("the free key", "198.51.100.11", _FREE_KEY), 14),
+        (_Client("the paid key", "198.51.100.12", _PAID_KEY), 14),
+        (_Client("a paid key", "198.51.100.14", _REVOKED_KEY), 14),
+    )
+    _expect_quotas(world, before, (_FREE, _PAID, _PAID), ", in a first window, before the plans change")
+    world.plans[_FREE_KEY], world.plans[_PAID_KEY], world.plans[_NEW_KEY] = "paid", "free", "paid"
+    del world.plans[_REVOKED_KEY]
+    world.limiter.now += _NEXT_WINDOWS
+    after = await world.rounds(
+        (_Client("the free key, upgraded to paid", "198.51.100.11", _FREE_KEY), 14),
+        (_Client("the paid key, downgraded to free", "198.51.100.12", _PAID_KEY), 14),
+        (_Client("a key issued since, on the paid plan", "198.51.100.13", _NEW_KEY), 14),
+        (_Client("the paid key revoked since", "198.51.100.14", _REVOKED_KEY), 14),
+    )
+    wanted = (_PAID, _FREE, _PAID, _FREE)
+    admitted = [b.admitted for b in after]
+    if admitted == [q.limit for q in wanted]:
+        return
+    if admitted == [_FREE.limit, _PAID.limit, _FREE.limit, _PAID.limit]:
+        hints = [
+            "The plans were read once, when the dependency was made, and the service's changes since were "
+            "ignored: an upgrade, a downgrade, a new customer, a revoked key.",
+            "Look the key up in `plans` on each request, `plans.get(api_key)`: not in a copy, a set of "
+            "keys or a table of quotas built in advance, nor through a cache.",
+        ]
+    else:
+        hints = [
+            "A plan is the one `plans` gives when the request arrives: the check changed the mapping, "
+            "then sent its requests in the next window.",
+            _LOOKUP_HINT,
+        ]
+    raise Mismatch(
+        "in the next window, after the plans changed: "
+        + "; ".join(
+            f"{b.client.label}: {q.limit} of 14 admitted" for b, q in zip(after, wanted, strict=True)
+        ),
+        _admitted(after),
+        hints,
+    )
+
+
+_CEIL_HINT = "`str(max(1, math.ceil(decision.reset_after)))`: rounded up, and never 0."
+
+
+def _expect_retry_after(burst: _Burst, quota: _Quota) -> None:
+    for response, decision in burst.refusals:
+        if decision is None:  # refused without asking the limiter: the steps above name that
+            continue
+        left = decision.reset_after
+        want = max(1, math.ceil(left))
+        expected = (
+            f"Retry-After between {want} and {quota.window}, for {burst.client.label} ({_per(quota)}): "
+            f"the {left:g} s until its quota frees up, rounded up, and no more than its window"
+        )
+        value = response.header("retry-after")
+        if value is None:
+            raise Mismatch(
+                expected,
+                "a 429 with no Retry-After header",
+                [
+                    "Without Retry-After a client retries at once, and its refusals become the load.",
+                    'Pass it in the exception: `HTTPException(429, …, headers={"Retry-After": …})`. '
+                    + _CEIL_HINT,
+                ],
+            )
+        if not re.fullmatch(r"[0-9]+", value):
+            raise Mismatch(
+                expected,
+                f"Retry-After: {short(value)}: not a whole number of seconds (delta-seconds are digits only)",
+                ["Round the time left up to whole seconds.", _CEIL_HINT],
+            )
+        seconds = int(value)
+        if seconds == 0:
+            raise Mismatch(
+                expected,
+                "Retry-After: 0, which tells the client to retry at once, and be refused again",
+                ["Round the time left up, to at least one second: `math.ceil`, not `int()`.", _CEIL_HINT],
+            )
+        expect(
+            seconds >= want,
+            expected,
+            f"Retry-After: {seconds}: rounded down, so the client comes back before its quota frees up",
+            "Round up: `math.ceil`, not `int()` or `round()`.",
+            _CEIL_HINT,
+        )
+        expect(
+            seconds <= quota.window,
+            expected,
+            f"Retry-After: {seconds}: longer than the plan's whole window, within which its quota frees up",
+            "Retry-After is the time until this client's quota frees up, from its own plan's window: not "
+            "another plan's window, nor milliseconds.",
+            _CEIL_HINT,
+        )
+
+
+async def _retry_after(world: _World) -> None:
+    free = _Client("the free key", "198.51.100.11", _FREE_KEY)
+    paid = _Client("the paid key", "198.51.100.12", _PAID_KEY)
+    world.limiter.now = _START + 12.5  # 17.5 s left in the free window, 7.5 s in the paid one
+    bursts = await world.rounds((free, _FREE.limit + 1), (paid, _PAID.limit + 1))
+    world.limiter.now = _START + 19.75  # the paid window's last quarter second
+    bursts += await world.rounds((paid, 1))
+    world.limiter.now = _START + 29.75  # the free window's last quarter second
+    bursts += await world.rounds((free, 1))
+    for burst in bursts:
+        expect(
+            bool(burst.refusals),
+            f"{burst.client.label}, over its quota, refused with 429",
+            str(burst),
+            "A client over its plan's quota is refused: when `not decision.allowed`, raise "
+            "`HTTPException(429, …)`.",
+            _LOOKUP_HINT,
+        )
+        _expect_retry_after(burst, _FREE if burst.client.key == _FREE_KEY else _PAID)
+
+
+def check_plan_quotas(plan_limit: Callable[..., Any]) -> None:
+    """Check Exercise 6.4: each client gets its plan's quota, counted in the store two instances share.
+
+    Builds two instances of a service, each an app whose ``GET /search`` depends on
+    ``plan_limit(limiter, plans, quotas)`` (called once per instance) and which has a Redis client of its
+    own in ``app.state.redis``, both on one store. ``limiter`` is the check's: the notebook's
+    ``SharedWindow`` on the check's clock, recording each call. ``plans`` are the check's issued keys
+    (two free, two paid), ``quotas`` free 3 per 30 s and paid 12 per 20 s. Requests alternate between the
+    instances, sent through ASGI, and each client's admitted requests are counted: a free key 3 of 8 and
+    a paid key 12 of 20, each request counted once with its plan's quota; two anonymous clients 3 of 14
+    each, keyed on their addresses; a new made-up key with every request, ``X-Plan: paid`` with no key,
+    and the free key with ``X-Plan: paid``, 3 of 14 each; from one address, after the free key's 10
+    requests, another free key and an anonymous client 3 of 5 each and the paid key 12 of 14; after the
+    check changes the plans (an upgrade, a downgrade, a new key, a revoked one) and moves its clock to
+    the next window, each client its new plan's quota; and each 429's ``Retry-After`` whole seconds, at
+    least the time left rounded up (17.5, 7.5 and 0.25 s) and at most the plan's window.
+    """
+    with exercise("6.4", "Quotas per plan, on a shared store", SOLUTION) as ex:
+        expect(callable(plan_limit), "the function `plan_limit`", short(plan_limit), _CALL_6_4)
+        ex.require(
+            "plan_limit(limiter, plans, quotas) gives a dependency",
+            lambda: _instance(plan_limit, _PlanLimiter(), _plans(), _quotas(), None),
+        )
+        if not ex.step(
+            f"a free key gets the free quota ({_per(_FREE)}) and a paid key the paid one ({_per(_PAID)}), "
+            "across two instances sharing one store",
+            lambda: _with_world(plan_limit, _plan_quotas, "plans"),
+        ):
+            return
+        ex.step(
+            "a client with no key gets the free quota, keyed on its address",
+            lambda: _with_world(plan_limit, _anonymous, "anonymous"),
+        )
+        ex.step(
+            "a made-up key, or an X-Plan header, buys no more than the free quota",
+            lambda: _with_world(plan_limit, _no_upgrade, "made-up"),
+        )
+        ex.step(
+            "one client's refusals leave other clients' quotas alone, behind one address too",
+            lambda: _with_world(plan_limit, _separate, "separate"),
+        )
+        ex.step(
+            "a changed plan, a new key and a revoked key count from the next window",
+            lambda: _with_world(plan_limit, _plan_change, "plan-change"),
+        )
+        ex.step(
+            "each 429 has Retry-After: whole seconds, rounded up, at least 1, within the plan's window",
+            lambda: _with_world(plan_limit, _retry_after, "retry-after"),
         )
