@@ -22,8 +22,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.context import Context
+from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -36,7 +38,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from support.checks import forget_answers, placeholder_message
-from support.checks.ch03 import check_checkout_spans, check_latency_histogram, check_request_id_middleware
+from support.checks.ch03 import (
+    check_checkout_spans,
+    check_job_joins_trace,
+    check_latency_histogram,
+    check_request_id_middleware,
+)
 from support.metrics import read_histogram
 from support.telemetry import children, self_time
 from tests.checking import fresh_and_leaves_nothing_running, rejected
@@ -624,6 +631,8 @@ def p99_answer(variant: str) -> Any:
             ):
                 buckets[float(le)] = buckets.get(float(le), 0.0) + float(value)
         ordered = sorted(buckets.items())
+        if variant == "no-series-lookup" and not ordered:  # as read_histogram once did
+            raise LookupError(f"no histogram {METRIC} in the metrics text")
         if variant == "text-order":  # the finite bounds sorted as the page writes them
             finite = sorted((floatToGoString(le), n) for le, n in ordered[:-1])
             ordered = [(float(le), n) for le, n in finite] + ordered[-1:]
@@ -1008,6 +1017,12 @@ def test_3_3_each_middleware_flaw_is_named(
             "seen:     IndexError: 'list index out of range': the code looked up a bucket",
         ),
         (
+            "no-series-lookup",
+            "is NaN when the histogram has counted no request yet, even before it has a series",
+            "seen:     LookupError: 'no histogram http_request_duration_seconds in th…: the code took a "
+            "histogram with no series for a missing one",
+        ),
+        (
             "text-order",
             "orders the buckets by their bounds as numbers, in which 2.5 comes before 10",
             "seen:     8.2: the estimate with the buckets in the order of their le labels as text, "
@@ -1028,3 +1043,262 @@ def test_3_3_p99_edge_cases_are_named(
     assert f"❌ not yet: p99_from_metrics(text) {failed}" in out
     assert detail in out
     assert "✅ passed: p99_from_metrics(text) estimates p99 as Prometheus does, on a page with known" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 3.4: a queued job that joins the request's trace
+# ---------------------------------------------------------------------------------------------------
+
+LATEST: dict[str, Any] = {}  # a module-level "current trace context", as a learner might keep one
+
+
+def receipts_answer(variant: str) -> tuple[Callable[..., FastAPI], Any, Any]:
+    """The exercise cell, answered one way or another: (build_orders_app, enqueue_receipt, send_receipt).
+
+    ``build_orders_app`` is the notebook's given code.
+    """
+
+    async def enqueue_receipt(queue: Any, order_id: str) -> None:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("3.4"))
+        current = otel_trace.get_current_span().get_span_context()
+        carrier: dict[str, Any] = {}
+        if variant == "propagator":
+            TraceContextTextMapPropagator().inject(carrier)
+        elif variant in ("manual-right", "manual-01"):
+            flags = "01" if variant == "manual-01" else f"{current.trace_flags:02x}"
+            carrier["traceparent"] = f"00-{current.trace_id:032x}-{current.span_id:016x}-{flags}"
+            if variant == "manual-right" and current.trace_state:
+                carrier["tracestate"] = current.trace_state.to_header()
+        elif variant == "int-ids":
+            carrier = {"trace_id": current.trace_id, "span_id": current.span_id, "sampled": "1"}
+        else:
+            inject(carrier)
+        if variant == "today":
+            await queue.enqueue("send_receipt", order_id=order_id)
+            return
+        if variant == "traceparent-only":
+            carrier = {"traceparent": carrier["traceparent"]}
+        if variant == "global":
+            LATEST.clear()
+            LATEST.update(carrier)
+        argument: Any = carrier
+        if variant == "context-object":
+            argument = otel_context.get_current()
+        elif variant == "span-context-object":
+            argument = current
+        await queue.enqueue("send_receipt", order_id=order_id, trace_context=argument)
+
+    async def send_receipt(ctx: dict, *, order_id: str, trace_context: dict[str, Any] | None = None) -> None:
+        tracer: Tracer = ctx["tracer"]
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("3.4"))
+
+        async def send() -> None:
+            await ctx["mailer"].send(f"{order_id}@example.com", "Your receipt")
+
+        carrier = LATEST if variant == "global" else trace_context or {}
+        if variant == "propagator":
+            parent = TraceContextTextMapPropagator().extract(carrier)
+        elif variant == "key-error":
+            parent = extract({"traceparent": carrier["traceparent"]})
+        elif variant == "int-ids":
+            parent = otel_trace.set_span_in_context(
+                otel_trace.NonRecordingSpan(
+                    otel_trace.SpanContext(
+                        carrier["trace_id"], carrier["span_id"], True, otel_trace.TraceFlags(1)
+                    )
+                )
+            )
+        else:
+            parent = extract(carrier)
+        if variant in ("today", "no-context"):
+            with tracer.start_as_current_span("send_receipt"):
+                await send()
+        elif variant == "link":
+            linked = otel_trace.get_current_span(parent).get_span_context()
+            with tracer.start_as_current_span("send_receipt", links=[otel_trace.Link(linked)]):
+                await send()
+        elif variant == "not-current":
+            with tracer.start_span("send_receipt", context=parent):
+                await send()
+        elif variant in ("attach-only", "attach-detach", "no-detach"):
+            token = otel_context.attach(parent)
+            try:
+                if variant == "attach-only":
+                    await send()
+                else:
+                    with tracer.start_as_current_span("send_receipt"):
+                        await send()
+            finally:
+                if variant != "no-detach":
+                    otel_context.detach(token)
+        elif variant == "use-span":
+            span = tracer.start_span("send_receipt", context=parent)
+            with otel_trace.use_span(span, end_on_exit=True):
+                await send()
+        elif variant == "nested":
+            with (
+                tracer.start_as_current_span("send_receipt", context=parent),
+                tracer.start_as_current_span("email.send"),
+            ):
+                await send()
+        else:
+            with tracer.start_as_current_span("send_receipt", context=parent):
+                await send()
+
+    def build_orders_app(tracing: Any, queue: Any) -> FastAPI:
+        app = FastAPI(telemetry={"tracer_provider": tracing.provider})
+
+        @app.post("/orders/{order_id}", status_code=202)
+        async def place_order(order_id: str) -> dict[str, Any]:
+            await asyncio.sleep(0.01)  # the order is stored; other requests run meanwhile
+            await enqueue_receipt(queue, order_id)
+            return {"order_id": order_id, "queued": True}
+
+        return app
+
+    if variant == "sync-job":
+
+        def sync_receipt(ctx: dict, *, order_id: str, trace_context: dict[str, str] | None = None) -> None:
+            with ctx["tracer"].start_as_current_span("send_receipt", context=extract(trace_context or {})):
+                ctx["mailer"].send(f"{order_id}@example.com", "Your receipt")
+
+        return build_orders_app, enqueue_receipt, sync_receipt
+    return build_orders_app, enqueue_receipt, send_receipt
+
+
+@pytest.mark.parametrize(
+    "variant", ["right", "propagator", "attach-detach", "use-span", "manual-right", "nested"]
+)
+def test_3_4_a_job_that_joins_the_trace_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_job_joins_trace(*receipts_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 3.4 · A queued job that joins the request's trace\n")
+    assert (
+        "  ✅ passed: each job's span is in the trace of its own request, never another's (12 at once)\n"
+        in out
+    )
+    assert out.endswith("Exercise 3.4: passed ✅ (10 of 10 checks)\n")
+
+
+def test_3_4_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_job_joins_trace, *receipts_answer("placeholder"))
+    assert "⬜ not started: Exercise 3.4's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 3.4: not started")
+
+
+ORDERS_STEP = (
+    "12 concurrent orders (some with their caller's traceparent, some without) are answered 202, each "
+    "enqueueing one send_receipt job stored as JSON"
+)
+OWN_TRACE_STEP = "each job's span is in the trace of its own request, never another's (12 at once)"
+
+
+@pytest.mark.parametrize(
+    ("variant", "failed", "detail", "summary"),
+    [
+        (  # the service as first written: nothing of the trace travels, the job starts a new one
+            "today",
+            "each job's arguments hold its request's trace context, as strings",
+            "seen:     only {'order_id': 'ord-",
+            "5 of 7 checks pass",
+        ),
+        (  # extract() returns a Context: without context=, the span takes the worker's (empty) one
+            "no-context",
+            OWN_TRACE_STEP,
+            "12 of 12 jobs in a trace of their own (the job of ord-",
+            "6 of 7 checks pass",
+        ),
+        (  # a link, not a parent: a trace of its own, linked to the request's
+            "link",
+            OWN_TRACE_STEP,
+            "hint:     `extract(carrier)` returns a Context holding the request's span; it does not make "
+            "it current. A span started without `context=` takes the worker's current span as parent: "
+            "none, so a new trace. A link (`links=[…]`) also starts a new trace",
+            "6 of 7 checks pass",
+        ),
+        (  # the Context object as the job's argument: JSON cannot hold it
+            "context-object",
+            ORDERS_STEP,
+            "seen:     JSON cannot hold them: trace_context: a Context (Object of type",
+            "1 of 2 checks pass",
+        ),
+        (  # the SpanContext object: the same
+            "span-context-object",
+            ORDERS_STEP,
+            "seen:     JSON cannot hold them: trace_context: a SpanContext (Object of type",
+            "1 of 2 checks pass",
+        ),
+        (  # trace and span IDs as integers: JSON keeps them here, not every reader does
+            "int-ids",
+            "each job's arguments hold its request's trace context, as strings",
+            "expected: the trace context as text, a dict of strings, as the W3C headers are",
+            "7 of 10 checks pass",
+        ),
+        (  # the context kept in a module-level variable: every job reads the last request's
+            "global",
+            OWN_TRACE_STEP,
+            "in another request's trace (the job of ord-",
+            "6 of 7 checks pass",
+        ),
+        (  # traceparent by hand with the sampled flag hard-coded
+            "manual-01",
+            "a request whose caller sampled the trace out (flags 00) leads to no recorded job span",
+            "seen:     the job's span was recorded and exported, flags 01: the job would appear in a trace "
+            "whose request does not",
+            "8 of 10 checks pass",
+        ),
+        (  # only traceparent copied: the caller's tracestate is lost (and an empty carrier fails)
+            "traceparent-only",
+            "the caller's tracestate travels with the job",
+            "seen:     tracestate '': only the traceparent travelled",
+            "8 of 10 checks pass",
+        ),
+        (  # the extracted context attached, but no span of the job's own
+            "attach-only",
+            "each job's span is a child of the span current at the enqueue (the endpoint's)",
+            "seen:     the receipt was sent under the endpoint's span itself",
+            "7 of 9 checks pass",
+        ),
+        (  # start_span does not make the span current: the send runs outside it
+            "not-current",
+            OWN_TRACE_STEP,
+            "seen:     no span was current while 12 of 12 jobs sent their receipt",
+            "5 of 7 checks pass",
+        ),
+        (  # attach without detach: the request's context stays behind in the worker's task
+            "no-detach",
+            "the job leaves the worker's context as it found it",
+            "seen:     12 of 12 jobs left a context attached",
+            "9 of 10 checks pass",
+        ),
+        (  # trace_context["traceparent"]: a job enqueued outside any request has none
+            "key-error",
+            "a job enqueued outside any request starts a trace of its own, without an error",
+            "seen:     KeyError: 'traceparent' in send_receipt: outside any request no span is current",
+            "8 of 10 checks pass",
+        ),
+        (  # a plain function as the job
+            "sync-job",
+            "build_orders_app, enqueue_receipt and send_receipt are functions",
+            "expected: `send_receipt` defined with `async def`",
+            "0 of 1 checks pass",
+        ),
+    ],
+)
+def test_3_4_each_flaw_is_named(
+    variant: str, failed: str, detail: str, summary: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_job_joins_trace, *receipts_answer(variant))
+    assert f"❌ not yet: {failed}" in out
+    assert detail in out
+    assert out.endswith(f"Exercise 3.4: not yet — {summary}")
+
+
+def test_3_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    first = rejected(capsys, check_job_joins_trace, *receipts_answer("no-context"))
+    forget_answers()  # the learner changes their answer: the next hint
+    second = rejected(capsys, check_job_joins_trace, *receipts_answer("no-context"))
+    assert "context=parent)`." not in first
+    assert '`parent = extract(trace_context)`, then `tracer.start_as_current_span("send_receipt", ' in second

@@ -6,6 +6,10 @@ a tracer provider of the check's own, with a ``SimpleSpanProcessor`` and an in-m
 every span is there the moment it ends; ``slowest_step`` is also given traces the check builds with
 set times (a root or a query with more time of its own than any step, a gap between a step's
 children), so no clock decides those. Exercise 3.3's app is served in-process and scraped.
+Exercise 3.4's app is called through ASGI too, with two tracer providers of the check's own (the
+service's and the worker's, spans in memory) and a queue of the check's own that stores each job's
+arguments as JSON; the check then runs the jobs as a worker would, each in a task with a fresh
+context, and reads the span that was current at each enqueue and at each send.
 
 Where time matters (which checkout step is slow), the slow step sleeps several times longer than
 anything it is compared with, and each comparison is a ratio, not a deadline. Every server and
@@ -15,6 +19,7 @@ tracer provider a check starts is stopped before it returns.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import math
@@ -29,6 +34,7 @@ from typing import Any
 
 import httpx
 import prometheus_client
+from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Tracer
@@ -39,6 +45,7 @@ from prometheus_client.utils import floatToGoString
 from support.asgi import AsgiResponse, call
 from support.checks import Mismatch, exercise, expect
 from support.checks.running import (
+    NoReturn,
     find_route,
     in_fresh_loop,
     joins_new_threads,
@@ -49,7 +56,12 @@ from support.metrics import histogram_quantile
 from support.server import Server
 from support.telemetry import Tracing, self_time, tracing
 
-__all__ = ["check_checkout_spans", "check_latency_histogram", "check_request_id_middleware"]
+__all__ = [
+    "check_checkout_spans",
+    "check_job_joins_trace",
+    "check_latency_histogram",
+    "check_request_id_middleware",
+]
 
 _SERVE_FAILED = "The app failed while starting: fix its error, run the cell again, then this check."
 SOLUTION = "solutions/03_observability_exercises.ipynb"
@@ -1752,13 +1764,14 @@ def _check_p99_empty(p99_from_metrics: Callable[[str], Any]) -> None:
     try:
         answer = p99_from_metrics(_page_of({}))
     except LookupError as exc:
-        if type(exc) is LookupError:  # support.metrics.read_histogram: "no histogram … in the metrics text"
-            return
+        why = (
+            "the code looked up a bucket (`buckets[-1]`, say) before checking there is one"
+            if isinstance(exc, IndexError | KeyError)
+            else "the code took a histogram with no series for a missing one; it is declared, and has "
+            "counted nothing yet"
+        )
         raise Mismatch(
-            f"NaN on {where}",
-            f"{type(exc).__name__}: {short(str(exc), 50)}: the code looked up a bucket (`buckets[-1]`, "
-            "say) before checking there is one",
-            _NO_SERIES_HINTS,
+            f"NaN on {where}", f"{type(exc).__name__}: {short(str(exc), 50)}: {why}", _NO_SERIES_HINTS
         ) from None
     except (ValueError, ZeroDivisionError) as exc:
         raise Mismatch(
@@ -1930,3 +1943,649 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
             "p99_from_metrics(text) agrees with Prometheus's estimate on your app's page",
             lambda: _check_p99_app(p99_from_metrics, shop.after),
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 3.4: a queued job that joins the request's trace
+# ---------------------------------------------------------------------------------------------------
+
+_ORDERS_ROUTE = "/orders/{order_id}"
+_JOB = "send_receipt"
+_CALL_3_4 = "Call the check as `check_job_joins_trace(build_orders_app, enqueue_receipt, send_receipt)`."
+_FRESH, _SAMPLED, _UNSAMPLED = 4, 5, 3  # requests without a traceparent, with a sampled one, with flags 00
+_ORDERS = _FRESH + _SAMPLED + _UNSAMPLED
+_ENDPOINT_HINT = (
+    "Keep the given `build_orders_app`: its endpoint awaits `enqueue_receipt(queue, order_id)` once per "
+    'order, in an app traced with `FastAPI(telemetry={"tracer_provider": tracing.provider})`.'
+)
+_INJECT_EXTRACT = (
+    'In `enqueue_receipt`: `carrier = {}`, `inject(carrier)`, then `await queue.enqueue("send_receipt", '
+    "order_id=order_id, trace_context=carrier)`; in the job: `parent = extract(trace_context)`, then "
+    '`with tracer.start_as_current_span("send_receipt", context=parent):` around the send.'
+)
+_request_var: ContextVar[str | None] = ContextVar("ch03_check_request", default=None)  # the check's own
+_job_var: ContextVar[int | None] = ContextVar("ch03_check_job", default=None)
+
+
+class _NotStorable(TypeError):
+    """A job's arguments that JSON cannot hold: what a queue that stores jobs in Redis raises."""
+
+
+@dataclass
+class _Job:
+    """One job the learner's code enqueued, and what became of it when the check's worker ran it."""
+
+    function: str
+    kwargs: dict[str, Any]  # as JSON gave them back: what a worker in another process receives
+    request: str | None  # the check's request whose task enqueued it (None: outside any request)
+    at_enqueue: otel_trace.SpanContext  # the span current when it was enqueued
+    sends: list[tuple[otel_trace.SpanContext, bool]] = field(default_factory=list)  # (span, recording)
+    raised: BaseException | None = None
+    context_after: Any = None  # OpenTelemetry's context in the job's task once the job returned
+    context_before: Any = None
+
+
+class _CheckQueue:
+    """The queue given to the learner's app: stores each job's arguments as JSON, as Redis would, and
+    notes the request that enqueued it and the span that was current then."""
+
+    def __init__(self) -> None:
+        self.jobs: list[_Job] = []
+
+    async def enqueue(self, function: Any, **kwargs: Any) -> None:
+        name = function if isinstance(function, str) else getattr(function, "__name__", repr(function))
+        try:
+            stored = json.dumps(kwargs)
+        except (TypeError, ValueError) as exc:
+            raise _NotStorable(f"{', '.join(_unstorable(kwargs))} ({exc})") from None
+        current = otel_trace.get_current_span().get_span_context()
+        self.jobs.append(_Job(name, json.loads(stored), _request_var.get(), current))
+        await asyncio.sleep(0.005)  # a round trip to Redis: other requests run meanwhile
+
+
+def _unstorable(kwargs: dict[str, Any]) -> list[str]:
+    """The arguments JSON cannot hold, as "name: a Type"."""
+    found = []
+    for name, value in kwargs.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            found.append(f"{name}: a {type(value).__name__}")
+    return found
+
+
+class _ReceiptMailer:
+    """The email API the job calls (``ctx["mailer"]``): notes the span current at each send."""
+
+    def __init__(self, jobs: list[_Job]) -> None:
+        self.jobs = jobs
+
+    async def send(self, to: str, subject: str = "Your receipt", **_: Any) -> None:
+        index = _job_var.get()
+        span = otel_trace.get_current_span()
+        if index is not None:
+            self.jobs[index].sends.append((span.get_span_context(), span.is_recording()))
+        await asyncio.sleep(0.01)
+
+
+@dataclass(frozen=True)
+class _Order:
+    order_id: str
+    incoming: str | None  # the caller's traceparent, if any
+    tracestate: str | None
+    trace_id: int | None  # known up front when the caller sent one
+
+    @property
+    def sampled(self) -> bool:
+        return self.incoming is None or self.incoming.endswith("-01")
+
+    @property
+    def kind(self) -> str:
+        if self.incoming is None:
+            return "no traceparent"
+        return "a sampled traceparent" if self.sampled else "a traceparent with flags 00 (not sampled)"
+
+
+@dataclass
+class _JobsRun:
+    """Everything the check saw: the orders, their traces, the jobs and the spans."""
+
+    orders: list[_Order]
+    queue: _CheckQueue = field(default_factory=_CheckQueue)
+    statuses: dict[str, int] = field(default_factory=dict)
+    trace_ids: dict[str, int] = field(default_factory=dict)  # order → its request's trace ID
+    worker_spans: list[ReadableSpan] = field(default_factory=list)
+
+    def job_of(self, order: _Order) -> _Job:
+        return next(job for job in self.queue.jobs if job.request == order.order_id)
+
+
+def _plan_orders() -> list[_Order]:
+    tag = f"{random.randrange(16**6):06x}"
+    orders = []
+    for i in range(_ORDERS):
+        order_id = f"ord-{tag}-{i:02d}"
+        if i < _FRESH:
+            orders.append(_Order(order_id, None, None, None))
+            continue
+        sampled = i < _FRESH + _SAMPLED
+        trace_id = random.getrandbits(128) | 1
+        header = f"00-{trace_id:032x}-{random.getrandbits(64) | 1:016x}-{'01' if sampled else '00'}"
+        orders.append(_Order(order_id, header, f"ex34={order_id}" if sampled else None, trace_id))
+    random.shuffle(orders)
+    return orders
+
+
+def _hex(trace_id: int) -> str:
+    return format(trace_id, "032x")
+
+
+def _late(late: NoReturn, what: str, hint: str) -> Mismatch:
+    return Mismatch(
+        what,
+        f"no return within {late.seconds:g} s"
+        + (" (and it still holds its thread: restart the kernel)" if late.stuck else ""),
+        [hint, "Nothing here needs to wait: enqueueing stores the job and returns; the job sends once."],
+    )
+
+
+def _not_storable(exc: BaseException) -> _NotStorable | None:
+    leaves = _leaves_of(exc)
+    return next((leaf for leaf in leaves if isinstance(leaf, _NotStorable)), None)
+
+
+def _leaves_of(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves_of(inner)]
+    return [exc]
+
+
+def _storable_mismatch(exc: _NotStorable) -> Mismatch:
+    return Mismatch(
+        "the job's arguments stored as JSON, as a queue stores them in Redis",
+        f"JSON cannot hold them: {str(exc)[:160]}",
+        [
+            "The worker is another process: the job gets only what the queue stored, as text. A "
+            "`Context` or a `SpanContext` is an object of this process, and cannot travel.",
+            "Write the trace context as the W3C headers: `carrier = {}`, `inject(carrier)` gives "
+            "`{'traceparent': '00-…-…-01'}`, a dict of strings; pass that dict as the job's argument.",
+        ],
+    )
+
+
+def _place_orders(build_orders_app: Callable[..., Any], run: _JobsRun, tracing_: Tracing) -> None:
+    app = build_orders_app(tracing_, run.queue)
+    find_route(app, "POST", _ORDERS_ROUTE, "app")
+
+    async def place(order: _Order) -> tuple[str, int]:
+        _request_var.set(order.order_id)  # this request's task only
+        headers = []
+        if order.incoming is not None:
+            headers.append((b"traceparent", order.incoming.encode()))
+        if order.tracestate is not None:
+            headers.append((b"tracestate", order.tracestate.encode()))
+        response = await call(app, f"/orders/{order.order_id}", method="POST", headers=headers)
+        return order.order_id, response.status
+
+    async def main() -> dict[str, int]:
+        return dict(await asyncio.gather(*(place(order) for order in run.orders)))
+
+    try:
+        run.statuses = in_fresh_loop(main, timeout=10, name="check-3.4-orders")
+    except NoReturn as late:
+        raise _late(
+            late,
+            f"{_ORDERS} orders answered within a few seconds",
+            "Does `enqueue_receipt` wait for something, or await the job itself? It only stores the job.",
+        ) from None
+    except BaseException as exc:
+        unstorable = _not_storable(exc)
+        if unstorable is not None:
+            raise _storable_mismatch(unstorable) from None
+        raise
+    bad = {order: status for order, status in run.statuses.items() if status != 202}
+    expect(
+        not bad,
+        f"status 202 for each of the {_ORDERS} orders",
+        f"statuses {dict(Counter(run.statuses.values()))}",
+        _ENDPOINT_HINT,
+    )
+    counts = Counter(job.request for job in run.queue.jobs)
+    wrong = [o.order_id for o in run.orders if counts[o.order_id] != 1]
+    expect(
+        not wrong,
+        f"one job enqueued by each of the {_ORDERS} requests",
+        f"{sum(counts.values())} jobs, {len(wrong)} requests with none or several"
+        + (": `enqueue_receipt` was called but the enqueue never awaited?" if not counts else ""),
+        'Each order enqueues one receipt: `await queue.enqueue("send_receipt", …)` once in '
+        "`enqueue_receipt`, awaited (the queue's `enqueue` is a coroutine, as SAQ's is).",
+    )
+    names = sorted({job.function for job in run.queue.jobs} - {_JOB})
+    expect(
+        not names,
+        f"jobs for the function {_JOB!r}",
+        f"jobs for {', '.join(map(repr, names))}",
+        f'A worker finds a job\'s function by name: `await queue.enqueue("{_JOB}", …)`.',
+    )
+    for span in tracing_.spans():
+        path = dict(span.attributes or {}).get("url.path")
+        if span.kind == otel_trace.SpanKind.SERVER and isinstance(path, str) and span.context is not None:
+            run.trace_ids[path.removeprefix("/orders/")] = span.context.trace_id
+    for order in run.orders:
+        if order.trace_id is not None:
+            run.trace_ids[order.order_id] = order.trace_id
+    missing = [o.order_id for o in run.orders if o.order_id not in run.trace_ids]
+    expect(
+        not missing,
+        "a server span for each request, made by the app's tracer provider",
+        f"none for {len(missing)} of the {_FRESH} requests that came without a traceparent",
+        _ENDPOINT_HINT,
+    )
+
+
+def _strings_only(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _strings_only(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_strings_only(v) for v in value)
+    return value is None
+
+
+def _check_carrier(run: _JobsRun) -> None:
+    for order in run.orders:
+        job = run.job_of(order)
+        context = {k: v for k, v in job.kwargs.items() if k != "order_id"}
+        if not context:
+            raise Mismatch(
+                "the request's trace context among the job's arguments",
+                f"only {short(job.kwargs)}: the job carries nothing of the request's trace",
+                [
+                    "A job runs later, in a worker, in a context of its own: the request's current span "
+                    "is not there. What the job needs from the request must travel in its arguments.",
+                    _INJECT_EXTRACT,
+                ],
+            )
+        odd = {k: v for k, v in context.items() if not _strings_only(v)}
+        expect(
+            not odd,
+            "the trace context as text, a dict of strings, as the W3C headers are",
+            f"{short(odd, 120)}: not strings",
+            "A carrier is what a header would hold: strings. A trace ID as an int loses digits in any "
+            "JSON reader that holds numbers as doubles (JavaScript's, for one), and a worker in another "
+            "language expects the `traceparent` format.",
+            "`inject(carrier)` writes `traceparent` (and `tracestate`) as strings; `extract(carrier)` "
+            "reads them back.",
+        )
+        wanted = _hex(run.trace_ids[order.order_id])
+        expect(
+            wanted in json.dumps(job.kwargs),
+            f"the trace ID of the request that enqueued it ({wanted}) in the job's arguments",
+            f"{short(job.kwargs, 140)} (for a request with {order.kind})",
+            "Inject while the request's span is current: in `enqueue_receipt`, called from the endpoint, "
+            "not in the job or at import time.",
+            _INJECT_EXTRACT,
+        )
+
+
+def _run_jobs(send_receipt: Callable[..., Any], jobs: list[_Job], worker: Tracing) -> None:
+    """Run every job as a worker would: concurrently, each in a task with a fresh context."""
+    ctx = {"tracer": worker.tracer, "mailer": _ReceiptMailer(jobs)}
+
+    async def one(index: int) -> None:
+        job = jobs[index]
+        _job_var.set(index)
+        job.context_before = otel_context.get_current()
+        try:
+            await send_receipt(dict(ctx), **job.kwargs)
+        except Exception as exc:
+            job.raised = exc
+        job.context_after = otel_context.get_current()
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(one(i), context=contextvars.Context()) for i in range(len(jobs))]
+        await asyncio.gather(*tasks)
+
+    try:
+        in_fresh_loop(main, timeout=10, name="check-3.4-worker")
+    except NoReturn as late:
+        raise _late(
+            late,
+            f"each {_JOB} job to return within a second or so",
+            "Does the job wait for something that never comes? It sends one receipt and returns.",
+        ) from None
+
+
+def _check_jobs_ran(send_receipt: Callable[..., Any], run: _JobsRun, worker: Tracing) -> None:
+    _run_jobs(send_receipt, run.queue.jobs, worker)
+    run.worker_spans = worker.spans()
+    for job in run.queue.jobs:
+        if job.raised is not None:
+            raise job.raised
+    counts = Counter(len(job.sends) for job in run.queue.jobs)
+    expect(
+        set(counts) == {1},
+        f'each of the {_ORDERS} jobs to send its receipt once, with `await ctx["mailer"].send(…)`',
+        ", ".join(f"{n} jobs sent {times}" for times, n in sorted(counts.items())),
+        'Keep the send in the job: `await ctx["mailer"].send(f"{order_id}@example.com", '
+        '"Your receipt")`, inside the span.',
+    )
+
+
+def _worker_span(spans: list[ReadableSpan], span_id: int) -> ReadableSpan | None:
+    return next((s for s in spans if s.context is not None and s.context.span_id == span_id), None)
+
+
+def _top_of_job(spans: list[ReadableSpan], span: ReadableSpan) -> ReadableSpan:
+    """The job's outermost span: up from ``span`` through the worker's spans (a job may nest several)."""
+    for _ in range(50):
+        parent = _worker_span(spans, span.parent.span_id) if span.parent is not None else None
+        if parent is None:
+            break
+        span = parent
+    return span
+
+
+def _check_own_trace(run: _JobsRun) -> None:
+    wrong: list[tuple[_Order, otel_trace.SpanContext]] = []
+    outside: list[_Order] = []
+    for order in run.orders:
+        job = run.job_of(order)
+        (sent, _) = job.sends[0]
+        if not sent.is_valid:
+            outside.append(order)
+        elif sent.trace_id != run.trace_ids[order.order_id]:
+            wrong.append((order, sent))
+    if outside:
+        raise Mismatch(
+            "the receipt sent inside the job's span",
+            f"no span was current while {len(outside)} of {_ORDERS} jobs sent their receipt",
+            [
+                "`tracer.start_span(…)` (even in a `with`) starts a span without making it current, and "
+                "what runs outside the `with` block runs outside the span.",
+                '`with tracer.start_as_current_span("send_receipt", context=parent):` around the send.',
+            ],
+        )
+    if not wrong:
+        return
+    owners = {trace_id: order_id for order_id, trace_id in run.trace_ids.items()}
+    borrowed = [(order, owners[sent.trace_id]) for order, sent in wrong if sent.trace_id in owners]
+    if borrowed:
+        order, other = borrowed[0]
+        raise Mismatch(
+            f"each of {_ORDERS} jobs, enqueued by concurrent requests, in its own request's trace",
+            f"{len(borrowed)} of {_ORDERS} in another request's trace (the job of {order.order_id} in the "
+            f"trace of {other}): the context came from something all requests share, not from the job's "
+            "arguments",
+            [
+                "By the time the worker runs a job, later requests have run: a module-level variable "
+                "holds the last one's context, not this job's.",
+                "Let the job read its trace context from its own arguments only: "
+                "`extract(trace_context)`, the dict `enqueue_receipt` passed with this job.",
+            ],
+        )
+    order, sent = min(wrong, key=lambda pair: pair[0].incoming is None or not pair[0].sampled)
+    raise Mismatch(
+        "each job's span in the trace of the request that enqueued it",
+        f"{len(wrong)} of {_ORDERS} jobs in a trace of their own (the job of {order.order_id}, a request "
+        f"with {order.kind}: trace {_hex(sent.trace_id)}, its request's "
+        f"{_hex(run.trace_ids[order.order_id])}): the request's waterfall ends at the enqueue",
+        [
+            "`extract(carrier)` returns a Context holding the request's span; it does not make it current. A "
+            "span started without `context=` takes the worker's current span as parent: none, so a new "
+            "trace. A link (`links=[…]`) also starts a new trace; this exercise wants the job as a child.",
+            '`parent = extract(trace_context)`, then `tracer.start_as_current_span("send_receipt", '
+            "context=parent)`.",
+        ],
+    )
+
+
+def _check_parent(run: _JobsRun) -> None:
+    for order in (o for o in run.orders if o.sampled):
+        job = run.job_of(order)
+        (sent, recording) = job.sends[0]
+        expect(
+            sent.span_id != job.at_enqueue.span_id,
+            "a span of the job's own, a child of the span current at enqueue",
+            "the receipt was sent under the endpoint's span itself, made current in the worker: the job's "
+            "work has no span, and its time shows in no waterfall",
+            "Extracting gives the *parent*: the job still needs a span of its own, started as its child.",
+            '`with tracer.start_as_current_span("send_receipt", context=extract(trace_context)):`',
+        )
+        span = _worker_span(run.worker_spans, sent.span_id)
+        expect(
+            recording and span is not None,
+            "the job's span recorded and ended, so that the worker's exporter has it",
+            "the span current at the send was " + ("never ended" if recording else "not recording"),
+            "A span reaches the exporter when it ends: let a `with` block end it.",
+        )
+        assert span is not None
+        top = _top_of_job(run.worker_spans, span)
+        parent = top.parent
+        expect(
+            parent is not None and parent.span_id == job.at_enqueue.span_id,
+            f"the job's span a child of the span current at enqueue ({job.at_enqueue.span_id:016x}, the "
+            "endpoint's)",
+            f"{top.name!r} has parent "
+            + (f"{parent.span_id:016x}" if parent is not None else "none")
+            + f" (the job of {order.order_id})",
+            "Inject in `enqueue_receipt`, called from the endpoint: the current span there is the one "
+            "the job's span should hang under.",
+            _INJECT_EXTRACT,
+        )
+
+
+def _check_tracestate(run: _JobsRun) -> None:
+    for order in (o for o in run.orders if o.tracestate is not None):
+        job = run.job_of(order)
+        span = _worker_span(run.worker_spans, job.sends[0][0].span_id)
+        assert span is not None
+        top = _top_of_job(run.worker_spans, span)
+        header = top.context.trace_state.to_header() if top.context is not None else ""
+        expect(
+            order.tracestate in header.split(","),
+            f"the job's span to carry the caller's tracestate, {order.tracestate!r}",
+            f"tracestate {header!r}: only the traceparent travelled",
+            "The W3C trace context is two headers: `traceparent`, and `tracestate`, where vendors keep "
+            "their own data. A carrier built by hand usually forgets the second.",
+            "Let the propagator write both: `inject(carrier)`, and `extract(carrier)` in the job.",
+        )
+
+
+def _check_not_sampled(run: _JobsRun) -> None:
+    for order in (o for o in run.orders if not o.sampled):
+        job = run.job_of(order)
+        (sent, recording) = job.sends[0]
+        exported = [
+            s for s in run.worker_spans if s.context is not None and s.context.trace_id == sent.trace_id
+        ]
+        expect(
+            not recording and not exported,
+            f"no job span recorded for a request whose caller sampled its trace out ({order.incoming})",
+            f"the job's span was recorded{' and exported' if exported else ''}, flags "
+            f"{int(sent.trace_flags):02x}: the job would appear in a trace whose request does not",
+            "The last field of `traceparent` is the caller's sampling decision: 01 kept, 00 dropped. "
+            "Every service, and every job, follows the root's decision, so a trace is kept whole or not "
+            "at all.",
+            "Do not write the flags yourself: `inject(carrier)` copies the current span's, and the "
+            "worker's `ParentBased` sampler follows them when the job's span is started with "
+            "`context=extract(trace_context)`.",
+        )
+
+
+def _check_context_left(run: _JobsRun) -> None:
+    left = [job for job in run.queue.jobs if job.context_after != job.context_before]
+    expect(
+        not left,
+        "OpenTelemetry's context in the job's task as it was before the job ran",
+        f"{len(left)} of {len(run.queue.jobs)} jobs left a context attached: whatever the worker runs "
+        "next in that task would join this request's trace",
+        "`context.attach(…)` must be matched by `context.detach(token)` in a `finally:`.",
+        "Or attach nothing: pass the context to the span, "
+        '`tracer.start_as_current_span("send_receipt", context=parent)`, which detaches when its block ends.',
+    )
+
+
+def _missing_header(exc: KeyError, where: str) -> None:
+    """A ``KeyError`` for a W3C header, outside any request: the carrier is empty there."""
+    if exc.args and exc.args[0] in ("traceparent", "tracestate"):
+        raise Mismatch(
+            "a job enqueued outside any request to run, in a trace of its own",
+            f"KeyError: {exc.args[0]!r} in {where}: outside any request no span is current, and "
+            "`inject` leaves the carrier empty",
+            [
+                "A carrier holds only what there is to carry: `{}` when nothing is being traced, "
+                "`traceparent` alone when the trace has no `tracestate`. Never index it.",
+                "Pass the whole carrier along, and let `extract(trace_context)` read it: for `{}` it "
+                "returns an empty context, and the span started with it is the root of a new trace.",
+            ],
+        ) from None
+
+
+def _check_outside_request(
+    enqueue_receipt: Callable[..., Any], send_receipt: Callable[..., Any], run: _JobsRun, worker: Tracing
+) -> None:
+    queue = _CheckQueue()
+    order_id = "nightly-resend-1"
+
+    async def main() -> None:
+        await enqueue_receipt(queue, order_id)
+
+    try:
+        in_fresh_loop(main, timeout=10, name="check-3.4-outside")
+    except NoReturn as late:
+        raise _late(late, "enqueue_receipt to return", "It only stores the job.") from None
+    except _NotStorable as exc:
+        raise _storable_mismatch(exc) from None
+    except KeyError as exc:
+        _missing_header(exc, "enqueue_receipt")
+        raise
+    expect(
+        len(queue.jobs) == 1,
+        "one job enqueued by `enqueue_receipt(queue, order_id)` called outside any request",
+        f"{len(queue.jobs)} jobs",
+        f'`await queue.enqueue("{_JOB}", order_id=order_id, trace_context=carrier)`, once.',
+    )
+    worker.clear()
+    _run_jobs(send_receipt, queue.jobs, worker)
+    (job,) = queue.jobs
+    if isinstance(job.raised, KeyError):
+        _missing_header(job.raised, _JOB)
+    if job.raised is not None:
+        raise job.raised
+    expect(
+        len(job.sends) == 1,
+        "the job to send its receipt once",
+        f"{len(job.sends)} sends",
+        "Keep the send in the job, inside the span.",
+    )
+    (sent, recording) = job.sends[0]
+    expect(
+        sent.is_valid and recording,
+        "the job's receipt sent in a span of its own, recorded: the root of a new trace",
+        "no span was current while it sent"
+        if not sent.is_valid
+        else "the span current at the send was not recording",
+        "With nothing to join, `extract({})` returns an empty context, and a span started with it is the "
+        "root of a new trace: the job still gets a span.",
+        '`with tracer.start_as_current_span("send_receipt", context=extract(trace_context)):` whatever the '
+        "carrier holds.",
+    )
+    owners = {trace_id: order for order, trace_id in run.trace_ids.items()}
+    expect(
+        sent.trace_id not in owners,
+        "a new trace for a job enqueued outside any request",
+        f"the job joined the trace of {owners.get(sent.trace_id)}, an earlier request",
+        "A job enqueued by a script has no request: it must not borrow the last request's context.",
+        "Carry the context in the job's own arguments, and nowhere else.",
+    )
+    spans = worker.spans()
+    span = _worker_span(spans, sent.span_id)
+    top = _top_of_job(spans, span) if span is not None else None
+    expect(
+        top is not None and top.parent is None,
+        "the job's span recorded, ended, and the root of its new trace",
+        "it was never ended" if top is None else f"{top.name!r} has a parent, {short(top.parent)}",
+        "With an empty carrier there is no parent to take: a span started with `context=extract({})` is a "
+        "root.",
+    )
+
+
+def check_job_joins_trace(
+    build_orders_app: Callable[..., Any],
+    enqueue_receipt: Callable[..., Awaitable[None]],
+    send_receipt: Callable[..., Awaitable[None]],
+) -> None:
+    """Check Exercise 3.4: a queued job's span joins the trace of the request that enqueued it.
+
+    Builds ``build_orders_app(tracing, queue)`` with a tracer provider of the check's own ("orders", a
+    ``SimpleSpanProcessor`` to memory) and a queue of its own that stores each job's arguments as JSON
+    and notes the span current at the enqueue. Sends 12 concurrent ``POST /orders/{order_id}``
+    through ASGI: 4 without a ``traceparent``, 5 with a sampled one (and a ``tracestate``), 3 with flags
+    00. Then runs every job as a worker would (concurrently, each in a task with a fresh context, with
+    ``ctx = {"tracer": …, "mailer": …}`` from a second provider, "receipts-worker"), and requires for
+    each: a trace context of strings in its arguments, holding its request's trace ID; the receipt sent
+    in a span of the job's own, in its request's trace (never another's), a child of the span current
+    at the enqueue, carrying the caller's tracestate; no recorded span for a sampled-out request; the
+    context left as it was. Last, ``enqueue_receipt`` called outside any request must lead to a job
+    whose span is the root of a new trace. Both providers are stopped before it returns.
+    """
+    with exercise("3.4", "A queued job that joins the request's trace", SOLUTION) as ex:
+
+        def arguments() -> None:
+            for name, function in (
+                ("build_orders_app", build_orders_app),
+                ("enqueue_receipt", enqueue_receipt),
+                ("send_receipt", send_receipt),
+            ):
+                expect(callable(function), f"the function `{name}`", short(function), _CALL_3_4)
+            for name, function in (("enqueue_receipt", enqueue_receipt), ("send_receipt", send_receipt)):
+                expect(
+                    inspect.iscoroutinefunction(function),
+                    f"`{name}` defined with `async def`",
+                    f"a plain function: {short(function)}",
+                    "The queue's `enqueue` and the mailer's `send` are coroutines: a function that "
+                    "awaits them is `async def`.",
+                )
+
+        if not ex.step("build_orders_app, enqueue_receipt and send_receipt are functions", arguments):
+            return
+        orders = tracing("orders", processor="simple", name="check-3.4")
+        worker = tracing("receipts-worker", processor="simple", name="check-3.4")
+        try:
+            run = _JobsRun(_plan_orders())
+            ex.require(
+                f"{_ORDERS} concurrent orders (some with their caller's traceparent, some without) are "
+                "answered 202, each enqueueing one send_receipt job stored as JSON",
+                lambda: _place_orders(build_orders_app, run, orders),
+            )
+            ex.step(
+                "each job's arguments hold its request's trace context, as strings",
+                lambda: _check_carrier(run),
+            )
+            ex.require(
+                "a worker runs every job, each in a context of its own, and each sends its receipt",
+                lambda: _check_jobs_ran(send_receipt, run, worker),
+            )
+            if ex.step(
+                f"each job's span is in the trace of its own request, never another's ({_ORDERS} at once)",
+                lambda: _check_own_trace(run),
+            ):
+                if ex.step(
+                    "each job's span is a child of the span current at the enqueue (the endpoint's)",
+                    lambda: _check_parent(run),
+                ):
+                    ex.step("the caller's tracestate travels with the job", lambda: _check_tracestate(run))
+                ex.step(
+                    "a request whose caller sampled the trace out (flags 00) leads to no recorded job span",
+                    lambda: _check_not_sampled(run),
+                )
+            ex.step("the job leaves the worker's context as it found it", lambda: _check_context_left(run))
+            ex.step(
+                "a job enqueued outside any request starts a trace of its own, without an error",
+                lambda: _check_outside_request(enqueue_receipt, send_receipt, run, worker),
+            )
+        finally:
+            orders.stop()
+            worker.stop()
