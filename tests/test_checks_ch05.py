@@ -20,7 +20,12 @@ from typing import Any
 import pytest
 
 from support.checks import forget_answers, placeholder_message
-from support.checks.ch05 import check_cache_aside, check_coalescer, check_recommendations_key
+from support.checks.ch05 import (
+    check_cache_aside,
+    check_coalescer,
+    check_profile_cache,
+    check_recommendations_key,
+)
 from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
@@ -829,3 +834,348 @@ def test_5_3_a_digest_cut_short_is_rejected(capsys: pytest.CaptureFixture[str]) 
     ) in out
     assert " carry about 32 bits: among about 65,536 different users and queries, two share a key" in out
     assert out.endswith("Exercise 5.3: not yet — 6 of 7 checks pass")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 5.4: a profile cache whose writes arrive through a background job
+# ---------------------------------------------------------------------------------------------------
+
+PLACEHOLDER_5_4 = placeholder_message("5.4")
+
+
+async def apply_profile_update(db: Any, update: dict) -> None:
+    """The notebook's given coroutine: the import's write."""
+    await db.write(update["user_id"], update["changes"])
+
+
+def profile_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """``profile_key``, ``get_profile`` and ``apply_update_and_invalidate`` as a learner might write them."""
+    ttl = {"ttl-300": 300, "pipeline": 30}.get(variant, 60)
+
+    def profile_key(user_id: int) -> str:
+        if variant == "placeholder":
+            raise NotImplementedError(PLACEHOLDER_5_4)
+        if variant == "shared-key":  # "one entry for the profile page"
+            return "ex05:profile:v1"
+        if variant == "no-version":
+            return f"ex05:profile:{user_id}"
+        return f"ex05:profile:v1:{user_id}"
+
+    async def get_profile(redis: Any, db: Any, user_id: int) -> dict | None:
+        if variant == "placeholder":
+            raise NotImplementedError(PLACEHOLDER_5_4)
+        key = profile_key(user_id)
+        if variant == "getex":  # "keep active users' profiles warm": every hit sets the TTL again
+            cached = await redis.getex(key, ex=ttl)
+        else:
+            cached = await redis.get(key)
+        if cached is not None:
+            return json.loads(cached)
+        profile = await db.read(user_id)
+        if profile is None:
+            return None
+        if variant == "no-ttl":  # "the job invalidates, so no TTL is needed"
+            await redis.set(key, json.dumps(profile))
+        elif variant == "pipeline":  # right too: SET and EXPIRE in one MULTI/EXEC, a shorter TTL
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.set(key, json.dumps(profile))
+                pipe.expire(key, ttl)
+                await pipe.execute()
+        else:
+            await redis.set(key, json.dumps(profile), ex=ttl)
+        return profile
+
+    async def apply_update_and_invalidate(redis: Any, db: Any, update: dict) -> None:
+        if variant in ("placeholder", "placeholder-job"):
+            raise NotImplementedError(PLACEHOLDER_5_4)
+        key = profile_key(update["user_id"])
+        marker = f"ex05:done:{update['job_id']}"
+        if variant == "delete-before":
+            await redis.delete(key)
+            await apply_profile_update(db, update)
+            return
+        if variant == "double-delete":  # Exercise 5.1's double delete
+            await redis.delete(key)
+            await apply_profile_update(db, update)
+            await redis.delete(key)
+            return
+        if variant == "finally-delete":  # "invalidate whatever happens, to be safe"
+            try:
+                await apply_profile_update(db, update)
+            finally:
+                await redis.delete(key)
+            return
+        if variant == "swallow":  # "a failed import must not crash the worker"
+            try:
+                await apply_profile_update(db, update)
+            except Exception as error:
+                print("import failed:", error)
+                return
+            await redis.delete(key)
+            return
+        if variant == "wrapped":  # right too: the failure raised as the job's own error, and GETDEL
+            try:
+                await apply_profile_update(db, update)
+            except ConnectionError as error:
+                raise RuntimeError(f"import {update['job_id']} failed") from error
+            await redis.getdel(key)
+            return
+        if variant == "write-not-awaited":  # "return fast": the write goes on in a task
+            asyncio.ensure_future(apply_profile_update(db, update))  # noqa: RUF006 (the mistake under test)
+            await redis.delete(key)
+            return
+        # an idempotency key, claimed before the work
+        if variant == "marker-first" and not await redis.set(marker, 1, nx=True, ex=86_400):
+            return
+        if variant in ("raise-on-retry", "marker-after") and await redis.exists(marker):
+            if variant == "raise-on-retry":  # "refuse duplicates loudly"
+                raise RuntimeError(f"job {update['job_id']} was already applied")
+            return  # right too: a repeat recognised, and skipped
+        await apply_profile_update(db, update)
+        if variant == "no-invalidation":  # "the TTL will catch up"
+            return
+        if variant == "namespace":  # "an import changes profiles: drop them all"
+            async for found in redis.scan_iter(match="ex05:profile:*"):
+                await redis.delete(found)
+        elif variant == "rewarm":  # "so the next visitor gets a hit"
+            await redis.set(key, json.dumps(await db.read(update["user_id"])), ex=ttl)
+        elif variant == "fire-and-forget":  # "do not make the job wait for Redis"
+            asyncio.ensure_future(redis.delete(key))  # noqa: RUF006 (the mistake under test)
+        elif variant == "expire-soon":  # "let it expire in a second instead"
+            await redis.expire(key, 1)
+        elif variant == "wrong-key":  # the key written out again, without the version
+            await redis.delete(f"ex05:profile:{update['user_id']}")
+        elif variant == "pipeline":
+            await redis.unlink(key)
+        else:
+            await redis.delete(key)
+        if variant in ("raise-on-retry", "marker-after"):
+            await redis.set(marker, 1, ex=86_400)
+
+    return profile_key, get_profile, apply_update_and_invalidate
+
+
+@pytest.mark.parametrize("variant", ["right", "marker-after", "pipeline", "wrapped"])
+def test_5_4_a_profile_cache_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_profile_cache(*profile_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 5.4 · Cache a profile whose writes arrive through a background job\n")
+    assert (
+        "  ✅ passed: a job whose write fails raises, and leaves the cached profile in place\n"
+        "  ✅ passed: a retried job is harmless: run again after it wrote, or after it failed, it leaves the "
+        "new profile\n"
+    ) in out
+    assert out.endswith("Exercise 5.4: passed ✅ (8 of 8 checks)\n")
+
+
+@pytest.mark.parametrize("variant", ["placeholder", "placeholder-job"])
+def test_5_4_placeholder_is_not_started(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_profile_cache, *profile_answer(variant))
+    assert "⬜ not started: Exercise 5.4's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 5.4: not started")
+
+
+STEP_KEY = (
+    "❌ not yet: profile_key gives each user a key of their own, with the id and a version "
+    "(ex05:profile:v1:41)\n"
+)
+STEP_TTL = (
+    "❌ not yet: every entry expires within 60 s: after a first fill, a hit, a refill after a job, and a "
+    "late fill that raced a job\n"
+)
+STEP_JOB = (
+    "❌ not yet: after a job for user 41, its next read comes from the database with the new profile, and "
+    "user 42's entry is still a hit\n"
+)
+STEP_ORDER = (
+    "❌ not yet: the job deletes the entry after its write commits: a read during the write leaves nothing "
+    "stale\n"
+)
+STEP_FAILS = "❌ not yet: a job whose write fails raises, and leaves the cached profile in place\n"
+STEP_RETRY = (
+    "❌ not yet: a retried job is harmless: run again after it wrote, or after it failed, it leaves the new "
+    "profile\n"
+)
+GONE = (
+    "       expected: user 41's entry gone when the job returns, so that the next read loads the new profile "
+    "from the database\n"
+)
+LEFT_IN_PLACE = (
+    "       expected: user 41's cached profile left in place: the write failed, so the database, and the "
+    "cache, still hold the old profile, and the next read is a hit\n"
+)
+STALE_TTL = (
+    "       expected: the entry to expire within 60 s after a first fill: the most a profile may be stale\n"
+)
+
+WRONG_5_4 = [
+    # the job writes and leaves the old profile cached until the TTL
+    (
+        "no-invalidation",
+        STEP_JOB + GONE + "       seen:     'ex05:profile:v1:41' was still cached when the job returned, and "
+        "the job deleted no key: the next read serves the old profile until the TTL\n",
+        5,
+    ),
+    # a read between the delete and the commit puts the old profile back
+    (
+        "delete-before",
+        STEP_ORDER + "       expected: the new profile (display_name 'Ada Lovelace', city 'London') once the "
+        "job has returned, even with a read during the write\n"
+        "       seen:     display_name 'Ada', city 'Leeds': the job deleted the key before its write, a read "
+        "during the write missed, read the old row and cached it again (it was in Redis when the write "
+        "committed), and the job deleted nothing after its commit, so it stays stale until the TTL\n",
+        6,
+    ),
+    # Exercise 5.1's double delete: a failing job evicts a correct entry on every attempt
+    (
+        "double-delete",
+        STEP_FAILS
+        + LEFT_IN_PLACE
+        + "       seen:     the job deleted 'ex05:profile:v1:41' before its write, "
+        "which then failed: the next read missed and went to the database (1 database read)\n",
+        7,
+    ),
+    # the delete in `finally:` runs when the write failed too
+    (
+        "finally-delete",
+        STEP_FAILS
+        + LEFT_IN_PLACE
+        + "       seen:     the job deleted 'ex05:profile:v1:41' although its write "
+        "failed: the next read missed and went to the database (1 database read)\n",
+        7,
+    ),
+    # the failure is logged and swallowed: the worker never retries, the update is lost
+    (
+        "swallow",
+        STEP_FAILS + "       expected: the job to raise when its write fails, as the write did\n"
+        "       seen:     it returned normally: the worker counts the job done and never retries it, so the "
+        "update is lost\n",
+        7,
+    ),
+    # every profile dropped: every other user's next read misses
+    (
+        "namespace",
+        STEP_JOB
+        + "       expected: user 42's entry left alone by a job for user 41: a hit, with no database "
+        "read\n"
+        "       seen:     user 42's profile was read from the database again: the job deleted "
+        "'ex05:profile:v1:42' too\n",
+        7,
+    ),
+    # the job fills the entry again: the next read is not the database's
+    (
+        "rewarm",
+        STEP_JOB + GONE + "       seen:     'ex05:profile:v1:41' was still cached when the job returned: the "
+        "job stored the profile again itself (SET), so the next read was served by Redis, not the database\n",
+        7,
+    ),
+    # the delete runs in a task nobody awaits: the job returns with the entry still there
+    (
+        "fire-and-forget",
+        STEP_JOB + GONE + "       seen:     'ex05:profile:v1:41' was still cached when the job returned; its "
+        "delete reached Redis only later (a task that nobody awaited)\n",
+        7,
+    ),
+    # a short TTL instead of a delete: reads get the old profile until it runs out
+    (
+        "expire-soon",
+        STEP_JOB + GONE + "       seen:     'ex05:profile:v1:41' was still cached when the job returned: the "
+        "job gave it a short TTL (EXPIRE) instead of deleting it, and until that runs out every read gets "
+        "the old profile\n",
+        5,
+    ),
+    # the job marked done before its write: a retry after a failure skips the update
+    (
+        "marker-first",
+        STEP_RETRY + "       expected: the retry of a job whose write failed to write the update\n"
+        "       seen:     the retry returned without writing: the database still holds the old profile; the "
+        "job recorded itself as done (ex05:done:import-17/41) before its write, so the retry took it for a "
+        "repeat\n",
+        7,
+    ),
+    # a repeat refused by raising: the worker retries a job that had succeeded
+    (
+        "raise-on-retry",
+        STEP_RETRY
+        + "       expected: a job run a second time, after it wrote (a retry), to succeed and change "
+        "nothing\n"
+        "       seen:     the second run raised RuntimeError: 'job import-17/41 was already applied': the "
+        "worker counts it failed and retries it again",
+        7,
+    ),
+    # Exercise 5.1's TTL: past the 60 s the rule allows
+    (
+        "ttl-300",
+        STEP_TTL
+        + STALE_TTL
+        + "       seen:     a TTL of 300 s on 'ex05:profile:v1:41': a missed invalidation, "
+        "or the race the order of the job leaves open, would serve an old profile that long, past the 60 s "
+        "allowed\n",
+        7,
+    ),
+    # no TTL: a missed invalidation lasts for ever
+    (
+        "no-ttl",
+        STEP_TTL + STALE_TTL + "       seen:     'ex05:profile:v1:41' has no TTL: if an invalidation is ever "
+        "missed, the old profile is served for ever\n",
+        7,
+    ),
+    # GETEX renews the TTL on every hit: a profile read often never expires
+    (
+        "getex",
+        STEP_TTL + "       expected: a hit to leave the entry's TTL alone: 5 s left before the hit, at most "
+        "that after\n",
+        7,
+    ),
+    # the key leaves out the user: every user gets the profile cached first
+    (
+        "shared-key",
+        STEP_KEY + "       expected: different keys for users 41 and 42\n"
+        "       seen:     both get 'ex05:profile:v1': the key leaves out the user id",
+        5,
+    ),
+    # no schema version in the key
+    (
+        "no-version",
+        STEP_KEY + "       expected: a schema version as a part of the key, such as 'v1' in "
+        "'ex05:profile:v1:41'\n       seen:     'ex05:profile:41'\n",
+        7,
+    ),
+    # the write left in a task: the job returns before the commit
+    (
+        "write-not-awaited",
+        STEP_JOB + "       expected: the job to write the update to the database before it returns\n"
+        "       seen:     the database still held the old profile when the job returned; the write committed "
+        "only later (a task that nobody awaited)\n",
+        5,
+    ),
+    # the key written out again in the job, and wrong
+    (
+        "wrong-key",
+        STEP_JOB + GONE + "       seen:     'ex05:profile:v1:41' was still cached when the job returned: the "
+        "job deleted 'ex05:profile:41', but the profile is cached under 'ex05:profile:v1:41'\n",
+        5,
+    ),
+]
+
+
+@pytest.mark.parametrize(("variant", "lines", "passing"), WRONG_5_4, ids=[w[0] for w in WRONG_5_4])
+def test_5_4_a_wrong_answer_is_named(
+    variant: str, lines: str, passing: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_profile_cache, *profile_answer(variant))
+    assert lines in out
+    assert out.endswith(f"Exercise 5.4: not yet — {passing} of 8 checks pass")
+
+
+def test_5_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    answer = profile_answer("double-delete")
+    first = rejected(capsys, check_profile_cache, *answer)
+    forget_answers()  # the learner changes their answer: the next hint
+    second = rejected(capsys, check_profile_cache, *answer)
+    assert "hint:     When the write fails, nothing changed in the database" in first
+    assert "Delete only once the write has returned" not in first
+    assert (
+        "hint:     Delete only once the write has returned: after `await apply_profile_update(db, update)`"
+        in (second)
+    )

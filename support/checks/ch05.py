@@ -4,15 +4,16 @@ The checks count instead of timing: database reads, loads started, loads in flig
 keys, values and TTLs in Redis. Where a race is the point, the check orders it itself instead of
 hoping for it: Exercise 5.1's database can hold a write half-done until the check has read in the
 middle of it, or hold back the answer of a read that a writer makes after its commit until a second
-writer is done, and Exercise 5.2's loads wait on events the check sets, so that the outcome is the same
-on an idle laptop and on a loaded 2-core runner. The few waits that are bounded by a clock (a load
-waiting for a second one to start) are a second or more, for something that takes one turn of the
-event loop.
+writer is done, Exercise 5.2's loads wait on events the check sets, and Exercise 5.4's database can
+pause a job's write half-way, fail it, or hold back the answer of a read until a job is done, so that
+the outcome is the same on an idle laptop and on a loaded 2-core runner. The few waits that are
+bounded by a clock (a load waiting for a second one to start) are a second or more, for something that
+takes one turn of the event loop.
 
 The learner's coroutines run on a fresh event loop in a thread of the check's own, bounded in time.
-Exercise 5.1 uses Redis keys under ``ex05:`` (cleared before and after each scenario, with any other
-key the learner's code wrote) and a client of its own, closed before the check returns. Exercise 5.3
-computes keys in two short-lived Python processes with other hash seeds.
+Exercises 5.1 and 5.4 use Redis keys under ``ex05:`` (cleared before and after each scenario, with any
+other key the learner's code wrote) and clients of their own, closed before the check returns.
+Exercise 5.3 computes keys in two short-lived Python processes with other hash seeds.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from support.backends import delete_keys, redis_client
 from support.checks import Mismatch, exercise, expect
 from support.checks.running import NoReturn, in_fresh_loop, short
 
-__all__ = ["check_cache_aside", "check_coalescer", "check_recommendations_key"]
+__all__ = ["check_cache_aside", "check_coalescer", "check_profile_cache", "check_recommendations_key"]
 
 SOLUTION = "solutions/05_caching_exercises.ipynb"
 T = TypeVar("T")
@@ -157,22 +158,25 @@ class _CheckDatabase:
         return int(self.rows[product_id]["price_cents"])
 
 
-def _note(scene: _Scene, args: tuple[Any, ...]) -> None:
-    """Note the key a command of the learner's code writes or deletes."""
+def _note(scene: _Scene | _ProfileScene, args: tuple[Any, ...]) -> None:
+    """Note the key a command of the learner's code writes or deletes, and who ran it (``_WRITER``)."""
     command = str(args[0]).upper() if args else ""
     keys = [a.decode("utf-8", "replace") if isinstance(a, bytes) else a for a in args[1:]]
     keys = [k for k in keys if isinstance(k, str)]
+    writer = _WRITER.get()
     if command in _WRITES and keys:
         scene.written.append(keys[0])
+        scene.writes_by.append((keys[0], writer))
     elif command in ("MSET", "MSETNX"):
         scene.written.extend(keys[::2])
+        scene.writes_by.extend((key, writer) for key in keys[::2])
     elif command in _DELETES:
         scene.deleted.extend(keys)
-    if _WRITER.get() is not None and command in _WRITES | _DELETES:
+    if writer is not None and command:
         scene.by_writer.add(command)
 
 
-def _instrument(client: redis.asyncio.Redis, scene: _Scene) -> None:
+def _instrument(client: redis.asyncio.Redis, scene: _Scene | _ProfileScene) -> None:
     """Note the keys the learner's code writes and deletes through ``client``, commands and pipelines
     alike, and hold the first of two writers' Redis calls after its commit (``_Scene.gate``)."""
     execute = client.execute_command
@@ -226,8 +230,9 @@ class _Scene:
     get_product: Callable[..., Any]
     update_price: Callable[..., Any]
     written: list[str] = field(default_factory=list)
+    writes_by: list[tuple[str, str | None]] = field(default_factory=list)  # each key written, and by whom
     deleted: list[str] = field(default_factory=list)
-    by_writer: set[str] = field(default_factory=set)  # write and delete commands run by update_price
+    by_writer: set[str] = field(default_factory=set)  # the commands run by update_price
     delete_calls: int = 0  # DEL and UNLINK called, whether or not they ran
     second_done: asyncio.Event | None = None  # set: the first writer's held calls go on
 
@@ -1714,3 +1719,834 @@ def check_recommendations_key(recommendations_key: Callable[[str, str, str], str
                 "the digest is long enough never to collide in practice (32 hex digits or more)",
                 lambda: _check_strong(keys),
             )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 5.4: a profile cache whose writes arrive through a background job
+# ---------------------------------------------------------------------------------------------------
+
+_ADA, _BEN = 41, 42
+_PROFILES: dict[int, dict[str, Any]] = {
+    _ADA: {"user_id": _ADA, "display_name": "Ada", "city": "Leeds"},
+    _BEN: {"user_id": _BEN, "display_name": "Ben", "city": "Hull"},
+}
+_CHANGES = {"display_name": "Ada Lovelace", "city": "London"}
+_UPDATED = {**_PROFILES[_ADA], **_CHANGES}
+_STALE_FOR = 60  # seconds: the bound the text states on how long a profile may be out of date
+_CUT_TTL = 5  # what the check leaves of an entry's TTL before a hit
+_PROFILE_SHOWN = f"ex05:profile:v1:{_ADA}"
+_VERSION_PART = re.compile(r"(?:^|:)v\d+(?::|$)")
+_EXPIRES = frozenset({"EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"})
+_JOB_HINT = (
+    "`await apply_profile_update(db, update)` first, then "
+    '`await redis.delete(profile_key(update["user_id"]))`: nothing around them, nothing else.'
+)
+_FILL_HINT = "`await redis.set(key, json.dumps(profile), ex=STALE_AT_MOST)`, after reading the database."
+
+
+def _job() -> dict[str, Any]:
+    """The import's update for Ada, a fresh copy for each run (a worker hands each attempt its own)."""
+    return {"job_id": "import-17/41", "user_id": _ADA, "changes": dict(_CHANGES)}
+
+
+class _WriteFailed(ConnectionError):
+    """What the check's database raises for a write it was told to fail (nothing is committed)."""
+
+
+class _ProfileDatabase:
+    """The notebook's ``ProfileDatabase``, for the check: 10 ms a read, reads and commits counted per user.
+
+    ``fail_writes`` is how many of the next writes raise ``_WriteFailed`` instead of committing. ``hold``,
+    when set to an event, pauses each write before it commits until the event is set (``writing`` is set
+    when a write begins). ``slow_next_read``, when set to an event, makes the next read take the row at
+    once and answer only when the event is set (``slowed`` is set then): a read whose answer comes back
+    late. ``on_commit`` runs as a write commits, and ``on_write`` as one begins: the check notes there
+    what the learner's code had deleted by then, and what Redis held.
+    """
+
+    def __init__(self) -> None:
+        self.rows = {user_id: dict(row) for user_id, row in _PROFILES.items()}
+        self.reads: Counter[int] = Counter()
+        self.commits: Counter[int] = Counter()
+        self.fail_writes = 0
+        self.hold: asyncio.Event | None = None
+        self.writing = asyncio.Event()
+        self.slow_next_read: asyncio.Event | None = None
+        self.slowed = asyncio.Event()
+        self.on_write: Callable[[], None] | None = None
+        self.on_commit: Callable[[int], Awaitable[None]] | None = None
+
+    async def read(self, user_id: int) -> dict[str, Any] | None:
+        self.reads[user_id] += 1
+        if (release := self.slow_next_read) is not None:
+            self.slow_next_read = None
+            row = self.rows.get(user_id)
+            answer = dict(row) if row is not None else None
+            self.slowed.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), _UNTIL_SECOND)
+            return answer
+        await asyncio.sleep(0.01)
+        row = self.rows.get(user_id)
+        return dict(row) if row is not None else None
+
+    async def write(self, user_id: int, changes: dict[str, Any]) -> None:
+        if self.on_write is not None:
+            self.on_write()
+        self.writing.set()
+        await asyncio.sleep(0.01)
+        if self.hold is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hold.wait(), _UNTIL_SECOND)
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise _WriteFailed("ex05: the database went away before the write committed")
+        self.rows[user_id].update(changes)  # committed here
+        self.commits[user_id] += 1
+        if self.on_commit is not None:
+            await self.on_commit(user_id)
+
+    def profile(self, user_id: int) -> dict[str, Any]:
+        return dict(self.rows[user_id])
+
+
+@dataclass(frozen=True)
+class _ProfileAnswer:
+    profile_key: Callable[[int], Any]
+    get_profile: Callable[..., Any]
+    job: Callable[..., Any]
+
+
+@dataclass
+class _ProfileScene:
+    redis: redis.asyncio.Redis  # the learner's: answers str
+    raw: redis.asyncio.Redis  # the check's own: answers bytes
+    db: _ProfileDatabase
+    answer: _ProfileAnswer
+    written: list[str] = field(default_factory=list)
+    writes_by: list[tuple[str, str | None]] = field(default_factory=list)  # each key written, and by whom
+    deleted: list[str] = field(default_factory=list)
+    by_writer: set[str] = field(default_factory=set)  # the commands the job ran (cleared before each job)
+    delete_calls: int = 0  # DEL and UNLINK called, whether or not they ran
+    filled: dict[int, list[str]] = field(default_factory=dict)  # user → keys get_profile wrote, alone
+    deleted_at_write: int | None = None  # how many keys had been deleted when the last write began
+    deleted_at_commit: int | None = None  # … when it committed
+    cached_at_commit: list[str] = field(default_factory=list)  # the user's keys in Redis at that commit
+
+    def __post_init__(self) -> None:
+        self.db.on_write = self._write_begins
+        self.db.on_commit = self._committed
+
+    async def gate(self) -> None:
+        """Nothing is held in Exercise 5.4 (``_instrument`` asks every scene)."""
+        return None
+
+    def _write_begins(self) -> None:
+        self.deleted_at_write = len(self.deleted)
+
+    async def _committed(self, user_id: int) -> None:
+        self.deleted_at_commit = len(self.deleted)
+        keys = self.filled.get(user_id, [])
+        self.cached_at_commit = [key for key in keys if await self.raw.exists(key)]
+
+    async def get(self, user_id: int) -> Any:
+        result = self.answer.get_profile(self.redis, self.db, user_id)
+        expect(
+            inspect.isawaitable(result),
+            "an awaitable: `get_profile` defined with `async def`",
+            f"a plain function that returned {short(result)}",
+            "It awaits Redis and the database, so it must be `async def get_profile(…)`.",
+        )
+        return await result
+
+    async def warm(self, user_id: int) -> list[str]:
+        """Read ``user_id``'s profile with nothing else running; the keys get_profile wrote then."""
+        before = len(self.written)
+        await self.get(user_id)
+        keys = list(dict.fromkeys(self.written[before:]))
+        self.filled.setdefault(user_id, [])
+        self.filled[user_id] += [key for key in keys if key not in self.filled[user_id]]
+        return keys
+
+    async def job(self, update: dict[str, Any]) -> None:
+        """The learner's job body, run as the worker runs it (its Redis commands noted as the job's)."""
+        self.by_writer.clear()
+        token = _WRITER.set("job")
+        try:
+            result = self.answer.job(self.redis, self.db, update)
+            expect(
+                inspect.isawaitable(result),
+                "an awaitable: `apply_update_and_invalidate` defined with `async def`",
+                f"a plain function that returned {short(result)}",
+                "It awaits the database and Redis, so it must be `async def apply_update_and_invalidate(…)`.",
+            )
+            await result
+        finally:
+            _WRITER.reset(token)
+
+    def fills(self) -> list[str]:
+        """Every key get_profile wrote (not the job), in order."""
+        return list(dict.fromkeys(key for key, writer in self.writes_by if writer is None))
+
+    def job_wrote(self) -> list[str]:
+        return list(dict.fromkeys(key for key, writer in self.writes_by if writer == "job"))
+
+    async def cached(self, keys: list[str]) -> list[_Entry]:
+        found = []
+        for key in keys:
+            kind = await self.raw.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            if kind != "none":
+                raw = await self.raw.get(key) if kind == "string" else None
+                ttl = await self.raw.ttl(key)
+                if ttl != -2:  # -2: deleted since TYPE answered
+                    found.append(_Entry(key, kind, raw, ttl))
+        return found
+
+
+async def _settle() -> None:
+    """Let what a job left running (a task nobody awaited) land, in a step that is about something else:
+    the step that a job's return leaves the entry gone (``_job_invalidates``) is where that is judged."""
+    await asyncio.sleep(0.05)
+
+
+def _profile_scenario(answer: _ProfileAnswer, body: Callable[[_ProfileScene], Awaitable[T]], name: str) -> T:
+    """Run ``body`` on a fresh loop with a fresh database, clients of the check's own, and clean keys."""
+
+    async def main() -> T:
+        _quiet_loop()
+        client = redis_client(decode_responses=True)
+        raw = redis_client()
+        scene = _ProfileScene(client, raw, _ProfileDatabase(), answer)
+        _instrument(client, scene)
+        try:
+            await delete_keys(raw, _NAMESPACE)
+            return await body(scene)
+        finally:
+            try:
+                await asyncio.sleep(0.05)  # what the answer left running lands before the keys go
+                outside = [k for k in set(scene.written) if not k.startswith("ex05:")]
+                if outside:
+                    await raw.delete(*outside)
+                await delete_keys(raw, _NAMESPACE)
+            finally:
+                await client.aclose()
+                await raw.aclose()
+
+    try:
+        return in_fresh_loop(main, timeout=5, name=f"check-5.4-{name}")
+    except NoReturn as late:
+        raise _late(
+            late,
+            "get_profile and apply_update_and_invalidate to return within a second or so",
+            "Does your code wait for something that never comes (a lock, an event, a loop that never "
+            "ends)? Each function makes a few Redis calls and at most one database call.",
+        ) from None
+    except redis.exceptions.DataError as refused:
+        raise Mismatch(
+            "a value Redis can store: the profile as a JSON string",
+            f"redis-py refused it: {refused}",
+            [
+                "Redis stores strings and bytes, not dicts or None: serialise the profile first.",
+                _FILL_HINT + " A user who does not exist (None) is not stored at all.",
+            ],
+        ) from None
+
+
+def _cached_elsewhere(keys: list[str]) -> list[str]:
+    """Which of ``keys`` exist, asked from another loop with a client of its own while this loop is
+    held: what the job left running on this loop (a task nobody awaited) cannot land before that."""
+
+    async def main() -> list[str]:
+        client = redis_client()
+        try:
+            return [key for key in keys if await client.exists(key)]
+        finally:
+            await client.aclose()
+
+    return in_fresh_loop(main, timeout=3, name="check-5.4-other-instance")
+
+
+def _profile_seen(value: Any) -> str:
+    if isinstance(value, dict) and set(value) >= set(_CHANGES):
+        return f"display_name {short(value['display_name'])}, city {short(value['city'])}"
+    return short(value)
+
+
+def _check_profile_key(profile_key: Callable[[int], Any]) -> None:
+    ada, ben, again = profile_key(_ADA), profile_key(_BEN), profile_key(_ADA)
+    expect(
+        isinstance(ada, str),
+        f"a str such as {_PROFILE_SHOWN!r}",
+        short(ada),
+        "`profile_key` returns the key itself, a str: "
+        '`return f"ex05:profile:v1:{user_id}"` (a plain `def`: it needs no await).',
+    )
+    expect(
+        ada == again,
+        f"the same key each time for user {_ADA}",
+        f"{short(ada)}, then {short(again)}",
+        "The job must find the entry get_profile wrote: the key depends on the user id only, nothing "
+        "that changes from call to call (a time, a random value).",
+    )
+    expect(
+        ada.startswith("ex05:"),
+        f"a key in this exercise's namespace, such as {_PROFILE_SHOWN!r}",
+        short(ada),
+        "A key without a namespace collides with everything else cached in the same Redis, and cannot be "
+        "found or cleared as a family.",
+        'Start it with `ex05:profile:`: `f"ex05:profile:v1:{user_id}"`.',
+    )
+    expect(
+        ada != ben,
+        f"different keys for users {_ADA} and {_BEN}",
+        f"both get {short(ada)}: the key leaves out the user id, so every user would be served the profile "
+        "cached first",
+        "A cache key holds everything the cached value depends on: here, whose profile it is.",
+        'Put the id in the key: `f"ex05:profile:v1:{user_id}"`.',
+    )
+    expect(
+        re.search(rf"(?<!\d){_ADA}(?!\d)", ada) is not None,
+        f"user {_ADA}'s id, {_ADA}, in its key",
+        short(ada),
+        "Anyone reading Redis (or deleting one user's entry by hand) should see whose entry it is: put "
+        "the id itself in the key.",
+        'f"ex05:profile:v1:{user_id}"',
+    )
+    expect(
+        _VERSION_PART.search(ada) is not None,
+        f"a schema version as a part of the key, such as 'v1' in {_PROFILE_SHOWN!r}",
+        short(ada),
+        "When the shape of a cached profile changes (a field added, renamed), the new code must not "
+        "decode entries the old code wrote: it moves to `v2`, and never reads a `v1` entry.",
+        'f"ex05:profile:v1:{user_id}"',
+    )
+
+
+async def _profile_hits(scene: _ProfileScene) -> str | None:
+    first = await scene.get(_ADA)
+    reads = scene.db.reads[_ADA]
+    expect(
+        first == _PROFILES[_ADA],
+        f"user {_ADA}'s profile, {_PROFILES[_ADA]}",
+        short(first),
+        "On a miss, read the database, `profile = await db.read(user_id)`, and return what it gave.",
+    )
+    expect(
+        reads == 1,
+        "1 database read for a first call, with nothing cached yet",
+        f"{reads}",
+        "Read the database once, on a miss: `profile = await db.read(user_id)`.",
+    )
+    keys = list(dict.fromkeys(scene.written))
+    scene.filled[_ADA] = keys
+    expect(
+        keys,
+        "the profile stored in Redis by the first call (a miss)",
+        "get_profile wrote no key",
+        "Cache-aside fills the cache on a miss: after reading the database, store what you read.",
+        _FILL_HINT,
+    )
+    second = await scene.get(_ADA)
+    expect(
+        scene.db.reads[_ADA] == 1,
+        "1 database read for two calls: the second served from Redis",
+        f"{scene.db.reads[_ADA]} reads: the second call read the database again",
+        "Look in Redis first: `cached = await redis.get(key)`; if it is not None, return "
+        "`json.loads(cached)` without touching the database.",
+    )
+    expect(
+        second == _PROFILES[_ADA],
+        f"the second call (a hit) to return the profile, {_PROFILES[_ADA]}",
+        short(second),
+        "Decode what Redis gives back: `return json.loads(cached)`.",
+    )
+    key = scene.answer.profile_key(_ADA)
+    expect(
+        key in keys,
+        f"the profile cached under profile_key({_ADA}), {short(key)}",
+        f"get_profile wrote {', '.join(map(repr, keys))}",
+        "The job finds the entry by `profile_key(user_id)`: get_profile must store it under that very key.",
+        "`key = profile_key(user_id)` in get_profile, and the same call in the job.",
+    )
+    return key
+
+
+async def _two_users(scene: _ProfileScene) -> None:
+    ada_keys = await scene.warm(_ADA)
+    ben = await scene.get(_BEN)
+    shared = ben == _PROFILES[_ADA]
+    expect(
+        ben == _PROFILES[_BEN],
+        f"user {_BEN}'s profile, read after user {_ADA}'s: {_PROFILES[_BEN]}",
+        f"user {_ADA}'s, {short(ben)}: users {_ADA} and {_BEN} shared one entry"
+        + (f", {ada_keys[0]!r}" if ada_keys else "")
+        if shared
+        else short(ben),
+        "A cache key holds everything the cached value depends on: here, whose profile it is. A key that "
+        "leaves the user out serves everyone the profile cached first.",
+        'Put the id in the key, `f"ex05:profile:v1:{user_id}"`, and use `profile_key` in both functions.',
+    )
+    again = await scene.get(_ADA)
+    expect(
+        again == _PROFILES[_ADA] and scene.db.reads[_BEN] == 1,
+        f"each user's own profile, from Redis, on a second read: user {_ADA}'s {_PROFILES[_ADA]}",
+        f"user {_ADA} got {short(again)}; user {_BEN}'s profile was read {scene.db.reads[_BEN]} times",
+        "Each user's entry lives under a key of its own, and a second read of it is a hit.",
+        "`key = profile_key(user_id)` in get_profile, with the user id in the key.",
+    )
+
+
+async def _bounded(scene: _ProfileScene, path: str, bound: int = _STALE_FOR) -> None:
+    """Each of get_profile's entries in Redis expires within ``bound`` seconds."""
+    entries = await scene.cached(scene.fills())
+    expect(
+        entries,
+        f"user {_ADA}'s profile cached after {path}",
+        "no key get_profile wrote was there",
+        "On a miss, store what you read: " + _FILL_HINT,
+    )
+    job_keys = scene.job_wrote()
+    for entry in entries:
+        by = " (last written by the job)" if entry.key in job_keys else ""
+        if entry.ttl == -1:
+            raise Mismatch(
+                f"the entry to expire within {_STALE_FOR} s after {path}: the most a profile may be stale",
+                f"{entry.key!r} has no TTL{by}: if an invalidation is ever missed, the old profile is "
+                "served for ever",
+                [
+                    "The TTL is what bounds staleness when the delete does not happen, or a race puts an "
+                    f"old profile back: the text allows {_STALE_FOR} s at most.",
+                    _FILL_HINT,
+                ],
+            )
+        if bound == _STALE_FOR:
+            expect(
+                0 < entry.ttl <= bound,
+                f"the entry to expire within {_STALE_FOR} s after {path}: the most a profile may be stale",
+                f"a TTL of {entry.ttl:,} s on {entry.key!r}{by}: a missed invalidation, or the race the "
+                f"order of the job leaves open, would serve an old profile that long, past the "
+                f"{_STALE_FOR} s allowed",
+                "The TTL is the bound on staleness: an entry lives at most that long, whatever happens to "
+                f"its invalidation. Here the bound is {_STALE_FOR} s.",
+                "`ex=STALE_AT_MOST` (or less) when get_profile stores the profile.",
+            )
+        else:
+            expect(
+                0 < entry.ttl <= bound,
+                f"a hit to leave the entry's TTL alone: {bound} s left before the hit, at most that after",
+                f"{entry.ttl:,} s after the hit: reading the entry set its TTL again, so a profile read more "
+                f"often than once every {_STALE_FOR} s never expires",
+                "A TTL that each hit renews no longer bounds staleness for a profile that is read often.",
+                "On a hit, only read: `cached = await redis.get(key)`; the TTL is set when the entry is "
+                "stored.",
+            )
+
+
+async def _ttl_paths(scene: _ProfileScene) -> None:
+    """A first fill, a hit, then a refill after a job: every entry expires within the bound."""
+    await scene.warm(_ADA)
+    await _bounded(scene, "a first fill")
+    for entry in await scene.cached(scene.fills()):
+        await scene.raw.expire(entry.key, _CUT_TTL)  # as if it had been cached a while ago
+    await scene.get(_ADA)
+    await _bounded(scene, "a hit", bound=_CUT_TTL)
+    await scene.job(_job())
+    await _settle()
+    await scene.get(_ADA)
+    await _bounded(scene, "a refill after a job")
+
+
+async def _late_fill(scene: _ProfileScene) -> None:
+    """The race the order leaves: a read takes the old row before the job's commit and stores it after
+    the job's delete. What it leaves must expire within the bound."""
+    release = asyncio.Event()
+    scene.db.slow_next_read = release
+    reader = asyncio.ensure_future(scene.get(_ADA))
+    try:
+        await _until(scene.db.slowed, reader)
+        await scene.job(_job())
+        await _settle()
+    finally:
+        release.set()
+        await asyncio.wait([reader], timeout=2)
+    reader.result()
+    await _bounded(
+        scene, "a late fill (a read that took the old row before a job's commit and stored it after)"
+    )
+
+
+def _still_cached_seen(scene: _ProfileScene, key: str, since: int, calls: int, landed_later: bool) -> str:
+    """Why ``key`` was still in Redis when the job returned."""
+    seen = f"{key!r} was still cached when the job returned"
+    deleted = list(dict.fromkeys(scene.deleted[since:]))
+    if key in scene.job_wrote():
+        written = sorted(scene.by_writer & _WRITES)
+        return (
+            seen + f": the job stored the profile again itself ({', '.join(written)}), so the next read was "
+            "served by Redis, not the database"
+        )
+    if scene.by_writer & _EXPIRES and key not in deleted:
+        return (
+            seen + f": the job gave it a short TTL ({', '.join(sorted(scene.by_writer & _EXPIRES))}) instead "
+            "of deleting it, and until that runs out every read gets the old profile"
+        )
+    if landed_later:
+        return seen + "; its delete reached Redis only later (a task that nobody awaited)"
+    if not deleted and scene.delete_calls > calls:
+        return seen + ": the job called redis.delete without `await`, so it never ran"
+    if not deleted:
+        return seen + ", and the job deleted no key: the next read serves the old profile until the TTL"
+    return (
+        seen + f": the job deleted {', '.join(map(repr, deleted))}, but the profile is cached under {key!r}"
+    )
+
+
+async def _job_invalidates(scene: _ProfileScene) -> None:
+    """Ada and Ben cached; a job for Ada: her entry gone when it returns, her next read from the
+    database, and Ben's still a hit."""
+    ada_keys = await scene.warm(_ADA)
+    ben_keys = await scene.warm(_BEN)
+    ada_reads, ben_reads = scene.db.reads[_ADA], scene.db.reads[_BEN]
+    since, calls = len(scene.deleted), scene.delete_calls
+    await scene.job(_job())
+    if scene.db.profile(_ADA) != _UPDATED:
+        await asyncio.sleep(0.2)  # a write left running commits now: seen only to name the flaw
+        raise Mismatch(
+            "the job to write the update to the database before it returns",
+            "the database still held the old profile when the job returned"
+            + (
+                "; the write committed only later (a task that nobody awaited)"
+                if scene.db.commits[_ADA]
+                else ""
+            ),
+            [
+                "The worker counts the job done when your function returns, so the write must have "
+                "committed by then: a write left in a task may still be running, or fail where nobody sees "
+                "it.",
+                "`await apply_profile_update(db, update)`, not `asyncio.ensure_future(…)` or a call without "
+                "`await`; then the delete.",
+            ],
+        )
+    left = _cached_elsewhere(ada_keys)  # holds this loop: what the job left running waits
+    await asyncio.sleep(0.05)  # and lands now: seen only to name the flaw
+    if left:
+        landed_later = not await scene.raw.exists(left[0]) and left[0] not in scene.job_wrote()
+        raise Mismatch(
+            f"user {_ADA}'s entry gone when the job returns, so that the next read loads the new profile "
+            "from the database",
+            _still_cached_seen(scene, left[0], since, calls, landed_later),
+            [
+                "The job is done when the entry is gone: the next read may come a moment later, on any "
+                "instance of the service, and must go to the database.",
+                "Invalidate, do not refill: the job deletes the key after its write, and the next "
+                "get_profile loads the new profile (an import touches many users, most of whom nobody "
+                "reads before the TTL).",
+                _JOB_HINT,
+            ],
+        )
+    after = await scene.get(_ADA)
+    expect(
+        after == _UPDATED and scene.db.reads[_ADA] == ada_reads + 1,
+        f"user {_ADA}'s next read to come from the database with the new profile, {_profile_seen(_UPDATED)}",
+        f"{_profile_seen(after)}, with {scene.db.reads[_ADA] - ada_reads} database reads",
+        "Once the entry is gone, the next read misses, reads the database once, and stores the new profile.",
+        'Delete the very key get_profile stores the profile under: `profile_key(update["user_id"])`.',
+    )
+    ben = await scene.get(_BEN)
+    deleted = list(dict.fromkeys(scene.deleted[since:]))
+    ben_deleted = [key for key in ben_keys if key in deleted]
+    expect(
+        scene.db.reads[_BEN] == ben_reads and ben == _PROFILES[_BEN],
+        f"user {_BEN}'s entry left alone by a job for user {_ADA}: a hit, with no database read",
+        f"user {_BEN}'s profile was read from the database again"
+        + (
+            f": the job deleted {', '.join(map(repr, ben_deleted))} too"
+            if ben_deleted
+            else f", after the job deleted {', '.join(map(repr, deleted))}"
+            if deleted
+            else ""
+        ),
+        "An update to one user invalidates that user's entry only: deleting other entries (a whole "
+        "namespace, every profile) turns each of their next reads into a database read, and an import of "
+        "many users into a stampede on the database.",
+        "Delete one key, the updated user's: " + _JOB_HINT,
+    )
+
+
+async def _read_during_write(scene: _ProfileScene) -> None:
+    """A read while the job's write is half-done: after a delete before the write, it refills the old
+    profile."""
+    await scene.warm(_ADA)
+    scene.db.hold = asyncio.Event()
+    job = asyncio.ensure_future(scene.job(_job()))
+    try:
+        await _until(scene.db.writing, job)
+        expect(
+            scene.db.writing.is_set(),
+            "the job to write to the database (the check pauses that write half-way)",
+            "no database write within 2 s",
+            "The job's body applies the update: the given `apply_profile_update` writes it.",
+            "`await apply_profile_update(db, update)`.",
+        )
+        await scene.get(_ADA)  # while the write is half-done
+        scene.db.hold.set()
+        await asyncio.wait_for(job, 2)
+    finally:
+        scene.db.hold.set()
+        if not job.done():
+            job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+    await _settle()
+    missed_during = scene.db.reads[_ADA] > 1  # the warm-up read, and one during the write
+    after = await scene.get(_ADA)
+    before_write = scene.deleted_at_write or 0
+    after_commit = len(scene.deleted) - (scene.deleted_at_commit or 0)
+    how = (
+        "the job deleted the key before its write, a read during the write missed, read the old row and "
+        "cached it again"
+        if before_write and missed_during
+        else "a read during the write left the old profile cached"
+    )
+    expect(
+        after == _UPDATED,
+        f"the new profile ({_profile_seen(_UPDATED)}) once the job has returned, even with a read during "
+        "the write",
+        f"{_profile_seen(after)}: {how}"
+        + (" (it was in Redis when the write committed)" if scene.cached_at_commit else "")
+        + (
+            ", and the job deleted nothing after its commit, so it stays stale until the TTL"
+            if not after_commit
+            else ""
+        ),
+        "Until the write commits, the database still holds the old row: a read that misses in between puts "
+        "the old profile straight back into the cache.",
+        "Delete after the write: " + _JOB_HINT,
+    )
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+async def _failed_job(scene: _ProfileScene, *, expect_raise: bool = True) -> bool:
+    """Run the job with its write failing; whether it raised (an error of its own is raised again)."""
+    scene.db.fail_writes = 1
+    try:
+        await scene.job(_job())
+    except Exception as error:
+        if not _caused_by(error, _WriteFailed):
+            raise
+        return True
+    finally:
+        scene.db.fail_writes = 0
+    if expect_raise:
+        raise Mismatch(
+            "the job to raise when its write fails, as the write did",
+            "it returned normally: the worker counts the job done and never retries it, so the update is "
+            "lost",
+            [
+                "A job reports failure by raising: that is how the worker knows to retry it (chapter 2).",
+                "Let the write's exception propagate: no `try`/`except` around "
+                "`await apply_profile_update(db, update)`, or `raise` again at the end of the `except`.",
+            ],
+        )
+    return False
+
+
+async def _write_fails(scene: _ProfileScene) -> None:
+    """Ada cached; a job whose write fails: it raises, and Ada's entry stays (no needless miss)."""
+    keys = await scene.warm(_ADA)
+    reads, since = scene.db.reads[_ADA], len(scene.deleted)
+    await _failed_job(scene)
+    gone = [key for key in keys if key in scene.deleted[since:]]
+    left = [key for key in keys if await scene.raw.exists(key)]
+    value = await scene.get(_ADA)
+    when = (
+        "before its write, which then failed"
+        if scene.deleted_at_write is not None and scene.deleted_at_write > since
+        else "although its write failed"
+    )
+    expect(
+        left and scene.db.reads[_ADA] == reads and value == _PROFILES[_ADA],
+        f"user {_ADA}'s cached profile left in place: the write failed, so the database, and the cache, "
+        "still hold the old profile, and the next read is a hit",
+        (f"the job deleted {', '.join(map(repr, gone))} {when}" if gone else "the entry was gone")
+        + f": the next read missed and went to the database ({scene.db.reads[_ADA] - reads} database "
+        + ("read)" if scene.db.reads[_ADA] - reads == 1 else "reads)"),
+        "When the write fails, nothing changed in the database, so the cached profile is still right: "
+        "deleting it only costs a miss. And a failing import is retried, often while the database is "
+        "struggling: each attempt would send it more reads.",
+        "Delete only once the write has returned: after `await apply_profile_update(db, update)`, not before "
+        "it or in a `finally:`; an exception from the write then skips the delete.",
+    )
+
+
+async def _run_twice(scene: _ProfileScene) -> None:
+    """A job that wrote, run again (its acknowledgement was lost): no error, the new profile."""
+    await scene.warm(_ADA)
+    await scene.warm(_BEN)
+    await scene.job(_job())
+    await _settle()
+    await scene.get(_ADA)  # refilled with the new profile
+    try:
+        await scene.job(_job())
+        await _settle()
+    except Exception as error:
+        raise Mismatch(
+            "a job run a second time, after it wrote (a retry), to succeed and change nothing",
+            f"the second run raised {type(error).__name__}: {short(str(error), 100)}: the worker counts it "
+            "failed and retries it again, until it gives up and reports an update that was applied as lost",
+            [
+                "Workers deliver a job at least once: a job whose acknowledgement is lost runs again. Its "
+                "body must be safe to repeat: writing the same values again and deleting a key that is "
+                "already gone are both harmless.",
+                "Let a repeat run do the same thing again, or return early if you record finished jobs, "
+                "but do not raise: " + _JOB_HINT,
+            ],
+        ) from None
+    after = await scene.get(_ADA)
+    expect(
+        after == _UPDATED,
+        f"user {_ADA}'s new profile ({_profile_seen(_UPDATED)}) after the job ran twice",
+        _profile_seen(after),
+        "A repeated job must leave what the first run left: the new profile in the database, and no "
+        "old one in the cache.",
+        _JOB_HINT,
+    )
+
+
+async def _retry_after_failure(scene: _ProfileScene) -> None:
+    """A job whose write failed, retried: the retry must apply the update."""
+    await scene.warm(_ADA)
+    await _failed_job(scene, expect_raise=False)
+    commits = scene.db.commits[_ADA]
+    await scene.job(_job())
+    await _settle()
+    expect(
+        scene.db.commits[_ADA] > commits and scene.db.profile(_ADA) == _UPDATED,
+        "the retry of a job whose write failed to write the update",
+        "the retry returned without writing: the database still holds the old profile"
+        + (
+            f"; the job recorded itself as done ({', '.join(scene.job_wrote())}) before its write, so the "
+            "retry took it for a repeat"
+            if scene.job_wrote()
+            else ""
+        ),
+        "A job is done when its write has committed and the entry is gone: whatever marks it done must "
+        "come after both, or a failed attempt is taken for a finished one and the update is lost.",
+        "Record a finished job (if you do) only after the write and the delete, e.g. "
+        "`await redis.set(f\"ex05:done:{update['job_id']}\", 1, ex=86_400)` as the last line.",
+    )
+    after = await scene.get(_ADA)
+    expect(
+        after == _UPDATED,
+        f"user {_ADA}'s new profile ({_profile_seen(_UPDATED)}) after the retry",
+        _profile_seen(after),
+        "The retry that wrote must delete the entry too, like any run that wrote.",
+        _JOB_HINT,
+    )
+
+
+def check_profile_cache(
+    profile_key: Callable[[int], str],
+    get_profile: Callable[..., Awaitable[Any]],
+    apply_update_and_invalidate: Callable[..., Awaitable[None]],
+) -> None:
+    """Check Exercise 5.4: a profile cache, invalidated by an import job after its write commits.
+
+    ``profile_key(41)`` must be a str under ``ex05:``, with the id and a version part (``v1``), and
+    differ from ``profile_key(42)``. Each scenario then runs on a fresh loop, with a database of the
+    check's own (the notebook's ``ProfileDatabase``: 10 ms a read, reads and commits counted per user,
+    users 41 and 42) and a Redis client of its own (``decode_responses=True``); keys under ``ex05:``, and
+    any other key the answer wrote, are deleted before and after. The job is called as a worker calls
+    it, with the update ``{"job_id", "user_id": 41, "changes"}``. A first read of 41 reads the database
+    once, a second is a hit, and the entry is under ``profile_key(41)``; users 41 and 42 get their own
+    profiles; every entry get_profile leaves expires within 60 s: after a first fill, after a hit (the
+    check cuts the TTL to 5 s first: the hit must not set it back up), after a refill following a job,
+    and after a late fill (a read that took the old row before the job's commit, answered only after the
+    job returned: the race the order leaves, which the TTL bounds). After a job for 41: the write has
+    committed when it returns, the entry is gone (asked from another loop while the check's is held, so
+    a delete left in a task nobody awaited has not landed), 41's next read comes from the database with
+    the new profile, and 42's is still a hit (the other scenarios give what a job left running 50 ms to
+    land before they read on). A read made while the job's write is half-done (the check pauses it)
+    must not leave the old profile cached (rejects deleting before the write; the database notes what
+    had been deleted when the write began and committed, and what Redis held then). A job whose write
+    fails must raise (the write's error, or one caused by it) and leave 41's entry in place. A job run
+    twice must not raise and leaves the new profile; a failed job retried must write it.
+    """
+    with exercise("5.4", "Cache a profile whose writes arrive through a background job", SOLUTION) as ex:
+        functions = (
+            ("profile_key", profile_key),
+            ("get_profile", get_profile),
+            ("apply_update_and_invalidate", apply_update_and_invalidate),
+        )
+        for name, function in functions:
+            expect(
+                callable(function),
+                f"the function `{name}`",
+                short(function),
+                "Call the check as "
+                "`check_profile_cache(profile_key, get_profile, apply_update_and_invalidate)`.",
+            )
+        answer = _ProfileAnswer(profile_key, get_profile, apply_update_and_invalidate)
+
+        def scene(body: Callable[[_ProfileScene], Awaitable[Any]], name: str) -> Callable[[], Any]:
+            return lambda: _profile_scenario(answer, body, name)
+
+        ex.step(
+            f"profile_key gives each user a key of their own, with the id and a version ({_PROFILE_SHOWN})",
+            lambda: _check_profile_key(profile_key),
+        )
+        ex.require(
+            "get_profile reads the database once, then serves the profile from Redis",
+            scene(_profile_hits, "hits"),
+        )
+        hangs: list[str] = []
+
+        def both(*bodies: tuple[Callable[[_ProfileScene], Awaitable[None]], str]) -> Callable[[], None]:
+            def run() -> None:
+                for body, name in bodies:
+                    _profile_scenario(answer, body, name)
+
+            return _watch(hangs, run)
+
+        for description, run in (
+            (
+                f"users {_ADA} and {_BEN} each get their own profile",
+                _watch(hangs, scene(_two_users, "two-users")),
+            ),
+            (
+                f"every entry expires within {_STALE_FOR} s: after a first fill, a hit, a refill after a "
+                "job, and a late fill that raced a job",
+                both((_ttl_paths, "ttl"), (_late_fill, "late-fill")),
+            ),
+            (
+                f"after a job for user {_ADA}, its next read comes from the database with the new profile, "
+                f"and user {_BEN}'s entry is still a hit",
+                _watch(hangs, scene(_job_invalidates, "job")),
+            ),
+            (
+                "the job deletes the entry after its write commits: a read during the write leaves nothing "
+                "stale",
+                _watch(hangs, scene(_read_during_write, "read-during-write")),
+            ),
+            (
+                "a job whose write fails raises, and leaves the cached profile in place",
+                _watch(hangs, scene(_write_fails, "write-fails")),
+            ),
+            (
+                "a retried job is harmless: run again after it wrote, or after it failed, it leaves the new "
+                "profile",
+                both((_run_twice, "run-twice"), (_retry_after_failure, "retry")),
+            ),
+        ):
+            if not ex.step(description, run) and hangs:
+                return
