@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import ForeignKey, String, select
+from sqlalchemy import ForeignKey, String, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncAttrs,
@@ -34,9 +34,15 @@ from sqlalchemy.orm import (
     selectinload,
     subqueryload,
 )
+from sqlalchemy.pool import NullPool
 
 from support.checks import forget_answers, placeholder_message
-from support.checks.ch04 import check_orders_with_lines, check_pool_fail_fast, check_session_dependency
+from support.checks.ch04 import (
+    check_checkout,
+    check_orders_with_lines,
+    check_pool_fail_fast,
+    check_session_dependency,
+)
 from support.database import fresh_database, install_sleep, slow_query
 from tests.checking import fresh_and_leaves_nothing_running, rejected
 
@@ -877,3 +883,406 @@ def test_4_3_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None
     second = rejected(capsys, check_orders_with_lines, loading_answer("plain"), *MODELS)
     assert "selectinload(Order.lines)" not in first
     assert "selectinload(Order.lines)" in second
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 4.4: a checkout that holds no connection while the payment provider charges
+# ---------------------------------------------------------------------------------------------------
+
+
+class ShopBase(DeclarativeBase):
+    pass
+
+
+class Stock(ShopBase):
+    __tablename__ = "ch04x_stock"
+
+    sku: Mapped[str] = mapped_column(String(40), primary_key=True)
+    available: Mapped[int]
+
+
+class CheckoutOrder(ShopBase):
+    __tablename__ = "ch04x_checkout_orders"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sku: Mapped[str] = mapped_column(ForeignKey("ch04x_stock.sku"))
+    status: Mapped[str] = mapped_column(String(20))
+
+
+class OutOfStock(Exception):
+    pass
+
+
+class PaymentDeclined(Exception):
+    pass
+
+
+SHOP = (Stock, CheckoutOrder, PaymentDeclined, OutOfStock)
+TAKE = update(Stock).values(available=Stock.available - 1)
+GIVE_BACK = update(Stock).values(available=Stock.available + 1)
+
+
+@pytest.fixture
+def notebook_shop() -> Iterator[list[async_sessionmaker[AsyncSession]]]:
+    """The notebook's own session factory (`shop_sessions`), which an answer should not use."""
+    engine = create_async_engine(fresh_database("test-ch04-shop"), poolclass=NullPool)
+    yield [async_sessionmaker(engine, expire_on_commit=False)]
+
+
+def checkout_answer(variant: str, notebook: list[Any] | None = None) -> Any:
+    """``checkout(sessions, payments, sku)`` as a learner might write it."""
+
+    async def reserve(sessions: Any, sku: str) -> int:
+        async with sessions.begin() as session:
+            taken = await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
+            if taken.rowcount != 1:
+                raise OutOfStock(sku)
+            order = CheckoutOrder(sku=sku, status="pending")
+            session.add(order)
+        return order.id
+
+    async def record(sessions: Any, sku: str, order_id: int, status: str) -> None:
+        async with sessions.begin() as session:
+            await session.execute(
+                update(CheckoutOrder).where(CheckoutOrder.id == order_id).values(status=status)
+            )
+            if status == "declined":
+                await session.execute(GIVE_BACK.where(Stock.sku == sku))
+
+    async def charge(payments: Any, sku: str) -> str:
+        try:
+            await payments.charge(sku)
+        except PaymentDeclined:
+            return "declined"
+        return "paid"
+
+    async def checkout(sessions: Any, payments: Any, sku: str) -> str:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("4.4"))
+        if variant == "right":
+            order_id = await reserve(sessions, sku)
+            status = await charge(payments, sku)
+            await record(sessions, sku, order_id, status)
+            return status
+        if variant == "returning":  # right too: RETURNING instead of rowcount, commits by hand
+            async with sessions() as session:
+                left = await session.scalar(
+                    TAKE.where(Stock.sku == sku, Stock.available >= 1).returning(Stock.available)
+                )
+                if left is None:
+                    raise OutOfStock(sku)
+                order = CheckoutOrder(sku=sku, status="pending")
+                session.add(order)
+                await session.commit()
+            status = await charge(payments, sku)
+            async with sessions() as session:
+                stored = await session.get(CheckoutOrder, order.id)
+                assert stored is not None
+                stored.status = status
+                if status == "declined":
+                    await session.execute(GIVE_BACK.where(Stock.sku == sku))
+                await session.commit()
+            return status
+        if variant == "insert-first":  # right too: the order first, refused by the rollback
+            async with sessions.begin() as session:
+                order = CheckoutOrder(sku=sku, status="pending")
+                session.add(order)
+                await session.flush()
+                taken = await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
+                if taken.rowcount == 0:
+                    raise OutOfStock(sku)
+            try:
+                await payments.charge(sku)
+            except PaymentDeclined:
+                await record(sessions, sku, order.id, "declined")
+                return "declined"
+            await record(sessions, sku, order.id, "paid")
+            return "paid"
+        if variant == "held":  # the exercise's first version
+            async with sessions() as session:
+                stock = await session.get(Stock, sku)
+                if stock is None or stock.available < 1:
+                    raise OutOfStock(sku)
+                stock.available -= 1
+                order = CheckoutOrder(sku=sku, status="pending")
+                session.add(order)
+                await session.flush()
+                status = await charge(payments, sku)
+                if status == "declined":
+                    stock.available += 1
+                order.status = status
+                await session.commit()
+                return status
+        if variant == "no-commit-outcome":  # `async with sessions()` closes without committing
+            order_id = await reserve(sessions, sku)
+            status = await charge(payments, sku)
+            async with sessions() as session:
+                await session.execute(
+                    update(CheckoutOrder).where(CheckoutOrder.id == order_id).values(status=status)
+                )
+                if status == "declined":
+                    await session.execute(GIVE_BACK.where(Stock.sku == sku))
+            return status
+        if variant in ("read-then-decrement", "lost-update"):  # short transactions, a read then a write
+            async with sessions.begin() as session:
+                if variant == "read-then-decrement":
+                    left = await session.scalar(select(Stock.available).where(Stock.sku == sku))
+                    if not left:
+                        raise OutOfStock(sku)
+                    await session.execute(TAKE.where(Stock.sku == sku))
+                else:
+                    stock = await session.get(Stock, sku)
+                    if stock is None or stock.available < 1:
+                        raise OutOfStock(sku)
+                    stock.available -= 1  # writes the number read, minus one
+                order = CheckoutOrder(sku=sku, status="pending")
+                session.add(order)
+            status = await charge(payments, sku)
+            await record(sessions, sku, order.id, status)
+            return status
+        if variant == "ignores-rowcount":
+            async with sessions.begin() as session:
+                await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
+                order = CheckoutOrder(sku=sku, status="pending")
+                session.add(order)
+            status = await charge(payments, sku)
+            await record(sessions, sku, order.id, status)
+            return status
+        if variant == "refused-order-kept":  # commits, then looks at rowcount
+            async with sessions() as session:
+                order = CheckoutOrder(sku=sku, status="pending")
+                session.add(order)
+                taken = await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
+                await session.commit()
+            if taken.rowcount != 1:
+                raise OutOfStock(sku)
+            status = await charge(payments, sku)
+            await record(sessions, sku, order.id, status)
+            return status
+        if variant in ("declined-kept", "declined-deleted", "declined-raised"):
+            order_id = await reserve(sessions, sku)
+            status = await charge(payments, sku)
+            async with sessions.begin() as session:
+                if variant == "declined-deleted" and status == "declined":
+                    await session.execute(delete(CheckoutOrder).where(CheckoutOrder.id == order_id))
+                    await session.execute(GIVE_BACK.where(Stock.sku == sku))
+                else:
+                    stmt = update(CheckoutOrder).where(CheckoutOrder.id == order_id).values(status=status)
+                    await session.execute(stmt)
+                    if status == "declined" and variant == "declined-raised":
+                        await session.execute(GIVE_BACK.where(Stock.sku == sku))
+            if variant == "declined-raised" and status == "declined":
+                raise PaymentDeclined(sku)
+            return status
+        if variant == "order-after-charge":  # the unit in one transaction, the order after the charge
+            async with sessions.begin() as session:
+                taken = await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
+                if taken.rowcount != 1:
+                    raise OutOfStock(sku)
+            status = await charge(payments, sku)
+            async with sessions.begin() as session:
+                session.add(CheckoutOrder(sku=sku, status=status))
+                if status == "declined":
+                    await session.execute(GIVE_BACK.where(Stock.sku == sku))
+            return status
+        if variant == "finally-records":  # "always record an outcome": a cancelled charge too
+            order_id = await reserve(sessions, sku)
+            status = "declined"
+            try:
+                await payments.charge(sku)
+                status = "paid"
+            except PaymentDeclined:
+                pass
+            finally:
+                await record(sessions, sku, order_id, status)
+            return status
+        if variant == "notebook-sessions":  # the notebook's factory, not the argument
+            assert notebook is not None
+            order_id = await reserve(notebook[0], sku)
+            status = await charge(payments, sku)
+            await record(notebook[0], sku, order_id, status)
+            return status
+        raise AssertionError(variant)
+
+    return checkout
+
+
+@pytest.mark.parametrize("variant", ["right", "returning", "insert-first"])
+def test_4_4_short_transactions_pass(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    check_checkout(checkout_answer(variant), *SHOP)
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 4.4 · A checkout that holds no connection while the provider charges\n")
+    assert (
+        "  ✅ passed: 10 checkouts at once on a pool of 2: all paid, none waits out pool_timeout, none holds "
+        "a connection while its charge runs\n"
+    ) in out
+    assert out.endswith("Exercise 4.4: passed ✅ (7 of 7 checks)\n")
+
+
+def test_4_4_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout, checkout_answer("placeholder"), *SHOP)
+    assert "⬜ not started: Exercise 4.4's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 4.4: not started")
+
+
+CONCURRENT_STEP = (
+    "  ❌ not yet: 10 checkouts at once on a pool of 2: all paid, none waits out pool_timeout, none holds a "
+    "connection while its charge runs\n"
+)
+SCARCE_STEP = (
+    "  ❌ not yet: 10 checkouts at once for 3 units: 3 sold, the others refused with OutOfStock, never "
+    "oversold\n"
+)
+DECLINED_STEP = (
+    "  ❌ not yet: a declined payment: returns 'declined', its order 'declined', its unit back in stock\n"
+)
+CRASH_STEP = (
+    "  ❌ not yet: a checkout cut short while charge() runs (a crash): its order stays 'pending', its unit "
+    "reserved\n"
+    "       expected: the order left 'pending', its unit reserved (4 of 5 in stock)\n"
+)
+OVERSOLD = (
+    "       expected: 3 paid and 7 refused with OutOfStock: never more sold than the 3 units in stock\n"
+)
+
+# Each wrong answer (why a developer writes it): lines its check must print, and its summary.
+WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
+    # the exercise's first version: one session from the reservation to the outcome
+    "held": (
+        (
+            "  ❌ not yet: no connection is checked out while charge() runs, nor once the checkout has "
+            "returned\n"
+            "       expected: no connection checked out while charge() runs\n"
+            "       seen:     1 checked out during the 0.3 s charge (the only checkout running): its session "
+            "was still open",
+            CONCURRENT_STEP + "       expected: 10 checkouts served by 2 connections, none holding one while "
+            "its charge runs\n",
+            "failed with the pool's TimeoutError (QueuePool limit of size 2 overflow 0 reached, connection "
+            "timed out, timeout 1.00), and ",
+            "hint:     This is the lesson's session held across a slow call (section 3)",
+            "       seen:     no order, and no unit reserved; 5 of 5 units in stock: the reservation was not "
+            "committed before charge() ran",
+        ),
+        "3 of 7",
+    ),
+    # `async with sessions() as session:` for the outcome, thinking the block commits
+    "no-commit-outcome": (
+        (
+            "       expected: one order stored, 'paid'\n"
+            "       seen:     one order, still 'pending': the transaction that marks it paid was never "
+            "committed, and closing a session rolls back what it did not commit\n",
+        ),
+        "1 of 2",
+    ),
+    # reads the stock, then decrements it with `available - 1`, as two statements
+    "read-then-decrement": (
+        (SCARCE_STEP + OVERSOLD, "each checkout took a unit whatever the number it had read\n"),
+        "6 of 7",
+    ),
+    # the ORM way: `stock.available -= 1` on the object it read
+    "lost-update": (
+        (
+            SCARCE_STEP + OVERSOLD,
+            "; the stock says 0: each checkout wrote the number it had read, less one, over the other "
+            "checkouts' writes (a lost update)\n",
+        ),
+        "6 of 7",
+    ),
+    # the conditional UPDATE, but its rowcount never looked at
+    "ignores-rowcount": (
+        (
+            SCARCE_STEP + OVERSOLD + "       seen:     10 paid for 3 units, oversold by 7; the stock says 0: "
+            "the UPDATE found no unit left for 7 of them and changed nothing, and they were sold all the "
+            "same\n",
+        ),
+        "6 of 7",
+    ),
+    # commits the order with the UPDATE, then tests rowcount
+    "refused-order-kept": (
+        (
+            SCARCE_STEP + "       expected: 3 orders stored, one per sale\n"
+            "       seen:     10 orders (3 'paid', 7 'pending'): 7 left by checkouts that were refused\n",
+        ),
+        "6 of 7",
+    ),
+    # marks the order declined, forgets the unit
+    "declined-kept": (
+        (
+            DECLINED_STEP + "       expected: the unit back in stock: 5 of 5\n"
+            "       seen:     4 of 5: the reserved unit was not given back\n",
+        ),
+        "6 of 7",
+    ),
+    # "a declined order is no order": deletes it
+    "declined-deleted": (
+        (
+            DECLINED_STEP + "       expected: one order stored, 'declined'\n"
+            "       seen:     orders of that sku: none: the declined checkout left no record\n",
+        ),
+        "6 of 7",
+    ),
+    # records the decline, then re-raises it to the caller
+    "declined-raised": (
+        (
+            DECLINED_STEP + "       expected: 'declined' returned, once the outcome is recorded\n"
+            "       seen:     PaymentDeclined raised out of checkout (orders of that sku: 1 'declined'; 5 of "
+            "5 units in stock)\n",
+        ),
+        "6 of 7",
+    ),
+    # takes the unit, charges, and only then writes the order with its final status
+    "order-after-charge": (
+        (
+            CRASH_STEP + "       seen:     no order, and a unit gone: the unit was taken before the charge "
+            "and the order was to be written after it",
+        ),
+        "6 of 7",
+    ),
+    # "always record an outcome": a `finally` that marks a cancelled charge declined
+    "finally-records": (
+        (
+            CRASH_STEP + "       seen:     the order recorded 'declined'; 5 of 5 units in stock: the "
+            "checkout was cut short while the provider was charging",
+        ),
+        "6 of 7",
+    ),
+    # the notebook's `shop_sessions` instead of the `sessions` argument
+    "notebook-sessions": (
+        (
+            "       expected: the checkout to work through the `sessions` it is given\n"
+            "       seen:     no statement on the check's database",
+        ),
+        "1 of 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(WRONG_CHECKOUTS))
+def test_4_4_wrong_answers_are_rejected(
+    variant: str,
+    notebook_shop: list[async_sessionmaker[AsyncSession]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lines, passed = WRONG_CHECKOUTS[variant]
+    out = rejected(capsys, check_checkout, checkout_answer(variant, notebook_shop), *SHOP)
+    for line in lines:
+        assert line in out
+    assert out.endswith(f"Exercise 4.4: not yet — {passed} checks pass")
+
+
+def test_4_4_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    def checkout(sessions: Any, payments: Any, sku: str) -> str:
+        return "paid"
+
+    out = rejected(capsys, check_checkout, checkout, *SHOP)
+    assert "       expected: checkout defined with `async def`\n" in out
+    assert out.endswith("Exercise 4.4: not yet — 0 of 1 checks pass")
+
+
+def test_4_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    answer = checkout_answer("lost-update")
+    first = rejected(capsys, check_checkout, answer, *SHOP)
+    forget_answers()  # the learner changes their answer: the next hint
+    second = rejected(capsys, check_checkout, answer, *SHOP)
+    assert "Stock.available > 0" not in first
+    assert "update(Stock).where(Stock.sku == sku, Stock.available > 0)" in second

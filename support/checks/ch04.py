@@ -22,6 +22,13 @@ session was closed is told by the session's own ``close``, wrapped on the instan
 (a commit or a rollback gives the connection back too). Exercise 4.3's caller has flushed an order of
 its own before the call, so that a function which ends the caller's transaction loses it, and the
 session's load events tell which rows the call read, so that reading every customer's shows.
+Exercise 4.4's check counts connections with the pool's events at the start and end of each charge,
+in all and by the task that called it (a checkout among ten at once is judged by its own holds, not
+its neighbours'); a session held across the 0.3 s charge leaves ten checkouts on two connections
+waiting at least 1.2 s for the last ones, past the 1 s pool_timeout, so its pool timeouts are a lower
+bound, not a race. Oversold stock would show only when two checkouts happen to read before either
+writes, so the check makes that happen: after each read of the stock table, the reader awaits 50 ms
+(from inside SQLAlchemy's greenlet, as a driver awaits its socket) while the other checkouts run.
 
 What a wrong answer leaves behind is tidied too: sessions it never closed are closed by the check
 (so no connection is left for the garbage collector to complain about), and the "coroutine was never
@@ -41,7 +48,7 @@ import typing
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -53,13 +60,19 @@ from sqlalchemy.exc import InvalidRequestError, MissingGreenlet, NoInspectionAva
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_session
 from sqlalchemy.orm.exc import DetachedInstanceError
+from sqlalchemy.util import await_
 
 from support.checks import Mismatch, exercise, expect
 from support.checks.running import in_fresh_loop, joins_new_threads, run_in_fresh_loop, serve_answer, short
 from support.database import PoolWatch, fresh_database, install_sleep, slow_query
 from support.server import Server
 
-__all__ = ["check_orders_with_lines", "check_pool_fail_fast", "check_session_dependency"]
+__all__ = [
+    "check_checkout",
+    "check_orders_with_lines",
+    "check_pool_fail_fast",
+    "check_session_dependency",
+]
 
 SOLUTION = "solutions/04_async_database_exercises.ipynb"
 _SERVE_FAILED = "The app failed while starting: fix its error, run the cell again, then this check."
@@ -1728,3 +1741,739 @@ def check_orders_with_lines(
             "the lines still read after the session has closed, as when FastAPI serialises them",
             lambda: _check_after_close(seen),
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 4.4: a checkout that holds no connection while the payment provider works
+# ---------------------------------------------------------------------------------------------------
+
+_SHOP_POOL = 2
+_SHOP_WAIT = 1.0  # the pool_timeout of the check's engine, as in the exercise
+_CHARGE = 0.3  # how long a charge of the check's provider takes
+_STOCKED = 5  # units of the sku sold alone, declined, or cut short
+_CONCURRENT_44 = 10
+_SCARCE = 3  # units for _CONCURRENT_44 checkouts that arrive together
+_READ_PAUSE = 0.05  # after each read of the stock table, the other checkouts run this long
+_BOUND_44 = 8.0  # the longest a scenario's checkouts may take
+_CALL_4_4 = "Call the check as `check_checkout(checkout, Stock, CheckoutOrder, PaymentDeclined, OutOfStock)`."
+_RESERVE = (
+    "`result = await session.execute(update(Stock).where(Stock.sku == sku, Stock.available > 0)"
+    ".values(available=Stock.available - 1))`, then `if result.rowcount != 1: raise OutOfStock(sku)`"
+)
+_THREE_STEPS = (
+    "`async with sessions.begin() as session:` around the reservation (the conditional UPDATE and the "
+    "pending order); `await payments.charge(sku)` after that block has ended; then another `async with "
+    "sessions.begin() as session:` that records the outcome."
+)
+
+
+@dataclass
+class _Charge:
+    """One call of the check's provider: connections checked out when it started and when it ended."""
+
+    in_use: int  # by anyone (the scenario runs one checkout, or many)
+    mine: int  # by the task that called charge()
+    in_use_end: int = 0
+    mine_end: int = 0
+
+    @property
+    def held(self) -> int:
+        return max(self.in_use, self.in_use_end)
+
+    @property
+    def held_by_caller(self) -> int:
+        return max(self.mine, self.mine_end)
+
+
+class _Holders:
+    """Which task checked out each of an engine's connections, from the pool's own events.
+
+    A connection is checked out inside the greenlet of the task that runs the query, on the loop's
+    thread, so ``asyncio.current_task()`` in the ``checkout`` event names the task that holds it until
+    its ``checkin`` (or ``detach``).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._lock = threading.Lock()
+        self._owners: dict[int, asyncio.Task[Any] | None] = {}
+        sync_engine = engine.sync_engine
+        event.listen(sync_engine, "checkout", self._on_checkout)
+        event.listen(sync_engine, "checkin", self._on_checkin)
+        event.listen(sync_engine, "detach", self._on_checkin)
+
+    def _on_checkout(self, _dbapi_connection: Any, record: Any, *_: Any) -> None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no loop running on this thread
+            task = None
+        with self._lock:
+            self._owners[id(record)] = task
+
+    def _on_checkin(self, _dbapi_connection: Any, record: Any, *_: Any) -> None:
+        with self._lock:
+            self._owners.pop(id(record), None)
+
+    def held_by(self, task: asyncio.Task[Any] | None) -> int:
+        with self._lock:
+            return sum(owner is task for owner in self._owners.values()) if task is not None else 0
+
+
+@dataclass
+class _Shop:
+    """One scenario's shop: the check's engine (a pool of 2) and what watches it."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    made: list[AsyncSession]  # every session the learner's code made from `sessions`
+    watch: PoolWatch
+    holders: _Holders
+    Stock: Any
+    Order: Any
+    stock_reads: int = 0  # SELECTs of the stock table, counted while the check pauses after them
+
+
+class _Provider:
+    """The check's payment provider: a charge takes 0.3 s, and notes the connections held meanwhile.
+
+    ``mode``: "accept" every charge, "decline" every charge (raising the learner's PaymentDeclined),
+    or "hang": the charge never returns, as when the process dies while the provider works.
+    """
+
+    def __init__(self, shop: _Shop, declined: type[BaseException], mode: str = "accept") -> None:
+        self.shop, self.declined, self.mode = shop, declined, mode
+        self.charges: list[_Charge] = []
+        self.charging = asyncio.Event()
+
+    async def charge(self, *args: Any, **kwargs: Any) -> None:
+        task = asyncio.current_task()
+        record = _Charge(self.shop.watch.in_use, self.shop.holders.held_by(task))
+        self.charges.append(record)
+        if self.mode == "hang":
+            self.charging.set()
+            await asyncio.Event().wait()  # until the check cancels the checkout
+        await asyncio.sleep(_CHARGE)
+        record.in_use_end, record.mine_end = self.shop.watch.in_use, self.shop.holders.held_by(task)
+        if self.mode == "decline":
+            raise self.declined("card declined (the check's provider)")
+
+
+@dataclass
+class _Sale:
+    """What a scenario saw: each checkout's result (a value or an exception) and the database after."""
+
+    results: list[Any] = field(default_factory=list)
+    charges: list[_Charge] = field(default_factory=list)
+    hung: bool = False
+    queries: int = 0  # statements the learner's code ran on the check's engine
+    in_use_after: int = 0  # connections still checked out once every checkout had returned
+    stock_reads: int = 0  # SELECTs of the stock table (counted only where the check pauses after them)
+    reached_charge: bool = True
+    stock: int | None = None
+    statuses: list[str] = field(default_factory=list)  # the sku's orders, by id
+
+
+def _tracked_sessions(engine: AsyncEngine) -> tuple[async_sessionmaker[AsyncSession], list[AsyncSession]]:
+    """A session factory like the exercise's that remembers each session it makes (to close leftovers)."""
+    made: list[AsyncSession] = []
+
+    class _Session(AsyncSession):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    return async_sessionmaker(engine, class_=_Session, expire_on_commit=False), made
+
+
+def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
+    """After a SELECT of the stock table, let the other checkouts run before the reader goes on.
+
+    The listener runs inside SQLAlchemy's greenlet (the learner's query is being executed there), so
+    it can await: ``await_`` hands ``asyncio.sleep`` to the event loop, as a driver awaits its socket.
+    A decision taken on a number read earlier then meets the other checkouts' reads every time,
+    instead of only when the scheduler happens to interleave them.
+    """
+    table = str(shop.Stock.__table__.name).lower()
+
+    def pause(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        text = statement.lstrip().lower()
+        if text.startswith("select") and table in text:
+            shop.stock_reads += 1
+            await_(asyncio.sleep(_READ_PAUSE))
+
+    event.listen(shop.engine.sync_engine, "after_cursor_execute", pause)
+    return pause
+
+
+async def _open_shop(Stock: Any, Order: Any, sku: str, units: int) -> _Shop:
+    engine = create_async_engine(
+        fresh_database("ch04x-check-4-4"),
+        pool_size=_SHOP_POOL,
+        max_overflow=0,
+        pool_timeout=_SHOP_WAIT,
+    )
+    tables = (Stock.__table__, Order.__table__)
+    async with engine.begin() as conn:
+        for table in reversed(tables):
+            await conn.run_sync(lambda sync, t=table: t.drop(sync, checkfirst=True))
+        for table in tables:
+            await conn.run_sync(lambda sync, t=table: t.create(sync))
+        await conn.execute(insert(Stock).values(sku=sku, available=units))
+    sessions, made = _tracked_sessions(engine)
+    watch = PoolWatch(engine)
+    return _Shop(engine, sessions, made, watch, _Holders(engine), Stock, Order)
+
+
+async def _close_sessions(shop: _Shop) -> None:
+    """Close every session the learner's code made: a wrong answer may leave one open, with its
+    connection checked out (and, on SQLite, the write lock)."""
+    for session in shop.made:
+        with suppress(Exception):  # a session whose connection is already gone: nothing more to do
+            await session.close()
+
+
+async def _close_shop(shop: _Shop) -> None:
+    await _close_sessions(shop)
+    try:
+        async with shop.engine.begin() as conn:
+            for table in (shop.Order.__table__, shop.Stock.__table__):
+                await conn.run_sync(lambda sync, t=table: t.drop(sync, checkfirst=True))
+    finally:
+        await shop.engine.dispose()
+
+
+async def _read_back(shop: _Shop, sku: str, sale: _Sale) -> None:
+    async with shop.engine.connect() as conn:
+        sale.stock = await conn.scalar(select(shop.Stock.available).where(shop.Stock.sku == sku))
+        rows = await conn.execute(
+            select(shop.Order.status).where(shop.Order.sku == sku).order_by(shop.Order.id)
+        )
+        sale.statuses = [str(status) for status in rows.scalars()]
+
+
+async def _sell(
+    checkout: Callable[..., Any],
+    models: tuple[Any, Any, type[BaseException]],
+    sku: str,
+    units: int,
+    count: int,
+    mode: str = "accept",
+    pause: bool = False,
+) -> _Sale:
+    """``count`` checkouts of ``sku`` at once, on a shop with ``units`` of it; what they did."""
+    Stock, Order, declined = models
+    shop = await _open_shop(Stock, Order, sku, units)
+    sale = _Sale()
+    try:
+        provider = _Provider(shop, declined, mode)
+        pausing = _pause_after_stock_reads(shop) if pause else None
+        shop.watch.reset()
+        scope = asyncio.timeout(_BOUND_44)
+        try:
+            async with scope:
+                sale.results = list(
+                    await asyncio.gather(
+                        *(checkout(shop.sessions, provider, sku) for _ in range(count)),
+                        return_exceptions=True,
+                    )
+                )
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            sale.hung = True
+        sale.queries, sale.in_use_after = shop.watch.queries, shop.watch.in_use
+        sale.stock_reads = shop.stock_reads
+        sale.charges = provider.charges
+        if pausing is not None:
+            event.remove(shop.engine.sync_engine, "after_cursor_execute", pausing)
+        await _close_sessions(shop)
+        await _read_back(shop, sku, sale)
+    finally:
+        await _close_shop(shop)
+    return sale
+
+
+async def _crash(
+    checkout: Callable[..., Any], models: tuple[Any, Any, type[BaseException]], sku: str
+) -> _Sale:
+    """One checkout, cancelled while charge() runs (as a crash or a shutdown would end it)."""
+    Stock, Order, declined = models
+    shop = await _open_shop(Stock, Order, sku, _STOCKED)
+    sale = _Sale()
+    try:
+        provider = _Provider(shop, declined, "hang")
+        shop.watch.reset()
+        task = asyncio.ensure_future(checkout(shop.sessions, provider, sku))
+        waiter = asyncio.ensure_future(provider.charging.wait())
+        await asyncio.wait({task, waiter}, timeout=_BOUND_44, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        sale.reached_charge = provider.charging.is_set()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=_BOUND_44)
+        if not task.done():
+            sale.hung = True
+        elif not task.cancelled():
+            sale.results = [task.exception() or task.result()]
+        sale.queries, sale.charges = shop.watch.queries, provider.charges
+        await _close_sessions(shop)
+        await _read_back(shop, sku, sale)
+    finally:
+        await _close_shop(shop)
+    return sale
+
+
+def _run_sale(main: Callable[[], Awaitable[_Sale]]) -> _Sale:
+    with _quiet_unawaited():
+        return in_fresh_loop(main, timeout=_BOUND_44 * 3 + 10, name="check-4.4")
+
+
+def _hung(what: str) -> Mismatch:
+    return Mismatch(
+        f"{what} to finish within {_BOUND_44:g} s",
+        f"still running after {_BOUND_44:g} s: hung",
+        [
+            "A checkout that waits for a connection nobody gives back (a session opened inside another, "
+            "on a pool of 2), or for a lock its own other transaction holds, never finishes.",
+            "One session at a time, each in its own `async with sessions.begin() as session:` block, "
+            "ended before the next one starts: " + _THREE_STEPS,
+        ],
+    )
+
+
+def _first_error(sale: _Sale, allowed: tuple[type[BaseException], ...] = ()) -> None:
+    """Raise the first exception a checkout raised that is not ``allowed`` (a placeholder first)."""
+    errors = [r for r in sale.results if isinstance(r, BaseException) and not isinstance(r, allowed)]
+    for error in errors:
+        if isinstance(error, NotImplementedError):
+            raise error
+    if errors:
+        raise errors[0]
+
+
+def _one_line(exc: BaseException, limit: int = 70) -> str:
+    text = (str(exc).splitlines() or [""])[0]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _expect_own_engine(sale: _Sale) -> None:
+    if sale.queries:
+        return
+    for result in sale.results:
+        if isinstance(result, NotImplementedError):
+            raise result
+    raised = next((r for r in sale.results if isinstance(r, BaseException)), None)
+    raise Mismatch(
+        "the checkout to work through the `sessions` it is given",
+        "no statement on the check's database"
+        + (f" (your code raised {type(raised).__name__}: {_one_line(raised)})" if raised else "")
+        + ": it used another session factory or engine, such as the notebook's `shop_sessions`",
+        [
+            "The check passes a session factory of its own, on its own database with its pool of 2; "
+            "make every session from the `sessions` argument.",
+            _THREE_STEPS,
+        ],
+    )
+
+
+def _statuses(statuses: list[str]) -> str:
+    return ", ".join(f"{n} {status!r}" for status, n in Counter(statuses).items()) or "none"
+
+
+def _check_alone(sale: _Sale, out_of_stock: type[BaseException]) -> None:
+    if sale.hung:
+        raise _hung("one checkout")
+    _expect_own_engine(sale)
+    (result,) = sale.results
+    if isinstance(result, out_of_stock):
+        raise Mismatch(
+            f"'paid' for a checkout of a sku with {_STOCKED} units in stock",
+            f"{type(result).__name__} raised with {_STOCKED} units in stock",
+            [
+                "The conditional UPDATE changes one row when a unit was left, and none when there was "
+                "none: refuse the checkout only when it changed nothing.",
+                _RESERVE + ".",
+            ],
+        )
+    _first_error(sale)
+    expect(
+        len(sale.charges) == 1,
+        "one charge by the payment provider",
+        f"{len(sale.charges)} charges"
+        + (": the customer was never charged" if not sale.charges else ": the customer paid more than once"),
+        "Call `await payments.charge(sku)` once per checkout, between the reservation and the outcome.",
+    )
+    expect(
+        result == "paid",
+        "'paid' returned: the order's status once the payment went through",
+        short(result),
+        "Return the status the order was given: 'paid' when `charge()` returned, 'declined' when it "
+        "raised PaymentDeclined.",
+    )
+    if sale.statuses == ["pending"]:
+        raise Mismatch(
+            "one order stored, 'paid'",
+            "one order, still 'pending': the transaction that marks it paid was never committed, and "
+            "closing a session rolls back what it did not commit",
+            [
+                "Each step is a transaction of its own, and each must be committed: the outcome's too.",
+                "`async with sessions.begin() as session:` commits when the block ends without an "
+                "exception; a plain `async with sessions() as session:` needs `await session.commit()`.",
+            ],
+        )
+    expect(
+        sale.statuses == ["paid"],
+        "one order stored, 'paid'",
+        f"orders of that sku: {_statuses(sale.statuses)}",
+        "Store one order per checkout: added as 'pending' with the reservation, then updated to its outcome.",
+    )
+    expect(
+        sale.stock == _STOCKED - 1,
+        f"{_STOCKED - 1} units left of {_STOCKED}: one taken",
+        f"{sale.stock} left" + (": no unit was taken" if sale.stock == _STOCKED else ""),
+        "The reservation takes the unit: " + _RESERVE + ".",
+    )
+
+
+def _check_released(sale: _Sale) -> None:
+    (charge,) = sale.charges
+    expect(
+        charge.held == 0,
+        "no connection checked out while charge() runs",
+        f"{charge.held} checked out during the {_CHARGE:g} s charge (the only checkout running): its "
+        "session was still open, holding a connection the pool could have given another checkout",
+        "A session holds its connection from its first query until it commits, rolls back or closes; "
+        "the charge must come after the reservation's transaction has ended, outside any session.",
+        _THREE_STEPS,
+    )
+    expect(
+        sale.in_use_after == 0,
+        "no connection checked out once the checkout has returned",
+        f"{sale.in_use_after} still checked out: a session was never closed",
+        "Make every session in an `async with` block, which closes it however the block ends.",
+    )
+
+
+def _check_pool(sale: _Sale, out_of_stock: type[BaseException]) -> None:
+    if sale.hung:
+        raise _hung(f"{_CONCURRENT_44} checkouts")
+    pool = _pool_mismatch(
+        sale,
+        f"{_CONCURRENT_44} checkouts served by {_SHOP_POOL} connections, none holding one while its "
+        "charge runs",
+    )
+    if pool is not None:
+        raise pool
+    _first_error(sale, (out_of_stock,))
+    paid = sum(r == "paid" for r in sale.results)
+    expect(
+        paid == _CONCURRENT_44,
+        f"all {_CONCURRENT_44} paid ({_CONCURRENT_44} units in stock)",
+        f"{paid} paid; returned {dict(Counter(short(r, 40) for r in sale.results))}",
+        "With a unit for each checkout and every payment accepted, each checkout returns 'paid'.",
+    )
+
+
+def _pool_mismatch(sale: _Sale, expected: str) -> Mismatch | None:
+    """The pool's TimeoutErrors and the charges run while their own checkout held a connection."""
+    timeouts = [r for r in sale.results if isinstance(r, sqlalchemy.exc.TimeoutError)]
+    holding = [c for c in sale.charges if c.held_by_caller]
+    if not timeouts and not holding:
+        return None
+    return Mismatch(
+        expected,
+        f"{len(timeouts)} of {len(sale.results)} failed with the pool's TimeoutError"
+        + (f" ({_first_line(timeouts[0])})" if timeouts else "")
+        + f", and {len(holding)} of {len(sale.charges)} charges ran while their own checkout held a "
+        f"connection: each held one for the whole {_CHARGE:g} s, so {_SHOP_POOL} connections served "
+        f"{_SHOP_POOL} checkouts at a time and the others waited out pool_timeout",
+        [
+            "This is the lesson's session held across a slow call (section 3): the database does "
+            "nothing for a checkout while the provider works, so no connection should wait with it.",
+            "End the reservation's transaction before the charge, and open another for the outcome: "
+            + _THREE_STEPS,
+        ],
+    )
+
+
+def _check_scarce(sale: _Sale, out_of_stock: type[BaseException]) -> None:
+    if sale.hung:
+        raise _hung(f"{_CONCURRENT_44} checkouts")
+    pool = _pool_mismatch(
+        sale, f"{_CONCURRENT_44} checkouts each sold a unit or refused, none failing for want of a connection"
+    )
+    if pool is not None:
+        raise pool
+    _first_error(sale, (out_of_stock,))
+    paid = sum(r == "paid" for r in sale.results)
+    refused = sum(isinstance(r, out_of_stock) for r in sale.results)
+    if paid > _SCARCE or (sale.stock is not None and sale.stock < 0):
+        expected = (
+            f"{_SCARCE} paid and {_CONCURRENT_44 - _SCARCE} refused with OutOfStock: never more sold than "
+            f"the {_SCARCE} units in stock"
+        )
+        oversold = f"{paid} paid for {_SCARCE} units, oversold by {paid - _SCARCE}"
+        if not sale.stock_reads:
+            raise Mismatch(
+                expected,
+                f"{oversold}; the stock says {sale.stock}: the UPDATE found no unit left for "
+                f"{paid - _SCARCE} of them and changed nothing, and they were sold all the same",
+                [
+                    "A conditional UPDATE does not fail when its condition is false: it changes no row, "
+                    "and says so in the result's `rowcount`. The checkout must look, and stop there.",
+                    _RESERVE + ", before the pending order is added.",
+                ],
+            )
+        how = (
+            f"the stock went to {sale.stock}: each checkout took a unit whatever the number it had read"
+            if sale.stock is not None and sale.stock < 0
+            else f"the stock says {sale.stock}: each checkout wrote the number it had read, less one, over "
+            "the other checkouts' writes (a lost update)"
+        )
+        raise Mismatch(
+            expected,
+            f"{oversold}; {how}",
+            [
+                "Between a read of the stock and the write that takes a unit, other checkouts read the "
+                f"same number (the check lets them: it pauses {_READ_PAUSE * 1000:.0f} ms after each "
+                "read of the stock table, as a busy database would). Only the write itself can decide.",
+                "Take the unit and test it in one statement, and refuse when it changed no row: "
+                + _RESERVE
+                + ".",
+            ],
+        )
+    expect(
+        paid + refused == _CONCURRENT_44,
+        "each checkout 'paid' or refused with OutOfStock",
+        f"returned {dict(Counter(short(r, 40) for r in sale.results))}",
+        "Raise OutOfStock when no unit was left; return 'paid' when the payment went through.",
+    )
+    expect(
+        paid == _SCARCE and sale.stock == 0,
+        f"all {_SCARCE} units sold to the {_CONCURRENT_44} checkouts that asked",
+        f"{paid} paid, {sale.stock} left in stock: checkouts refused while units were left",
+        "Refuse only when the UPDATE found no unit left: `rowcount` is 0 then, and 1 when it took one.",
+    )
+    extra = [s for s in sale.statuses if s != "paid"]
+    expect(
+        len(sale.statuses) == paid,
+        f"{paid} orders stored, one per sale",
+        f"{len(sale.statuses)} orders ({_statuses(sale.statuses)}): {len(extra)} left by checkouts that "
+        "were refused",
+        "A refused checkout must leave nothing behind: raise OutOfStock inside the reservation's "
+        "transaction, before it commits, so that leaving the block with the exception rolls it back.",
+        "Test `rowcount` right after the UPDATE, inside `async with sessions.begin() as session:`, and "
+        "add the pending order only after that test.",
+    )
+
+
+def _check_declined(sale: _Sale, declined: type[BaseException]) -> None:
+    if sale.hung:
+        raise _hung("a declined checkout")
+    (result,) = sale.results
+    if isinstance(result, declined):
+        raise Mismatch(
+            "'declined' returned, once the outcome is recorded",
+            f"{type(result).__name__} raised out of checkout (orders of that sku: "
+            f"{_statuses(sale.statuses)}; {sale.stock} of {_STOCKED} units in stock)",
+            [
+                "A declined payment is an outcome, not an error of the checkout: catch PaymentDeclined "
+                "around the charge, record it, and return 'declined'.",
+                "`try: await payments.charge(sku)` / `except PaymentDeclined: status = 'declined'` / "
+                "`else: status = 'paid'`, then record `status` in a transaction of its own.",
+            ],
+        )
+    _first_error(sale)
+    expect(
+        sale.statuses == ["declined"],
+        "one order stored, 'declined'",
+        f"orders of that sku: {_statuses(sale.statuses)}"
+        + (
+            ": the declined checkout left no record"
+            if not sale.statuses
+            else ": the outcome's transaction was never committed"
+            if sale.statuses == ["pending"]
+            else ""
+        ),
+        "Keep the order and mark it 'declined': it is the record of what happened to the reserved unit "
+        "and to the customer's attempt.",
+        "In the outcome's transaction: `update(CheckoutOrder).where(CheckoutOrder.id == order_id)"
+        ".values(status='declined')`, committed.",
+    )
+    expect(
+        sale.stock == _STOCKED,
+        f"the unit back in stock: {_STOCKED} of {_STOCKED}",
+        f"{sale.stock} of {_STOCKED}: the reserved unit was not given back",
+        "The reservation took a unit for a sale that did not happen: the outcome's transaction gives "
+        "it back, with the same kind of relative UPDATE.",
+        "`update(Stock).where(Stock.sku == sku).values(available=Stock.available + 1)`, in the same "
+        "transaction that marks the order 'declined'.",
+    )
+    expect(
+        result == "declined",
+        "'declined' returned",
+        short(result),
+        "Return the status the order was given: 'declined' when `charge()` raised PaymentDeclined.",
+    )
+
+
+def _check_crash(sale: _Sale) -> None:
+    if sale.hung:
+        raise _hung("a checkout cancelled while charge() ran")
+    expect(
+        sale.reached_charge,
+        "the checkout to call charge()",
+        "it finished without charging: " + (short(sale.results[0], 60) if sale.results else "no result"),
+        "Call `await payments.charge(sku)` once the reservation's transaction has ended.",
+    )
+    _first_error(sale)
+    stock, statuses = sale.stock, sale.statuses
+    left = f"; {stock} of {_STOCKED} units in stock"
+    if statuses == ["pending"] and stock == _STOCKED - 1:
+        return
+    if not statuses and stock == _STOCKED - 1:
+        seen = (
+            "no order, and a unit gone: the unit was taken before the charge and the order was to be "
+            "written after it, so a crash in between loses the unit with no record of why"
+        )
+        hints = [
+            "Whatever can happen between two steps will happen to some checkout: the process is "
+            "restarted, the request cancelled. What the first step commits must say what it is for.",
+            "Add the order, 'pending', in the reservation's transaction, with the UPDATE that takes the "
+            "unit; the outcome's transaction then only changes its status.",
+        ]
+    elif not statuses:
+        seen = (
+            f"no order, and no unit reserved{left}: the reservation was not committed before charge() "
+            "ran, so it was rolled back with the cancelled checkout"
+        )
+        hints = [
+            "The reservation's transaction must be committed, and its session closed, before the "
+            "charge: a transaction held across the charge holds a connection too.",
+            _THREE_STEPS,
+        ]
+    elif statuses == ["declined"]:
+        seen = (
+            f"the order recorded 'declined'{left}: the checkout was cut short while the provider was "
+            "charging, so nobody knows whether the payment went through, yet the unit was given back "
+            "and the order closed"
+        )
+        hints = [
+            "Record an outcome only when the provider gave one: an `except BaseException:` or a "
+            "`finally:` around the charge also runs when the checkout is cancelled.",
+            "`except PaymentDeclined:` for the decline, nothing for anything else: the order stays "
+            "'pending', for a job that asks the provider later.",
+        ]
+    else:
+        seen = f"orders of that sku: {_statuses(statuses)}{left}"
+        hints = [
+            "The reservation commits one 'pending' order with its unit; only an answer from the provider "
+            "changes it.",
+        ]
+    raise Mismatch(
+        f"the order left 'pending', its unit reserved ({_STOCKED - 1} of {_STOCKED} in stock)",
+        seen,
+        hints,
+    )
+
+
+def _shop_models(checkout: Any, Stock: Any, Order: Any, declined: Any, out_of_stock: Any) -> None:
+    expect(callable(checkout), "the function `checkout`", short(checkout), _CALL_4_4)
+    expect(
+        inspect.iscoroutinefunction(checkout),
+        "checkout defined with `async def`",
+        f"a plain function: {short(checkout)}",
+        "Sessions are used with `await`: `async def checkout(sessions, payments, sku):`.",
+    )
+    for cls, name, columns in (
+        (Stock, "Stock", ("sku", "available")),
+        (Order, "CheckoutOrder", ("id", "sku", "status")),
+    ):
+        try:
+            mapper = sqlalchemy.inspect(cls)
+        except NoInspectionAvailable:
+            raise Mismatch(f"`{name}`, the mapped class from the exercise", short(cls), [_CALL_4_4]) from None
+        missing = [c for c in columns if c not in mapper.columns]
+        expect(
+            not missing,
+            f"`{name}` with the columns {', '.join(columns)}",
+            f"no {', '.join(missing)}",
+            "Keep the given models as they are.",
+        )
+    for cls, name in ((declined, "PaymentDeclined"), (out_of_stock, "OutOfStock")):
+        expect(
+            isinstance(cls, type) and issubclass(cls, Exception),
+            f"`{name}`, the exception class from the exercise",
+            short(cls),
+            _CALL_4_4,
+        )
+
+
+def check_checkout(
+    checkout: Callable[..., Any], Stock: Any, CheckoutOrder: Any, PaymentDeclined: Any, OutOfStock: Any
+) -> None:
+    """Check Exercise 4.4: a checkout in short transactions, with no connection held during the charge.
+
+    Each scenario runs ``await checkout(sessions, payments, sku)`` on a database of the check's own
+    (tables ``Stock`` and ``CheckoutOrder``, created and dropped), with a session factory on an engine
+    whose pool has 2 connections, no overflow and a 1 s ``pool_timeout``, and a payment provider of the
+    check's whose ``charge()`` takes 0.3 s and notes how many connections are checked out when it
+    starts and ends, in all and by the calling task (the pool's own events tell). One checkout of a sku
+    with 5 units: 'paid', one unit taken, one order 'paid', no connection checked out during the
+    charge nor after the return. Ten at once with 10 units: all 'paid', no pool ``TimeoutError``, no
+    charge while its own checkout holds a connection. Ten at once for 3 units, the check pausing 50 ms
+    after each read of the stock table so that a read-then-write always races: 3 'paid', 7
+    ``OutOfStock``, stock 0, 3 orders. A declined card: 'declined' returned, the order 'declined',
+    the unit back. A checkout cancelled while the provider charges (as by a crash): its order left
+    'pending' and its unit still reserved.
+    """
+    with exercise("4.4", "A checkout that holds no connection while the provider charges", SOLUTION) as ex:
+        if not ex.step(
+            "checkout is an async function; the models and exceptions are the exercise's",
+            lambda: _shop_models(checkout, Stock, CheckoutOrder, PaymentDeclined, OutOfStock),
+        ):
+            return
+        models = (Stock, CheckoutOrder, PaymentDeclined)
+        alone = ex.require(
+            "one checkout, payment accepted: returns 'paid', takes one unit, stores its order 'paid'",
+            lambda: _checked(
+                _run_sale(lambda: _sell(checkout, models, "ch04x-lamp", _STOCKED, 1)),
+                lambda sale: _check_alone(sale, OutOfStock),
+            ),
+        )
+        ex.step(
+            "no connection is checked out while charge() runs, nor once the checkout has returned",
+            lambda: _check_released(alone),
+        )
+        ex.step(
+            f"{_CONCURRENT_44} checkouts at once on a pool of {_SHOP_POOL}: all paid, none waits out "
+            "pool_timeout, none holds a connection while its charge runs",
+            lambda: _check_pool(
+                _run_sale(lambda: _sell(checkout, models, "ch04x-mug", _CONCURRENT_44, _CONCURRENT_44)),
+                OutOfStock,
+            ),
+        )
+        ex.step(
+            f"{_CONCURRENT_44} checkouts at once for {_SCARCE} units: {_SCARCE} sold, the others refused "
+            "with OutOfStock, never oversold",
+            lambda: _check_scarce(
+                _run_sale(lambda: _sell(checkout, models, "ch04x-last", _SCARCE, _CONCURRENT_44, pause=True)),
+                OutOfStock,
+            ),
+        )
+        ex.step(
+            "a declined payment: returns 'declined', its order 'declined', its unit back in stock",
+            lambda: _check_declined(
+                _run_sale(lambda: _sell(checkout, models, "ch04x-card", _STOCKED, 1, mode="decline")),
+                PaymentDeclined,
+            ),
+        )
+        ex.step(
+            "a checkout cut short while charge() runs (a crash): its order stays 'pending', its unit "
+            "reserved",
+            lambda: _check_crash(_run_sale(lambda: _crash(checkout, models, "ch04x-crash"))),
+        )
+
+
+def _checked(sale: _Sale, check: Callable[[_Sale], None]) -> _Sale:
+    check(sale)
+    return sale
