@@ -1025,6 +1025,11 @@ def plan_answer(variant: str) -> Any:
                 client = issued_or_peer(host, request.headers, set(plans))
                 return client, plans.get(client.removeprefix("key:"), "free")
             plan = (known if variant == "snapshot" else plans).get(api_key)
+            if variant in ("forgiving", "normalized"):  # "forgive" a key's letter case and spaces
+                spelled = api_key.strip().lower()
+                plan = {key.lower(): plan for key, plan in plans.items()}.get(spelled)
+                if plan is not None:  # "forgiving" counts on the key as sent: one count per spelling
+                    return f"key:{spelled if variant == 'normalized' else api_key}", plan
             if variant == "x-plan":
                 plan = request.headers.get("x-plan") or plan
             if plan is None:
@@ -1072,9 +1077,17 @@ def plan_answer(variant: str) -> Any:
             if variant == "waits":
                 await asyncio.sleep(decision.reset_after)
                 return
+            if variant in ("near-retry", "near-sleep") and decision.reset_after < 1:
+                await asyncio.sleep(decision.reset_after)  # "almost free again": hold the request a moment
+                if variant == "near-retry":  # and ask again: the request is counted twice
+                    decision = await limiter.check(request.app.state.redis, client, limit, window)
+                    if decision.allowed:
+                        return
             retry_after = {
                 "truncated": str(int(decision.reset_after)),
+                "plus-one": str(int(decision.reset_after) + 1),  # right but for a whole number of seconds
                 "float": str(decision.reset_after),
+                "milliseconds": str(math.ceil(decision.reset_after * 1000)),
                 "longest-window": str(longest),
             }.get(variant, str(max(1, math.ceil(decision.reset_after))))
             headers = {} if variant == "no-retry-after" else {"Retry-After": retry_after}
@@ -1098,18 +1111,21 @@ ANONYMOUS = (
     "       expected: each anonymous client: 3 of 14 admitted (the free quota, 3 per 30 s, keyed on its "
     "address)\n"
 )
-NO_UPGRADE = "❌ not yet: a made-up key, or an X-Plan header, buys no more than the free quota\n"
+NO_UPGRADE = (
+    "❌ not yet: a made-up key, an issued key spelled otherwise, or an X-Plan header, buys no more than "
+    "the free quota\n"
+)
 SEPARATE = (
     "❌ not yet: one client's refusals leave other clients' quotas alone, behind one address too\n"
     "       expected: after the free key's 10 requests (3 admitted), another free key and an anonymous "
     "client 3 each of 5, the paid key 12 of 14, all from 198.51.100.40\n"
 )
 RETRY_AFTER = (
-    "❌ not yet: each 429 has Retry-After: whole seconds, rounded up, at least 1, within the plan's window\n"
+    "❌ not yet: each 429 has Retry-After: the seconds until the quota frees up, rounded up, at least 1\n"
 )
 RETRY_FREE = (
-    "       expected: Retry-After between 18 and 30, for the free key (3 per 30 s): the 17.5 s until its "
-    "quota frees up, rounded up, and no more than its window\n"
+    "       expected: Retry-After: 18, for the free key (3 per 30 s): the 17.5 s until its quota frees up, "
+    "rounded up\n"
 )
 
 
@@ -1129,7 +1145,7 @@ def test_6_4_quotas_per_plan_pass(variant: str, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert out.startswith("Exercise 6.4 · Quotas per plan, on a shared store\n")
     assert "  ✅ passed: a changed plan, a new key and a revoked key count from the next window\n" in out
-    assert out.endswith("Exercise 6.4: passed ✅ (7 of 7 checks)\n")
+    assert out.endswith("Exercise 6.4: passed ✅ (8 of 8 checks)\n")
 
 
 def test_6_4_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1253,7 +1269,7 @@ def test_6_4_a_made_up_key_as_a_client_is_rejected(capsys: pytest.CaptureFixture
         "14 of 14 admitted\n"
         "       hint:     A key you never issued is no key"
     ) in out
-    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.4: not yet — 7 of 8 checks pass")
 
 
 def test_6_4_a_plan_header_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1266,7 +1282,7 @@ def test_6_4_a_plan_header_is_rejected(capsys: pytest.CaptureFixture[str]) -> No
         "       seen:     a client at 203.0.113.32 with no key and `X-Plan: paid`: 12 of 14 admitted\n"
         "       hint:     The plan belongs to the key, and the service keeps it (`plans`)"
     ) in out
-    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.4: not yet — 7 of 8 checks pass")
     forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_plan_quotas, answer)
     assert "hint:     Take the plan only from `plans.get(api_key)`; ignore `X-Plan`" in second
@@ -1281,7 +1297,7 @@ def test_6_4_a_count_per_plan_is_rejected(capsys: pytest.CaptureFixture[str]) ->
         "paid key, from 198.51.100.40: 12 of 14 admitted\n"
         "       hint:     Every client on the free plan shared one count"
     ) in out
-    assert out.endswith("Exercise 6.4: not yet — 3 of 7 checks pass")
+    assert out.endswith("Exercise 6.4: not yet — 4 of 8 checks pass")
 
 
 def test_6_4_a_count_per_address_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1293,7 +1309,7 @@ def test_6_4_a_count_per_address_is_rejected(capsys: pytest.CaptureFixture[str])
         "paid key, from 198.51.100.40: 12 of 14 admitted\n"
         "       hint:     Every client from one address shared one count"
     ) in out
-    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.4: not yet — 7 of 8 checks pass")
 
 
 def test_6_4_plans_read_once_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1310,7 +1326,7 @@ def test_6_4_plans_read_once_are_rejected(capsys: pytest.CaptureFixture[str]) ->
         "revoked since: 12 of 14 admitted\n"
         "       hint:     The plans were read once, when the dependency was made"
     ) in out
-    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.4: not yet — 7 of 8 checks pass")
     forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_plan_quotas, answer)
     assert "hint:     Look the key up in `plans` on each request, `plans.get(api_key)`" in second
@@ -1322,11 +1338,14 @@ def test_6_4_plans_read_once_are_rejected(capsys: pytest.CaptureFixture[str]) ->
         ("truncated", RETRY_FREE, "Retry-After: 17: rounded down, so the client comes back before its quota"),
         ("float", RETRY_FREE, "Retry-After: '17.5': not a whole number of seconds"),
         ("no-retry-after", RETRY_FREE, "a 429 with no Retry-After header"),
+        ("longest-window", RETRY_FREE, "Retry-After: 30: the plan's whole window, not the time left in it"),
+        ("milliseconds", RETRY_FREE, "Retry-After: 17500: longer than the plan's whole window"),
         (
-            "longest-window",  # the free plan's 30 s for the paid key too
-            "       expected: Retry-After between 8 and 20, for the paid key (12 per 20 s): the 7.5 s until "
-            "its quota frees up, rounded up, and no more than its window\n",
-            "Retry-After: 30: longer than the plan's whole window",
+            "plus-one",  # int(x) + 1: right for 17.5, 7.5 and 0.25 s, a second too many for 3 s
+            "       expected: Retry-After: 3, for the paid key (12 per 20 s): the 3 s until its quota frees "
+            "up, rounded up\n",
+            "Retry-After: 4: a second more than the 3 s left, which is already a whole number\n"
+            "       hint:     Rounding up leaves a whole number as it is",
         ),
     ],
 )
@@ -1335,7 +1354,62 @@ def test_6_4_a_wrong_retry_after_is_rejected(
 ) -> None:
     out = rejected(capsys, check_plan_quotas, plan_answer(variant))
     assert RETRY_AFTER + expected + f"       seen:     {seen}" in out
-    assert out.endswith("Exercise 6.4: not yet — 6 of 7 checks pass")
+    assert out.endswith("Exercise 6.4: not yet — 7 of 8 checks pass")
+
+
+AT_ONCE = "❌ not yet: a request over its quota is refused at once, the limiter asked once\n"
+AT_ONCE_PAID = (
+    "       expected: the paid key's request 13, over its quota (12 per 20 s) with 0.25 s left in its "
+    "window: refused at once, the limiter asked once\n"
+)
+
+
+def test_6_4_waiting_under_a_second_and_asking_again_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """With under a second left, it sleeps and asks the limiter again: the request waits, counted twice."""
+    out = rejected(capsys, check_plan_quotas, plan_answer("near-retry"))
+    assert (
+        AT_ONCE + AT_ONCE_PAID + "       seen:     the limiter asked 2 times for that one request\n"
+        "       hint:     A refusal comes at once"
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 7 of 8 checks pass")
+
+
+def test_6_4_sleeping_before_a_refusal_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """With under a second left, it sleeps, then refuses: one limiter call, but the request waited."""
+    start = time.perf_counter()
+    out = rejected(capsys, check_plan_quotas, plan_answer("near-sleep"))
+    assert time.perf_counter() - start < 10
+    assert (
+        AT_ONCE + AT_ONCE_PAID + "       seen:     each of 3 refusals took 0.25 s or more, the 0.25 s until "
+        "the quota frees up: the dependency waited before refusing\n"
+        "       hint:     A refusal comes at once"
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 7 of 8 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "seen"),
+    [
+        ("forgiving", "14 of 14 admitted"),  # each spelling a quota of its own, on the paid plan
+        ("normalized", "12 of 14 admitted"),  # counted on the issued key: the paid quota, for a guess
+    ],
+)
+def test_6_4_an_issued_key_spelled_otherwise_is_rejected(
+    variant: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The key looked up ignoring its letter case and spaces: a key nobody issued gets a plan."""
+    out = rejected(capsys, check_plan_quotas, plan_answer(variant))
+    spelled = (
+        "a client at 203.0.113.33 sending the paid key in other letter case or with spaces around it "
+        "('KESTREL-9054', ' kestrel-9054', 'Kestrel-9054' …)"
+    )
+    assert (
+        NO_UPGRADE + f"       expected: {spelled}: 3 of 14 admitted (the free quota, 3 per 30 s), all "
+        "counted on its address: not keys you issued\n"
+        f"       seen:     {spelled}: {seen}\n"
+        "       hint:     A key counts only when it is exactly one you issued (as in exercise 6.3)"
+    ) in out
+    assert out.endswith("Exercise 6.4: not yet — 7 of 8 checks pass")
 
 
 def test_6_4_a_hanging_answer_is_named(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,10 @@ called straight through ASGI (``support.asgi.call``): no server, no clock. Exerc
 two apps of the check's own (two instances, each with its own Redis client on one store), called through
 ASGI with requests alternating between them; the limiter it is given is the check's, the notebook's
 fixed window in Redis on a clock of the check's, which moves to the next window instead of waiting and
-records what each request was counted with, so the counts of admitted requests are exact.
+records what each request was counted with, so the counts of admitted requests are exact. Its one
+real-time assertion is that a refusal with a quarter second left in the window does not take that
+quarter second: one that does is sent again, and only taking it three times running counts as a
+dependency that waits before refusing.
 
 The learner's coroutines run on a fresh event loop in a thread of the check's own, bounded in time.
 The check's Redis keys start with ``ex06:``; they are cleared before and after each run, and every
@@ -1473,11 +1476,14 @@ class _Client:
     key: str | None = None  # its X-API-Key
     plan_header: str | None = None  # an X-Plan header of its own invention
     made_up: bool = False  # a new made-up X-API-Key with every request
+    spellings: tuple[str, ...] = ()  # X-API-Keys sent in turn, one per request
 
     def headers(self, index: int) -> list[tuple[str, str]]:
         sent = []
         if self.made_up:
             sent.append(("X-API-Key", f"premium-{index:04d}"))
+        elif self.spellings:
+            sent.append(("X-API-Key", self.spellings[index % len(self.spellings)]))
         elif self.key is not None:
             sent.append(("X-API-Key", self.key))
         if self.plan_header is not None:
@@ -1551,12 +1557,22 @@ class _Instance:
 
 
 @dataclass
+class _Refusal:
+    """One 429: the answer, the limiter's last decision for its request, and what that request took."""
+
+    response: AsgiResponse
+    decision: _Decision | None
+    asked: int  # how many times the request asked the limiter
+    seconds: float  # how long the request took, in real time
+
+
+@dataclass
 class _Burst:
-    """What one client got: each answer's status, and the refusals with the limiter's decision."""
+    """What one client got: each answer's status, and its refusals."""
 
     client: _Client
     statuses: list[int]
-    refusals: list[tuple[AsgiResponse, _Decision | None]]
+    refusals: list[_Refusal]
 
     @property
     def admitted(self) -> int:
@@ -1599,9 +1615,11 @@ class _World:
         instance = self.instances[index % len(self.instances)]  # each client's requests alternate
         self.limiter.serving, self.limiter.client = instance.redis, client.label
         before, asked = len(instance.runs), len(self.limiter.calls)
+        started = time.perf_counter()
         response = await call(
             instance.app, "/search", headers=client.headers(index), client=(client.peer, 40000 + index)
         )
+        seconds = time.perf_counter() - started
         ran = len(instance.runs) > before
         status = response.status
         if status not in (200, 429):
@@ -1634,7 +1652,8 @@ class _World:
         burst.statuses.append(status)
         if status == 429:
             decisions = self.limiter.calls[asked:]
-            burst.refusals.append((response, decisions[-1].decision if decisions else None))
+            last = decisions[-1].decision if decisions else None
+            burst.refusals.append(_Refusal(response, last, len(decisions), seconds))
 
     async def rounds(self, *plan: tuple[_Client, int]) -> list[_Burst]:
         """Each client sends its number of requests, the clients taking turns, to alternate instances."""
@@ -1821,6 +1840,16 @@ _SHORT_HINTS_6_4 = (
     "other's requests used up its quota.",
     'Key each anonymous client on its own address, `f"ip:{request.client.host}"`.',
 )
+# the paid key in other letter case or with spaces around it: none of them is a key the check issued
+_SPELLINGS = (
+    "KESTREL-9054",
+    " kestrel-9054",
+    "Kestrel-9054",
+    "kestrel-9054 ",
+    "\tkestrel-9054",
+    "kESTREL-9054",
+    "KESTREL-9054\t",
+)
 
 
 async def _no_upgrade(world: _World) -> None:
@@ -1833,9 +1862,15 @@ async def _no_upgrade(world: _World) -> None:
         "a client at 203.0.113.32 with no key and `X-Plan: paid`", "203.0.113.32", plan_header="paid"
     )
     free = _Client("the free key with `X-Plan: paid`", "198.51.100.11", _FREE_KEY, plan_header="paid")
-    bursts = await world.rounds((made_up, 14), (header, 14), (free, 14))
+    spelled = _Client(
+        "a client at 203.0.113.33 sending the paid key in other letter case or with spaces around it "
+        f"({', '.join(repr(s) for s in _SPELLINGS[:3])} …)",
+        "203.0.113.33",
+        spellings=_SPELLINGS,
+    )
+    bursts = await world.rounds((made_up, 14), (spelled, 14), (header, 14), (free, 14))
     expected = f"{_FREE.limit} of 14 admitted (the free quota, {_per(_FREE)})"
-    made_up_burst, header_burst, free_burst = bursts
+    made_up_burst, spelled_burst, header_burst, free_burst = bursts
     expect(
         made_up_burst.admitted == _FREE.limit,
         f"{made_up.label}: {expected}, all counted on its address",
@@ -1847,6 +1882,24 @@ async def _no_upgrade(world: _World) -> None:
                 "A key you never issued is no key: anyone can make one up, and a client that sends a new "
                 "one with every request gets a new quota each time (the lesson's section 6 measured it).",
                 "Use the key only when it is in `plans`; otherwise the client is anonymous: "
+                '`f"ip:{request.client.host}"`, on the free plan.',
+            )
+        ),
+    )
+    expect(
+        spelled_burst.admitted == _FREE.limit,
+        f"{spelled.label}: {expected}, all counted on its address: not keys you issued",
+        str(spelled_burst),
+        *(
+            _SHORT_HINTS_6_4
+            if spelled_burst.admitted < _FREE.limit
+            else (
+                "A key counts only when it is exactly one you issued (as in exercise 6.3): "
+                "'KESTREL-9054' or ' kestrel-9054' is another string, which you never issued. "
+                "Forgiving its spelling gives the paid plan to near-guesses, and counting on the header "
+                "as sent gives each spelling a quota of its own.",
+                "Look the header up as it was sent, `plans.get(api_key)`, with no `.lower()` or "
+                "`.strip()`, and count on that same key; a key not in `plans` is anonymous: "
                 '`f"ip:{request.client.host}"`, on the free plan.',
             )
         ),
@@ -1955,17 +2008,69 @@ async def _plan_change(world: _World) -> None:
 
 
 _CEIL_HINT = "`str(max(1, math.ceil(decision.reset_after)))`: rounded up, and never 0."
+_NEAR_EDGE = 0.25  # seconds left in a window at the check's near-edge refusals
+_TRIES = 3  # a refusal that took the wait is sent again: a sleep takes it every time, a busy machine not
+
+
+async def _at_once(world: _World) -> None:
+    paid = _Client("the paid key", "198.51.100.12", _PAID_KEY)
+    free = _Client("the free key", "198.51.100.11", _FREE_KEY)
+    for client, quota in ((paid, _PAID), (free, _FREE)):
+        world.limiter.now = _START + quota.window - _NEAR_EDGE  # the window's last quarter second
+        (burst,) = await world.rounds((client, quota.limit + 1))
+        expect(
+            bool(burst.refusals),
+            f"{client.label}, over its quota, refused with 429",
+            str(burst),
+            "A client over its plan's quota is refused: when `not decision.allowed`, raise "
+            "`HTTPException(429, …)`.",
+            _LOOKUP_HINT,
+        )
+        refusal = burst.refusals[0]
+        expected = (
+            f"{client.label}'s request {quota.limit + 1}, over its quota ({_per(quota)}) with "
+            f"{_NEAR_EDGE:g} s left in its window: refused at once, the limiter asked once"
+        )
+        expect(
+            refusal.asked <= 1,
+            expected,
+            f"the limiter asked {refusal.asked} times for that one request",
+            "A refusal comes at once: waiting for the quota to free up and asking the limiter again "
+            "holds the request open on the server, the load the limit is there to shed, and each call "
+            "of the limiter counts the request once more. The client does the waiting, told how long by "
+            "Retry-After.",
+            "Ask the limiter once per request; when `not decision.allowed`, raise "
+            '`HTTPException(429, "rate limit exceeded", headers={"Retry-After": …})` right away, with '
+            "no `asyncio.sleep` in the dependency.",
+        )
+        wait = refusal.decision.reset_after if refusal.decision is not None else _NEAR_EDGE
+        took = [refusal.seconds]
+        while len(took) < _TRIES and took[-1] >= wait:  # the same request again, on the same clock
+            (again,) = await world.rounds((client, 1))
+            took += [r.seconds for r in again.refusals] or [0.0]
+        expect(
+            len(took) < _TRIES or took[-1] < wait,
+            expected,
+            f"each of {_TRIES} refusals took {min(took):.2f} s or more, the {wait:g} s until the quota "
+            "frees up: the dependency waited before refusing",
+            "A refusal comes at once: a dependency that sleeps before refusing holds the request open on "
+            "the server, the load the limit is there to shed. The client does the waiting, told how long "
+            "by Retry-After.",
+            "When `not decision.allowed`, raise `HTTPException(429, …)` right away, with `Retry-After`: "
+            "no `asyncio.sleep` in the dependency.",
+        )
 
 
 def _expect_retry_after(burst: _Burst, quota: _Quota) -> None:
-    for response, decision in burst.refusals:
+    for refusal in burst.refusals:
+        decision, response = refusal.decision, refusal.response
         if decision is None:  # refused without asking the limiter: the steps above name that
             continue
         left = decision.reset_after
         want = max(1, math.ceil(left))
         expected = (
-            f"Retry-After between {want} and {quota.window}, for {burst.client.label} ({_per(quota)}): "
-            f"the {left:g} s until its quota frees up, rounded up, and no more than its window"
+            f"Retry-After: {want}, for {burst.client.label} ({_per(quota)}): the {left:g} s until its "
+            "quota frees up, rounded up"
         )
         value = response.header("retry-after")
         if value is None:
@@ -1999,11 +2104,34 @@ def _expect_retry_after(burst: _Burst, quota: _Quota) -> None:
             _CEIL_HINT,
         )
         expect(
+            not (seconds == want + 1 and left == want),
+            expected,
+            f"Retry-After: {seconds}: a second more than the {left:g} s left, which is already a whole "
+            "number",
+            f"Rounding up leaves a whole number as it is: {left:g} s to wait is {want}; a client told "
+            f"{seconds} waits a second longer than it must.",
+            _WHOLE_HINT,
+            _CEIL_HINT,
+        )
+        expect(
             seconds <= quota.window,
             expected,
             f"Retry-After: {seconds}: longer than the plan's whole window, within which its quota frees up",
             "Retry-After is the time until this client's quota frees up, from its own plan's window: not "
             "another plan's window, nor milliseconds.",
+            _CEIL_HINT,
+        )
+        expect(
+            seconds == want,
+            expected,
+            f"Retry-After: {seconds}: "
+            + (
+                "the plan's whole window, not the time left in it"
+                if seconds == quota.window
+                else "longer than the client must wait"
+            ),
+            "Retry-After is the time left until this client's quota frees up, `decision.reset_after`, "
+            "rounded up: no more, or the client waits for nothing.",
             _CEIL_HINT,
         )
 
@@ -2013,8 +2141,12 @@ async def _retry_after(world: _World) -> None:
     paid = _Client("the paid key", "198.51.100.12", _PAID_KEY)
     world.limiter.now = _START + 12.5  # 17.5 s left in the free window, 7.5 s in the paid one
     bursts = await world.rounds((free, _FREE.limit + 1), (paid, _PAID.limit + 1))
+    world.limiter.now = _START + 17  # a whole number of seconds left in the paid window: 3
+    bursts += await world.rounds((paid, 1))
     world.limiter.now = _START + 19.75  # the paid window's last quarter second
     bursts += await world.rounds((paid, 1))
+    world.limiter.now = _START + 27  # a whole number of seconds left in the free window: 3
+    bursts += await world.rounds((free, 1))
     world.limiter.now = _START + 29.75  # the free window's last quarter second
     bursts += await world.rounds((free, 1))
     for burst in bursts:
@@ -2039,12 +2171,15 @@ def check_plan_quotas(plan_limit: Callable[..., Any]) -> None:
     (two free, two paid), ``quotas`` free 3 per 30 s and paid 12 per 20 s. Requests alternate between the
     instances, sent through ASGI, and each client's admitted requests are counted: a free key 3 of 8 and
     a paid key 12 of 20, each request counted once with its plan's quota; two anonymous clients 3 of 14
-    each, keyed on their addresses; a new made-up key with every request, ``X-Plan: paid`` with no key,
-    and the free key with ``X-Plan: paid``, 3 of 14 each; from one address, after the free key's 10
-    requests, another free key and an anonymous client 3 of 5 each and the paid key 12 of 14; after the
-    check changes the plans (an upgrade, a downgrade, a new key, a revoked one) and moves its clock to
-    the next window, each client its new plan's quota; and each 429's ``Retry-After`` whole seconds, at
-    least the time left rounded up (17.5, 7.5 and 0.25 s) and at most the plan's window.
+    each, keyed on their addresses; a new made-up key with every request, the paid key in other letter
+    case or with spaces around it (not issued keys: anonymous), ``X-Plan: paid`` with no key, and the
+    free key with ``X-Plan: paid``, 3 of 14 each; from one address, after the free key's 10 requests,
+    another free key and an anonymous client 3 of 5 each and the paid key 12 of 14; after the check
+    changes the plans (an upgrade, a downgrade, a new key, a revoked one) and moves its clock to the
+    next window, each client its new plan's quota; a refusal with 0.25 s left in the window comes at
+    once, from one call of the limiter (a refusal that took the 0.25 s of real time is sent again, and
+    only one that takes it three times is a wait); and each 429's ``Retry-After`` the time left rounded
+    up (17.5, 7.5, 3 and 0.25 s left: 18, 8, 3 and 1).
     """
     with exercise("6.4", "Quotas per plan, on a shared store", SOLUTION) as ex:
         expect(callable(plan_limit), "the function `plan_limit`", short(plan_limit), _CALL_6_4)
@@ -2063,7 +2198,8 @@ def check_plan_quotas(plan_limit: Callable[..., Any]) -> None:
             lambda: _with_world(plan_limit, _anonymous, "anonymous"),
         )
         ex.step(
-            "a made-up key, or an X-Plan header, buys no more than the free quota",
+            "a made-up key, an issued key spelled otherwise, or an X-Plan header, buys no more than the "
+            "free quota",
             lambda: _with_world(plan_limit, _no_upgrade, "made-up"),
         )
         ex.step(
@@ -2075,6 +2211,10 @@ def check_plan_quotas(plan_limit: Callable[..., Any]) -> None:
             lambda: _with_world(plan_limit, _plan_change, "plan-change"),
         )
         ex.step(
-            "each 429 has Retry-After: whole seconds, rounded up, at least 1, within the plan's window",
+            "a request over its quota is refused at once, the limiter asked once",
+            lambda: _with_world(plan_limit, _at_once, "at-once"),
+        )
+        ex.step(
+            "each 429 has Retry-After: the seconds until the quota frees up, rounded up, at least 1",
             lambda: _with_world(plan_limit, _retry_after, "retry-after"),
         )
