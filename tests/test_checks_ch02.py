@@ -1,7 +1,7 @@
 """support.checks.ch02: chapter 2's checks pass right answers and name each plausible wrong one.
 
 Every answer here is written the way a learner would write it in the exercise cell; the given code
-around it (the request-ID middleware, `fulfil`, the queue's consumer) is the notebook's.
+around it (the request-ID middleware, `fulfil`, the queue's consumer, `build_export`) is the notebook's.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hashlib
+import json
 import math
 import re
 import uuid
@@ -18,13 +20,18 @@ from contextvars import ContextVar
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import BackgroundTasks, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
 import support
 import support.checks
 from support.checks import forget_answers, placeholder_message
-from support.checks.ch02 import check_bounded_queue, check_idempotent_job, check_request_id_in_jobs
+from support.checks.ch02 import (
+    check_async_exports,
+    check_bounded_queue,
+    check_idempotent_job,
+    check_request_id_in_jobs,
+)
 from support.thirdparty import ProviderError
 from tests.checking import fresh_and_leaves_nothing_running, rejected
 
@@ -886,3 +893,445 @@ def test_2_3_a_queue_kept_across_starts_is_rejected(capsys: pytest.CaptureFixtur
         "(`app.state.queue` is the same object)."
     ) in out
     assert out.endswith("Exercise 2.3: not yet — 2 of 3 checks pass")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 2.4: an export that answers at once and can be asked how it went
+# ---------------------------------------------------------------------------------------------------
+
+EXPORTS_QUEUE = "ch02-test-exports"
+BUILD_SECONDS = 0.5
+STATES = {
+    "new": "queued",
+    "queued": "queued",
+    "active": "running",
+    "aborting": "running",
+    "complete": "done",
+    "failed": "failed",
+    "aborted": "failed",
+}
+
+
+class ExportFailed(Exception):
+    """The notebook's: the warehouse gave up on an export."""
+
+
+def exports_answer(variant: str) -> tuple[FastAPI, Any, str]:
+    """The exercise cell, answered one way or another: (reports_app, run_export, EXPORTS_QUEUE)."""
+    memory: dict[str, Any] = {}  # a dict in the process, as a learner might keep one
+
+    async def build_export(params: dict) -> int:  # the notebook's; the check swaps in its own
+        await asyncio.sleep(BUILD_SECONDS)
+        return 100
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        app.state.queue = support.job_queue(EXPORTS_QUEUE)
+        await app.state.queue.connect()
+        app.state.redis = support.redis_client(decode_responses=True)  # for the answers that use one
+        yield
+        await app.state.redis.aclose()
+        await app.state.queue.disconnect()
+
+    app = FastAPI(lifespan=lifespan)
+
+    def export_id_for(idempotency_key: str | None, params: dict) -> str:
+        if variant == "params-hash":  # the body names the export: two requests for one report are one
+            return "export-" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
+        if idempotency_key:
+            return "export-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+        return "export-" + uuid.uuid4().hex
+
+    @app.post("/exports", status_code=200 if variant == "status-200" else 202)
+    async def create_export(
+        params: dict,
+        request: Request,
+        response: Response,
+        background_tasks: BackgroundTasks,
+        idempotency_key: str | None = Header(default=None),
+    ) -> Any:
+        if variant == "placeholder":
+            raise NotImplementedError(placeholder_message("2.4"))
+        queue = request.app.state.queue
+        if variant == "inline":  # the build still inside the request
+            rows = await build_export(params)
+            return {"export_id": uuid.uuid4().hex, "status": "done", "rows": rows}
+        if variant == "background":  # answered at once, built in the web process
+            export_id = uuid.uuid4().hex
+            memory[export_id] = {"export_id": export_id, "status": "queued"}
+
+            async def build() -> None:
+                memory[export_id].update(status="done", rows=await build_export(params))
+
+            background_tasks.add_task(build)
+            response.headers["Location"] = f"/exports/{export_id}"
+            return memory[export_id]
+        if variant == "own-keys":  # right too: the state in a hash of its own, the key claimed by SET NX
+            redis = request.app.state.redis
+            export_id = uuid.uuid4().hex
+            if idempotency_key and not await redis.set(
+                f"ch02:exports:key:{idempotency_key}", export_id, nx=True, ex=86400
+            ):
+                export_id = await redis.get(f"ch02:exports:key:{idempotency_key}")
+            else:
+                await redis.hset(f"ch02:exports:{export_id}", mapping={"status": "queued"})
+                await queue.enqueue("run_export", params=params, export_id=export_id)
+            response.headers["Location"] = f"/exports/{export_id}"
+            return {"export_id": export_id}
+        if variant == "retries-traceback":  # right too: SAQ's own key when there is no Idempotency-Key
+            if idempotency_key:
+                export_id = export_id_for(idempotency_key, params)
+                job = await queue.job(export_id) or await queue.enqueue(
+                    "run_export", key=export_id, params=params, retries=3
+                )
+                job = job or await queue.job(export_id)
+            else:
+                job = await queue.enqueue("run_export", params=params, retries=3)
+            headers = {"Location": f"/exports/{job.key}"}
+            return JSONResponse({"export_id": job.key, "status": "queued"}, status_code=202, headers=headers)
+        if variant == "memory-ids":  # export id → job key, in the process
+            if idempotency_key in memory:
+                export_id = memory[idempotency_key]
+            else:
+                job = await queue.enqueue("run_export", params=params)
+                export_id = uuid.uuid4().hex
+                memory[export_id] = job.key
+                if idempotency_key:
+                    memory[idempotency_key] = export_id
+            response.headers["Location"] = f"/exports/{export_id}"
+            return {"export_id": export_id}
+        if variant == "memory-idem":  # the key's export id kept in the process, claimed before enqueueing
+            export_id = memory.setdefault(idempotency_key, uuid.uuid4().hex) if idempotency_key else None
+            export_id = export_id or uuid.uuid4().hex
+            await queue.job(export_id) or await queue.enqueue("run_export", key=export_id, params=params)
+            response.headers["Location"] = f"/exports/{export_id}"
+            return {"export_id": export_id}
+        export_id = export_id_for(idempotency_key, params)
+        if variant == "saq-key-only":  # SAQ refuses the key only while its job waits or runs
+            await queue.enqueue("run_export", key=export_id, params=params)
+        elif variant == "no-none":  # looks, then enqueues: the second of two at once gets None
+            job = await queue.job(export_id)
+            if job is None:
+                job = await queue.enqueue("run_export", key=export_id, params=params)
+            await job.refresh()
+        elif await queue.job(export_id) is None:
+            retries = 100 if variant == "retries-many" else 1
+            await queue.enqueue("run_export", key=export_id, params=params, retries=retries, ttl=3600)
+        if variant != "no-location":
+            response.headers["Location"] = f"/exports/{export_id}"
+        return {"export_id": export_id}
+
+    @app.get("/exports/{export_id}")
+    async def export_status(export_id: str, request: Request) -> Any:
+        if variant == "background":
+            if export_id not in memory:
+                raise HTTPException(404, "no such export")
+            return memory[export_id]
+        if variant == "own-keys":
+            found = await request.app.state.redis.hgetall(f"ch02:exports:{export_id}")
+            if not found:
+                raise HTTPException(404, "no such export")
+            return {**found, "rows": int(found["rows"])} if "rows" in found else found
+        key = memory.get(export_id) if variant == "memory-ids" else export_id
+        job = await request.app.state.queue.job(key) if key else None
+        if job is None and variant == "unknown-queued":  # an id nobody gave out, "queued" for ever
+            return {"export_id": export_id, "status": "queued"}
+        if job is None and variant != "unknown-500":
+            raise HTTPException(404, "no such export")
+        status = job.status.value
+        if variant == "raw-status":  # SAQ's own words
+            state = status
+        elif variant == "no-running":  # every unfinished job is "queued"
+            state = {"complete": "done", "failed": "failed"}.get(status, "queued")
+        else:
+            state = STATES[status]
+        body = {"export_id": export_id, "status": state}
+        if state == "done" and variant != "no-rows":
+            body["rows"] = job.result
+        elif state == "failed" and variant != "no-error":
+            last_line = (job.error or "failed").strip().splitlines()[-1]
+            body["error"] = job.error if variant == "retries-traceback" else last_line
+        return body
+
+    async def run_export(ctx: dict, *, params: dict, export_id: str = "") -> Any:
+        if variant == "placeholder-job":
+            raise NotImplementedError(placeholder_message("2.4"))
+        if variant == "own-keys":
+            redis = support.redis_client(decode_responses=True)
+            key = f"ch02:exports:{export_id}"
+            try:
+                await redis.hset(key, "status", "running")
+                try:
+                    rows = await build_export(params)
+                except ExportFailed as exc:
+                    await redis.hset(key, mapping={"status": "failed", "error": str(exc)})
+                    raise
+                await redis.hset(key, mapping={"status": "done", "rows": rows})
+                return rows
+            finally:
+                await redis.aclose()
+        if variant == "swallow":  # the failure caught and returned: SAQ marks the job complete
+            try:
+                return await build_export(params)
+            except ExportFailed as exc:
+                return {"error": str(exc)}
+        if variant == "forever":  # retried in a loop of its own
+            while True:
+                with contextlib.suppress(ExportFailed):
+                    return await build_export(params)
+                await asyncio.sleep(0.05)
+        return await build_export(params)
+
+    return app, run_export, EXPORTS_QUEUE
+
+
+async def _exports_keys() -> list[str]:
+    client = support.redis_client(decode_responses=True)
+    try:
+        patterns = (f"saq:*{EXPORTS_QUEUE}*", "ch02:exports:*")
+        return [key for pattern in patterns async for key in client.scan_iter(match=pattern)]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("variant", ["right", "own-keys", "retries-traceback"])
+def test_2_4_exports_on_the_queue_pass(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # own-keys: the state in a Redis hash the job writes, the key claimed with SET NX;
+    # retries-traceback: SAQ's own job key, JSONResponse, retries=3, the whole traceback as the error
+    check_async_exports(*exports_answer(variant))
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 2.4 · An export that answers at once and can be asked how it went\n")
+    assert (
+        "  ✅ passed: restarted (a new process: no memory of the last), GET /exports/{id} says running for "
+        "the 4 being built and queued for the rest\n"
+    ) in out
+    assert out.endswith("Exercise 2.4: passed ✅ (9 of 9 checks)\n")
+    assert asyncio.run(_exports_keys()) == [], "the check leaves no key of its queue in Redis"
+
+
+@pytest.mark.parametrize("variant", ["placeholder", "placeholder-job"])
+def test_2_4_placeholder_is_not_started(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_async_exports, *exports_answer(variant))
+    assert "⬜ not started: Exercise 2.4's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 2.4: not started")
+
+
+def test_2_4_a_build_awaited_in_the_endpoint_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # the build still in the request: held back by the check, no answer comes
+    out = rejected(capsys, check_async_exports, *exports_answer("inline"))
+    assert (
+        "❌ not yet: 8 POSTs at once, every build held back: each answered within 1 s, 202 with its "
+        "export_id and Location\n"
+        "       expected: an answer to each POST within 1 s, while the check held every build back"
+    ) in out
+    assert (
+        "seen:     8 of 8 got no answer in time; 8 builds had started in the web server itself: the "
+        "endpoint waited for the build"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 1 of 2 checks pass")
+
+
+def test_2_4_a_build_in_background_tasks_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # answered at once, but built in the web process: lost at the next deploy
+    out = rejected(capsys, check_async_exports, *exports_answer("background"))
+    assert (
+        "❌ not yet: the exports are built by the queue's worker, not by the web server\n"
+        "       expected: each export built by the queue's worker, not by the web server\n"
+        "       seen:     8 builds ran in the web server's own thread"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 2 of 3 checks pass")
+
+
+def test_2_4_a_200_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # 200 says the export is done; it is only accepted
+    out = rejected(capsys, check_async_exports, *exports_answer("status-200"))
+    assert (
+        "       expected: status 202 (Accepted) for each new export: accepted now, built later\n"
+        "       seen:     statuses {200: 6}\n"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 1 of 2 checks pass")
+
+
+def test_2_4_a_202_without_location_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # the client is not told where to ask
+    out = rejected(capsys, check_async_exports, *exports_answer("no-location"))
+    assert (
+        "       expected: a Location header on each 202: /exports/{export_id}, where the client asks how it "
+        "went\n"
+        "       seen:     8 of 8 without it\n"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 1 of 2 checks pass")
+
+
+def test_2_4_exports_known_only_in_memory_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # export id → job key in a dict: the restarted app knows none of them
+    out = rejected(capsys, check_async_exports, *exports_answer("memory-ids"))
+    assert (
+        "❌ not yet: restarted (a new process: no memory of the last), GET /exports/{id} says running for "
+        "the 4 being built and queued for the rest\n"
+        "       expected: 200 for each export accepted before the restart, asked while the builds were held "
+        "back: its status comes from Redis, which outlives the process\n"
+        "       seen:     8 of 8 answered 404 (e.g. sales 2026-01, export_id "
+    ) in out
+    assert (
+        "the app knew them only from its memory (`memory`, changed during the requests: gone with the "
+        "restart)\n"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 3 of 4 checks pass")
+
+
+def test_2_4_an_idempotency_key_known_only_in_memory_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # key → export id in a dict, claimed before the enqueue: right until the app restarts
+    out = rejected(capsys, check_async_exports, *exports_answer("memory-idem"))
+    assert (
+        "❌ not yet: restarted again, the POST sent once more with its Idempotency-Key gets the same export, "
+        "done, and builds nothing\n"
+    ) in out
+    assert re.search(
+        r"seen:     status 202, export_id '[0-9a-f]{32}': a new export\. The app no longer knew the key: it "
+        r"was kept in memory \(`memory`, changed during the requests: gone with the restart\)\n",
+        out,
+    )
+    assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
+
+
+def test_2_4_saqs_own_status_words_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_async_exports, *exports_answer("raw-status"))
+    assert re.search(
+        r"seen:     status 'active' \(4 of 7, e\.g\. \{'export_id': 'export-[0-9a-f]+', "
+        r"'status': 'active'\}\): SAQ's own words for the job, not the API's\n",
+        out,
+    )
+    assert out.endswith("Exercise 2.4: not yet — 3 of 4 checks pass")
+
+
+def test_2_4_a_build_in_progress_shown_as_queued_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # only done and failed mapped: a job the worker has taken still reads "queued"
+    out = rejected(capsys, check_async_exports, *exports_answer("no-running"))
+    assert '       expected: "running" for each export whose build is in progress\n' in out
+    assert re.search(
+        r"seen:     \w+ 2026-0\d, export_id 'export-[0-9a-f]+', said 'queued' while the worker was building "
+        r"it \(the check held its build mid-way\)\n",
+        out,
+    )
+    assert out.endswith("Exercise 2.4: not yet — 3 of 4 checks pass")
+
+
+def test_2_4_a_failure_caught_in_the_job_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # the job returns instead of raising: SAQ counts it complete, the client is told "done"
+    out = rejected(capsys, check_async_exports, *exports_answer("swallow"))
+    assert (
+        "❌ not yet: the export whose build raises ExportFailed is failed, with its error: not done, not "
+        "stuck\n"
+        "       expected: failed for the export whose build raised ExportFailed (refunds 2026-01)\n"
+        "       seen:     done: "
+    ) in out
+    assert "The job caught the error and returned, so the queue counted it a success" in out
+    assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "how"),
+    [
+        ("forever", "the job's own loop (not the queue's retries)"),
+        ("retries-many", "the queue's retries (enqueued with retries=100)"),
+    ],
+)
+def test_2_4_a_failure_retried_for_ever_is_rejected(
+    variant: str, how: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a build that fails every time, tried again and again: never failed, never reported
+    out = rejected(capsys, check_async_exports, *exports_answer(variant))
+    assert (
+        "       expected: failed for the export whose build raises ExportFailed every time (refunds "
+        "2026-01), after at most 5 attempts\n"
+    ) in out
+    assert re.search(
+        rf"seen:     '(running|queued)' after \d+ builds of it, and going on, by {re.escape(how)}", out
+    )
+    assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
+
+
+def test_2_4_a_failure_without_its_error_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_async_exports, *exports_answer("no-error"))
+    assert (
+        '       expected: the error with it, as "error": what went wrong (\'the warehouse timed out '
+        "building refunds for 2026-01')\n"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
+
+
+def test_2_4_done_without_its_rows_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_async_exports, *exports_answer("no-rows"))
+    assert (
+        "❌ not yet: released, each export is done, with its row count\n"
+        '       expected: the row count of each export that is done, as "rows": what `build_export` '
+        "returned\n"
+    ) in out
+    assert "where its build returned 1204 rows\n" in out
+    assert out.endswith("Exercise 2.4: not yet — 4 of 5 checks pass")
+
+
+def test_2_4_an_enqueue_key_alone_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # enqueue(key=…) without a look first: SAQ accepts the key again once the job is finished
+    out = rejected(capsys, check_async_exports, *exports_answer("saq-key-only"))
+    assert (
+        "       expected: no build for a retry of an export already done\n"
+        "       seen:     1 more build(s) of orders 2026-01: the export was built again. SAQ refuses a key "
+        "only while its job is waiting or running"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
+
+
+def test_2_4_a_refused_enqueue_left_unhandled_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # look, then enqueue: of two requests with one key, the second's enqueue returns None
+    out = rejected(capsys, check_async_exports, *exports_answer("no-none"))
+    assert (
+        "       expected: one export for two POSTs with the same Idempotency-Key, sent together: both "
+        "answered with its export_id\n"
+        "       seen:     one of the two answered 500: your code raised AttributeError: "
+    ) in out
+    assert "the second `enqueue(…, key=…)` then found the first's job waiting, and returned None\n" in out
+    assert out.endswith("Exercise 2.4: not yet — 1 of 2 checks pass")
+
+
+def test_2_4_an_id_from_the_body_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # the same body twice without a key: one export, the second request never built
+    out = rejected(capsys, check_async_exports, *exports_answer("params-hash"))
+    assert (
+        "       expected: two exports for two POSTs of the same body without an Idempotency-Key\n"
+        "       seen:     one export ('export-"
+    ) in out
+    assert "for both: the second was skipped" in out
+    assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "seen"),
+    [
+        ("unknown-queued", "200: {'export_id': 'ex24-no-such-export-"),
+        (
+            "unknown-500",
+            "500: your code raised AttributeError: \"'NoneType' object has no attribute 'status'\"",
+        ),
+    ],
+)
+def test_2_4_an_unknown_id_not_404_is_rejected(
+    variant: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_async_exports, *exports_answer(variant))
+    assert (
+        "❌ not yet: GET /exports/{id} of an unknown id answers 404\n"
+        "       expected: 404 (Not Found) for an export id nobody was given\n"
+        f"       seen:     {seen}"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
+
+
+def test_2_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    answer = exports_answer("saq-key-only")
+    first = rejected(capsys, check_async_exports, *answer)
+    forget_answers()  # the learner changes their answer: the next hint
+    second = rejected(capsys, check_async_exports, *answer)
+    assert "only if it is None" not in first
+    assert "only if it is None, `await queue.enqueue(…, key=export_id)`" in second

@@ -8,7 +8,11 @@ client takes a millisecond per command, as a Redis across a network does, so a r
 write leaves room for another job in between; it expires a claim mid-send and lets another copy
 take it over, which a slow send does in production; and it runs a copy between two commands of one
 that has sent. Elsewhere it notes the instant that matters instead of racing for it: what each job
-carried as it was enqueued (Exercise 2.1), which jobs entered the queue (Exercise 2.3).
+carried as it was enqueued (Exercise 2.1), which jobs entered the queue (Exercise 2.3). Exercise 2.4's
+check holds the builds back rather than timing them, so an answer that waits for one never comes, and
+a status is asked while the check knows which builds are in progress; it restarts the app between
+requests as a deploy does, with what the process remembered put back as it was, so only what is in
+Redis is still known.
 
 The learner's coroutines run on a fresh event loop in a thread of the check's own (as in chapter 1),
 and every server and worker a check starts is stopped before it returns.
@@ -19,15 +23,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import functools
 import inspect
 import re
 import threading
 import time
-from collections import Counter
+import uuid
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import redis.asyncio
@@ -39,8 +46,9 @@ from support.checks.running import NoReturn, find_route, in_fresh_loop, joins_ne
 from support.queues import job_queue, start_worker
 from support.server import Server
 from support.thirdparty import EmailProvider, ProviderError
+from support.workers import running_workers
 
-__all__ = ["check_bounded_queue", "check_idempotent_job", "check_request_id_in_jobs"]
+__all__ = ["check_async_exports", "check_bounded_queue", "check_idempotent_job", "check_request_id_in_jobs"]
 
 _SERVE_FAILED = (
     "The app's lifespan failed before `yield`: fix its error, run the cell again, then this check."
@@ -1785,3 +1793,970 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
             finally:
                 if pause is not None:
                     pause.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 2.4: an export that answers at once and can be asked how it went
+# ---------------------------------------------------------------------------------------------------
+
+_EXPORTS_PATH = "/exports"
+_EXPORT_PATH = "/exports/{export_id}"
+_CALL_2_4 = "Call the check as `check_async_exports(reports_app, run_export, EXPORTS_QUEUE)`."
+_STATES = ("queued", "running", "done", "failed")
+_SLOTS = 4  # the check's worker builds at most this many exports at once
+_POST_WITHIN = 1.0  # each POST answered within this, while every build is held back
+_STARTED_WITHIN = 3.0
+_BUILD_SECONDS_2_4 = 0.1  # a build's time once the check lets it go (the notebook's takes 0.5 s)
+_HELD_AT_MOST = 15.0  # a build held back longer than this goes on anyway: nothing waits for ever
+_SETTLED_WITHIN = 10.0  # for every export to end done or failed (retries with backoff included)
+_IDLE_WITHIN = 3.0
+_QUEUE_LATENCY = 0.05  # each `job` and `enqueue` of the app's queue: a round trip to a Redis elsewhere
+_ATTEMPTS_AT_MOST = 5  # a build that fails the same way every time, tried more often, is retried for ever
+_FAILURE = "the warehouse timed out building refunds for 2026-01"
+_UNKNOWN_ID = "ex24-no-such-export"
+
+
+@dataclass(frozen=True)
+class _Export:
+    label: str
+    report: str
+    month: str
+    rows: int | None  # None: its build fails
+    key: bool = False  # sent with the run's Idempotency-Key
+
+    @property
+    def params(self) -> dict[str, str]:
+        return {"report": self.report, "month": self.month}
+
+    @property
+    def what(self) -> str:
+        return f"{self.report} {self.month}"
+
+
+_SENT = (
+    _Export("sales-jan", "sales", "2026-01", 1204),
+    _Export("sales-feb", "sales", "2026-02", 1187),
+    _Export("stock-jan", "stock", "2026-01", 312),
+    _Export("refunds-jan", "refunds", "2026-01", None),
+    _Export("visits-a", "visits", "2026-01", 5890),  # the same body twice, no key: two exports
+    _Export("visits-b", "visits", "2026-01", 5890),
+    _Export("orders-1", "orders", "2026-01", 2075, key=True),  # the same body twice, one key: one export
+    _Export("orders-2", "orders", "2026-01", 2075, key=True),
+)
+_FAILING = next(e for e in _SENT if e.rows is None)
+_KEYED = next(e for e in _SENT if e.key)
+
+
+def _what(params: Any) -> str:
+    """What a build was asked for, as the check names its exports ("sales 2026-01")."""
+    if isinstance(params, dict):
+        return f"{params.get('report')} {params.get('month')}"
+    return short(params, 40)
+
+
+class _ExportFailedStandIn(Exception):
+    """What the check's build raises when the job's code has no `ExportFailed` of its own."""
+
+
+@dataclass
+class _Build:
+    what: str
+    thread: str
+    outcome: str = "building"  # then "done", "failed" or "cancelled"
+
+
+class _Warehouse:
+    """The check's ``build_export``: each build is noted (what, in which thread), held back until
+    ``go`` is set, then takes 0.1 s; the refunds export fails with the notebook's ``ExportFailed``."""
+
+    def __init__(self, failure: type[BaseException]) -> None:
+        self.failure = failure
+        self.go = threading.Event()
+        self.builds: list[_Build] = []
+        self._lock = threading.Lock()
+
+    async def build_export(self, params: dict[str, Any]) -> int:
+        build = _Build(_what(params), threading.current_thread().name)
+        with self._lock:
+            self.builds.append(build)
+        try:
+            held_until = time.monotonic() + _HELD_AT_MOST
+            while not self.go.is_set() and time.monotonic() < held_until:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(_BUILD_SECONDS_2_4)
+        except asyncio.CancelledError:
+            build.outcome = "cancelled"
+            raise
+        if build.what == _FAILING.what:
+            build.outcome = "failed"
+            raise self.failure(_FAILURE)
+        build.outcome = "done"
+        return next((e.rows for e in _SENT if e.what == build.what and e.rows), 1)
+
+    def count(self, what: str) -> int:
+        return sum(b.what == what for b in list(self.builds))
+
+    def building(self) -> Counter[str]:
+        return Counter(b.what for b in list(self.builds) if b.outcome == "building")
+
+
+def _name_in(function: Any, name: str) -> Any:
+    """``name`` as ``function``'s code finds it (a variable of an enclosing function, or a global)."""
+    function = inspect.unwrap(function)
+    code = getattr(function, "__code__", None)
+    cells = getattr(function, "__closure__", None) or ()
+    for free, cell in zip(getattr(code, "co_freevars", ())[: len(cells)], cells, strict=True):
+        if free == name:
+            with contextlib.suppress(ValueError):
+                return cell.cell_contents
+    return (getattr(function, "__globals__", None) or {}).get(name)
+
+
+_CONTAINERS = (dict, list, set, deque)
+
+
+class _Memory:
+    """The process's memory as the learner's functions reach it: the dicts, lists and sets in their
+    module's globals and their closures (and their helpers' closures). ``forget()`` puts back what each
+    held when the check began, as a restarted process would find them, and names those that changed."""
+
+    def __init__(self, *functions: Any) -> None:
+        self._saved: dict[int, tuple[str, Any, Any]] = {}
+        self.forgotten: list[str] = []
+        for function in functions:
+            function = inspect.unwrap(function)
+            for name, value in (getattr(function, "__globals__", None) or {}).items():
+                self._note(name, value)
+            for name, value in self._closure(function):
+                self._note(name, value)
+                if inspect.isfunction(value):
+                    for inner, held in self._closure(value):
+                        self._note(inner, held)
+
+    @staticmethod
+    def _closure(function: Any) -> list[tuple[str, Any]]:
+        code = getattr(function, "__code__", None)
+        cells = getattr(function, "__closure__", None) or ()
+        found = []
+        for name, cell in zip(getattr(code, "co_freevars", ())[: len(cells)], cells, strict=True):
+            with contextlib.suppress(ValueError):  # an empty cell
+                found.append((name, cell.cell_contents))
+        return found
+
+    def _note(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name in ("In", "Out") or not isinstance(value, _CONTAINERS):
+            return
+        if id(value) not in self._saved:
+            with contextlib.suppress(Exception):
+                self._saved[id(value)] = (name, value, copy.copy(value))
+
+    def forget(self) -> list[str]:
+        """Put every container back as it was; returns the names of those that had changed."""
+        changed = []
+        for name, container, saved in self._saved.values():
+            try:
+                same = bool(container == saved)
+            except Exception:
+                same = False
+            if same:
+                continue
+            changed.append(name)
+            if isinstance(container, list):
+                container[:] = saved
+            elif isinstance(container, deque):
+                container.clear()
+                container.extend(saved)
+            else:
+                container.clear()
+                container.update(saved)
+        self.forgotten += [name for name in changed if name not in self.forgotten]
+        return changed
+
+
+class _RemoteQueue:
+    """The app's SAQ queue as the check serves it: ``job`` and ``enqueue`` each take a round trip to a
+    Redis elsewhere, so two requests sent together both look before either enqueues; and the check
+    notes the options of each enqueue."""
+
+    def __init__(self, queue: Any, enqueued: list[dict[str, Any]]) -> None:
+        self._queue, self._enqueued = queue, enqueued
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
+
+    async def job(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(_QUEUE_LATENCY)
+        return await self._queue.job(*args, **kwargs)
+
+    async def enqueue(self, job_or_func: Any, **kwargs: Any) -> Any:
+        self._enqueued.append(kwargs)
+        await asyncio.sleep(_QUEUE_LATENCY)
+        return await self._queue.enqueue(job_or_func, **kwargs)
+
+
+@dataclass(frozen=True)
+class _Answer24:
+    status: int  # 0: no answer in time
+    body: Any = None
+    location: str | None = None
+    latency: float = 0.0
+
+    @property
+    def state(self) -> Any:
+        return self.body.get("status") if isinstance(self.body, dict) else None
+
+    @property
+    def export_id(self) -> Any:
+        return self.body.get("export_id") if isinstance(self.body, dict) else None
+
+
+@dataclass
+class _ExportsRun:
+    queue_name: str
+    key: str  # the Idempotency-Key of the keyed pair
+    warehouse: _Warehouse
+    memory: _Memory
+    posts: dict[str, _Answer24] = field(default_factory=dict)  # label → the answer to its POST
+    enqueued: list[dict[str, Any]] = field(default_factory=list)
+    job_errors: list[BaseException] = field(default_factory=list)
+    worker_errors: list[str] = field(default_factory=list)
+    settled: dict[str, _Answer24] = field(default_factory=dict)  # export id → its last GET
+
+    def ids(self, export: _Export) -> str | None:
+        answer = self.posts.get(export.label)
+        value = answer.export_id if answer is not None else None
+        return str(value) if value not in (None, "") else None
+
+    def exports(self) -> dict[str, _Export]:
+        """Each distinct export id → what the check sent for it."""
+        found: dict[str, _Export] = {}
+        for export in _SENT:
+            export_id = self.ids(export)
+            if export_id is not None:
+                found.setdefault(export_id, export)
+        return found
+
+    def forgotten(self) -> str:
+        names = ", ".join(f"`{name}`" for name in self.memory.forgotten)
+        return f" ({names}, changed during the requests: gone with the restart)" if names else ""
+
+
+async def _post_export(
+    http: httpx.AsyncClient, params: dict[str, Any], key: str | None, timeout: float
+) -> _Answer24:
+    start = time.perf_counter()
+    try:
+        response = await http.post(
+            _EXPORTS_PATH, json=params, headers={"Idempotency-Key": key} if key else {}, timeout=timeout
+        )
+    except httpx.TimeoutException:
+        return _Answer24(0, latency=time.perf_counter() - start)
+    return _Answer24(
+        response.status_code, _json(response), response.headers.get("location"), time.perf_counter() - start
+    )
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:200]
+
+
+async def _get_export(http: httpx.AsyncClient, export_id: str) -> _Answer24:
+    try:
+        response = await http.get(f"/exports/{export_id}", timeout=5)
+    except httpx.TimeoutException:
+        return _Answer24(0)
+    return _Answer24(response.status_code, _json(response))
+
+
+def _client(server: Server) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=server.url, trust_env=False, limits=httpx.Limits(max_connections=20))
+
+
+def _server_error(server: Server, statuses: list[int], what: str) -> Mismatch | BaseException:
+    raised = server.wait_for_exception()
+    if raised is None:
+        return Mismatch(what, f"statuses {dict(Counter(statuses))}")
+    return raised
+
+
+def _none_job(raised: BaseException) -> bool:
+    """Whether the app failed on a job that was None (``enqueue`` refused a key, ``job`` found none)."""
+    return isinstance(raised, AttributeError | TypeError) and "NoneType" in str(raised)
+
+
+def _not_found(raised: BaseException) -> bool:
+    """Whether the app failed on an export it could not find: a job that was None, a missing entry."""
+    return _none_job(raised) or isinstance(raised, KeyError)
+
+
+@contextlib.contextmanager
+def _exports_served(app: Any, run: _ExportsRun) -> Any:
+    """Serve ``app`` (a new server, on a new event loop), its queue's round trips slowed as a remote
+    Redis's are; afterwards, the app restarted as a new process finds it: an empty ``app.state``, and
+    the memory its code reaches back to what it held when the check began."""
+    with joins_new_threads(), serve_answer(app, "check-2.4", "2.4", _SERVE_FAILED) as server:
+        queue = getattr(app.state, "queue", None)
+        if callable(getattr(queue, "enqueue", None)) and callable(getattr(queue, "job", None)):
+            app.state.queue = _RemoteQueue(queue, run.enqueued)
+        try:
+            yield server
+        finally:
+            if any(b.thread.startswith("serve:") for b in run.warehouse.builds):
+                run.warehouse.go.set()  # builds held in the web server: let them end before it stops
+    app.state = State()
+    run.memory.forget()
+
+
+def _check_posts(server: Server, run: _ExportsRun) -> None:
+    async def main() -> list[_Answer24]:
+        async with _client(server) as http:
+            return list(
+                await asyncio.gather(
+                    *(_post_export(http, e.params, run.key if e.key else None, _POST_WITHIN) for e in _SENT)
+                )
+            )
+
+    answers = in_fresh_loop(main, timeout=20, name="check-2.4-posts")
+    run.posts = {e.label: a for e, a in zip(_SENT, answers, strict=True)}
+    statuses = [a.status for a in answers]
+    late = [e for e, a in zip(_SENT, answers, strict=True) if a.status == 0]
+    if late:
+        inline = [b for b in run.warehouse.builds if not b.thread.startswith("worker:")]
+        raise Mismatch(
+            f"an answer to each POST within {_POST_WITHIN:g} s, while the check held every build back (a "
+            "build takes 0.5 s or more): the 202 says the export is accepted, not built",
+            f"{len(late)} of {len(_SENT)} got no answer in time"
+            + (f"; {len(inline)} builds had started in the web server itself" if inline else "")
+            + ": the endpoint waited for the build, as the service did before, so a large export still "
+            "outlasts the client's timeout",
+            [
+                "The endpoint's only work is to put the export on the queue and say where to ask about it; "
+                "the worker, another process, builds it.",
+                'Enqueue and answer: `job = await request.app.state.queue.enqueue("run_export", '
+                "params=params)`, then return `job.key` as the export_id, without awaiting the build.",
+            ],
+        )
+    broken = [(e, a) for e, a in zip(_SENT, answers, strict=True) if a.status >= 500]
+    if broken:
+        raised = _server_error(server, statuses, f"status 202 for each of the {len(_SENT)} POSTs")
+        if isinstance(raised, Mismatch):
+            raise raised
+        if all(e.key for e, _ in broken) and _none_job(raised):
+            raise Mismatch(
+                "one export for two POSTs with the same Idempotency-Key, sent together: both answered "
+                "with its export_id",
+                f"one of the two answered {broken[0][1].status}: your code raised {type(raised).__name__}: "
+                f"{short(str(raised), 100)}. Both requests looked for the key before either had enqueued; "
+                "the second `enqueue(…, key=…)` then found the first's job waiting, and returned None",
+                [
+                    "SAQ refuses a second job with the key of one that is waiting or running: `enqueue` "
+                    "returns None instead of a job. Between your look-up and your enqueue, another request "
+                    "with the same key can enqueue first.",
+                    "When `enqueue` returns None, the job is there already: `job = await queue.enqueue(…, "
+                    "key=export_id) or await queue.job(export_id)`.",
+                ],
+            )
+        raise raised
+    plain = [(e, a) for e, a in zip(_SENT, answers, strict=True) if not e.key]
+    wrong = [a.status for _, a in plain if a.status != 202]
+    expect(
+        not wrong,
+        "status 202 (Accepted) for each new export: accepted now, built later",
+        f"statuses {dict(Counter(a.status for _, a in plain))}",
+        "A 200 says the request is done; this one only starts the work, and the client comes back to ask.",
+        '`@reports_app.post("/exports", status_code=202)`, as given, or `JSONResponse(…, status_code=202)`.',
+    )
+    not_ok = [a.status for e, a in zip(_SENT, answers, strict=True) if not 200 <= a.status < 300]
+    expect(
+        not not_ok,
+        "a 2xx answer to each POST sent with an Idempotency-Key",
+        f"statuses {dict(Counter(statuses))}",
+        "A POST repeated with the same key gets the same answer as the first: the same export.",
+    )
+    nameless = [a for a in answers if not isinstance(a.export_id, str) or not a.export_id]
+    expect(
+        not nameless,
+        'a JSON body with the export\'s id in each 202, e.g. {"export_id": "…", "status": "queued"}',
+        f"{len(nameless)} of {len(_SENT)} without a string `export_id`"
+        + (f", e.g. {short(nameless[0].body)}" if nameless else ""),
+        "The client needs the id to ask about its export later.",
+        'Return `{"export_id": job.key, "status": "queued"}` (with SAQ\'s job key as the id).',
+    )
+    elsewhere = [a for a in answers if urlsplit(a.location or "").path != f"/exports/{a.export_id}"]
+    expect(
+        not elsewhere,
+        "a Location header on each 202: /exports/{export_id}, where the client asks how it went",
+        f"{len(elsewhere)} of {len(_SENT)} without it"
+        + (
+            f", e.g. Location {elsewhere[0].location!r} for export_id {elsewhere[0].export_id!r}"
+            if elsewhere and elsewhere[0].location
+            else ""
+        ),
+        "A 202 points at where the result will be: the Location header, which HTTP clients follow.",
+        'Take `response: Response` as a parameter and set `response.headers["Location"] = '
+        'f"/exports/{export_id}"` (or pass `headers=` to a JSONResponse).',
+    )
+
+
+def _export_job(job: Callable[..., Any], run: _ExportsRun) -> Callable[..., Any]:
+    """``job`` as the check's worker runs it, noting what it raises other than the build's failure."""
+
+    @functools.wraps(job)
+    async def watched(ctx: dict[str, Any], **kwargs: Any) -> Any:
+        try:
+            result = job(ctx, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except Exception as exc:
+            if not isinstance(exc, run.warehouse.failure):
+                run.job_errors.append(exc)
+            raise
+
+    return watched
+
+
+def _check_builds_on_worker(run: _ExportsRun, worker: Any) -> None:
+    expected = min(_SLOTS, len(run.exports()))
+    deadline = time.monotonic() + _STARTED_WITHIN
+    while len(run.warehouse.builds) < expected and time.monotonic() < deadline:
+        if run.job_errors or worker.errors:
+            time.sleep(0.1)  # the other jobs' errors, logged
+            break
+        time.sleep(0.01)
+    run.worker_errors = list(worker.errors)
+    inline = [b for b in run.warehouse.builds if not b.thread.startswith("worker:")]
+    if inline:
+        raise Mismatch(
+            "each export built by the queue's worker, not by the web server",
+            f"{len(inline)} builds ran in the web server's own thread ({inline[0].what} first): work left "
+            "to `BackgroundTasks` or `asyncio.create_task` answers at once, but dies with the web process at "
+            "the next deploy, and no worker can report on it",
+            [
+                "The lesson's section 2 measured it: work in the web process is lost when the process stops. "
+                "A durable queue keeps the export in Redis until a worker has built it.",
+                'Enqueue the export and nothing else: `await request.app.state.queue.enqueue("run_export", '
+                "params=params)`; the job calls `build_export`.",
+            ],
+        )
+    if run.warehouse.builds:
+        return
+    if run.job_errors:
+        raise run.job_errors[0]  # the placeholder ("not started"), or the learner's own error
+    if run.worker_errors:
+        last_line = run.worker_errors[0].strip().splitlines()[-1]
+        raise Mismatch(
+            f"the worker to start building the exports (up to {_SLOTS} at once)",
+            f"no build started; the worker reported {last_line[:120]}",
+            [
+                "The worker runs a job by the name it was enqueued with: the name of your job function.",
+                'Enqueue `"run_export"`, with the export\'s parameters: '
+                '`enqueue("run_export", params=params)`.',
+            ],
+        )
+    raise Mismatch(
+        f"the worker to start building the exports within {_STARTED_WITHIN:g} s",
+        f"no build started, and {len(run.enqueued)} enqueue calls were seen"
+        + ("" if run.enqueued else ": nothing was put on the app's queue"),
+        [
+            "The check's worker reads EXPORTS_QUEUE, the queue the app's lifespan connects to; the job "
+            "must call `build_export(params)`.",
+            '`await request.app.state.queue.enqueue("run_export", params=params)` in the endpoint, and '
+            "`return await build_export(params)` in the job.",
+        ],
+    )
+
+
+async def _get_all(server: Server, ids: list[str]) -> dict[str, _Answer24]:
+    async with _client(server) as http:
+        answers = await asyncio.gather(*(_get_export(http, export_id) for export_id in ids))
+    return dict(zip(ids, answers, strict=True))
+
+
+def _check_status_answers(server: Server, seen: dict[str, _Answer24], run: _ExportsRun, when: str) -> None:
+    """Every GET answered 200 with one of the four states (else a Mismatch naming what went wrong)."""
+    exports = run.exports()
+    broken = [i for i, a in seen.items() if a.status >= 500]
+    raised_then = ""
+    if broken:
+        raised = _server_error(server, [a.status for a in seen.values()], "status 200 for each GET")
+        if isinstance(raised, Mismatch) or not _not_found(raised):
+            raise raised
+        raised_then = f" (your code raised {type(raised).__name__}: {short(str(raised), 60)})"
+    unknown = [i for i, a in seen.items() if a.status != 200]
+    if unknown:
+        export_id = unknown[0]
+        answer = seen[export_id]
+        raise Mismatch(
+            f"200 for each export accepted before the restart, {when}: its status comes from Redis, which "
+            "outlives the process",
+            f"{len(unknown)} of {len(seen)} answered "
+            + ", ".join(f"{s or 'nothing'}" for s in sorted({seen[i].status for i in unknown}))
+            + raised_then
+            + f" (e.g. {exports[export_id].what}, export_id {export_id!r}: {short(answer.body)}): the app "
+            f"knew them only from its memory{run.forgotten()}",
+            [
+                "A restart (a deploy, a crash) starts a new process with none of the old one's memory, and "
+                "two instances behind a balancer never shared it. Redis outlives them all, and SAQ already "
+                "keeps each job there, with its status, its result and its error.",
+                "Make the export_id the SAQ job's key (`job.key`, or `enqueue(…, key=export_id)`), and in "
+                "GET look the job up: `job = await request.app.state.queue.job(export_id)`; None is a 404.",
+            ],
+        )
+    odd = [i for i, a in seen.items() if a.state not in _STATES]
+    if odd:
+        states = sorted({short(seen[i].state, 30) for i in odd})
+        raw = {"new", "active", "complete", "aborted", "aborting", "Status.QUEUED", "Status.ACTIVE"}
+        raise Mismatch(
+            'a JSON body with "status" one of "queued", "running", "done", "failed": the words the API '
+            "promises its clients",
+            f"status {', '.join(states)} ({len(odd)} of {len(seen)}, e.g. {short(seen[odd[0]].body)})"
+            + (
+                ": SAQ's own words for the job, not the API's"
+                if raw & {str(seen[i].state) for i in odd}
+                else ""
+            ),
+            [
+                "SAQ's statuses are its own (`queued`, `active`, `complete`, `failed`, `aborted`, …); your "
+                "clients read four words, whatever queue runs the exports.",
+                'Map them: `{"new": "queued", "queued": "queued", "active": "running", "complete": "done", '
+                '"failed": "failed", "aborted": "failed"}[job.status.value]`.',
+            ],
+        )
+
+
+def _check_in_progress(server: Server, run: _ExportsRun) -> None:
+    exports = run.exports()
+    building = run.warehouse.building()
+    seen = in_fresh_loop(lambda: _get_all(server, list(exports)), timeout=20, name="check-2.4-progress")
+    changed = building != run.warehouse.building()
+    _check_status_answers(server, seen, run, "asked while the builds were held back")
+    finished = [i for i, a in seen.items() if a.state in ("done", "failed")]
+    expect(
+        not finished,
+        "no export done or failed while the check held every build back",
+        f"{len(finished)} said so, e.g. {exports[finished[0]].what}: {short(seen[finished[0]].body)}"
+        if finished
+        else "",
+        "An export is done when its build has returned, and only then: ask the job.",
+    )
+    if changed:
+        return  # a build started between the look and the GETs: nothing to compare
+    for what in {e.what for e in exports.values()}:
+        ids = [i for i, e in exports.items() if e.what == what]
+        running = [i for i in ids if seen[i].state == "running"]
+        if len(running) == building[what]:
+            continue
+        if len(running) < building[what]:
+            export_id = next(i for i in ids if seen[i].state != "running")
+            raise Mismatch(
+                '"running" for each export whose build is in progress',
+                f"{what}, export_id {export_id!r}, said {seen[export_id].state!r} while the worker was "
+                "building it (the check held its build mid-way)",
+                [
+                    "SAQ marks a job `active` as soon as a worker takes it: that is your running.",
+                    'Map `active` to "running" (and `queued`, `new` to "queued").',
+                ],
+            )
+        export_id = running[0]
+        raise Mismatch(
+            f'"queued" for each export still waiting on the queue (the worker builds {_SLOTS} at once, '
+            "and every build was held back)",
+            f"{what}, export_id {export_id!r}, said 'running' while its job was still waiting: no build of "
+            "it had started",
+            [
+                "Only a job a worker has taken is running; the others wait in the queue.",
+                'Map SAQ\'s `queued` (and `new`) to "queued", and only `active` to "running".',
+            ],
+        )
+
+
+def _settle(server: Server, run: _ExportsRun) -> None:
+    """Let the builds go; ask about every export until each is done or failed, nothing is left to do
+    (the queue idle and no build in progress for three looks running), a build has failed more than
+    ``_ATTEMPTS_AT_MOST`` times, or ``_SETTLED_WITHIN`` seconds have passed."""
+    ids = list(run.exports())
+    run.warehouse.go.set()
+
+    async def main() -> dict[str, _Answer24]:
+        queue = job_queue(run.queue_name)
+        deadline, quiet = time.monotonic() + _SETTLED_WITHIN, 0
+        try:
+            async with _client(server) as http:
+                while True:
+                    answers = await asyncio.gather(*(_get_export(http, export_id) for export_id in ids))
+                    seen = dict(zip(ids, answers, strict=True))
+                    if all(a.state in ("done", "failed") for a in answers):
+                        return seen
+                    idle = not run.warehouse.building() and await queue.count("incomplete") == 0
+                    quiet = quiet + 1 if idle else 0
+                    runaway = run.warehouse.count(_FAILING.what) > _ATTEMPTS_AT_MOST
+                    if quiet >= 3 or runaway or time.monotonic() > deadline:
+                        return seen
+                    await asyncio.sleep(0.05)
+        finally:
+            await queue.disconnect()
+
+    run.settled = in_fresh_loop(main, timeout=_SETTLED_WITHIN + 10, name="check-2.4-settle")
+
+
+def _check_done(server: Server, run: _ExportsRun) -> None:
+    _settle(server, run)
+    exports = {i: e for i, e in run.exports().items() if e.rows is not None}
+    seen = {i: run.settled[i] for i in exports}
+    _check_status_answers(server, seen, run, "once released")
+    failed = [i for i, a in seen.items() if a.state == "failed"]
+    if failed:
+        if run.job_errors:
+            raise run.job_errors[0]  # the learner's own error, in the job
+        raise Mismatch(
+            "done for each export whose build returned",
+            f"{len(failed)} said failed, e.g. {exports[failed[0]].what}: {short(seen[failed[0]].body, 160)}",
+            ["Report failed only for a job that failed: SAQ's `failed` (or `aborted`)."],
+        )
+    stuck = [i for i, a in seen.items() if a.state != "done"]
+    if stuck:
+        export_id = stuck[0]
+        built = run.warehouse.count(exports[export_id].what)
+        idle = not run.warehouse.building()
+        raise Mismatch(
+            f"each export done within {_SETTLED_WITHIN:g} s once its build could go (a build takes "
+            f"{_BUILD_SECONDS_2_4:g} s here)",
+            f"{len(stuck)} of {len(seen)} still not done, e.g. {exports[export_id].what}: "
+            f"{short(seen[export_id].body)}"
+            + (
+                f", although its build had returned {exports[export_id].rows} rows and the queue had nothing "
+                "left to do: the answer did not follow the job"
+                if built and idle
+                else f" ({built} builds of it started)"
+            ),
+            [
+                "Read the state from the job each time you are asked: SAQ updates it in Redis as the worker "
+                "takes the job and finishes it.",
+                "`job = await request.app.state.queue.job(export_id)`, then map `job.status`; `complete` is "
+                '"done". If it hung: `support.running_workers()`, and the job\'s `status` in Redis.',
+            ],
+        )
+    wrong = [
+        i for i, a in seen.items() if not isinstance(a.body, dict) or a.body.get("rows") != exports[i].rows
+    ]
+    if wrong:
+        export_id = wrong[0]
+        raise Mismatch(
+            'the row count of each export that is done, as "rows": what `build_export` returned',
+            f"{exports[export_id].what}: {short(seen[export_id].body)}, where its build returned "
+            f"{exports[export_id].rows} rows",
+            [
+                "What the job returns, SAQ keeps with the job: `job.result`.",
+                'Return the build\'s row count from the job, and in GET add `"rows": job.result` when it '
+                "is done.",
+            ],
+        )
+
+
+def _check_failed(run: _ExportsRun) -> None:
+    export_id = run.ids(_FAILING)
+    if export_id is None or export_id not in run.settled:
+        return
+    answer = run.settled[export_id]
+    builds = run.warehouse.count(_FAILING.what)
+    if answer.state == "done":
+        raise Mismatch(
+            f"failed for the export whose build raised ExportFailed ({_FAILING.what})",
+            f"done: {short(answer.body, 160)}. The job caught the error and returned, so the queue counted "
+            "it a success, and the client is told its export is ready; the failure is lost",
+            [
+                "A job reports failure by raising: SAQ then marks it `failed` and keeps the error.",
+                "Let `ExportFailed` propagate out of the job (no `except` around `build_export`, or `raise` "
+                "in it).",
+            ],
+        )
+    if answer.state != "failed":
+        retries = [o["retries"] for o in run.enqueued if isinstance(o.get("retries"), int)]
+        if builds > _ATTEMPTS_AT_MOST:
+            how = (
+                f"the queue's retries (enqueued with retries={max(retries)})"
+                if retries and max(retries) > _ATTEMPTS_AT_MOST
+                else "the job's own loop (not the queue's retries)"
+            )
+            raise Mismatch(
+                f"failed for the export whose build raises ExportFailed every time ({_FAILING.what}), after "
+                f"at most {_ATTEMPTS_AT_MOST} attempts",
+                f"{answer.state!r} after {builds} builds of it, and going on, by {how}: retried for ever, it "
+                "holds a worker slot and never tells the client",
+                [
+                    "A build that failed the same way will most likely fail again: a few retries at most, "
+                    "then let the job fail, and report it.",
+                    "SAQ makes `retries` attempts in all (1 by default) and then marks the job `failed`: "
+                    "no loop around `build_export`, and a small `retries=` if any.",
+                ],
+            )
+        raise Mismatch(
+            f"failed, within {_SETTLED_WITHIN:g} s, for the export whose build raised ExportFailed "
+            f"({_FAILING.what})",
+            f"{short(answer.body)} after {builds} build(s) of it, all failed"
+            + (", and the queue had nothing left to do" if not run.warehouse.building() else ""),
+            [
+                "A job whose attempts are spent is `failed` in SAQ (`aborted` when a worker died during "
+                "the last): both are failed for the client.",
+                'Map `failed` and `aborted` to "failed"; if the job is still waiting for a retry, it is '
+                '"queued".',
+            ],
+        )
+    error = answer.body.get("error") if isinstance(answer.body, dict) else None
+    expect(
+        isinstance(error, str) and _FAILURE in error,
+        f'the error with it, as "error": what went wrong ({_FAILURE!r})',
+        f"{short(answer.body, 160)}",
+        "SAQ keeps the traceback of the failed attempt on the job: `job.error`; its last line names the "
+        "exception and its message.",
+        'Add `"error": job.error.strip().splitlines()[-1]` when the job failed.',
+    )
+
+
+def _check_counts(run: _ExportsRun) -> None:
+    twins = [run.ids(e) for e in _SENT if e.report == "visits"]
+    if len(set(twins)) < 2:
+        raise Mismatch(
+            "two exports for two POSTs of the same body without an Idempotency-Key",
+            f"one export ({twins[0]!r}) for both: the second was skipped, though the data may have "
+            "changed since, or the client wants a second copy",
+            [
+                "Only the Idempotency-Key says that two requests are one, a retry: two requests without "
+                "it are two exports, even with the same body.",
+                "Derive the export's id from the Idempotency-Key when there is one, and otherwise make a "
+                "new one (`uuid.uuid4().hex`, or SAQ's own job key); never from the body.",
+            ],
+        )
+    keyed = [run.ids(e) for e in _SENT if e.key]
+    if len(set(keyed)) > 1:
+        raise Mismatch(
+            "one export for two POSTs with the same Idempotency-Key, sent together (a client's retry)",
+            f"two exports ({keyed[0]!r}, {keyed[1]!r}), built {run.warehouse.count(_KEYED.what)} times: "
+            "the second request did not find the first's export",
+            [
+                "Both requests looked before either had stored anything. The look-up and the claim of the "
+                "key must be one step that only one request wins.",
+                "Let SAQ claim it: derive the job's key from the Idempotency-Key "
+                '(`key=f"export-{digest}"`): `enqueue` returns None to the second request, which then '
+                "answers with `await queue.job(key)`.",
+            ],
+        )
+    counts = {e.what: run.warehouse.count(e.what) for e in _SENT if e.rows is not None}
+    expected = {e.what: sum(x.what == e.what for x in _SENT if not x.key) or 1 for e in _SENT if e.rows}
+    wrong = {what: n for what, n in counts.items() if n != expected[what]}
+    if wrong:
+        what, n = next(iter(wrong.items()))
+        raise Mismatch(
+            "each export built once: "
+            + ", ".join(f"{w} {n}×" for w, n in expected.items())
+            + " (two POSTs without a key, two builds; two with one key, one build)",
+            ", ".join(f"{w} {n}×" for w, n in counts.items()) + f": {what} built {n} time(s)",
+            [
+                "One export, one job: enqueue once per new export, and never for a key already seen.",
+                "A job with SAQ's default `retries=1` runs once, unless its worker is stopped mid-way.",
+            ],
+        )
+
+
+def _check_retry(server: Server, run: _ExportsRun) -> None:
+    first = run.ids(_KEYED)
+    before = run.warehouse.count(_KEYED.what)
+
+    async def main() -> tuple[_Answer24, _Answer24 | None]:
+        queue = job_queue(run.queue_name)
+        try:
+            async with _client(server) as http:
+                waiting = await queue.count("incomplete")  # jobs left over (a failing one retried, say)
+                answer = await _post_export(http, _KEYED.params, run.key, 5.0)
+                # a job the retry enqueued is incomplete until its build is done: wait for it
+                deadline = time.monotonic() + _IDLE_WITHIN
+                while time.monotonic() < deadline and (
+                    run.warehouse.building()[_KEYED.what] or await queue.count("incomplete") > waiting
+                ):
+                    await asyncio.sleep(0.02)
+                again = await _get_export(http, first) if first else None
+                return answer, again
+        finally:
+            await queue.disconnect()
+
+    answer, again = in_fresh_loop(main, timeout=20, name="check-2.4-retry")
+    if answer.status >= 500:
+        raised = _server_error(server, [answer.status], "a 2xx answer to the retry")
+        raise raised
+    expect(
+        200 <= answer.status < 300 and answer.export_id == first,
+        f"the same export ({first!r}) for the same POST sent again with its Idempotency-Key, after a "
+        "restart and once it is done",
+        f"status {answer.status}, export_id {short(answer.export_id)}: "
+        + ("a new export" if answer.export_id else short(answer.body))
+        + (
+            f". The app no longer knew the key: it was kept in memory{run.forgotten()}"
+            if answer.export_id and answer.export_id != first
+            else ""
+        ),
+        "The key must outlive the process, as the export does: keep it in Redis, where every instance and "
+        "every restart finds it.",
+        "Derive the export's id from the Idempotency-Key and look for it first: `job = await "
+        "queue.job(export_id)`; enqueue only if there is none.",
+    )
+    built = run.warehouse.count(_KEYED.what) - before
+    expect(
+        built == 0,
+        "no build for a retry of an export already done",
+        f"{built} more build(s) of {_KEYED.what}: the export was built again. SAQ refuses a key only while "
+        "its job is waiting or running; once the job is finished, `enqueue(…, key=…)` stores a new job "
+        "under that key",
+        "A retry can come after the export is done (the client's answer was lost): look for the export "
+        "first, whatever its state.",
+        "`job = await queue.job(export_id)`; only if it is None, `await queue.enqueue(…, key=export_id)`.",
+    )
+    expect(
+        again is not None and again.state == "done" and (again.body or {}).get("rows") == _KEYED.rows,
+        f"GET still done, with its {_KEYED.rows} rows",
+        short(again.body if again is not None else None),
+        "The retry must leave the finished export as it was.",
+    )
+
+
+def _check_unknown(server: Server) -> None:
+    async def main() -> _Answer24:
+        async with _client(server) as http:
+            return await _get_export(http, f"{_UNKNOWN_ID}-{uuid.uuid4().hex[:8]}")
+
+    answer = in_fresh_loop(main, timeout=10, name="check-2.4-unknown")
+    if answer.status >= 500:
+        raised = _server_error(server, [answer.status], "404 for an unknown export")
+        if isinstance(raised, Mismatch) or not _not_found(raised):
+            raise raised
+        raise Mismatch(
+            "404 (Not Found) for an export id nobody was given",
+            f"{answer.status}: your code raised {type(raised).__name__}: {short(str(raised), 100)}",
+            [
+                "`queue.job(export_id)` returns None when Redis has no such job (and a dict has no entry).",
+                'If it is None: `raise HTTPException(404, "no such export")`.',
+            ],
+        )
+    expect(
+        answer.status == 404,
+        "404 (Not Found) for an export id nobody was given",
+        f"{answer.status}: {short(answer.body)}",
+        "An id Redis does not know is not an export waiting to start: say so.",
+        "`job = await request.app.state.queue.job(export_id)`; if it is None, `raise HTTPException(404, "
+        '"no such export")`.',
+    )
+
+
+def check_async_exports(app: Any, run_export: Callable[..., Any], queue_name: str) -> None:
+    """Check Exercise 2.4: exports accepted at once, built by a worker, asked about from Redis.
+
+    Replaces ``build_export`` where the app's endpoints and ``run_export`` find it with the check's own:
+    each build noted (what, and in which thread), held back until the check lets it go, then 0.1 s;
+    ``refunds 2026-01`` raises the notebook's ``ExportFailed``. Starts a SAQ worker on ``queue_name``
+    running ``run_export``, 4 jobs at once, and serves ``app``, whose queue's ``job`` and ``enqueue``
+    take 50 ms each (a Redis elsewhere). Sends 8 ``POST /exports`` at once: 5 reports, one of them
+    twice without a key, and one twice with one ``Idempotency-Key``; each must be answered within 1 s
+    while every build is held (202 for the new ones, an ``export_id``, ``Location: /exports/{id}``),
+    and the builds must start on the worker. Restarts the app as a new process: a new server, an
+    empty ``app.state``, and the dicts, lists and sets its code reaches (globals, closures) back to
+    what they held before; then ``GET /exports/{id}`` must say "running" for the 4 being built and
+    "queued" for the rest. Lets the builds go: each export done with its ``rows``, the refunds one
+    failed with its ``error`` (at most 5 attempts); two exports for the two POSTs without a key, one
+    (built once) for the two with it. Restarts again, and sends the keyed POST once more: the same
+    export, done, nothing built. An unknown id must be a 404. Deletes the queue's SAQ keys and those
+    under ``ch02:exports:`` before and after, and stops every server and worker it started.
+    """
+    with exercise("2.4", "An export that answers at once and can be asked how it went", SOLUTION) as ex:
+
+        def arguments() -> None:
+            find_route(app, "POST", _EXPORTS_PATH, "reports_app")
+            find_route(app, "GET", _EXPORT_PATH, "reports_app")
+            expect(callable(run_export), "the job function `run_export`", short(run_export), _CALL_2_4)
+            expect(
+                isinstance(queue_name, str) and queue_name.startswith("ch02"),
+                "the queue's name, starting with 'ch02' (EXPORTS_QUEUE)",
+                short(queue_name),
+                _CALL_2_4,
+            )
+
+        if not ex.step(f"the app has POST {_EXPORTS_PATH} and GET {_EXPORT_PATH}", arguments):
+            return
+        endpoints = [find_route(app, "POST", _EXPORTS_PATH, ""), find_route(app, "GET", _EXPORT_PATH, "")]
+        failure = _name_in(run_export, "ExportFailed")
+        if not (isinstance(failure, type) and issubclass(failure, Exception)):
+            failure = _ExportFailedStandIn
+        run = _ExportsRun(
+            queue_name, f"ex24-{uuid.uuid4().hex[:12]}", _Warehouse(failure), _Memory(*endpoints, run_export)
+        )
+        patterns = (f"saq:{queue_name}:*", f"saq:job:{queue_name}:*", "ch02:exports:*")
+        in_fresh_loop(lambda: _clear(*patterns), timeout=10, name="check-2.4-clear")
+        state, workers = getattr(app, "state", None), set(running_workers())
+        names = {getattr(run_export, "__name__", "run_export"), getattr(run_export, "__qualname__", "")}
+        try:
+            with contextlib.ExitStack() as swaps, joins_new_threads():
+                for function in (*endpoints, run_export):
+                    swaps.enter_context(_swapped(function, "build_export", run.warehouse.build_export))
+                watched = _export_job(run_export, run)
+                worker = start_worker(
+                    queue_name,
+                    [(n, watched) for n in names if n],
+                    concurrency=_SLOTS,
+                    name="check-2.4-worker",
+                )
+                try:
+                    _exports_steps(ex, app, run, worker)
+                finally:
+                    run.warehouse.go.set()
+                    worker.stop()
+        finally:
+            for started in set(running_workers()) - workers:
+                started.stop()
+            if state is not None:
+                app.state = state
+            in_fresh_loop(lambda: _clear(*patterns), timeout=10, name="check-2.4-tidy")
+
+
+def _exports_steps(ex: Any, app: Any, run: _ExportsRun, worker: Any) -> None:
+    with _exports_served(app, run) as server:
+        if not ex.step(
+            f"{len(_SENT)} POSTs at once, every build held back: each answered within {_POST_WITHIN:g} s, "
+            "202 with its export_id and Location",
+            lambda: _check_posts(server, run),
+        ):
+            return
+        if not ex.step(
+            "the exports are built by the queue's worker, not by the web server",
+            lambda: _check_builds_on_worker(run, worker),
+        ):
+            return
+    with _exports_served(app, run) as server:
+        if not ex.step(
+            "restarted (a new process: no memory of the last), GET /exports/{id} says running for the "
+            f"{_SLOTS} being built and queued for the rest",
+            lambda: _check_in_progress(server, run),
+        ):
+            return
+        if not ex.step(
+            "released, each export is done, with its row count",
+            lambda: _check_done(server, run),
+        ):
+            return
+        ex.step(
+            "the export whose build raises ExportFailed is failed, with its error: not done, not stuck",
+            lambda: _check_failed(run),
+        )
+        ex.step(
+            "two POSTs of one body without a key make two exports; two with one Idempotency-Key, one, "
+            "built once",
+            lambda: _check_counts(run),
+        )
+    with _exports_served(app, run) as server:
+        ex.step(
+            "restarted again, the POST sent once more with its Idempotency-Key gets the same export, done, "
+            "and builds nothing",
+            lambda: _check_retry(server, run),
+        )
+        ex.step("GET /exports/{id} of an unknown id answers 404", lambda: _check_unknown(server))
