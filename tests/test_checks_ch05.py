@@ -872,7 +872,13 @@ def profile_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]
         if cached is not None:
             return json.loads(cached)
         profile = await db.read(user_id)
+        if variant == "eval":  # right too: the fill in a Lua script, a missing user cached as null
+            fill = "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1"
+            await redis.eval(fill, 1, key, json.dumps(profile), ttl)
+            return profile
         if profile is None:
+            if variant == "null-for-ever":  # "remember unknown users": found profiles expire, this never
+                await redis.set(key, json.dumps(None))
             return None
         if variant == "no-ttl":  # "the job invalidates, so no TTL is needed"
             await redis.set(key, json.dumps(profile))
@@ -955,7 +961,7 @@ def profile_answer(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]
     return profile_key, get_profile, apply_update_and_invalidate
 
 
-@pytest.mark.parametrize("variant", ["right", "marker-after", "pipeline", "wrapped"])
+@pytest.mark.parametrize("variant", ["right", "marker-after", "pipeline", "wrapped", "eval"])
 def test_5_4_a_profile_cache_passes(variant: str, capsys: pytest.CaptureFixture[str]) -> None:
     check_profile_cache(*profile_answer(variant))
     out = capsys.readouterr().out
@@ -980,8 +986,8 @@ STEP_KEY = (
     "(ex05:profile:v1:41)\n"
 )
 STEP_TTL = (
-    "❌ not yet: every entry expires within 60 s: after a first fill, a hit, a refill after a job, and a "
-    "late fill that raced a job\n"
+    "❌ not yet: every entry expires within 60 s: after a first fill, a hit, a refill after a job, a late "
+    "fill that raced a job, and a read of a user who does not exist\n"
 )
 STEP_JOB = (
     "❌ not yet: after a job for user 41, its next read comes from the database with the new profile, and "
@@ -1118,6 +1124,15 @@ WRONG_5_4 = [
         "no-ttl",
         STEP_TTL + STALE_TTL + "       seen:     'ex05:profile:v1:41' has no TTL: if an invalidation is ever "
         "missed, the old profile is served for ever\n",
+        7,
+    ),
+    # a missing user cached without the TTL found profiles get: that entry never runs out
+    (
+        "null-for-ever",
+        STEP_TTL + "       expected: whatever a read of user 43, who does not exist, stores to expire within "
+        "60 s too (or nothing stored for them)\n"
+        "       seen:     'ex05:profile:v1:43', holding 'null', has no TTL: found profiles expire, but this "
+        "entry never does, so a user 43 created later stays missing for ever\n",
         7,
     ),
     # GETEX renews the TTL on every hit: a profile read often never expires

@@ -1726,6 +1726,7 @@ def check_recommendations_key(recommendations_key: Callable[[str, str, str], str
 # ---------------------------------------------------------------------------------------------------
 
 _ADA, _BEN = 41, 42
+_NOBODY = 43  # a user the database does not hold
 _PROFILES: dict[int, dict[str, Any]] = {
     _ADA: {"user_id": _ADA, "display_name": "Ada", "city": "Leeds"},
     _BEN: {"user_id": _BEN, "display_name": "Ben", "city": "Hull"},
@@ -1849,7 +1850,12 @@ class _ProfileScene:
         keys = self.filled.get(user_id, [])
         self.cached_at_commit = [key for key in keys if await self.raw.exists(key)]
 
+    async def _present(self) -> set[str]:
+        """The keys under ``ex05:`` that Redis holds now."""
+        return {key.decode("utf-8", "replace") async for key in self.raw.scan_iter(match=_NAMESPACE)}
+
     async def get(self, user_id: int) -> Any:
+        before, since = await self._present(), len(self.writes_by)
         result = self.answer.get_profile(self.redis, self.db, user_id)
         expect(
             inspect.isawaitable(result),
@@ -1857,7 +1863,14 @@ class _ProfileScene:
             f"a plain function that returned {short(result)}",
             "It awaits Redis and the database, so it must be `async def get_profile(…)`.",
         )
-        return await result
+        value = await result
+        # A key that appeared in Redis during the read, through no command noted then, was stored by
+        # get_profile all the same: inside a script (EVAL), a function (FCALL), a transaction.
+        noted = {key for key, _ in self.writes_by[since:]}
+        for key in sorted(await self._present() - before - noted):
+            self.written.append(key)
+            self.writes_by.append((key, None))
+        return value
 
     async def warm(self, user_id: int) -> list[str]:
         """Read ``user_id``'s profile with nothing else running; the keys get_profile wrote then."""
@@ -2043,7 +2056,7 @@ async def _profile_hits(scene: _ProfileScene) -> str | None:
     expect(
         keys,
         "the profile stored in Redis by the first call (a miss)",
-        "get_profile wrote no key",
+        "get_profile stored no key in Redis",
         "Cache-aside fills the cache on a miss: after reading the database, store what you read.",
         _FILL_HINT,
     )
@@ -2173,6 +2186,46 @@ async def _late_fill(scene: _ProfileScene) -> None:
     reader.result()
     await _bounded(
         scene, "a late fill (a read that took the old row before a job's commit and stored it after)"
+    )
+
+
+async def _missing_user(scene: _ProfileScene) -> None:
+    """A read of a user who does not exist: None, and whatever it stored expires within the bound."""
+    since = len(scene.written)
+    value = await scene.get(_NOBODY)
+    expect(
+        value is None,
+        f"None for user {_NOBODY}, who does not exist (the database read gives None)",
+        short(value),
+        "On a miss, return what the database gave: for a user it does not hold, `None`.",
+    )
+    for entry in await scene.cached(list(dict.fromkeys(scene.written[since:]))):
+        if 0 < entry.ttl <= _STALE_FOR:
+            continue
+        held = f"{entry.key!r}" + (
+            f", holding {short(entry.raw.decode('utf-8', 'replace'))}," if entry.raw else ""
+        )
+        raise Mismatch(
+            f"whatever a read of user {_NOBODY}, who does not exist, stores to expire within {_STALE_FOR} s "
+            "too (or nothing stored for them)",
+            f"{held} has no TTL: found profiles expire, but this entry never does, so a user {_NOBODY} "
+            "created later stays missing for ever"
+            if entry.ttl == -1
+            else f"a TTL of {entry.ttl:,} s on {held} past the {_STALE_FOR} s allowed: a user {_NOBODY} "
+            "created later stays missing that long",
+            [
+                "The rule holds for every entry get_profile stores, a missing user's too: an expiry on one "
+                "path and not the other leaves entries that outlive it.",
+                "Store nothing for a missing user (`if profile is not None:` around the SET), or store it "
+                "with the same `ex=STALE_AT_MOST` as a profile.",
+            ],
+        )
+    again = await scene.get(_NOBODY)
+    expect(
+        again is None,
+        f"None again for user {_NOBODY} on a second read",
+        short(again),
+        'Whatever you cache for a missing user must read back as None: `json.loads("null")` is None.',
     )
 
 
@@ -2472,7 +2525,10 @@ def check_profile_cache(
     profiles; every entry get_profile leaves expires within 60 s: after a first fill, after a hit (the
     check cuts the TTL to 5 s first: the hit must not set it back up), after a refill following a job,
     and after a late fill (a read that took the old row before the job's commit, answered only after the
-    job returned: the race the order leaves, which the TTL bounds). After a job for 41: the write has
+    job returned: the race the order leaves, which the TTL bounds); a read of user 43, who does not
+    exist, returns None, and whatever it stores expires within 60 s too (storing nothing is fine). What
+    get_profile stored is what its commands wrote and any key under ``ex05:`` that appeared in Redis
+    during the call (a fill inside a script, ``EVAL``, is one). After a job for 41: the write has
     committed when it returns, the entry is gone (asked from another loop while the check's is held, so
     a delete left in a task nobody awaited has not landed), 41's next read comes from the database with
     the new profile, and 42's is still a hit (the other scenarios give what a job left running 50 ms to
@@ -2525,8 +2581,8 @@ def check_profile_cache(
             ),
             (
                 f"every entry expires within {_STALE_FOR} s: after a first fill, a hit, a refill after a "
-                "job, and a late fill that raced a job",
-                both((_ttl_paths, "ttl"), (_late_fill, "late-fill")),
+                "job, a late fill that raced a job, and a read of a user who does not exist",
+                both((_ttl_paths, "ttl"), (_late_fill, "late-fill"), (_missing_user, "missing-user")),
             ),
             (
                 f"after a job for user {_ADA}, its next read comes from the database with the new profile, "
