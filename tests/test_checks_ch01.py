@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import re
@@ -15,14 +16,22 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import nbformat
 import pytest
 from fastapi import FastAPI
 
 from support.checks import forget_answers, placeholder_message
-from support.checks.ch01 import check_loop_lag_probe, check_offload, check_offload_choice
+from support.checks.ch01 import (
+    check_blocking_sdk,
+    check_loop_lag_probe,
+    check_offload,
+    check_offload_choice,
+)
 from support.workloads import LegacyPriceClient
 from tests.checking import fresh_and_leaves_nothing_running, rejected
 
@@ -624,3 +633,428 @@ def test_1_3_an_unknown_kind_must_raise_value_error(
     assert '  ❌ not yet: an unknown kind ("python-cpu") raises ValueError\n' in out
     assert message in out
     assert out.endswith("Exercise 1.3: not yet — 3 of 4 checks pass")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 1.4: find the blocking call in an SDK you did not write
+# ---------------------------------------------------------------------------------------------------
+
+SOLUTIONS = Path(__file__).resolve().parent.parent / "solutions" / "01_async_correctness_exercises.ipynb"
+
+
+def _given_cells() -> dict[str, Any]:
+    """The notebook's setup and given cells, run: ``ShippingClient``, ``make_shop_app``, ``StallCounter``."""
+    cells = {cell.get("id"): cell.source for cell in nbformat.read(SOLUTIONS, as_version=4).cells}
+    namespace: dict[str, Any] = {}
+    for cell_id in ("setup", "ex4-given"):
+        exec(compile(cells[cell_id], f"<{cell_id}>", "exec"), namespace)
+    return namespace
+
+
+GIVEN = _given_cells()
+ShippingClient = GIVEN["ShippingClient"]
+StallCounter = GIVEN["StallCounter"]
+make_shop_app = GIVEN["make_shop_app"]
+shipping = GIVEN["shipping"]  # the notebook's own client, for trying things
+POOLS: list[concurrent.futures.ThreadPoolExecutor] = []  # pools an answer's app keeps (shut down after)
+PLACEHOLDER_1_4 = placeholder_message("1.4")
+
+
+def finder(variant: str) -> Any:
+    """``find_blocking_method`` as a learner might write it."""
+
+    def calls(client: Any) -> dict[str, Any]:
+        return {
+            "quote": lambda: client.quote("LS1 4AP", "EH1 1YZ", 2.5),
+            "track": lambda: client.track("PX-1001"),
+            "label": lambda: client.label("PX-1001"),
+        }
+
+    async def max_loop_lag(duration: float, interval: float = 0.01) -> float:  # Exercise 1.2's probe
+        loop = asyncio.get_running_loop()
+        worst, deadline = 0.0, loop.time() + duration
+        while loop.time() < deadline:
+            asked = loop.time() + interval
+            await asyncio.sleep(interval)
+            worst = max(worst, loop.time() - asked)
+        return worst
+
+    async def find_blocking_method(client: Any) -> str:
+        if variant == "placeholder":
+            raise NotImplementedError(PLACEHOLDER_1_4)
+        if variant == "hard-coded":  # "I read the SDK: it's quote"
+            return "quote"
+        if variant == "path":
+            return "/quote"
+        if variant == "private":  # reads which method reaches the SDK's synchronous HTTP client
+            fetched = []
+            fetch = client._auth.rates_key
+            client._auth.rates_key = lambda: fetched.append(1) or fetch()
+            await client.quote("LS1 4AP", "EH1 1YZ", 2.5)
+            return "quote" if fetched else "track"
+        measured: dict[str, float] = {}
+        for name, call in calls(client).items():
+            if variant in ("right", "min"):
+                async with StallCounter() as counter:
+                    for _ in range(3):
+                        await call()
+                measured[name] = counter.count
+            elif variant == "gather":  # two at a time: their blocks run back to back, one stall a pair
+                async with StallCounter() as counter:
+                    for _ in range(3):
+                        await asyncio.gather(call(), call())
+                measured[name] = counter.count
+            elif variant == "max_loop_lag":
+                lag, *_ = await asyncio.gather(max_loop_lag(0.25), *(call() for _ in range(3)))
+                measured[name] = lag
+            elif variant == "concurrent-time":  # right too: calls that block cannot overlap
+                start = time.perf_counter()
+                await asyncio.gather(*(call() for _ in range(5)))
+                measured[name] = time.perf_counter() - start
+            elif variant == "slowest":  # the time of one call: awaiting counts as much as blocking
+                start = time.perf_counter()
+                await call()
+                measured[name] = time.perf_counter() - start
+            elif variant == "before":  # the heartbeat measured first, the calls made after it
+                async with StallCounter() as counter:
+                    pass
+                for _ in range(3):
+                    await call()
+                measured[name] = counter.count
+        pick = min if variant == "min" else max
+        return pick(measured, key=measured.__getitem__)
+
+    def not_async(client: Any) -> str:
+        return "quote"
+
+    return not_async if variant == "sync" else find_blocking_method
+
+
+def fixed_app(variant: str) -> Any:
+    """``make_app`` as a learner might write it."""
+
+    def make_app(client: Any) -> FastAPI:
+        if variant == "placeholder":
+            raise NotImplementedError(PLACEHOLDER_1_4)
+        if variant == "unchanged":
+            return make_shop_app(client)
+        sdk = shipping if variant == "global" else client
+        app = FastAPI()
+        one_at_a_time = anyio.CapacityLimiter(1)
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+        POOLS.append(pool)
+
+        async def build_in_loop(*args: Any) -> Any:  # an async def helper: runs on the loop all the same
+            return sdk._quote_request(*args)
+
+        if variant in ("def-from-thread", "from-thread-quote", "all-def"):
+
+            @app.get("/quote")
+            def quote_def(origin: str, destination: str, weight_kg: float):
+                if variant == "from-thread-quote":  # the whole coroutine, back on the loop
+                    return anyio.from_thread.run(sdk.quote, origin, destination, weight_kg)
+                request = sdk._quote_request(origin, destination, weight_kg)  # in FastAPI's worker thread
+                return anyio.from_thread.run(sdk._send, request)  # the send, on the loop
+
+        else:
+
+            @app.get("/quote")
+            async def quote(origin: str, destination: str, weight_kg: float):
+                args = (origin, destination, weight_kg)
+                if variant in ("wrong-endpoint",):
+                    return await sdk.quote(*args)
+                if variant == "asyncio.run":  # the whole method in a thread, on a new loop per call
+                    return await anyio.to_thread.run_sync(asyncio.run, sdk.quote(*args))
+                if variant == "asyncio.to_thread":
+                    request = await asyncio.to_thread(sdk._quote_request, *args)
+                elif variant == "result":  # built in a thread, but the loop waits for it
+                    request = pool.submit(sdk._quote_request, *args).result()
+                elif variant == "one-token":
+                    request = await anyio.to_thread.run_sync(sdk._quote_request, *args, limiter=one_at_a_time)
+                elif variant == "async-helper":
+                    request = await build_in_loop(*args)
+                elif variant == "no-await":
+                    request = anyio.to_thread.run_sync(sdk._quote_request, *args)
+                else:
+                    request = await anyio.to_thread.run_sync(sdk._quote_request, *args)
+                return await sdk._send(request)
+
+        offload_all = variant in ("wrong-endpoint", "all-three")
+        if variant == "all-def":
+
+            @app.get("/track/{parcel_id}")
+            def track_def(parcel_id: str):
+                return anyio.from_thread.run(sdk.track, parcel_id)
+
+            @app.get("/label/{parcel_id}")
+            def label_def(parcel_id: str, size: str = "4x6"):
+                return anyio.from_thread.run(sdk.label, parcel_id, size)
+
+            return app
+
+        @app.get("/track/{parcel_id}")
+        async def track(parcel_id: str):
+            if variant == "all-three":  # "to be safe"
+                request = await anyio.to_thread.run_sync(sdk._request, "GET", f"/parcels/{parcel_id}/events")
+                return (await sdk._send(request))[-1]
+            return await sdk.track(parcel_id)
+
+        @app.get("/label/{parcel_id}")
+        async def label(parcel_id: str, size: str = "4x6"):
+            if offload_all:  # the wrong endpoint fixed: label is signed too, so it looked guilty
+                build = functools.partial(sdk._request, signed=True)
+                request = await anyio.to_thread.run_sync(
+                    build, "POST", f"/parcels/{parcel_id}/label", {"size": size}
+                )
+                return await sdk._send(request)
+            return await sdk.label(parcel_id, size)
+
+        return app
+
+    return make_app
+
+
+@pytest.fixture
+def pools_shut_down() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        while POOLS:
+            POOLS.pop().shutdown()
+
+
+class _QuietAuth:
+    """The SDK edited: the rates key comes without a blocking call."""
+
+    def __init__(self, api_key: str) -> None:
+        self.api_key = api_key
+
+    def rates_key(self) -> bytes:
+        return b"rates-key"
+
+
+class EditedShippingClient(ShippingClient):  # type: ignore[misc, valid-type]
+    def __init__(self, api_key: str = "pk_test_51Hx") -> None:
+        super().__init__(api_key)
+        self._auth = _QuietAuth(api_key)
+
+
+ALL_PASS_1_4 = "Exercise 1.4: passed ✅ (10 of 10 checks)\n"
+FOUND_STEP = "`await find_blocking_method(ShippingClient())` names the method that blocks the event loop"
+VERSIONS_STEP = "it names the blocking method in two other versions of the SDK"
+OFF_LOOP_STEP = "the SDK's blocking call runs in a worker thread, never on the server loop's thread"
+FREE_STEP = "the server's loop stays free while 10 concurrent requests run at each endpoint"
+OVERLAP_STEP = "the blocking calls of 10 concurrent requests overlap (more than one in flight at once)"
+OTHERS_STEP = (
+    "the two endpoints whose calls never block still run on the event loop (not offloaded for nothing)"
+)
+SESSION_STEP = "every request goes out from the server's loop, through the SDK's session for it"
+
+
+@pytest.mark.usefixtures("pools_shut_down")
+@pytest.mark.parametrize(
+    ("find", "fix"),
+    [
+        ("right", "right"),
+        ("gather", "def-from-thread"),
+        ("max_loop_lag", "asyncio.to_thread"),
+        ("concurrent-time", "right"),
+    ],
+)
+def test_1_4_measured_finder_and_one_offloaded_endpoint_pass(
+    find: str, fix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stalls counted around calls one after another, or around pairs of calls at once (one stall a
+    pair), the worst lag of 1.2's probe, or the wall time of calls at once (blocking calls cannot
+    overlap); the request built in a thread and sent on the loop, from `async def` or from a `def`
+    endpoint that hands the send back to the loop (`anyio.from_thread.run`)."""
+    check_blocking_sdk(finder(find), fixed_app(fix), ShippingClient)
+    out = capsys.readouterr().out
+    assert out.startswith("Exercise 1.4 · Find the blocking call in an SDK you did not write\n")
+    assert f"  ✅ passed: {FOUND_STEP}\n" in out
+    assert f"  ✅ passed: {OFF_LOOP_STEP}\n" in out
+    assert f"  ✅ passed: {OTHERS_STEP}\n" in out
+    assert out.endswith(ALL_PASS_1_4)
+
+
+@pytest.mark.parametrize(("find", "fix"), [("placeholder", "placeholder"), ("right", "placeholder")])
+def test_1_4_placeholder_is_not_started(find: str, fix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_blocking_sdk, finder(find), fixed_app(fix), ShippingClient)
+    assert "⬜ not started: Exercise 1.4's cell still raises the placeholder NotImplementedError" in out
+    assert out.endswith("Exercise 1.4: not started")
+
+
+@pytest.mark.parametrize(
+    ("find", "step", "message", "passing"),
+    [
+        (  # read from the source: right for the given SDK, wrong for a version
+            "hard-coded",
+            VERSIONS_STEP,
+            "seen:     'quote' again, as for the given SDK, though here 'quote' never holds the loop: the "
+            "name does not come from a measurement",
+            9,
+        ),
+        (  # the heartbeat measured before the calls: no stall anywhere, the first name wins
+            "before",
+            VERSIONS_STEP,
+            "or your measurements all came out equal, and the first name won",
+            9,
+        ),
+        (  # the time of one call: the slowest awaits all its time
+            "slowest",
+            FOUND_STEP,
+            "seen:     'track': the slowest call to return, but it spends that time awaiting",
+            8,
+        ),
+        (  # the fewest stalls: here the first method whose calls never block
+            "min",
+            FOUND_STEP,
+            "expected: 'quote', the method that blocks the event loop in the given SDK",
+            8,
+        ),
+        (
+            "path",
+            FOUND_STEP,
+            "seen:     '/quote': an endpoint's path; the function names the client's method",
+            8,
+        ),
+        ("sync", FOUND_STEP, "expected: `find_blocking_method` defined with `async def`", 8),
+        (  # reaches into the given SDK's insides
+            "private",
+            VERSIONS_STEP,
+            "your function reached into the given SDK's insides, which this version does not have",
+            9,
+        ),
+    ],
+)
+def test_1_4_a_finder_that_does_not_measure_the_loop_is_rejected(
+    find: str, step: str, message: str, passing: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_blocking_sdk, finder(find), fixed_app("right"), ShippingClient)
+    assert f"  ❌ not yet: {step}" in out
+    assert message in out
+    assert f"  ✅ passed: {OFF_LOOP_STEP}\n" in out
+    assert out.endswith(f"Exercise 1.4: not yet — {passing} of 10 checks pass")
+
+
+def test_1_4_the_timed_finder_is_told_apart_in_a_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """Timing one call names the slowest in the given SDK, and in the versions too (never the blocker)."""
+    out = rejected(capsys, check_blocking_sdk, finder("slowest"), fixed_app("right"), ShippingClient)
+    assert (
+        "expected: 'track', the method that blocks the event loop in a version of the SDK in which "
+        "'track' blocks\n       seen:     'label': the slowest call to return"
+    ) in out
+
+
+@pytest.mark.usefixtures("pools_shut_down")
+@pytest.mark.parametrize(
+    ("fix", "failed", "message", "passing"),
+    [
+        (  # make_shop_app itself
+            "unchanged",
+            [OFF_LOOP_STEP, FREE_STEP, OVERLAP_STEP],
+            "calls ran on the server loop's thread: /quote still builds its request, and so fetches the "
+            "key, on the loop's thread",
+            7,
+        ),
+        (  # /label is signed too, so it looked guilty: the wrong endpoint offloaded
+            "wrong-endpoint",
+            [OFF_LOOP_STEP, FREE_STEP, OVERLAP_STEP, OTHERS_STEP],
+            "while /label/{parcel_id}, whose calls never block, went to worker threads",
+            6,
+        ),
+        (  # all three endpoints offloaded "to be safe"
+            "all-three",
+            [OTHERS_STEP],
+            "requests were built in a worker thread: offloaded, though `client.track` never blocks",
+            9,
+        ),
+        (  # plain def endpoints everywhere
+            "all-def",
+            [OTHERS_STEP],
+            "a plain `def` endpoint: FastAPI runs it in a worker thread, a thread per request",
+            9,
+        ),
+        (  # the whole coroutine in a worker thread: asyncio.run, a new loop per call
+            "asyncio.run",
+            [SESSION_STEP],
+            "each with a session of its own: `asyncio.run` in a worker thread starts an event loop per call",
+            9,
+        ),
+        (  # a def endpoint that hands the whole quote back to the loop
+            "from-thread-quote",
+            [OFF_LOOP_STEP, FREE_STEP, OVERLAP_STEP],
+            "your `def` endpoint handed `client.quote` back to the loop (`anyio.from_thread.run`)",
+            7,
+        ),
+        (  # built in a worker thread, but the loop waits for it (so one request at a time)
+            "result",
+            [FREE_STEP, OVERLAP_STEP],
+            "though the SDK's blocking call ran in worker threads, the endpoint waited for it on the loop's "
+            "thread",
+            8,
+        ),
+        (  # a one-token limiter: off the loop, one at a time
+            "one-token",
+            [OVERLAP_STEP],
+            "at most 1 at once: the calls ran one after another",
+            9,
+        ),
+        (  # an async def helper around the synchronous part
+            "async-helper",
+            [OFF_LOOP_STEP, FREE_STEP, OVERLAP_STEP],
+            "/quote still builds its request, and so fetches the key, on the loop's thread",
+            7,
+        ),
+    ],
+)
+def test_1_4_a_fix_in_the_wrong_place_is_rejected(
+    fix: str, failed: list[str], message: str, passing: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_blocking_sdk, finder("right"), fixed_app(fix), ShippingClient)
+    for step in failed:
+        assert f"  ❌ not yet: {step}" in out
+    assert message in out
+    assert out.endswith(f"Exercise 1.4: not yet — {passing} of 10 checks pass")
+
+
+@pytest.mark.usefixtures("pools_shut_down")
+@pytest.mark.parametrize(
+    ("fix", "message"),
+    [
+        (
+            "no-await",
+            "seen:     status 500: a coroutine object (run_sync) where a value belonged: it was never "
+            "awaited",
+        ),
+        (
+            "global",
+            "the right answer, but no request went out through that client: the app used another "
+            "ShippingClient (the notebook's `shipping`?)",
+        ),
+    ],
+)
+def test_1_4_an_app_that_does_not_answer_through_the_client_stops_the_check(
+    fix: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_blocking_sdk, finder("right"), fixed_app(fix), ShippingClient)
+    assert (
+        "  ❌ not yet: each endpoint answers what the SDK answers, through the `client` passed to `make_app`"
+        in out
+    )
+    assert message in out
+    assert out.endswith("Exercise 1.4: not yet — 4 of 5 checks pass")
+
+
+def test_1_4_an_edited_sdk_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_blocking_sdk, finder("right"), fixed_app("unchanged"), EditedShippingClient)
+    assert "  ❌ not yet: the SDK is the exercise's `ShippingClient`, unchanged" in out
+    assert "no method of this ShippingClient blocks the event loop any more: the SDK was changed" in out
+    assert out.endswith("Exercise 1.4: not yet — 0 of 1 checks pass")
+
+
+def test_1_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
+    for _ in range(3):
+        forget_answers()
+        out = rejected(capsys, check_blocking_sdk, finder("right"), fixed_app("unchanged"), ShippingClient)
+    assert "client._quote_request, origin, destination, weight_kg" in out

@@ -6,7 +6,9 @@ work ran (so that waiting for a thread on the loop's thread does not pass for of
 time is the point (Exercise 1.2, the loop-lag probe), the effects are ten to a hundred times larger
 than scheduler noise, judged as shares of the time rather than against the clock where they can be,
 and measured again when the heartbeat shows the machine itself was busy. No verdict depends on the
-number of CPUs: Exercise 1.3 shows the learner's code one CPU and many.
+number of CPUs: Exercise 1.3 shows the learner's code one CPU and many. Exercise 1.4 runs the
+learner's finder on versions of its SDK of the check's own, so that which method blocks has to be
+measured, not known.
 
 The learner's coroutines run on a fresh event loop in a thread of the check's own, so a check works
 the same from a notebook (whose kernel already runs a loop), from pytest and from a terminal.
@@ -19,6 +21,7 @@ import concurrent.futures.thread
 import contextlib
 import hashlib
 import inspect
+import json
 import math
 import os
 import sys
@@ -28,16 +31,30 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import CodeType, FrameType, TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
 from support.checks import Mismatch, exercise, expect
-from support.checks.running import NoReturn, joins_new_threads, run_in_fresh_loop, short
+from support.checks.running import (
+    NoReturn,
+    find_route,
+    in_fresh_loop,
+    joins_new_threads,
+    run_in_fresh_loop,
+    short,
+)
 from support.loadgen import load
 from support.server import Server, serve
 from support.workloads import LegacyPriceClient, count_primes, on_event_loop_thread, price_of, where
 
-__all__ = ["check_loop_lag_probe", "check_offload", "check_offload_choice"]
+__all__ = [
+    "ShippingClientVariant",
+    "check_blocking_sdk",
+    "check_loop_lag_probe",
+    "check_offload",
+    "check_offload_choice",
+]
 
 SOLUTION = "solutions/01_async_correctness_exercises.ipynb"
 
@@ -1486,3 +1503,716 @@ def _offload_all(run_offloaded: Callable[..., Any]) -> dict[Any, _Outcome]:
             + (" (and it still holds its thread: restart the kernel)" if late.stuck else ""),
             ["Each call should start the work, await it, and return its result."],
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exercise 1.4: find the blocking call in an SDK you did not write
+# ---------------------------------------------------------------------------------------------------
+
+_SDK_METHODS = ("quote", "track", "label")
+_PARCEL = "PX-1001"
+_SDK_ROUTES = {"quote": "/quote", "track": "/track/{parcel_id}", "label": "/label/{parcel_id}"}
+_SDK_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {  # one request per endpoint: path, query
+    "quote": ("/quote", {"origin": "LS1 4AP", "destination": "EH1 1YZ", "weight_kg": 2.5}),
+    "track": (f"/track/{_PARCEL}", {}),
+    "label": (f"/label/{_PARCEL}", {"size": "4x6"}),
+}
+_SDK_CALLS: dict[str, tuple[Any, ...]] = {  # the same requests, as calls of the SDK's methods
+    "quote": ("LS1 4AP", "EH1 1YZ", 2.5),
+    "track": (_PARCEL,),
+    "label": (_PARCEL, "4x6"),
+}
+_SDK_CULPRIT = "quote"  # in the given ShippingClient: building a quote fetches a key synchronously
+_SDK_TIMES = {"quote": 0.06, "track": 0.09, "label": 0.07}  # one call of each, in the given SDK
+_SDK_LOAD = 10  # concurrent requests per endpoint
+_SDK_STALL = 0.03  # a heartbeat wake-up this late is a stall
+_MISSED_BLOCKED = 15  # beats missed during one endpoint's load (150 ms in all): the loop was blocked
+_SDK_ATTEMPTS = 3
+_FIND_TIMEOUT = 20.0
+_FIND_ATTEMPTS = 2
+_VARIANT_BLOCK = 0.05
+_VARIANTS: dict[str, dict[str, float]] = {  # the method that blocks → each method's awaited latency:
+    "track": {"quote": 0.03, "track": 0.01, "label": 0.09},  # the blocking one (50 ms + 10 ms) is
+    "label": {"quote": 0.09, "track": 0.03, "label": 0.01},  # neither the slowest call nor the fastest
+}
+_SDK_THREAD_FIX = (
+    "In the `/quote` endpoint: `request = await anyio.to_thread.run_sync(client._quote_request, origin, "
+    "destination, weight_kg)`, then `return await client._send(request)`."
+)
+_SDK_SPLIT = (
+    "The blocking call is made while `quote` builds its request (`_quote_request`, which signs it with a "
+    "key fetched by a synchronous HTTPS call); sending it (`_send`) awaits, on the loop. Run the "
+    "synchronous part in a worker thread, and await the send on the server's loop."
+)
+
+
+class ShippingClientVariant:
+    """Another version of the exercise's SDK, the check's own: the same three public methods, other code
+    inside, and ``blocking`` the one that makes a synchronous call (50 ms) before it awaits its reply.
+    The method that blocks is neither the slowest call to return nor the fastest."""
+
+    def __init__(self, blocking: str) -> None:
+        self.blocking = blocking
+        self._latency = _VARIANTS[blocking]
+
+    async def quote(self, origin: str, destination: str, weight_kg: float) -> dict[str, Any]:
+        """The price of sending a parcel between two postcodes."""
+        await self._call("quote")
+        return {"from": origin, "to": destination, "grams": round(weight_kg * 1000), "price_gbp": 6.05}
+
+    async def track(self, parcel_id: str) -> dict[str, Any]:
+        """A parcel's latest tracking event."""
+        await self._call("track")
+        return {"parcel": parcel_id, "status": "in transit", "place": "Wakefield hub"}
+
+    async def label(self, parcel_id: str, size: str = "4x6") -> dict[str, Any]:
+        """A printable shipping label (ZPL) for a booked parcel."""
+        await self._call("label")
+        return {"parcel": parcel_id, "size": size, "zpl": f"^XA^FD{parcel_id}^FS^XZ"}
+
+    async def _call(self, method: str) -> None:
+        if method == self.blocking:
+            time.sleep(_VARIANT_BLOCK)  # a synchronous call, deep inside in a real SDK
+        await asyncio.sleep(self._latency[method])
+
+    def __repr__(self) -> str:
+        return f"ShippingClientVariant(blocking={self.blocking!r})"
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _method_of(path: Any) -> str:
+    """Which of the SDK's methods builds a request for ``path``."""
+    text = str(path)
+    if text == "/quotes":
+        return "quote"
+    if text.endswith("/events"):
+        return "track"
+    if text.endswith("/label"):
+        return "label"
+    return "?"
+
+
+@dataclass(frozen=True)
+class _SdkCall:
+    method: str  # whose request: "quote", "track" or "label"
+    on_loop: bool  # made on the watched event loop's thread
+    loop: int | None  # the id of the event loop running in its thread, if any
+
+
+@dataclass
+class _SdkSpy:
+    """Wraps, on one ``ShippingClient``, the three places the check needs to see: the blocking call
+    (``client._auth.rates_key``: on which thread, how many at once), the building of each request
+    (``client._request``: on which thread) and its sending (``client._send``: on which event loop).
+    ``loop`` is the loop that counts as "the loop": the server's, or the check's own."""
+
+    client: Any
+    loop: asyncio.AbstractEventLoop | None = None
+    keys: list[_SdkCall] = field(default_factory=list)
+    built: list[_SdkCall] = field(default_factory=list)
+    sent: list[_SdkCall] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def install(self) -> None:
+        client = self.client
+        auth = client._auth
+        rates_key, build, send = auth.rates_key, client._request, client._send
+
+        def spied_rates_key(*args: Any, **kwargs: Any) -> Any:
+            self._note(self.keys, "quote")
+            with self._lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                return rates_key(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+
+        def spied_request(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+            self._note(self.built, _method_of(path))
+            return build(method, path, *args, **kwargs)
+
+        async def spied_send(request: Any, *args: Any, **kwargs: Any) -> Any:
+            self._note(self.sent, _method_of(getattr(request, "path", "")))
+            return await send(request, *args, **kwargs)
+
+        auth.rates_key, client._request, client._send = spied_rates_key, spied_request, spied_send
+
+    def _note(self, records: list[_SdkCall], method: str) -> None:
+        loop = _running_loop()
+        on_loop = loop is not None and loop is self.loop
+        records.append(_SdkCall(method, on_loop, id(loop) if loop is not None else None))
+
+    def of(self, records: list[_SdkCall], method: str) -> list[_SdkCall]:
+        return [record for record in records if record.method == method]
+
+
+def _given_sdk(sdk_class: Any) -> dict[str, Any]:
+    """The given ``ShippingClient``, unchanged: its methods and helpers, and a ``quote`` that still
+    blocks (its rates key fetched on the loop's thread, a heartbeat on the loop stalled by each of two
+    quotes). Returns its answers to the check's requests."""
+    hints = (
+        "Pass the class of the exercise's given cell: `check_blocking_sdk(find_blocking_method, make_app, "
+        "ShippingClient)`, and run that cell again, unchanged.",
+        "The SDK is a vendor's package: you fix your app around it, not its code.",
+    )
+    try:
+        client = sdk_class()
+        names = ("_request", "_send", "_quote_request", *_SDK_METHODS)
+        parts = [getattr(client, name) for name in names] + [client._auth.rates_key]
+    except Exception as error:
+        raise Mismatch(
+            "the exercise's `ShippingClient`: a class whose instances have `quote`, `track`, `label`, "
+            "`_quote_request`, `_request`, `_send` and `_auth.rates_key`",
+            f"{short(sdk_class)}: {type(error).__name__}: {str(error)[:80]}",
+            hints,
+        ) from None
+    expect(
+        all(callable(part) for part in parts)
+        and all(inspect.iscoroutinefunction(getattr(client, name)) for name in _SDK_METHODS),
+        "the exercise's `ShippingClient`, its three methods `async def`",
+        f"{short(sdk_class)}, whose methods are not those of the given SDK",
+        *hints,
+    )
+    spy = _SdkSpy(client)
+    spy.install()
+
+    async def ask() -> tuple[dict[str, Any], int]:
+        spy.loop = asyncio.get_running_loop()
+        async with _Beat() as beat:
+            answers = {method: await getattr(client, method)(*_SDK_CALLS[method]) for method in _SDK_METHODS}
+            await client.quote(*_SDK_CALLS["quote"])  # two quotes in all, one after the other
+            await asyncio.sleep(3 * _HEARTBEAT)  # the heartbeat notes a stall that lasted until here
+        return answers, sum(lag > _SDK_STALL for _, lag in beat.lags)
+
+    answers, stalls = in_fresh_loop(ask, timeout=10, name="check-1.4-sdk")
+    expect(
+        [call.on_loop for call in spy.keys] == [True, True] and stalls >= 2,
+        "the given SDK, unchanged, its blocking call still in it",
+        "no method of this ShippingClient blocks the event loop any more: the SDK was changed",
+        "Leave the SDK as given and fix the app around it: in production the SDK is a package you pin, "
+        "and a change to its code is lost at the next upgrade. Run the given cell again.",
+    )
+    return answers
+
+
+@dataclass(frozen=True)
+class _NotAwaitable:
+    value: Any
+
+
+def _find(find_blocking_method: Callable[..., Any], client: Any) -> Any:
+    """``await find_blocking_method(client)`` on a fresh event loop, bounded in time."""
+
+    async def main() -> Any:
+        result = find_blocking_method(client)
+        if not inspect.isawaitable(result):
+            return _NotAwaitable(result)
+        return await result
+
+    try:
+        found = in_fresh_loop(main, timeout=_FIND_TIMEOUT, name="check-1.4-find")
+    except NoReturn as late:
+        raise Mismatch(
+            "`await find_blocking_method(client)` to return within seconds",
+            f"no return within {late.seconds:g} s"
+            + (" (and it still holds its thread: restart the kernel)" if late.stuck else ""),
+            ["Call each method a few times, not in an endless loop, then return the name."],
+        ) from None
+    if isinstance(found, _NotAwaitable):
+        raise Mismatch(
+            "`find_blocking_method` defined with `async def`",
+            f"a plain function that returned {short(found.value)} without awaiting",
+            [
+                "It awaits the SDK's methods beside a heartbeat on the same loop, so it must be a "
+                "coroutine function: `async def find_blocking_method(client)`."
+            ],
+        )
+    return found
+
+
+_MEASURE_HINT = (
+    "A call that awaits takes time without holding the loop; a call that blocks may be quick. "
+    "Measure the loop while each method runs: a heartbeat on it (`StallCounter`, or your "
+    "`max_loop_lag` run beside the calls) wakes late only while something holds the loop."
+)
+_MEASURE_CODE = (
+    "For each name: `async with StallCounter() as stalls:` around three calls of that method, one after "
+    "another, and note `stalls.count`; return the name with the most."
+)
+
+
+def _judge_found(found: Any, truth: str, times: dict[str, float], where: str) -> None:
+    """``found`` must be ``truth``; a wrong name is told apart as the slowest call, the fastest, or other."""
+    expected = f"{truth!r}, the method that blocks the event loop {where}"
+    if isinstance(found, str) and found.strip("/") in _SDK_METHODS and found != found.strip("/"):
+        raise Mismatch(
+            expected,
+            f"{found!r}: an endpoint's path; the function names the client's method",
+            [f"Return the method's name, as `getattr(client, name)` takes it: {found.strip('/')!r}."],
+        )
+    expect(
+        isinstance(found, str) and found in _SDK_METHODS,
+        expected,
+        f"{short(found)}: not one of the client's three methods ('quote', 'track', 'label')",
+        "Return the name of the method whose calls held the loop: 'quote', 'track' or 'label'.",
+    )
+    if found == truth:
+        return
+    if found == max(times, key=times.__getitem__):
+        seen = (
+            f"{found!r}: the slowest call to return, but it spends that time awaiting, the loop free "
+            "meanwhile (were the calls timed, rather than the loop measured?)"
+        )
+    elif found == min(times, key=times.__getitem__):
+        seen = (
+            f"{found!r}: the fastest call to return, and one that never holds the loop (how long a "
+            "call takes does not tell whether it blocks)"
+        )
+    else:
+        seen = f"{found!r}, whose calls never hold the loop"
+    raise Mismatch(expected, seen, [_MEASURE_HINT, _MEASURE_CODE])
+
+
+def _finds(
+    find_blocking_method: Callable[..., Any],
+    make_client: Callable[[], Any],
+    truth: str,
+    times: dict[str, float],
+    where: str,
+    given: Any = None,
+) -> Any:
+    """Run the learner's finder on a new client, and once more when it names another method (a busy
+    machine holds a loop too); judge its last answer. ``given`` is its answer for the given SDK."""
+    found: Any = None
+    for _ in range(_FIND_ATTEMPTS):
+        found = _find(find_blocking_method, make_client())
+        if found == truth or found not in _SDK_METHODS:
+            break
+    if given in _SDK_METHODS and found == given != truth:
+        raise Mismatch(
+            f"{truth!r}, the method that blocks the event loop {where}",
+            f"{found!r} again, as for the given SDK, though here {found!r} never holds the loop: the "
+            "name does not come from a measurement (or your measurements all came out equal, and the "
+            "first name won)",
+            [
+                "The answer has to come from what the loop did while each method ran. Measure each "
+                "method with the heartbeat running at the same time as its calls, not before or after "
+                "them, nor on another loop or thread.",
+                _MEASURE_CODE,
+            ],
+        )
+    _judge_found(found, truth, times, where)
+    return found
+
+
+def _check_finds_given(
+    find_blocking_method: Callable[..., Any], sdk_class: Any, found: dict[str, Any]
+) -> None:
+    found["given"] = _finds(find_blocking_method, sdk_class, _SDK_CULPRIT, _SDK_TIMES, "in the given SDK")
+
+
+def _check_finds_variants(find_blocking_method: Callable[..., Any], found: dict[str, Any]) -> None:
+    for blocking, latency in _VARIANTS.items():
+        where = f"in a version of the SDK in which {blocking!r} blocks"
+        times = {
+            method: latency[method] + (_VARIANT_BLOCK if method == blocking else 0) for method in latency
+        }
+        try:
+            _finds(
+                find_blocking_method,
+                lambda blocking=blocking: ShippingClientVariant(blocking),
+                blocking,
+                times,
+                where,
+                given=found.get("given"),
+            )
+        except AttributeError as error:
+            raise Mismatch(
+                f"{blocking!r}, the method that blocks the event loop {where}",
+                f"AttributeError: {error}: your function reached into the given SDK's insides, which "
+                "this version does not have",
+                [
+                    "The versions share the SDK's three public methods only: call those, and measure the "
+                    "loop meanwhile. Which method blocks is found by measuring, not by reading the code.",
+                    _MEASURE_CODE,
+                ],
+            ) from None
+
+
+def _fixed_app(make_app: Callable[[Any], Any], client: Any) -> Any:
+    app = make_app(client)
+    for path in _SDK_ROUTES.values():
+        find_route(app, "GET", path, "app")
+    return app
+
+
+def _check_sdk_answers(server: Server, spy: _SdkSpy, answers: dict[str, Any]) -> None:
+    with httpx.Client(base_url=server.url, timeout=15, trust_env=False) as http:
+        for method in _SDK_METHODS:
+            path, params = _SDK_REQUESTS[method]
+            shown = f"GET {path}" + (f"?{urlencode(params)}" if params else "")
+            before = len(spy.of(spy.sent, method))
+            response = http.get(path, params=params)
+            if response.status_code >= 500:
+                raised = server.wait_for_exception()
+                if raised is None:
+                    raise Mismatch(
+                        f"status 200 from {shown}", f"status {response.status_code}: {response.text[:80]}"
+                    )
+                coroutine = _unawaited_coroutine(raised)
+                if coroutine is not None:
+                    name = getattr(coroutine, "__qualname__", "a coroutine")
+                    coroutine.close()  # closed, it will not warn "never awaited" later
+                    raise Mismatch(
+                        f"status 200 from {shown}",
+                        f"status 500: a coroutine object ({name}) where a value belonged: it was never "
+                        "awaited, so the call never ran",
+                        [
+                            "Calling an `async def` function (such as `anyio.to_thread.run_sync`) only "
+                            "creates a coroutine; nothing runs until it is awaited.",
+                            "Put `await` in front of it.",
+                        ],
+                    )
+                raise raised  # the learner's own error, shown as one line
+            expected = json.loads(json.dumps(answers[method]))
+            expect(
+                response.status_code == 200,
+                f"status 200 from {shown}",
+                f"status {response.status_code}: {response.text[:80]}",
+                "Keep the endpoints' paths and parameters as `make_shop_app` has them.",
+            )
+            try:
+                body = response.json()
+            except ValueError:
+                body = response.text
+            expect(
+                body == expected,
+                f"{shown} to answer what the SDK answers: {short(expected, 100)}",
+                short(body, 100),
+                "Return what the SDK's call returns, unchanged, as `make_shop_app` does.",
+            )
+            expect(
+                len(spy.of(spy.sent, method)) > before,
+                f"{shown} to call the SDK through `client`, the client passed to `make_app`",
+                "the right answer, but no request went out through that client: the app used another "
+                "ShippingClient (the notebook's `shipping`?)",
+                "Use `client`, `make_app`'s parameter, in every endpoint: the check passes a client of "
+                "its own, and watches it.",
+            )
+
+
+@dataclass(frozen=True)
+class _SdkLoad:
+    method: str
+    ok: int
+    statuses: dict[int, int]
+    stalls: int  # heartbeat wake-ups more than _SDK_STALL late
+    missed: int  # heartbeats missed in all (a wake-up 45 ms late stands for 4 missed beats)
+    in_flight: int  # the most blocking calls (rates keys fetched) at once
+
+
+def _load_endpoint(server: Server, watch: _LoopWatch, spy: _SdkSpy, method: str) -> _SdkLoad:
+    path, params = _SDK_REQUESTS[method]
+    with spy._lock:
+        spy.max_in_flight = spy.in_flight
+    beat = watch.start()
+    try:
+        result = run_in_fresh_loop(
+            lambda: load(
+                server, path, params=params or None, requests=_SDK_LOAD, concurrency=_SDK_LOAD, timeout=15
+            ),
+            timeout=30,
+            name="check-1.4-load",
+        )
+    except NoReturn as late:
+        raise Mismatch(
+            f"{_SDK_LOAD} concurrent requests to GET {path} answered within seconds",
+            f"no answer within {late.seconds:g} s: the endpoint hung",
+            [
+                "Something in the endpoint waits for what never comes: a lock never released, a "
+                "thread that waits for the loop while the loop waits for it?"
+            ],
+        ) from None
+    finally:
+        time.sleep(3 * _HEARTBEAT)  # the heartbeat notes a gap that lasts until the load's end
+        watch.stop(beat)
+    late = [lag for lag in watch.lags if lag > _SDK_STALL]
+    missed = sum(int(lag / _HEARTBEAT) for lag in late)
+    return _SdkLoad(method, result.ok, dict(result.statuses), len(late), missed, spy.max_in_flight)
+
+
+def _sdk_loads(
+    server: Server, watch: _LoopWatch, spy: _SdkSpy, loads: dict[str, _SdkLoad]
+) -> dict[str, _SdkLoad]:
+    """Ten concurrent requests at each endpoint in turn, a heartbeat on the server's loop meanwhile; all
+    three again (up to 3 times in all) while some endpoint's heartbeat missed a few beats, but far fewer
+    than a blocking call makes it miss: a busy machine, not the answer, may have held the loop."""
+    if not loads:
+        for _ in range(_SDK_ATTEMPTS):
+            loads.update({method: _load_endpoint(server, watch, spy, method) for method in _SDK_METHODS})
+            if all(run.missed == 0 or run.missed >= _MISSED_BLOCKED for run in loads.values()):
+                break
+    return loads
+
+
+def _offloaded(app: Any, spy: _SdkSpy) -> list[str]:
+    """The paths of the endpoints whose calls never block but were moved off the loop all the same."""
+    paths = []
+    for method in ("track", "label"):
+        endpoint = inspect.unwrap(find_route(app, "GET", _SDK_ROUTES[method], "app"))
+        built = spy.of(spy.built, method)
+        if not inspect.iscoroutinefunction(endpoint) or any(not call.on_loop for call in built):
+            paths.append(_SDK_ROUTES[method])
+    return paths
+
+
+def _check_blocking_call_off_loop(app: Any, spy: _SdkSpy, loads: dict[str, _SdkLoad]) -> None:
+    keys = spy.keys
+    expect(
+        keys,
+        "each quote to fetch the rates key through the SDK (its `_quote_request` signs every quote "
+        "with the current key)",
+        "no request of the app fetched it: the quotes went around the SDK",
+        "Get each quote through the SDK's own code, as `client.quote` does; only move its synchronous "
+        "part to another thread.",
+    )
+    on_loop = [call for call in keys if call.on_loop]
+    if not on_loop:
+        return
+    endpoint = inspect.unwrap(find_route(app, "GET", _SDK_ROUTES["quote"], "app"))
+    how = (
+        "your `def` endpoint handed `client.quote` back to the loop (`anyio.from_thread.run`), and its "
+        "blocking call with it"
+        if not inspect.iscoroutinefunction(endpoint)
+        else "/quote still builds its request, and so fetches the key, on the loop's thread"
+    )
+    others = _offloaded(app, spy)
+    if others:
+        how += f", while {' and '.join(others)}, whose calls never block, went to worker threads"
+    raise Mismatch(
+        "the SDK's blocking call (`_AuthClient.rates_key`, a synchronous HTTPS request) made in a "
+        "worker thread, never on the server loop's thread",
+        f"{len(on_loop)} of its {len(keys)} calls ran on the server loop's thread: {how}",
+        [
+            "Your `find_blocking_method` names the method; follow it into the helpers it calls until you "
+            "reach the synchronous call. Only that part needs a worker thread: what awaits can stay on "
+            "the loop.",
+            _SDK_SPLIT,
+            _SDK_THREAD_FIX,
+        ],
+    )
+
+
+def _check_sdk_loop_free(spy: _SdkSpy, loads: dict[str, _SdkLoad]) -> None:
+    failed = [run for run in loads.values() if run.ok != _SDK_LOAD]
+    expect(
+        not failed,
+        f"{_SDK_LOAD} responses with status 200 from each endpoint",
+        "; ".join(f"GET {_SDK_REQUESTS[run.method][0]}: statuses {run.statuses}" for run in failed),
+        "Run the cell above again, then this check: every request should succeed.",
+    )
+    blocked = [run for run in loads.values() if run.missed >= _MISSED_BLOCKED]
+    if not blocked:
+        return
+    run = blocked[0]
+    on_loop = any(call.on_loop for call in spy.keys)
+    raise Mismatch(
+        f"the server's event loop free while {_SDK_LOAD} concurrent requests run at each endpoint: a "
+        "10 ms heartbeat on it misses no beats",
+        f"during the {_SDK_LOAD} requests to GET {_SDK_REQUESTS[run.method][0]} the heartbeat stalled "
+        f"{run.stalls} time{'s' if run.stalls != 1 else ''} and missed {run.missed} beats: "
+        + (
+            "the SDK's blocking calls above held the loop"
+            if on_loop
+            else "though the SDK's blocking call ran in worker threads, the endpoint waited for it on the "
+            "loop's thread (`future.result()`, `thread.join()`, a `threading.Lock`) or made another "
+            "blocking call"
+        ),
+        [
+            "That follows from the step above: a blocking call on the loop's thread holds it up."
+            if on_loop
+            else "Starting the call in a thread is half of it; the endpoint must also *await* its result, "
+            "so that the loop serves other requests meanwhile. A synchronous wait (`.result()`, `.join()`, "
+            "`lock.acquire()`) blocks the loop as much as the call did.",
+            _SDK_THREAD_FIX,
+        ],
+    )
+
+
+def _check_sdk_overlap(spy: _SdkSpy, loads: dict[str, _SdkLoad]) -> None:
+    run = loads["quote"]
+    blocked = run.missed >= _MISSED_BLOCKED or any(call.on_loop for call in spy.keys)
+    expect(
+        run.in_flight >= 2,
+        f"the blocking calls of the {_SDK_LOAD} concurrent quotes to overlap (more than one in flight "
+        "at once)",
+        f"at most {run.in_flight} at once"
+        + (": the calls ran one after another" if run.in_flight == 1 else ": no quote fetched the key"),
+        "That follows from the steps above: while the loop is blocked, no other request can start."
+        if blocked
+        else "Something serialises the calls: a lock, a `CapacityLimiter(1)`, a pool of one thread, or "
+        "an event loop of its own that the blocking call holds?",
+        "A pool of worker threads runs several calls at once; a lock, a one-token limiter or a one-thread "
+        "pool lets one through at a time, and each request waits for all those before it. " + _SDK_THREAD_FIX,
+    )
+
+
+def _check_others_on_loop(app: Any, spy: _SdkSpy) -> None:
+    hints = (
+        "Offload only what blocks: a worker thread per request costs a token of the thread pool (40 per "
+        "loop) and two hand-overs between threads, for a call that would have waited on the loop for "
+        "free. Your `find_blocking_method` told you which method blocks.",
+        "Keep the other two endpoints as `make_shop_app` wrote them: `async def`, "
+        "`return await client.track(parcel_id)` and `return await client.label(parcel_id, size)`.",
+    )
+    for method in ("track", "label"):
+        path = _SDK_ROUTES[method]
+        endpoint = inspect.unwrap(find_route(app, "GET", path, "app"))
+        expected = (
+            f"GET {path} to run on the event loop, as in `make_shop_app`: `client.{method}` never blocks"
+        )
+        if not inspect.iscoroutinefunction(endpoint):
+            raise Mismatch(
+                expected,
+                "a plain `def` endpoint: FastAPI runs it in a worker thread, a thread per request for a "
+                "call that never holds the loop",
+                hints,
+            )
+        built = spy.of(spy.built, method)
+        off = [call for call in built if not call.on_loop]
+        expect(
+            not off,
+            expected,
+            f"{len(off)} of its {len(built)} requests were built in a worker thread: offloaded, though "
+            f"`client.{method}` never blocks",
+            *hints,
+        )
+
+
+def _check_one_session(spy: _SdkSpy) -> None:
+    off = [call for call in spy.sent if not call.on_loop]
+    if not off:
+        return
+    loops = {call.loop for call in off}
+    per_call = len(loops) > 1
+    raise Mismatch(
+        "every request sent from the server's loop, through the session the SDK keeps for it (one "
+        "session, its connections reused)",
+        f"{len(off)} of {len(spy.sent)} requests went out from {len(loops)} other event "
+        f"loop{'s' if per_call else ''}"
+        + (
+            ", each with a session of its own: `asyncio.run` in a worker thread starts an event loop per "
+            "call, and the SDK opens a session (a pool of connections) per loop, never closed, its "
+            "connections never reused"
+            if per_call
+            else " (a loop of its own, in another thread): the SDK opened a second session for it, and "
+            "every call of that loop waits behind the blocking ones"
+        ),
+        [
+            "Do not run the whole coroutine in a thread (the lesson's section 5): split the call. Only "
+            "its synchronous part needs a worker thread; what awaits belongs on the server's loop.",
+            _SDK_SPLIT,
+            _SDK_THREAD_FIX,
+        ],
+    )
+
+
+def check_blocking_sdk(
+    find_blocking_method: Callable[[Any], Awaitable[str]],
+    make_app: Callable[[Any], Any],
+    sdk_class: Callable[[], Any],
+) -> None:
+    """Check Exercise 1.4: find, by measuring, which method of an "async" SDK blocks the event loop, and
+    fix only that endpoint.
+
+    First it makes a ``sdk_class()`` (the given ``ShippingClient``) and calls each method once, and
+    ``quote`` once more, on a fresh loop beside a heartbeat: each quote must still fetch its signing key
+    on the loop's thread and stall the heartbeat (the SDK unchanged). Then ``await
+    find_blocking_method(client)`` runs on a fresh loop: for a new ``ShippingClient`` it must return
+    ``"quote"``; for two of the check's own ``ShippingClientVariant`` objects (the same three public
+    methods, with ``"track"`` and then ``"label"`` as the one that makes a 50 ms synchronous call, and
+    neither the slowest nor the fastest call to return) it must return that method. A wrong name is run
+    once more (a busy machine holds loops too) before it counts.
+
+    Why this design: the learner writes the finder as a function rather than a name because a name,
+    once known, passes for anyone; a function run on versions of the SDK in which another method blocks
+    passes only if it measures. Timing the calls picks the slowest, and a measurement that never
+    overlaps the calls sees no stall and returns the first name: each fails in a version. The fix is
+    judged on the given SDK only: it is written for the code in front of the learner (which helper to
+    move to a thread), as a fix of a real SDK is; what makes it right is checked by mechanism.
+
+    Then it serves ``make_app(client)`` (stopped again before returning), with a ``ShippingClient``
+    whose blocking call (``_auth.rates_key``), request building (``_request``) and sending (``_send``)
+    note on which thread or loop they ran and how many blocking calls were in flight. Each endpoint
+    must answer what the SDK answers, through that client. Then 10 concurrent requests go to each
+    endpoint in turn, with a 10 ms heartbeat on the server's loop: the check counts its stalls (wake-ups
+    over 30 ms late) and the beats they missed, and runs the three loads again (up to 3 times) while
+    an endpoint missed a few beats but fewer than 15 (a busy machine; the blocking SDK makes it miss
+    about 50). It requires: no blocking call on the server loop's thread; fewer than 15 missed beats
+    at every endpoint; at least 2 blocking calls in flight at once during the quotes; ``/track`` and
+    ``/label`` still ``async def``, their requests built on the server loop's thread (not offloaded
+    for nothing); and every request sent from the server's loop (no event loop started per call).
+    """
+    with exercise("1.4", "Find the blocking call in an SDK you did not write", SOLUTION) as ex:
+        answers = ex.require(
+            "the SDK is the exercise's `ShippingClient`, unchanged", lambda: _given_sdk(sdk_class)
+        )
+        found: dict[str, Any] = {}
+        ex.step(
+            "`await find_blocking_method(ShippingClient())` names the method that blocks the event loop",
+            lambda: _check_finds_given(find_blocking_method, sdk_class, found),
+        )
+        ex.step(
+            "it names the blocking method in two other versions of the SDK (the same three methods), in "
+            "each of which another method blocks: the name is measured, not known",
+            lambda: _check_finds_variants(find_blocking_method, found),
+        )
+        client = sdk_class()
+        spy = _SdkSpy(client)
+        spy.install()
+        app = ex.require(
+            "`make_app(client)` returns an app with the three endpoints of `make_shop_app`",
+            lambda: _fixed_app(make_app, client),
+        )
+        watch = _LoopWatch(app)
+        with _joins_new_threads_but_pools(), serve(watch, name="check-1.4") as server:
+            spy.loop = watch.loop
+            ex.require(
+                "each endpoint answers what the SDK answers, through the `client` passed to `make_app`",
+                lambda: _check_sdk_answers(server, spy, answers),
+            )
+            loads: dict[str, _SdkLoad] = {}
+            ex.step(
+                "the SDK's blocking call runs in a worker thread, never on the server loop's thread",
+                lambda: _check_blocking_call_off_loop(app, spy, _sdk_loads(server, watch, spy, loads)),
+            )
+            ex.step(
+                f"the server's loop stays free while {_SDK_LOAD} concurrent requests run at each endpoint "
+                "(a heartbeat on it misses no beats)",
+                lambda: _check_sdk_loop_free(spy, _sdk_loads(server, watch, spy, loads)),
+            )
+            ex.step(
+                f"the blocking calls of {_SDK_LOAD} concurrent requests overlap (more than one in flight "
+                "at once)",
+                lambda: _check_sdk_overlap(spy, _sdk_loads(server, watch, spy, loads)),
+            )
+            ex.step(
+                "the two endpoints whose calls never block still run on the event loop (not offloaded "
+                "for nothing)",
+                lambda: _check_others_on_loop(app, spy),
+            )
+            ex.step(
+                "every request goes out from the server's loop, through the SDK's session for it "
+                "(no event loop started per call)",
+                lambda: _check_one_session(spy),
+            )
