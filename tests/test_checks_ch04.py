@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import ForeignKey, String, delete, select, update
+from sqlalchemy import ForeignKey, String, delete, insert, make_url, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncAttrs,
@@ -43,7 +43,7 @@ from support.checks.ch04 import (
     check_pool_fail_fast,
     check_session_dependency,
 )
-from support.database import fresh_database, install_sleep, slow_query
+from support.database import database_url, fresh_database, install_sleep, slow_query
 from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
@@ -1096,6 +1096,31 @@ def checkout_answer(variant: str, notebook: list[Any] | None = None) -> Any:
             finally:
                 await record(sessions, sku, order_id, status)
             return status
+        if variant in ("any-error-declines", "error-swallowed"):  # an error from the provider
+            order_id = await reserve(sessions, sku)
+            try:
+                await payments.charge(sku)
+            except PaymentDeclined:
+                status = "declined"
+            except Exception:
+                if variant == "error-swallowed":  # "leave it pending", and say so instead of raising
+                    return "pending"
+                status = "declined"  # "not paid, so declined"
+            else:
+                status = "paid"
+            await record(sessions, sku, order_id, status)
+            return status
+        if variant == "for-update":  # locks the row it reads: on PostgreSQL, not on SQLite
+            async with sessions.begin() as session:
+                stock = await session.scalar(select(Stock).where(Stock.sku == sku).with_for_update())
+                if stock is None or stock.available < 1:
+                    raise OutOfStock(sku)
+                stock.available -= 1
+                order = CheckoutOrder(sku=sku, status="pending")
+                session.add(order)
+            status = await charge(payments, sku)
+            await record(sessions, sku, order.id, status)
+            return status
         if variant == "notebook-sessions":  # the notebook's factory, not the argument
             assert notebook is not None
             order_id = await reserve(notebook[0], sku)
@@ -1116,7 +1141,7 @@ def test_4_4_short_transactions_pass(variant: str, capsys: pytest.CaptureFixture
         "  ✅ passed: 10 checkouts at once on a pool of 2: all paid, none waits out pool_timeout, none holds "
         "a connection while its charge runs\n"
     ) in out
-    assert out.endswith("Exercise 4.4: passed ✅ (7 of 7 checks)\n")
+    assert out.endswith("Exercise 4.4: passed ✅ (8 of 8 checks)\n")
 
 
 def test_4_4_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1135,6 +1160,12 @@ SCARCE_STEP = (
 )
 DECLINED_STEP = (
     "  ❌ not yet: a declined payment: returns 'declined', its order 'declined', its unit back in stock\n"
+)
+PROVIDER_ERROR_STEP = (
+    "  ❌ not yet: the provider fails with another error than PaymentDeclined (a ConnectionError): the "
+    "error propagates, its order stays 'pending', its unit reserved\n"
+    "       expected: the ConnectionError raised out of checkout, its order left 'pending', its unit "
+    "reserved (4 of 5 in stock)\n"
 )
 CRASH_STEP = (
     "  ❌ not yet: a checkout cut short while charge() runs (a crash): its order stays 'pending', its unit "
@@ -1163,7 +1194,7 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
             "       seen:     no order, and no unit reserved; 5 of 5 units in stock: the reservation was not "
             "committed before charge() ran",
         ),
-        "3 of 7",
+        "3 of 8",
     ),
     # `async with sessions() as session:` for the outcome, thinking the block commits
     "no-commit-outcome": (
@@ -1177,7 +1208,7 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
     # reads the stock, then decrements it with `available - 1`, as two statements
     "read-then-decrement": (
         (SCARCE_STEP + OVERSOLD, "each checkout took a unit whatever the number it had read\n"),
-        "6 of 7",
+        "7 of 8",
     ),
     # the ORM way: `stock.available -= 1` on the object it read
     "lost-update": (
@@ -1186,7 +1217,7 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
             "; the stock says 0: each checkout wrote the number it had read, less one, over the other "
             "checkouts' writes (a lost update)\n",
         ),
-        "6 of 7",
+        "7 of 8",
     ),
     # the conditional UPDATE, but its rowcount never looked at
     "ignores-rowcount": (
@@ -1195,7 +1226,7 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
             "the UPDATE found no unit left for 7 of them and changed nothing, and they were sold all the "
             "same\n",
         ),
-        "6 of 7",
+        "7 of 8",
     ),
     # commits the order with the UPDATE, then tests rowcount
     "refused-order-kept": (
@@ -1203,7 +1234,7 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
             SCARCE_STEP + "       expected: 3 orders stored, one per sale\n"
             "       seen:     10 orders (3 'paid', 7 'pending'): 7 left by checkouts that were refused\n",
         ),
-        "6 of 7",
+        "7 of 8",
     ),
     # marks the order declined, forgets the unit
     "declined-kept": (
@@ -1211,7 +1242,7 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
             DECLINED_STEP + "       expected: the unit back in stock: 5 of 5\n"
             "       seen:     4 of 5: the reserved unit was not given back\n",
         ),
-        "6 of 7",
+        "7 of 8",
     ),
     # "a declined order is no order": deletes it
     "declined-deleted": (
@@ -1219,7 +1250,7 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
             DECLINED_STEP + "       expected: one order stored, 'declined'\n"
             "       seen:     orders of that sku: none: the declined checkout left no record\n",
         ),
-        "6 of 7",
+        "7 of 8",
     ),
     # records the decline, then re-raises it to the caller
     "declined-raised": (
@@ -1228,7 +1259,7 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
             "       seen:     PaymentDeclined raised out of checkout (orders of that sku: 1 'declined'; 5 of "
             "5 units in stock)\n",
         ),
-        "6 of 7",
+        "7 of 8",
     ),
     # takes the unit, charges, and only then writes the order with its final status
     "order-after-charge": (
@@ -1236,7 +1267,7 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
             CRASH_STEP + "       seen:     no order, and a unit gone: the unit was taken before the charge "
             "and the order was to be written after it",
         ),
-        "6 of 7",
+        "6 of 8",
     ),
     # "always record an outcome": a `finally` that marks a cancelled charge declined
     "finally-records": (
@@ -1244,7 +1275,24 @@ WRONG_CHECKOUTS: dict[str, tuple[tuple[str, ...], str]] = {
             CRASH_STEP + "       seen:     the order recorded 'declined'; 5 of 5 units in stock: the "
             "checkout was cut short while the provider was charging",
         ),
-        "6 of 7",
+        "6 of 8",
+    ),
+    # "not paid, so declined": `except Exception` takes the provider's own failure for a decline
+    "any-error-declines": (
+        (
+            PROVIDER_ERROR_STEP + "       seen:     returned 'declined'; orders of that sku: 1 'declined'; "
+            "5 of 5 in stock: the provider's ConnectionError was taken for a decline, so the order was "
+            "closed and its unit given back, though nobody knows whether the card was charged\n",
+        ),
+        "7 of 8",
+    ),
+    # leaves the order pending, but returns instead of letting the error propagate
+    "error-swallowed": (
+        (
+            PROVIDER_ERROR_STEP + "       seen:     returned 'pending'; orders of that sku: 1 'pending'; "
+            "4 of 5 in stock: the provider's ConnectionError was swallowed",
+        ),
+        "7 of 8",
     ),
     # the notebook's `shop_sessions` instead of the `sessions` argument
     "notebook-sessions": (
@@ -1268,6 +1316,50 @@ def test_4_4_wrong_answers_are_rejected(
     for line in lines:
         assert line in out
     assert out.endswith(f"Exercise 4.4: not yet — {passed} checks pass")
+
+
+def test_4_4_a_read_with_for_update_is_judged_by_the_database(capsys: pytest.CaptureFixture[str]) -> None:
+    url = database_url()
+    if url is not None and make_url(url).get_backend_name() == "postgresql":
+        check_checkout(checkout_answer("for-update"), *SHOP)  # the row is locked: no other read meanwhile
+        assert capsys.readouterr().out.endswith("Exercise 4.4: passed ✅ (8 of 8 checks)\n")
+        return
+    out = rejected(capsys, check_checkout, checkout_answer("for-update"), *SHOP)
+    assert (
+        SCARCE_STEP + OVERSOLD + "       seen:     6 paid for 3 units, oversold by 3; the stock was read "
+        in out
+    )
+    assert "with FOR UPDATE, which SQLite ignores (it has no row locks), so the other checkouts read " in out
+    assert "One statement guarded by `WHERE available > 0` is the portable way" in out
+    assert out.endswith("Exercise 4.4: not yet — 7 of 8 checks pass")
+
+
+def test_4_4_the_notebooks_shop_is_left_alone(
+    notebook_shop: list[async_sessionmaker[AsyncSession]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check's tables are apart from the notebook's (on $DATABASE_URL, the same database)."""
+    shop_sessions = notebook_shop[0]
+
+    async def stock_the_shop() -> None:
+        async with shop_sessions() as session, session.begin():
+            connection = await session.connection()
+            await connection.run_sync(ShopBase.metadata.create_all)
+            await session.execute(insert(Stock).values(sku="ch04x-lamp", available=20))
+
+    async def read_and_drop() -> int | None:
+        async with shop_sessions() as session, session.begin():
+            left = await session.scalar(select(Stock.available).where(Stock.sku == "ch04x-lamp"))
+            connection = await session.connection()
+            await connection.run_sync(ShopBase.metadata.drop_all)
+        return left
+
+    asyncio.run(stock_the_shop())
+    try:
+        check_checkout(checkout_answer("right"), *SHOP)
+    finally:
+        left = asyncio.run(read_and_drop())
+    assert capsys.readouterr().out.endswith("Exercise 4.4: passed ✅ (8 of 8 checks)\n")
+    assert left == 20
 
 
 def test_4_4_a_plain_function_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,6 +29,9 @@ waiting at least 1.2 s for the last ones, past the 1 s pool_timeout, so its pool
 bound, not a race. Oversold stock would show only when two checkouts happen to read before either
 writes, so the check makes that happen: after each read of the stock table, the reader awaits 50 ms
 (from inside SQLAlchemy's greenlet, as a driver awaits its socket) while the other checkouts run.
+On PostgreSQL its tables are in a schema of their own (``ch04x_check_4_4``, its connections'
+``search_path``), since ``$DATABASE_URL`` is the notebook's database too: the check does not drop the
+notebook's shop, and an answer that uses the notebook's ``shop_sessions`` cannot reach the check's.
 
 What a wrong answer leaves behind is tidied too: sessions it never closed are closed by the check
 (so no connection is left for the garbage collector to complain about), and the "coroutine was never
@@ -55,11 +58,12 @@ from typing import Annotated, Any
 import httpx
 import sqlalchemy
 from fastapi import FastAPI, HTTPException, params
-from sqlalchemy import Row, String, event, insert, select
+from sqlalchemy import Row, String, event, insert, make_url, select
 from sqlalchemy.exc import InvalidRequestError, MissingGreenlet, NoInspectionAvailable
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, object_session
 from sqlalchemy.orm.exc import DetachedInstanceError
+from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_
 
 from support.checks import Mismatch, exercise, expect
@@ -1755,6 +1759,8 @@ _CONCURRENT_44 = 10
 _SCARCE = 3  # units for _CONCURRENT_44 checkouts that arrive together
 _READ_PAUSE = 0.05  # after each read of the stock table, the other checkouts run this long
 _BOUND_44 = 8.0  # the longest a scenario's checkouts may take
+_SCHEMA_44 = "ch04x_check_4_4"  # on PostgreSQL: the check's tables, apart from the notebook's own shop
+_PROVIDER_DOWN = "the payment provider did not answer (the check's provider)"
 _CALL_4_4 = "Call the check as `check_checkout(checkout, Stock, CheckoutOrder, PaymentDeclined, OutOfStock)`."
 _RESERVE = (
     "`result = await session.execute(update(Stock).where(Stock.sku == sku, Stock.available > 0)"
@@ -1829,19 +1835,24 @@ class _Shop:
     holders: _Holders
     Stock: Any
     Order: Any
+    schema: str | None = None  # PostgreSQL: the schema of the check's tables (its connections' search_path)
     stock_reads: int = 0  # SELECTs of the stock table, counted while the check pauses after them
+    locked_reads: int = 0  # of which asked for a row lock (FOR UPDATE), whether the database gives one or not
 
 
 class _Provider:
     """The check's payment provider: a charge takes 0.3 s, and notes the connections held meanwhile.
 
     ``mode``: "accept" every charge, "decline" every charge (raising the learner's PaymentDeclined),
-    or "hang": the charge never returns, as when the process dies while the provider works.
+    "fail": the charge raises ``ConnectionError``, an error that is no answer (the card may or may not
+    have been charged), or "hang": the charge never returns, as when the process dies while the
+    provider works.
     """
 
     def __init__(self, shop: _Shop, declined: type[BaseException], mode: str = "accept") -> None:
         self.shop, self.declined, self.mode = shop, declined, mode
         self.charges: list[_Charge] = []
+        self.failures: list[BaseException] = []  # the errors raised in "fail" mode
         self.charging = asyncio.Event()
 
     async def charge(self, *args: Any, **kwargs: Any) -> None:
@@ -1855,6 +1866,10 @@ class _Provider:
         record.in_use_end, record.mine_end = self.shop.watch.in_use, self.shop.holders.held_by(task)
         if self.mode == "decline":
             raise self.declined("card declined (the check's provider)")
+        if self.mode == "fail":
+            failure = ConnectionError(_PROVIDER_DOWN)
+            self.failures.append(failure)
+            raise failure
 
 
 @dataclass
@@ -1867,6 +1882,9 @@ class _Sale:
     queries: int = 0  # statements the learner's code ran on the check's engine
     in_use_after: int = 0  # connections still checked out once every checkout had returned
     stock_reads: int = 0  # SELECTs of the stock table (counted only where the check pauses after them)
+    locked_reads: int = 0  # of which with FOR UPDATE (SQLAlchemy leaves the clause out on SQLite)
+    dialect: str = ""
+    failures: list[BaseException] = field(default_factory=list)  # the provider's errors, in "fail" mode
     reached_charge: bool = True
     stock: int | None = None
     statuses: list[str] = field(default_factory=list)  # the sku's orders, by id
@@ -1894,23 +1912,59 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
     """
     table = str(shop.Stock.__table__.name).lower()
 
-    def pause(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def pause(_conn: Any, _cursor: Any, statement: str, _parameters: Any, context: Any, *_: Any) -> None:
         text = statement.lstrip().lower()
         if text.startswith("select") and table in text:
             shop.stock_reads += 1
+            asked = getattr(getattr(context, "compiled", None), "statement", None)
+            if "for update" in text or getattr(asked, "_for_update_arg", None) is not None:
+                shop.locked_reads += 1
             await_(asyncio.sleep(_READ_PAUSE))
 
     event.listen(shop.engine.sync_engine, "after_cursor_execute", pause)
     return pause
 
 
+async def _own_schema(url: str) -> str | None:
+    """On PostgreSQL, a schema for the check's tables (None elsewhere, or where it may not be made).
+
+    ``$DATABASE_URL`` is the notebook's database too, whose `shop_sessions` works on tables of the
+    same names: in a schema of its own, the check neither drops the notebook's shop nor lets an answer
+    that uses `shop_sessions` instead of `sessions` change the check's stock.
+    """
+    if make_url(url).get_backend_name() != "postgresql":
+        return None
+    admin = create_async_engine(url, poolclass=NullPool)
+    try:
+        async with admin.begin() as conn:
+            await conn.execute(sqlalchemy.text(f"CREATE SCHEMA IF NOT EXISTS {_SCHEMA_44}"))
+    except sqlalchemy.exc.DBAPIError:  # no right to make schemas: the tables go where they always did
+        return None
+    finally:
+        await admin.dispose()
+    return _SCHEMA_44
+
+
+def _search_path(engine: AsyncEngine, schema: str) -> None:
+    """Every new connection of ``engine`` finds unqualified tables in ``schema`` (SQL text too)."""
+
+    def use(dbapi_connection: Any, _record: Any) -> None:
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True  # so that no rollback undoes the SET
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET SESSION search_path TO {schema}")
+        cursor.close()
+        dbapi_connection.autocommit = autocommit
+
+    event.listen(engine.sync_engine, "connect", use, insert=True)
+
+
 async def _open_shop(Stock: Any, Order: Any, sku: str, units: int) -> _Shop:
-    engine = create_async_engine(
-        fresh_database("ch04x-check-4-4"),
-        pool_size=_SHOP_POOL,
-        max_overflow=0,
-        pool_timeout=_SHOP_WAIT,
-    )
+    url = fresh_database("ch04x-check-4-4")
+    schema = await _own_schema(url)
+    engine = create_async_engine(url, pool_size=_SHOP_POOL, max_overflow=0, pool_timeout=_SHOP_WAIT)
+    if schema is not None:
+        _search_path(engine, schema)
     tables = (Stock.__table__, Order.__table__)
     async with engine.begin() as conn:
         for table in reversed(tables):
@@ -1920,7 +1974,7 @@ async def _open_shop(Stock: Any, Order: Any, sku: str, units: int) -> _Shop:
         await conn.execute(insert(Stock).values(sku=sku, available=units))
     sessions, made = _tracked_sessions(engine)
     watch = PoolWatch(engine)
-    return _Shop(engine, sessions, made, watch, _Holders(engine), Stock, Order)
+    return _Shop(engine, sessions, made, watch, _Holders(engine), Stock, Order, schema)
 
 
 async def _close_sessions(shop: _Shop) -> None:
@@ -1937,6 +1991,10 @@ async def _close_shop(shop: _Shop) -> None:
         async with shop.engine.begin() as conn:
             for table in (shop.Order.__table__, shop.Stock.__table__):
                 await conn.run_sync(lambda sync, t=table: t.drop(sync, checkfirst=True))
+        if shop.schema is not None:
+            with suppress(sqlalchemy.exc.DBAPIError):  # not empty: another run's tables are in it
+                async with shop.engine.begin() as conn:
+                    await conn.execute(sqlalchemy.text(f"DROP SCHEMA IF EXISTS {shop.schema}"))
     finally:
         await shop.engine.dispose()
 
@@ -1981,8 +2039,9 @@ async def _sell(
                 raise
             sale.hung = True
         sale.queries, sale.in_use_after = shop.watch.queries, shop.watch.in_use
-        sale.stock_reads = shop.stock_reads
-        sale.charges = provider.charges
+        sale.stock_reads, sale.locked_reads = shop.stock_reads, shop.locked_reads
+        sale.dialect = _dialect(shop.engine)
+        sale.charges, sale.failures = provider.charges, provider.failures
         if pausing is not None:
             event.remove(shop.engine.sync_engine, "after_cursor_execute", pausing)
         await _close_sessions(shop)
@@ -2051,7 +2110,7 @@ def _first_error(sale: _Sale, allowed: tuple[type[BaseException], ...] = ()) -> 
 
 
 def _one_line(exc: BaseException, limit: int = 70) -> str:
-    text = (str(exc).splitlines() or [""])[0]
+    text = re.sub(r"^\([\w.]+\) ", "", (str(exc).splitlines() or [""])[0])  # SQLAlchemy's "(driver.Error) "
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -2229,6 +2288,21 @@ def _check_scarce(sale: _Sale, out_of_stock: type[BaseException]) -> None:
             else f"the stock says {sale.stock}: each checkout wrote the number it had read, less one, over "
             "the other checkouts' writes (a lost update)"
         )
+        if sale.locked_reads and sale.dialect == "sqlite":
+            raise Mismatch(
+                expected,
+                f"{oversold}; the stock was read with FOR UPDATE, which SQLite ignores (it has no row "
+                f"locks), so the other checkouts read the same number meanwhile; {how}",
+                [
+                    "`with_for_update()` makes the read wait for other transactions' locks on "
+                    "PostgreSQL, but SQLite, the course's default database, has no row locks: there a "
+                    "read and then a write still race. One statement guarded by `WHERE available > 0` "
+                    "is the portable way: the write itself decides, on every database.",
+                    "Take the unit and test it in one statement, and refuse when it changed no row: "
+                    + _RESERVE
+                    + ".",
+                ],
+            )
         raise Mismatch(
             expected,
             f"{oversold}; {how}",
@@ -2376,6 +2450,89 @@ def _check_crash(sale: _Sale) -> None:
     )
 
 
+def _raised_from(exc: BaseException, causes: list[BaseException]) -> bool:
+    """Whether ``exc`` is one of ``causes``, holds one (an ExceptionGroup) or was raised from one."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if any(current is cause for cause in causes):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
+
+
+def _check_provider_error(sale: _Sale) -> None:
+    if sale.hung:
+        raise _hung("a checkout whose charge failed")
+    (result,) = sale.results
+    propagated = isinstance(result, BaseException) and _raised_from(result, sale.failures)
+    if isinstance(result, BaseException) and not propagated:
+        raise result  # the learner's code raised an error of its own
+    expected = (
+        f"the ConnectionError raised out of checkout, its order left 'pending', its unit reserved "
+        f"({_STOCKED - 1} of {_STOCKED} in stock)"
+    )
+    expect(
+        sale.charges,
+        "the checkout to call charge()",
+        "it finished without charging: " + short(result, 60),
+        "Call `await payments.charge(sku)` once the reservation's transaction has ended.",
+    )
+    expect(
+        len(sale.charges) == 1,
+        "one charge: after an error nobody knows whether the first went through",
+        f"{len(sale.charges)} charges: charge() was called again after the provider failed, which can "
+        "charge the customer twice",
+        "An error from the provider is no answer: the first charge may have gone through. Do not retry "
+        "it in the checkout; let the error propagate and leave the order 'pending'.",
+    )
+    did = f"raised {type(result).__name__}" if propagated else f"returned {short(result, 40)}"
+    found = f"{did}; orders of that sku: {_statuses(sale.statuses)}; {sale.stock} of {_STOCKED} in stock"
+    if sale.statuses == ["declined"]:
+        raise Mismatch(
+            expected,
+            f"{found}: the provider's ConnectionError was taken for a decline, so the order was closed "
+            "and its unit given back, though nobody knows whether the card was charged",
+            [
+                "Only PaymentDeclined is the provider's answer 'no'. After any other error (a timeout, "
+                "the provider down) the charge may or may not have gone through: `except Exception:` "
+                "around the charge (or anything broader, a `finally:` too) takes every error for a "
+                "decline.",
+                "`except PaymentDeclined:` for the decline, and nothing for any other error: it "
+                "propagates, and the order stays 'pending' with its unit reserved, as after a crash, for "
+                "a job that asks the provider later.",
+            ],
+        )
+    if sale.statuses != ["pending"] or sale.stock != _STOCKED - 1:
+        raise Mismatch(
+            expected,
+            found,
+            [
+                "The reservation commits one 'pending' order with its unit; only an answer from the "
+                "provider (charge() returned, or raised PaymentDeclined) changes it. After any other "
+                "error nobody knows whether the card was charged.",
+                "Catch only PaymentDeclined around the charge: any other error leaves checkout as it "
+                "came, with the order and its unit as the reservation committed them.",
+            ],
+        )
+    expect(
+        propagated,
+        expected,
+        f"{found}: the provider's ConnectionError was swallowed, so the caller is told the checkout "
+        "ended when nobody knows whether the customer paid",
+        "Let the provider's error propagate: the caller (the endpoint, the code that retries later) "
+        "must know that the checkout did not finish.",
+        "Catch only PaymentDeclined around the charge; with no `except` for it, any other error leaves "
+        "checkout as it came.",
+    )
+
+
 def _shop_models(checkout: Any, Stock: Any, Order: Any, declined: Any, out_of_stock: Any) -> None:
     expect(callable(checkout), "the function `checkout`", short(checkout), _CALL_4_4)
     expect(
@@ -2424,7 +2581,9 @@ def check_checkout(
     after each read of the stock table so that a read-then-write always races: 3 'paid', 7
     ``OutOfStock``, stock 0, 3 orders. A declined card: 'declined' returned, the order 'declined',
     the unit back. A checkout cancelled while the provider charges (as by a crash): its order left
-    'pending' and its unit still reserved.
+    'pending' and its unit still reserved. A charge that fails with ``ConnectionError`` (no answer: the
+    card may or may not have been charged): that error raised out of checkout, charged once, the order
+    left 'pending' and its unit reserved.
     """
     with exercise("4.4", "A checkout that holds no connection while the provider charges", SOLUTION) as ex:
         if not ex.step(
@@ -2471,6 +2630,13 @@ def check_checkout(
             "a checkout cut short while charge() runs (a crash): its order stays 'pending', its unit "
             "reserved",
             lambda: _check_crash(_run_sale(lambda: _crash(checkout, models, "ch04x-crash"))),
+        )
+        ex.step(
+            "the provider fails with another error than PaymentDeclined (a ConnectionError): the error "
+            "propagates, its order stays 'pending', its unit reserved",
+            lambda: _check_provider_error(
+                _run_sale(lambda: _sell(checkout, models, "ch04x-outage", _STOCKED, 1, mode="fail"))
+            ),
         )
 
 
