@@ -938,6 +938,8 @@ def exports_answer(variant: str) -> tuple[FastAPI, Any, str]:
     def export_id_for(idempotency_key: str | None, params: dict) -> str:
         if variant == "params-hash":  # the body names the export: two requests for one report are one
             return "export-" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
+        if variant == "hash-key" and idempotency_key:  # salted per process: another id after a restart
+            return f"export-{hash(idempotency_key) & (2**64 - 1):016x}"
         if idempotency_key:
             return "export-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
         return "export-" + uuid.uuid4().hex
@@ -1016,7 +1018,16 @@ def exports_answer(variant: str) -> tuple[FastAPI, Any, str]:
             await job.refresh()
         elif await queue.job(export_id) is None:
             retries = 100 if variant == "retries-many" else 1
-            await queue.enqueue("run_export", key=export_id, params=params, retries=retries, ttl=3600)
+            ttl = 2 if variant == "short-ttl" else 3600  # short-ttl: forgotten 2 s after it is done
+            enqueued = queue.enqueue("run_export", key=export_id, params=params, retries=retries, ttl=ttl)
+            if variant == "enqueue-task":  # "don't make the client wait for Redis": 202 before it is stored
+                memory.setdefault("tasks", set()).add(asyncio.create_task(enqueued))
+            else:
+                await enqueued
+        if variant == "wait-briefly":  # small exports in one round trip: waits for the build a moment
+            job = await queue.job(export_id)
+            with contextlib.suppress(TimeoutError):
+                await job.refresh(until_complete=0.5)
         if variant != "no-location":
             response.headers["Location"] = f"/exports/{export_id}"
         return {"export_id": export_id}
@@ -1264,7 +1275,7 @@ def test_2_4_a_failure_without_its_error_is_rejected(capsys: pytest.CaptureFixtu
 def test_2_4_done_without_its_rows_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_async_exports, *exports_answer("no-rows"))
     assert (
-        "❌ not yet: released, each export is done, with its row count\n"
+        "❌ not yet: released, each export is done, with its row count, and stays in Redis once done\n"
         '       expected: the row count of each export that is done, as "rows": what `build_export` '
         "returned\n"
     ) in out
@@ -1326,6 +1337,58 @@ def test_2_4_an_unknown_id_not_404_is_rejected(
         f"       seen:     {seen}"
     ) in out
     assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
+
+
+def test_2_4_waiting_a_moment_for_the_build_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # enqueued, then up to 0.5 s waiting for the job to finish: within the 1 s budget, but not at once
+    out = rejected(capsys, check_async_exports, *exports_answer("wait-briefly"))
+    assert (
+        "       expected: each POST answered as soon as its export is on the queue: the 202 says accepted, "
+        "not built\n"
+        "       seen:     8 of 8 POSTs waited for their job to finish before answering (listening for its "
+        "status, as `job.refresh(until_complete=…)` does)"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 1 of 2 checks pass")
+
+
+def test_2_4_an_enqueue_left_to_a_task_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # the enqueue fired off with create_task: the 202 goes out before the job is stored
+    out = rejected(capsys, check_async_exports, *exports_answer("enqueue-task"))
+    assert (
+        "       expected: each 202 sent once its job is stored in Redis (a 202 promises the export is "
+        "queued)\n"
+        "       seen:     8 of 8 POSTs answered before the `enqueue` they had started returned: the enqueue "
+        "ran on its own, after the response"
+    ) in out
+    assert out.endswith("Exercise 2.4: not yet — 1 of 2 checks pass")
+
+
+def test_2_4_an_id_from_pythons_hash_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # hash() of a str is salted per process: the restarted app computes another id for the same key
+    out = rejected(capsys, check_async_exports, *exports_answer("hash-key"))
+    assert re.search(
+        r"seen:     status 202, export_id 'export-[0-9a-f]{16}': a new export\. Its id came from Python's "
+        r"`hash\(\)` of the key \(`hash\('ex24-[0-9a-f]{12}'\)`\), and `hash\(\)` of a string is salted "
+        r"anew in each process \(PYTHONHASHSEED\)",
+        out,
+    )
+    assert "hash" not in globals(), "the check takes its `hash` away again"
+    assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
+
+
+def test_2_4_a_job_forgotten_soon_after_it_is_done_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # enqueued with ttl=2: two seconds after it is done, its id answers 404 and a retry builds it again
+    out = rejected(capsys, check_async_exports, *exports_answer("short-ttl"))
+    assert (
+        "       expected: each finished export kept in Redis for minutes at least (SAQ keeps a finished job "
+        "10 minutes by default)"
+    ) in out
+    assert re.search(
+        r"seen:     the job of \w+ 2026-0\d \(export_id 'export-[0-9a-f]+'\) had [0-2]\.\d s left in Redis "
+        r"once finished \(enqueued with ttl=2\)",
+        out,
+    )
+    assert out.endswith("Exercise 2.4: not yet — 4 of 5 checks pass")
 
 
 def test_2_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None:
