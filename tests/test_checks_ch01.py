@@ -378,8 +378,8 @@ def test_1_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
         (
             "rounded",
             "a short stall (0.04 s, with `interval=0.01`) shows too: a worst lag of about 0.03–0.04 s",
-            "seen:     0.000 s here, and exactly 0.2 s for the 0.2 s stalls: your probe rounds the lag "
-            "to 1 decimal place, so a stall of tens of milliseconds reads as none",
+            "s for the 0.2 s stalls: your probe rounds the lag to 1 decimal place, so a lag of tens of "
+            "milliseconds reads as 0 s, or as 0.1 s, never as what it was",
             8,
         ),
         (
@@ -398,6 +398,10 @@ def test_1_2_wrong_measures_are_named(
     out = rejected(capsys, check_loop_lag_probe, lag_probe(variant))
     assert f"  ❌ not yet: {step}\n" in out
     assert message in out
+    if variant == "to_thread" and "  ❌ not yet: an idle loop shows less than 0.03 s of lag\n" in out:
+        # On a busy machine the worker threads wake late, and this probe reports that as the idle
+        # loop's lag: a fault of the probe too (the loop was not late), seen only on a busy machine.
+        passing -= 1
     assert out.endswith(f"Exercise 1.2: not yet — {passing} of 9 checks pass")
 
 
@@ -692,6 +696,23 @@ def finder(variant: str) -> Any:
             client._auth.rates_key = lambda: fetched.append(1) or fetch()
             await client.quote("LS1 4AP", "EH1 1YZ", 2.5)
             return "quote" if fetched else "track"
+        if variant == "sleep-spy":  # which method calls time.sleep? (the SDK's blocking call, here)
+            real_sleep = time.sleep
+
+            def spy(slept: list[float], seconds: float) -> None:
+                slept.append(seconds)
+                real_sleep(seconds)
+
+            for name, call in calls(client).items():
+                slept: list[float] = []
+                time.sleep = functools.partial(spy, slept)  # type: ignore[misc]
+                try:
+                    await call()
+                finally:
+                    time.sleep = real_sleep  # type: ignore[misc]
+                if slept:
+                    return name
+            raise LookupError("no method of the SDK calls time.sleep")
         measured: dict[str, float] = {}
         for name, call in calls(client).items():
             if variant in ("right", "min"):
@@ -707,10 +728,17 @@ def finder(variant: str) -> Any:
             elif variant == "max_loop_lag":
                 lag, *_ = await asyncio.gather(max_loop_lag(0.25), *(call() for _ in range(3)))
                 measured[name] = lag
-            elif variant == "concurrent-time":  # right too: calls that block cannot overlap
+            elif variant == "concurrent-time":  # "calls that block cannot overlap": five at once, timed
                 start = time.perf_counter()
                 await asyncio.gather(*(call() for _ in range(5)))
                 measured[name] = time.perf_counter() - start
+            elif variant == "slowdown":  # five at once against one alone: which calls overlap least?
+                start = time.perf_counter()
+                await call()
+                alone = time.perf_counter() - start
+                start = time.perf_counter()
+                await asyncio.gather(*(call() for _ in range(5)))
+                measured[name] = (time.perf_counter() - start) / alone
             elif variant == "slowest":  # the time of one call: awaiting counts as much as blocking
                 start = time.perf_counter()
                 await call()
@@ -858,16 +886,14 @@ SESSION_STEP = "every request goes out from the server's loop, through the SDK's
         ("right", "right"),
         ("gather", "def-from-thread"),
         ("max_loop_lag", "asyncio.to_thread"),
-        ("concurrent-time", "right"),
     ],
 )
 def test_1_4_measured_finder_and_one_offloaded_endpoint_pass(
     find: str, fix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Stalls counted around calls one after another, or around pairs of calls at once (one stall a
-    pair), the worst lag of 1.2's probe, or the wall time of calls at once (blocking calls cannot
-    overlap); the request built in a thread and sent on the loop, from `async def` or from a `def`
-    endpoint that hands the send back to the loop (`anyio.from_thread.run`)."""
+    pair), or the worst lag of 1.2's probe; the request built in a thread and sent on the loop, from
+    `async def` or from a `def` endpoint that hands the send back to the loop (`anyio.from_thread.run`)."""
     check_blocking_sdk(finder(find), fixed_app(fix), ShippingClient)
     out = capsys.readouterr().out
     assert out.startswith("Exercise 1.4 · Find the blocking call in an SDK you did not write\n")
@@ -923,6 +949,30 @@ def test_1_4_placeholder_is_not_started(find: str, fix: str, capsys: pytest.Capt
             "private",
             VERSIONS_STEP,
             "your function reached into the given SDK's insides, which this version does not have",
+            9,
+        ),
+        (  # a spy on time.sleep: right for the given SDK, blind to a version that blocks otherwise
+            "sleep-spy",
+            VERSIONS_STEP,
+            "seen:     LookupError raised: your function replaced `time.sleep` to see which method calls it, "
+            "and here "
+            "'track' holds the loop with a blocking wait (`threading.Event().wait`, as a socket read "
+            "waits), never calling `time.sleep`",
+            9,
+        ),
+        (  # five calls at once timed against one alone: the serialised method, not the blocking one
+            "slowdown",
+            VERSIONS_STEP,
+            "seen:     'quote': this version lets its calls through one at a time (as an SDK's lock or its "
+            "one connection does), so calls made together wait for one another; but each waits by "
+            "awaiting, the loop free meanwhile",
+            9,
+        ),
+        (  # five calls at once, timed: the same, in total
+            "concurrent-time",
+            VERSIONS_STEP,
+            "in a version of the SDK in which 'label' blocks\n       seen:     'quote': this version lets "
+            "its calls through one at a time",
             9,
         ),
     ],
