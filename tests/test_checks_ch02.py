@@ -859,11 +859,12 @@ def test_2_3_more_than_queue_size_waiting_is_rejected(
 
 def test_2_3_a_refused_job_put_on_the_queue_later_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_bounded_queue, *jobs_answer("put-later"))
-    assert (
-        "❌ not yet: every accepted job is processed, once, and no refused one\n"
-        "       expected: only accepted jobs processed, and nothing else in the queue once they are done\n"
-    ) in out
-    assert re.search(r"seen:     .*: jobs answered 503 were put on the queue anyway\n", out)
+    assert "❌ not yet: every accepted job is processed, once, and no refused one\n" in out
+    # Counted while the consumers are held, or once they are done (on a busy machine the refused
+    # job may already be in the queue when the count is taken): either way named as a 503'd job queued.
+    assert re.search(
+        r"seen:     .*(jobs answered 503 were put on the queue anyway|answered 503 had put their job)", out
+    )
     assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
 
 

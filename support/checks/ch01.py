@@ -1421,6 +1421,22 @@ async def _offload_each(run_offloaded: Callable[..., Any]) -> dict[Any, _Outcome
     return outcomes
 
 
+_OFFLOAD_ATTEMPTS = 3  # a loop held up where the work ran in the right place is measured again
+
+
+def _waited(outcome: _Outcome) -> bool:
+    """The loop was held up for much of the call: waited for on the loop's thread (or a busy machine)."""
+    return outcome.held_up >= max(_WAITED_FOR, _WAITED_SHARE * outcome.elapsed)
+
+
+def _waited_where_right(outcomes: dict[Any, _Outcome]) -> bool:
+    by_kind = {work.kind: work.right for work in _WORKLOADS}
+    return any(
+        isinstance(key, tuple) and outcome.place == by_kind.get(key[0]) and _waited(outcome)
+        for key, outcome in outcomes.items()
+    )
+
+
 def _judge(work: _Workload, outcomes: dict[Any, _Outcome]) -> None:
     views = [(cpus, outcomes[work.kind, cpus]) for cpus in _VIEWS]
     for _, outcome in views:
@@ -1486,7 +1502,7 @@ def _judge(work: _Workload, outcomes: dict[Any, _Outcome]) -> None:
         seen, hints = work.messages[str(place)]
         raise Mismatch(expected, seen, hints)
     for _, outcome in views:
-        waited = outcome.held_up >= max(_WAITED_FOR, _WAITED_SHARE * outcome.elapsed)
+        waited = _waited(outcome)
         expect(
             not waited,
             f"{expected}, the event loop free meanwhile (a heartbeat task on it wakes on time)",
@@ -1570,7 +1586,11 @@ def check_offload_choice(run_offloaded: Callable[..., Awaitable[Any]]) -> None:
 
         def judge(work: _Workload) -> None:
             if not outcomes:  # the first step runs them all, on one loop (one process start)
-                outcomes.update(_offload_all(run_offloaded))
+                for _ in range(_OFFLOAD_ATTEMPTS):
+                    outcomes.clear()
+                    outcomes.update(_offload_all(run_offloaded))
+                    if not _waited_where_right(outcomes):
+                        break  # else the loop was held where the work ran right: a busy machine? again
             _judge(work, outcomes)
 
         for work in _WORKLOADS:
