@@ -73,7 +73,6 @@ _HEARTBEAT = 0.01
 _HELD = 0.02  # a heartbeat this late was held up by something on the loop
 _HELD_FOR = 0.15  # held up this long in all (three 50 ms calls' worth) …
 _HELD_SHARE = 0.25  # … and for this share of the load's time: the loop was blocked
-_BLOCKED_SHARE = 0.6  # held up for this share of the load's time: blocked, whatever the machine
 _LOAD_ATTEMPTS = 3
 
 _OFFLOAD_HINT = (
@@ -385,12 +384,14 @@ def _run_load(server: Server, client: LegacyPriceClient, watch: _LoopWatch) -> _
 
 def _load_once(server: Server, client: LegacyPriceClient, watch: _LoopWatch, loads: list[_Load]) -> _Load:
     """The load of 20 concurrent requests, run again (up to 3 times in all) while the loop looks held
-    up for part of the time only: a busy machine, not the answer, may have held it up once."""
+    up: a busy machine, not the answer, may have held it up once, even for most of a short run (one
+    114 ms pause in a 0.28 s run was seen on a loaded CI runner). The least held-up run counts."""
     if not loads:
         for _ in range(_LOAD_ATTEMPTS):
             loads.append(run := _run_load(server, client, watch))
-            if not _loop_held_up(run) or run.held_up >= _BLOCKED_SHARE * run.wall:
+            if not _loop_held_up(run):
                 break
+        loads.sort(key=lambda run: run.held_up, reverse=True)  # the least held-up run last
     return loads[-1]
 
 
