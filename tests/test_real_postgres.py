@@ -26,6 +26,7 @@ NOTEBOOKS = [
     ROOT / "notebooks" / "04_async_database.ipynb",
     ROOT / "notebooks" / "05_caching.ipynb",
     ROOT / "solutions" / "04_async_database_exercises.ipynb",
+    ROOT / "notebooks" / "07_incident_drill.ipynb",
 ]
 
 

@@ -23,7 +23,7 @@ from tests.backends import ROOT, run_notebook, run_tests
 
 pytestmark = pytest.mark.backends
 
-REDIS_CHAPTERS = ("02", "05", "06")
+REDIS_CHAPTERS = ("02", "05", "06", "07")
 NOTEBOOKS = sorted(
     path
     for folder in ("notebooks", "solutions")

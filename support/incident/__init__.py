@@ -29,18 +29,21 @@ from support.incident.context import (
     WorkerContext,
 )
 from support.incident.faults import POOL, Fault, fault, plan
+from support.incident.findings import INSTRUMENTS, Finding, describe_instruments
 from support.incident.report import THRESHOLDS, Objective, Report, report
 from support.incident.scenario import ROUTES, ScenarioRun, run_scenario
 from support.incident.seams import SEAMS, Seam
 from support.incident.system import System, running_system, start_system
 
 __all__ = [
+    "INSTRUMENTS",
     "POOL",
     "ROUTES",
     "SEAMS",
     "THRESHOLDS",
     "Decision",
     "Fault",
+    "Finding",
     "GatewayContext",
     "Objective",
     "OrdersContext",
@@ -50,6 +53,7 @@ __all__ = [
     "Settings",
     "System",
     "WorkerContext",
+    "describe_instruments",
     "fault",
     "plan",
     "report",

@@ -141,6 +141,28 @@ class System:
         if errors:
             raise RuntimeError(f"the system did not stop cleanly: {errors}") from errors[0]
 
+    def restart(self) -> None:
+        """Start this system again as it was (seed, faults, overrides, settings), with fresh instruments.
+
+        A check runs a system of its own, and only one system runs at a time (they share Redis keys
+        and a queue): the check stops the learner's and restarts it afterwards with this.
+        """
+        global _current
+        self.stop()
+        with _current_lock:
+            previous, _current = _current, None
+        if previous is not None:
+            previous.stop()
+        versions = dict(self._seams)
+        self.__init__(self.seed, self._planted, versions, set(self._overridden), self.settings)  # type: ignore[misc]
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        with _current_lock:
+            _current = self
+
     def __enter__(self) -> System:
         return self
 
