@@ -41,11 +41,17 @@ async def call(
     headers: Sequence[tuple[bytes | str, bytes | str]] = (),
     body: bytes = b"",
     client: tuple[str, int] = ("127.0.0.1", 50000),
+    raise_app_exceptions: bool = True,
 ) -> AsgiResponse:
     """Send one HTTP request straight into ``app`` and collect its response.
 
     ``headers`` are passed as given (str is encoded as latin-1, names are lower-cased), so a value
     may hold a newline, an escape character or 10 kB: exactly what the app's middleware receives.
+
+    An exception the app raises is raised here, as a server would see it (Starlette's outermost
+    ``ServerErrorMiddleware`` sends its 500 and then re-raises). With ``raise_app_exceptions=False``
+    the response sent before the exception is returned instead, as a client would see it; an
+    exception raised before any response started is raised either way.
     """
     raw = [
         (
@@ -94,6 +100,9 @@ async def call(
 
     try:
         await app(scope, receive, send)
+    except Exception:
+        if raise_app_exceptions or response.status == 0:
+            raise
     finally:
         finished.set()
     return response
