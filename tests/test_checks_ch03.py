@@ -13,8 +13,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
+import nbformat
 import prometheus_client
 import pytest
 from fastapi import FastAPI
@@ -542,18 +544,23 @@ def shop_answer(variant: str) -> FastAPI:
             if scope["type"] != "http" or scope["path"] == "/metrics":
                 await self.app(scope, receive, send)
                 return
-            start = time.perf_counter()
+            start, observed = time.perf_counter(), False
 
             def observe() -> None:
+                nonlocal observed
+                observed = True
                 route = scope["route"].path if "route" in scope else "unmatched"
                 self.latency.labels(route=route).observe(time.perf_counter() - start)
 
             if variant == "after-app":  # the clock stops after the background tasks
-                await self.app(scope, receive, send)
-                observe()
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    observe()
                 return
 
             async def timed_send(message: dict) -> None:
+                nonlocal observed
                 if variant == "at-start" and message["type"] == "http.response.start":
                     observe()
                 await send(message)
@@ -573,12 +580,20 @@ def shop_answer(variant: str) -> FastAPI:
                     seconds = time.perf_counter() - start
                     if variant == "milliseconds":
                         seconds *= 1000
+                    observed = True
                     if variant == "gauge":
                         self.latency.labels(route=route).set(seconds)
                     else:
                         self.latency.labels(route=route).observe(seconds)
 
-            await self.app(scope, receive, timed_send)
+            if variant == "send-only":  # a handler that raises sends nothing through timed_send
+                await self.app(scope, receive, timed_send)
+                return
+            try:
+                await self.app(scope, receive, timed_send)
+            finally:  # the handler raised: its 500 goes out through ServerErrorMiddleware, outside
+                if not observed or variant == "finally-always":
+                    observe()
 
     shop_app = FastAPI()
     shop_app.add_middleware(LatencyMiddleware, registry=metrics_registry)
@@ -669,14 +684,52 @@ def test_3_3_a_histogram_per_route_passes(p99: str, capsys: pytest.CaptureFixtur
         '  ✅ passed: it has one series per route template: route="/items/{item_id}", not one per item\n'
         in out
     )
-    assert out.endswith("Exercise 3.3: passed ✅ (19 of 19 checks)\n")
+    assert out.endswith("Exercise 3.3: passed ✅ (20 of 20 checks)\n")
 
 
 def test_3_3_the_same_app_checked_twice_passes(capsys: pytest.CaptureFixture[str]) -> None:
     app, p99 = shop_answer("right"), p99_answer("right")
     check_latency_histogram(app, p99)
     check_latency_histogram(app, p99)  # the histogram holds both runs' requests: only the new ones count
-    assert capsys.readouterr().out.endswith("Exercise 3.3: passed ✅ (19 of 19 checks)\n")
+    assert capsys.readouterr().out.endswith("Exercise 3.3: passed ✅ (20 of 20 checks)\n")
+
+
+SOLUTIONS = Path(__file__).resolve().parent.parent / "solutions" / "03_observability_exercises.ipynb"
+
+
+def solution_3_3() -> tuple[FastAPI, Any]:
+    """The solution notebook's own cells for Exercise 3.3, run: (shop_app, p99_from_metrics)."""
+    cells = {cell.get("id"): cell.source for cell in nbformat.read(SOLUTIONS, as_version=4).cells}
+    given = next(cell_id for cell_id, source in cells.items() if source.startswith("shop_app = FastAPI()"))
+    namespace: dict[str, Any] = {}
+    for cell_id in ("setup", "ex3-code", given, "ex3-p99"):
+        exec(compile(cells[cell_id], f"<{cell_id}>", "exec"), namespace)
+    return namespace["shop_app"], namespace["p99_from_metrics"]
+
+
+def test_3_3_the_solution_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    check_latency_histogram(*solution_3_3())
+    out = capsys.readouterr().out
+    assert (
+        "  ✅ passed: a request whose handler raises is counted too, under its route, though its 500 never "
+        "goes through your `send`\n"
+    ) in out
+    assert out.endswith("Exercise 3.3: passed ✅ (20 of 20 checks)\n")
+
+
+def test_3_3_observing_only_in_send_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_latency_histogram, shop_answer("send-only"), p99_answer("right"))
+    assert (
+        "  ❌ not yet: a request whose handler raises is counted too, under its route, though its 500 never "
+        "goes through your `send`\n"
+        '       expected: one observation, route="/probe/fails/{n}", for a request whose handler raised '
+        "after 50 ms (the client got a 500)\n"
+        "       seen:     no observation: nothing went out through your `send` wrapper, so nothing observed "
+        "it\n"
+    ) in out
+    assert "hint:     Look at what `await self.app(scope, receive, timed_send)` does when the handler" in out
+    assert out.count("❌ not yet") == 1
+    assert out.endswith("Exercise 3.3: not yet — 19 of 20 checks pass")
 
 
 @pytest.mark.parametrize(
@@ -694,7 +747,7 @@ def test_3_3_raw_path_labels_are_rejected(capsys: pytest.CaptureFixture[str]) ->
         '       expected: one series, route="/items/{item_id}", for all 60 items\n'
         "       seen:     60 series: route = '/items/0', '/items/1', '/items/10', '/items/11' …\n"
     ) in out
-    assert out.endswith("Exercise 3.3: not yet — 17 of 19 checks pass")
+    assert out.endswith("Exercise 3.3: not yet — 18 of 20 checks pass")
 
 
 @pytest.mark.parametrize(
@@ -751,7 +804,7 @@ def test_3_3_buckets_without_the_objective_are_rejected(capsys: pytest.CaptureFi
         "       seen:     32 boundaries, the nearest 0.08674 and 0.10842: the share of requests within "
         "0.1 s can only be interpolated\n"
     ) in out
-    assert out.endswith("Exercise 3.3: not yet — 18 of 19 checks pass")
+    assert out.endswith("Exercise 3.3: not yet — 19 of 20 checks pass")
 
 
 def test_3_3_milliseconds_are_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -787,7 +840,7 @@ def test_3_3_p99_not_interpolated_is_rejected(
         "histogram_quantile(0.99, …) estimates it\n"
     ) in out
     assert why in out
-    assert out.endswith("Exercise 3.3: not yet — 10 of 11 checks pass")
+    assert out.endswith("Exercise 3.3: not yet — 11 of 12 checks pass")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -961,6 +1014,11 @@ def test_3_2_slowest_step_on_traces_with_set_times(
             "raw-fallback",
             "requests that match no route are counted under one fixed label, not their path",
             "seen:     3 series, labelled '/admin.php', '/nowhere/1', '/nowhere/2'",
+        ),
+        (
+            "finally-always",
+            "it counted the 60 requests, in seconds",
+            "seen:     120 more than before they were sent: each twice, in `send` and again after",
         ),
         (
             "plain-text",

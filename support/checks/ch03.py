@@ -1435,12 +1435,14 @@ def _check_slo_bucket(page: _Page) -> None:
 
 def _check_counted(shop: _Shop) -> None:
     counted = _counted(shop)
+    twice = ": each twice, in `send` and again after `await self.app(…)`" if counted == 2 * _REQUESTS else ""
     expect(
         counted == _REQUESTS,
         f"the {_REQUESTS} requests counted in the histogram, once each",
-        f"{counted:g} more than before they were sent",
+        f"{counted:g} more than before they were sent{twice}",
         "Observe once per request, when its last body message is sent "
-        '(`message["type"] == "http.response.body" and not message.get("more_body", False)`).',
+        '(`message["type"] == "http.response.body" and not message.get("more_body", False)`); '
+        "after `await self.app(…)` (in a `finally`), only if nothing was observed then.",
     )
     seconds = shop.after.total()[1] - shop.before.total()[1]
     slept = _SLOW_ITEM_SECONDS * _SLOW_ITEMS
@@ -1456,7 +1458,13 @@ def _check_counted(shop: _Shop) -> None:
 
 _PROBE_CHUNKS, _PROBE_GAP = 3, 0.05  # a streamed body: chunks this far apart
 _PROBE_BACKGROUND = 0.3  # a background task this long, after the response
+_PROBE_FAILS = 0.05  # a handler that raises after this long
+_FAILING_ROUTE = "/probe/fails/{n}"  # its label: a route of its own, in a registry of its own
 _UNMATCHED = ("/nowhere/1", "/nowhere/2", "/admin.php")
+
+
+class _HandlerFailed(RuntimeError):
+    """What the check's failing handler raises: a bug in an endpoint, not in the middleware."""
 
 
 def _probe(app: Any) -> tuple[Any, CollectorRegistry]:
@@ -1486,6 +1494,11 @@ def _probe(app: Any) -> tuple[Any, CollectorRegistry]:
     @probe.get("/probe/later/{n}")
     async def later(n: int) -> JSONResponse:
         return JSONResponse({"n": n}, background=BackgroundTask(asyncio.sleep, _PROBE_BACKGROUND))
+
+    @probe.get(_FAILING_ROUTE)
+    async def fails(n: int) -> None:
+        await asyncio.sleep(_PROBE_FAILS)
+        raise _HandlerFailed("the check's endpoint failed, as a bug in an endpoint would")
 
     return probe, registry
 
@@ -1547,6 +1560,39 @@ def _check_timed_to_last_body(app: Any) -> None:
         "Starlette runs a response's background tasks after its last body message, before "
         "`await self.app(…)` returns: the client already has its answer.",
         "Stop the clock in the `send` wrapper, at the last body message, not after `await self.app(…)`.",
+    )
+
+
+def _check_failed_request(app: Any) -> None:
+    registry, raised = _run_probe(app, ["/probe/fails/1"])
+    other = [exc for exc in raised if not isinstance(exc, _HandlerFailed)]
+    if other:
+        raise other[0]
+    series = _probe_series(registry)
+    count = sum(s["count"] for labels, s in series.items() if dict(labels).get("route") == _FAILING_ROUTE)
+    elsewhere = {
+        dict(labels).get("route"): s["count"]
+        for labels, s in series.items()
+        if dict(labels).get("route") != _FAILING_ROUTE and s["count"]
+    }
+    if elsewhere:
+        others = ", ".join(f"{n:g} under route={r!r}" for r, n in elsewhere.items())
+        seen = f"{count:g} under it, and {others}"
+    elif count == 0:
+        seen = "no observation: nothing went out through your `send` wrapper, so nothing observed it"
+    else:
+        seen = f"{count:g} observations"
+    expect(
+        count == 1 and not elsewhere,
+        f'one observation, route="{_FAILING_ROUTE}", for a request whose handler raised after '
+        f"{_PROBE_FAILS * 1000:.0f} ms (the client got a 500)",
+        seen,
+        "Look at what `await self.app(scope, receive, timed_send)` does when the handler raises: the "
+        "exception comes out of it, and no message has gone through `timed_send`.",
+        "The 500 is sent by Starlette's `ServerErrorMiddleware`, the app's outermost layer, outside your "
+        "middleware, after the exception has left it: record the request in a `finally` around "
+        "`await self.app(…)` when nothing was observed in `timed_send` (a flag set there), under "
+        '`scope["route"].path`.',
     )
 
 
@@ -1867,6 +1913,10 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
     makes one item in ten take 80 ms); scrapes again. ``http_request_duration_seconds`` must be a
     histogram in the app's own registry (no default-registry metrics on the page), with one series,
     ``route="/items/{item_id}"``, a bucket boundary at 0.1 s, and 60 more requests counted, in seconds.
+    The middleware, in front of an app of the check's own with a registry of its own, must then time a
+    streamed body to its last message and not a background task, count requests that match no route
+    under one fixed label, and observe once a request whose handler raises (its 500 goes out through
+    Starlette's ``ServerErrorMiddleware``, outside the middleware).
     ``p99_from_metrics(text)`` must then agree (within 1 %) with PromQL's ``histogram_quantile(0.99,
     …)``: on a page the check makes (p99 0.2 s); on edge pages (several series and another histogram,
     a count exactly at the rank, requests above the top bucket, a rank in the lowest bucket, bounds
@@ -1923,6 +1973,11 @@ def check_latency_histogram(app: Any, p99_from_metrics: Callable[[str], Any]) ->
             ex.step(
                 "requests that match no route are counted under one fixed label, not their path",
                 lambda: _check_unmatched(app),
+            )
+            ex.step(
+                "a request whose handler raises is counted too, under its route, though its 500 never "
+                "goes through your `send`",
+                lambda: _check_failed_request(app),
             )
         if not ex.step(
             "p99_from_metrics(text) estimates p99 as Prometheus does, on a page with known buckets",
