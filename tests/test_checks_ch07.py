@@ -9,6 +9,7 @@ The end-to-end tests start systems and run the scenario (about 10 s a finding): 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from support.incident.system import running_system, start_system
 from tests.incident_fixes import FINDINGS
 from tests.test_incident import _one_scenario_at_a_time as one_system_at_a_time
 
+ROOT = Path(__file__).resolve().parent.parent
 SEED_OF = {f.id: next(s for s in (0, 14, 3, 5) if f.id in {p.id for p in plan(s)}) for f in POOL}
 
 
@@ -118,3 +120,44 @@ def test_the_faults_neither_seed_plants_are_solved_too(fault_id: str) -> None:
     with one_system_at_a_time():
         status, failed = verdict_of("7.1", FINDINGS[fault_id], SEED_OF[fault_id])
     assert status == "passed", failed
+
+
+def bank_case(path: str, letter: str):
+    """The ``finding_1`` of case ``letter`` in a chapter 7 bank (see tests/banks/ch07_run.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ch07_run", ROOT / "tests" / "banks" / "ch07_run.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    for _kind, found, _what, expected, body in runner.CASE.findall(
+        (ROOT / "tests" / "banks" / path).read_text()
+    ):
+        if found == letter:
+            namespace: dict = {}
+            exec(runner.SETUP, namespace)
+            exec(compile("def finding_1():\n" + body, f"<case {letter}>", "exec"), namespace)
+            return namespace["finding_1"], expected
+    raise LookupError(letter)
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize(
+    ("path", "seed", "letter"),
+    [
+        ("ch07.md", 0, "AG"),  # trusts X-Real-IP instead of X-Forwarded-For
+        ("ch07.md", 0, "J"),  # a job key that is not the order's
+        ("ch07_seed14.md", 14, "I"),  # a 16-span queue that drops spans in a burst
+        ("ch07_seed14.md", 14, "N"),  # the payment in a background task, the order stored at once
+        ("ch07_seed14.md", 14, "W"),  # half the limit in each instance's memory
+        ("ch07_seed14.md", 14, "Y"),  # one counter per client, its expiry pushed back by every request
+        ("ch07_seed14.md", 14, "AC"),  # the cache deleted before the commit
+        ("ch07_seed14.md", 14, "AD"),  # read, decide, write: two round trips apart
+        ("ch07_seed14.md", 14, "AE"),  # the order stored before the payment is authorised
+    ],
+)
+def test_bank_answers_that_once_passed_are_rejected(path: str, seed: int, letter: str) -> None:
+    finding, expected = bank_case(path, letter)
+    assert expected == "rejected"
+    with contextlib.suppress(ExerciseIncomplete):
+        check_finding("7.1", finding, seed=seed)
+    assert checks.last_verdict.status == "not yet", letter

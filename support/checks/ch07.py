@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from fastapi import HTTPException
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.requests import Request
 
+from support.backends import redis_client
 from support.checks import Mismatch, exercise, expect
 from support.checks.running import NoReturn, joins_new_threads, run_in_fresh_loop, short
-from support.incident.context import Settings, WorkerContext
+from support.incident.context import GatewayContext, Settings, WorkerContext
 from support.incident.faults import Fault, plan
 from support.incident.findings import INSTRUMENTS, Finding
 from support.incident.model import CURRENCIES, in_currency
@@ -39,6 +41,7 @@ from support.thirdparty import EmailProvider
 __all__ = ["check_finding", "check_incident_closed"]
 
 SOLUTION = "solutions/07_incident_drill_exercises.ipynb"
+LOG = logging.getLogger("ch07.check")
 CHECK_TIMEOUT = 60.0  # seconds for a check's probes and scenario runs
 # The load generator's own loop lag (p99, ms) above which a latency miss is the machine's: measured
 # 18.5 ms in a healthy run at load average 6 on 2 cores, where the orders loop's p99 reached its 60 ms.
@@ -161,6 +164,14 @@ async def probe_send_confirmation(system: System, fix: Callable[..., Any]) -> No
 async def probe_enqueue(system: System, fix: Callable[..., Any]) -> None:
     system.emails.fail_every = 2  # the second email fails once: only a retry sends it
     system.emails.reset()
+    try:
+        await _two_orders_and_twins(system)
+    finally:  # the scenario that follows runs with the provider the learner's runs have
+        system.emails.fail_every = system.settings.email_fail_every
+        system.emails.reset()
+
+
+async def _two_orders_and_twins(system: System) -> None:
     orders = []
     async with _client(system) as client:
         for n in range(2):
@@ -222,9 +233,8 @@ async def probe_enqueue(system: System, fix: Callable[..., Any]) -> None:
 
 
 async def probe_export(system: System, fix: Callable[..., Any]) -> None:
-    async with _client(system, "gateway-a") as client:
-        for n in range(4):
-            await client.get("/products/2", headers={"X-API-Key": f"shopper-{n + 1}"})
+    async with _client(system, "gateway-a") as client:  # a burst: 100 requests at once, ~400 spans
+        await asyncio.gather(*(client.get("/health") for _ in range(100)))
     tracing = system._gateway_tracing
     assert tracing is not None
     with contextlib.suppress(Exception):
@@ -242,8 +252,8 @@ async def probe_export(system: System, fix: Callable[..., Any]) -> None:
         "them on a thread of the processor's own (chapter 3, the exporter section).",
     )
     expect(
-        len(system.collector.spans) >= 0.9 * served > 0,
-        "every finished span still reaches the collector",
+        len(system.collector.spans) >= served - 2 > 0,  # a span may end just after the flush
+        "every finished span still reaches the collector (a burst of 100 requests, about 400 spans)",
         f"{len(system.collector.spans)} of {served} spans exported",
         "Tracing that exports nothing is not a fix: keep the spans, move their export.",
     )
@@ -277,6 +287,7 @@ async def probe_place_order(system: System, fix: Callable[..., Any]) -> None:
         holds = sorted(system.pool.holds)
         listed = await _json(await client.get("/orders", params={"customer": "probe-shop"}), "GET /orders")
         missing = await client.post("/orders", params={"customer": "probe-shop", "product_id": 999999})
+        declined = await _declined_order(system, client)
     expect(
         isinstance(order, dict) and order.get("total_cents") == 2 * product["price_cents"],
         f"an order of 2 × product 5: total_cents {2 * product['price_cents']}",
@@ -297,6 +308,12 @@ async def probe_place_order(system: System, fix: Callable[..., Any]) -> None:
         "Return None when the product does not exist, as the seam did.",
     )
     expect(
+        declined == [],
+        "a payment that is declined stores no order",
+        f"orders stored for the declined customer: {short(declined)}",
+        "Keep the order's steps in their order: the payment is authorised before the order is stored.",
+    )
+    expect(
         holds and holds[-1] < 0.3,
         "no connection held through the 500 ms payment call (every hold under 300 ms)",
         f"holds of {', '.join(f'{1000 * h:.0f} ms' for h in holds)}",
@@ -305,6 +322,25 @@ async def probe_place_order(system: System, fix: Callable[..., Any]) -> None:
         "A session holds its connection from its first statement until it closes: do the slow outbound "
         "call between two short sessions, not inside one (chapter 4).",
     )
+
+
+async def _declined_order(system: System, client: httpx.AsyncClient) -> list:
+    """Place an order whose payment the card network declines; the orders stored for its customer."""
+    payments = system.payments
+    authorize = payments.authorize
+
+    async def declining(customer: str, amount_cents: int) -> str:
+        if customer == "probe-declined":
+            raise HTTPException(402, "card declined")
+        return await authorize(customer, amount_cents)
+
+    payments.authorize = declining  # type: ignore[method-assign]
+    try:
+        await client.post("/orders", params={"customer": "probe-declined", "product_id": 5})
+    finally:
+        del payments.authorize  # the class's method again
+    listed = await client.get("/orders", params={"customer": "probe-declined"})
+    return listed.json().get("orders", []) if listed.status_code == 200 else ["(the account page failed)"]
 
 
 async def _orders_of(system: System, customer: str) -> list[dict]:
@@ -394,12 +430,37 @@ async def probe_list_orders(system: System, fix: Callable[..., Any]) -> None:
     )
 
 
+@contextlib.contextmanager
+def _prices_seen_at_delete(system: System, product_id: int) -> Any:
+    """While inside, each DEL/UNLINK the orders service sends (as a command: a pipeline's are not seen)
+    first reads ``product_id``'s committed price in a session of its own; yields the prices seen."""
+    from support.incident.model import Product
+
+    ctx = system.servers["orders"].app.state.ctx
+    seen: list[int] = []
+    execute = ctx.redis.execute_command  # the service's own (counted) command path
+
+    async def watching(*args: Any, **options: Any) -> Any:
+        if args and str(args[0]).upper() in ("DEL", "UNLINK"):
+            async with ctx.sessions() as session:
+                product = await session.get(Product, product_id, populate_existing=True)
+                seen.append(product.price_cents if product is not None else -1)
+        return await execute(*args, **options)
+
+    ctx.redis.execute_command = watching
+    try:
+        yield seen
+    finally:
+        ctx.redis.execute_command = execute
+
+
 async def probe_update_price(system: System, fix: Callable[..., Any]) -> None:
     async with _client(system) as client:
         for currency in CURRENCIES:
             await _json(await client.get(f"/products/8?currency={currency}"), "GET /products/8")
         await _json(await client.get("/products/9"), "GET /products/9")
-        changed = await client.put("/products/8/price", params={"price_cents": 7777})
+        with _prices_seen_at_delete(system, 8) as at_delete:
+            changed = await client.put("/products/8/price", params={"price_cents": 7777})
         await _json(changed, "PUT /products/8/price")
         pages = {
             c: await _json(await client.get(f"/products/8?currency={c}"), "GET /products/8")
@@ -419,6 +480,13 @@ async def probe_update_price(system: System, fix: Callable[..., Any]) -> None:
         "(cache counters: deletes)?",
         "The cache keeps what it was given until it expires: a write must delete (or replace) every "
         "cached copy of what it changed, after the commit (chapter 5).",
+    )
+    expect(
+        all(price == 7777 for price in at_delete),
+        "the cached pages deleted after the new price is committed",
+        f"the database's committed price when the cache was told to delete: {at_delete}",
+        "A read that comes between a delete and the commit fills the cache again with the old price, "
+        "and it stays until the TTL (chapter 5): delete after the commit.",
     )
     expect(
         other_still_cached,
@@ -494,6 +562,17 @@ async def probe_client_key(system: System, fix: Callable[..., Any]) -> None:
         "The gateways are the edge: no proxy of yours is in front of them, so every X-Forwarded-For they "
         "receive was written by the client. Key on the address the connection came from (chapter 6).",
     )
+    headers = ("X-Real-IP", "True-Client-IP", "CF-Connecting-IP", "X-Client-IP", "Forwarded")
+    other_headers = {
+        fix(_request("198.51.100.7", {name: (f"for=10.8.{n}.1" if name == "Forwarded" else f"10.8.{n}.1")}))
+        for n, name in enumerate(headers)
+    }
+    expect(
+        len(other_headers) == 1,
+        f"one client key for one client, whatever {', '.join(headers)} it sends",
+        f"{len(other_headers)} keys: {short(sorted(other_headers), 160)}",
+        "Any header the client sends is the client's to write: only the connection's address is not.",
+    )
     plain = fix(_request("198.51.100.7", {}))
     other = fix(_request("198.51.100.8", {}))
     expect(
@@ -528,8 +607,11 @@ async def probe_rate_limit(system: System, fix: Callable[..., Any]) -> None:
             *(c.get("/products/1", headers={"X-API-Key": "partner-4"}) for c in [a, b] * limit)
         )
         light = await asyncio.gather(
-            *(c.get("/products/1", headers={"X-API-Key": "checkout-4"}) for c in (a, b))
+            *(a.get("/products/1", headers={"X-API-Key": "checkout-4"}) for _ in range(limit))
         )
+        # the next window: the client that used up its quota gets a new one
+        await asyncio.sleep(window - time.time() % window + 0.02)
+        again = await a.get("/products/1", headers={"X-API-Key": "partner-4"})
     admitted = sum(r.status_code != 429 for r in heavy)
     expect(
         admitted <= limit,
@@ -542,9 +624,35 @@ async def probe_rate_limit(system: System, fix: Callable[..., Any]) -> None:
     )
     expect(
         all(r.status_code != 429 for r in light),
-        "a client within its limit is admitted",
+        f"a client sending its limit, {limit} requests in one window to one gateway: all admitted",
         str([r.status_code for r in light]),
-        "Refusing everyone is not a limit: admit a client that is within its quota.",
+        "Refusing more than the excess is not the limit either: a client within its quota gets through, "
+        "whichever instance it reaches.",
+    )
+    expect(
+        again.status_code != 429,
+        "in the next window, a client that used up its quota is admitted again",
+        f"{again.status_code}",
+        "A window's count must end with its window: a counter whose expiry every request pushes back "
+        "never ends for a client that keeps asking.",
+    )
+    # the same decision, 20 at once, through a Redis with a 2 ms round trip: a read-then-write races
+    store = redis_client(decode_responses=True, latency=0.002)
+    try:
+        ctx = GatewayContext("check", store, None, system.settings, {n: system.seam(n) for n in SEAMS}, LOG)
+        await asyncio.sleep(window - time.time() % window + 0.02)
+        decisions = await asyncio.gather(*(fix(ctx, "key:probe-race") for _ in range(20)))
+    finally:
+        await store.aclose()
+    allowed = sum(bool(getattr(d, "allowed", False)) for d in decisions)
+    expect(
+        allowed <= limit,
+        f"20 decisions at once for one client, through a store 2 ms away: at most {limit} allowed",
+        f"{allowed} allowed",
+        "Two requests that read the count before either writes it both pass: on a real network the "
+        "read and the write are two round trips apart.",
+        "Count and decide in one atomic step in the store (INCR, or a script), as chapter 6's section 4 "
+        "showed.",
     )
 
 
@@ -552,12 +660,13 @@ async def probe_rate_limit(system: System, fix: Callable[..., Any]) -> None:
 # The rules
 # ---------------------------------------------------------------------------------------------------
 
-_ORDERS_LATENCY = {"GET /products/{id} p50", "PUT /products/{id}/price p50", "GET /orders p50"}
 _EVERY_LATENCY = {key for key in THRESHOLDS if key.endswith(("p50", "p99"))}
 
 RULES: dict[str, Rule] = {
     "ch1-blocking-sdk": _rule(
-        {"orders loop lag p99", "GET /quote/{id} p99", *_ORDERS_LATENCY},
+        # measured with this fault alone (2 runs): the orders loop's lag p99 122-128 ms every time, the
+        # product pages' p50 just over its 100 ms; other routes only now and then
+        {"orders loop lag p99", "GET /products/{id} p50"},
         {"loop lag", "traces"},
         probe_quote,
         "Which objective measures the orders service's event loop itself?",
@@ -572,7 +681,7 @@ RULES: dict[str, Rule] = {
     ),
     "ch2-no-retries": _rule(
         {"jobs lost"},
-        {"emails", "queue counters"},
+        {"emails", "queue counters", "logs"},
         probe_enqueue,
         "Which objective counts orders whose confirmation never went out?",
         "Which instrument counts failed and retried jobs?",
@@ -604,10 +713,6 @@ RULES: dict[str, Rule] = {
             "PUT /products/{id}/price p99",
             "GET /orders p50",
             "GET /orders p99",
-            "GET /products/{id} p50",
-            "GET /products/{id} p99",
-            "errors",
-            "stale reads",
         },
         {"pool", "traces"},
         probe_place_order,

@@ -48,7 +48,7 @@ def _cost(fault: Fault, after: Report) -> str:
     run = after.run
     jobs, pool, cache, collector = run.jobs, run.pool, run.cache, run.collector
     retried, calls, deletes = jobs.get("retried", 0), collector.get("calls", 0), cache.get("deletes", 0)
-    hold, queries = pool.get("hold_max_ms", 0), pool.get("queries", 0)
+    hold = pool.get("hold_max_ms", 0)
     misses, hits = cache.get("misses", 0), cache.get("hits", 0)
     costs: dict[str, str] = {
         "ch1-blocking-sdk": "a worker thread per quote in flight, from AnyIO's 40 tokens that every `def` "
@@ -64,8 +64,7 @@ def _cost(fault: Fault, after: Report) -> str:
         "ch3-request-id-dropped": "a header on every internal call, and every service must validate it",
         "ch4-session-held": f"the order is two transactions, not one (longest hold {hold:.0f} "
         "ms): the write must re-check what the read saw, and the payment needs an idempotency key",
-        "ch4-n-plus-one": f"{queries} statements in the run; the query must say what each page "
-        "loads (one more statement per 500 parents)",
+        "ch4-n-plus-one": "the query must say what each page loads (one more statement per 500 parents)",
         "ch5-no-invalidation": f"every write must delete every key that holds its data ({deletes} "
         "deletes in the run), and a read after it misses",
         "ch5-key-without-currency": f"one cached copy per currency: more keys, more misses ({misses} "
@@ -132,7 +131,7 @@ def closing_table(before: Report, after: Report, findings: Iterable[Finding], se
     """One row per finding whose seam is one of ``seed``'s faults, filled from the two reports."""
     planted = {f.seam: f for f in plan(seed)}
     rows = []
-    for finding in findings:
+    for finding in sorted(findings, key=lambda f: planted[f.seam].chapter if f.seam in planted else 0):
         fault = planted.get(finding.seam)
         if fault is None:
             continue
@@ -147,5 +146,4 @@ def closing_table(before: Report, after: Report, findings: Iterable[Finding], se
                 _cost(fault, after),
             )
         )
-    rows.sort(key=lambda r: r.concern)
     return ClosingTable(rows)

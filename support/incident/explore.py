@@ -21,6 +21,7 @@ from support.telemetry import by_trace, self_time
 __all__ = [
     "culprit",
     "culprits",
+    "limiter_clients",
     "plot_before_after",
     "plot_loop_lag",
     "redis_keys",
@@ -68,6 +69,12 @@ def culprit(trace: Sequence[ReadableSpan]) -> str:
 def culprits(traces: Iterable[Sequence[ReadableSpan]]) -> Counter[str]:
     """How often each span name is the culprit across ``traces``."""
     return Counter(culprit(t) for t in traces)
+
+
+def limiter_clients(run: ScenarioRun) -> Counter[str]:
+    """The client keys the rate limiter counted in Redis during ``run``, with how many windows each
+    (from ``run.ratelimit_keys``, ``ch07:ratelimit:<client key>:<window>``)."""
+    return Counter(key.removeprefix("ch07:ratelimit:").rsplit(":", 1)[0] for key in run.ratelimit_keys)
 
 
 def statements(trace: Sequence[ReadableSpan]) -> int:

@@ -27,7 +27,8 @@ INSTRUMENTS: dict[str, str] = {
     "logs": "system.logs(), run.logs: every service's log lines, with their request IDs",
     "collector": "system.collector, run.collector: the tracing collector's export calls, by thread",
     "admitted": "run.by_client(): each client's requests, and how many were admitted (not 429)",
-    "rate-limit keys": "the rate limiter's counters in Redis (ch07:ratelimit:*)",
+    "rate-limit keys": "run.ratelimit_keys, limiter_clients(run): the rate limiter's counters seen in Redis "
+    "during the run, by client key",
 }
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from support import loadgen
+from support.backends import redis_client
 from support.incident.instruments import Heartbeat, LogLine
 from support.incident.model import CURRENCIES, CUSTOMERS, HOT_PRODUCTS
 from support.incident.system import GATEWAYS, SERVICES, System, wait_until_async
@@ -121,7 +122,9 @@ class ScenarioRun:
     ``LoadResult``s (times since the scenario's start) for the course's plots. The rest is the
     instruments' snapshot: ``jobs`` (queue counters), ``emails_sent`` (order IDs whose confirmation the
     provider accepted), ``logs``, ``loop_lag`` (per service, ``(seconds since start, lag)``), ``pool``,
-    ``cache``, ``collector`` (export calls by thread).
+    ``cache``, ``collector`` (export calls by thread), ``ratelimit_keys`` (every rate-limit counter
+    seen in Redis during the traffic, ``ch07:ratelimit:<client key>:<window>``: they expire 2 s after
+    their window, so the scenario looks every 0.25 s).
     """
 
     seconds: float
@@ -138,6 +141,7 @@ class ScenarioRun:
     pool: dict[str, Any]
     cache: dict[str, Any]
     collector: dict[str, Any]
+    ratelimit_keys: list[str] = field(default_factory=list)  # the limiter's counters seen in Redis
     system: System | None = field(default=None, repr=False)
 
     def by_client(self) -> dict[str, LoadResult]:
@@ -381,6 +385,21 @@ def _quiet_progress() -> Iterator[None]:
         loadgen._Progress = original  # type: ignore[misc]
 
 
+async def _watch_limiter(stop: asyncio.Event, seen: set[str]) -> None:
+    """Collect the names of the limiter's counters in Redis every 0.25 s until ``stop`` is set."""
+    client = redis_client(decode_responses=True)
+    try:
+        while True:
+            async for key in client.scan_iter(match="ch07:ratelimit:*", count=1000):
+                seen.add(key)
+            if stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+    finally:
+        await client.aclose()
+
+
 async def run_scenario(
     system: System, *, seconds: float = 4.0, drain_timeout: float = DRAIN_TIMEOUT
 ) -> ScenarioRun:
@@ -402,6 +421,9 @@ async def run_scenario(
     specs = clients(seconds)
     client_heartbeat = Heartbeat("client")
     client_heartbeat.start()
+    limiter_keys: set[str] = set()
+    stop_watch = asyncio.Event()
+    watch = asyncio.create_task(_watch_limiter(stop_watch, limiter_keys))
     try:
         with _quiet_progress():
             await asyncio.gather(
@@ -412,6 +434,9 @@ async def run_scenario(
                 )
             )
     finally:
+        stop_watch.set()
+        with contextlib.suppress(Exception):
+            await watch
         await client_heartbeat.stop()
         if gc_was_enabled:
             gc.enable()
@@ -462,5 +487,6 @@ async def run_scenario(
             "deletes": system.cache.deletes,
         },
         collector={"calls": collector.calls, "threads": dict(collector.threads)},
+        ratelimit_keys=sorted(limiter_keys),
         system=system,
     )

@@ -89,6 +89,7 @@ class System:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def _start(self) -> None:
+        self._threads_before = set(threading.enumerate())
         self.log_book.attach()
         self._gateway_tracing = tracing("gateway", name="ch07")
         self._orders_tracing = tracing("orders", name="ch07")
@@ -135,6 +136,7 @@ class System:
             except Exception as exc:  # stop the rest, then report
                 errors.append(exc)
         self.log_book.detach()
+        self._join_threads()
         with _current_lock:
             if _current is self:
                 _current = None
@@ -162,6 +164,18 @@ class System:
             raise
         with _current_lock:
             _current = self
+
+    def _join_threads(self, grace: float = 3.0) -> None:
+        """Wait (up to ``grace`` s in all) for threads started since ``_start`` to end: the servers'
+        loops have closed, but AnyIO's idle worker threads and the database driver's connection threads
+        end a moment later, and a system must leave none behind."""
+        before = getattr(self, "_threads_before", None)
+        if before is None:
+            return
+        deadline = time.monotonic() + grace
+        for thread in threading.enumerate():
+            if thread not in before and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> System:
         return self
