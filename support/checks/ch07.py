@@ -26,7 +26,7 @@ from starlette.requests import Request
 
 from support.backends import redis_client
 from support.checks import Mismatch, exercise, expect
-from support.checks.running import NoReturn, joins_new_threads, run_in_fresh_loop, short
+from support.checks.running import NoReturn, run_in_fresh_loop, short
 from support.incident.context import GatewayContext, Settings, WorkerContext
 from support.incident.faults import Fault, plan
 from support.incident.findings import INSTRUMENTS, Finding
@@ -806,8 +806,10 @@ def _judge(result: Report, must: set[str]) -> list[str]:
 
 
 def _run(name: str, main: Callable[[], Awaitable[Any]]) -> Any:
-    with joins_new_threads():
-        return run_in_fresh_loop(main, timeout=CHECK_TIMEOUT, name=name)
+    """``main()`` on a fresh loop of its own. Threads it makes the system start (connections opened by
+    the pool, AnyIO's workers on the servers' loops) live as long as the system; ``System.stop`` waits
+    for them, so nothing here waits for threads to end."""
+    return run_in_fresh_loop(main, timeout=CHECK_TIMEOUT, name=name)
 
 
 def _scenario_until_passed(
