@@ -108,7 +108,7 @@ def test_seed_14_solved_end_to_end() -> None:
     with one_system_at_a_time():
         for n, fault in enumerate(faults, 1):
             status, failed = verdict_of(f"7.{n}", FINDINGS[fault.id], 14)
-            assert status == "passed", (fault.id, failed)
+            assert status == "passed", (fault.id, [(s.description, s.seen) for s in failed])
         fixes = {FINDINGS[f.id].seam: FINDINGS[f.id].fix for f in faults}
         check_incident_closed(lambda: fixes, seed=14)
         assert checks.last_verdict.status == "passed"

@@ -34,7 +34,7 @@ from support.incident.model import CURRENCIES, in_currency
 from support.incident.report import THRESHOLDS, Report, report
 from support.incident.scenario import run_scenario
 from support.incident.seams import SEAMS, check_replacement
-from support.incident.system import System, running_system, start_system
+from support.incident.system import System, running_system, start_system, wait_until_async
 from support.incident.vendor import ShippingClient
 from support.thirdparty import EmailProvider
 
@@ -115,8 +115,8 @@ async def probe_quote(system: System, fix: Callable[..., Any]) -> None:
         )
         expect(
             reads >= 6 and on_loop == 0,
-            "6 quotes read the vendor's rate tables 6 times, none on an event loop's thread",
-            f"{reads} reads, {on_loop} on the event loop's thread",
+            "6 quotes read the vendor's rate tables 6 times, none on the service's event loop",
+            f"{reads} reads, {on_loop} on the service's event loop",
             "Which call inside the SDK blocks? A synchronous read inside an `async def` blocks the loop "
             "that awaits it, whatever the signature says (chapter 1, hidden blocking).",
             "Run the blocking part in a worker thread (`anyio.to_thread.run_sync`, as chapter 1 did) "
@@ -948,11 +948,19 @@ def _planted(seam: str, planted: Mapping[str, Fault], seed: int) -> Fault:
     return planted[seam]
 
 
+async def _probe_then_drain(system: System, rule: Rule, fix: Callable[..., Any]) -> None:
+    """The probe, then a wait (10 s at most) for the jobs its orders enqueued: a job still running when
+    the scenario starts would log lines whose order the scenario never saw."""
+    await rule.probe(system, fix)
+    jobs = system.jobs
+    await wait_until_async(lambda: jobs.finished >= jobs.enqueued, 10.0)
+
+
 def _probe(found: Finding, rule: Rule) -> System:
     """Start a system with no fault and the learner's fix, and probe the fix; the system stays up."""
     system = start_system(faults=[], overrides={found.seam: found.fix})
     try:
-        _run("ch07-check-probe", lambda: rule.probe(system, found.fix))
+        _run("ch07-check-probe", lambda: _probe_then_drain(system, rule, found.fix))
     except NoReturn as stuck:
         system.stop()
         raise Mismatch(

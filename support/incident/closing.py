@@ -44,12 +44,13 @@ FIXES = {
 }
 
 
-def _cost(fault: Fault, after: Report) -> str:
+def _cost(fault: Fault, before: Report, after: Report) -> str:
     run = after.run
     jobs, pool, cache, collector = run.jobs, run.pool, run.cache, run.collector
     retried, calls, deletes = jobs.get("retried", 0), collector.get("calls", 0), cache.get("deletes", 0)
     hold = pool.get("hold_max_ms", 0)
     misses, hits = cache.get("misses", 0), cache.get("hits", 0)
+    misses_before, hits_before = before.run.cache.get("misses", 0), before.run.cache.get("hits", 0)
     costs: dict[str, str] = {
         "ch1-blocking-sdk": "a worker thread per quote in flight, from AnyIO's 40 tokens that every `def` "
         "endpoint shares",
@@ -59,16 +60,16 @@ def _cost(fault: Fault, after: Report) -> str:
         "provider honours the idempotency key; a job that keeps failing needs a dead-letter place",
         "ch2-no-request-id": "one more argument in every job, restored by the worker",
         "ch3-export-on-request-path": f"spans wait in a buffer before export ({calls} "
-        "export calls in the run) and are lost if the process dies; the export thread's CPU still "
-        "shares the GIL",
+        "export calls in the run) and are lost if the process dies, or dropped when the queue (2,048 by "
+        "default) is full; the export thread's CPU still shares the GIL",
         "ch3-request-id-dropped": "a header on every internal call, and every service must validate it",
         "ch4-session-held": f"the order is two transactions, not one (longest hold {hold:.0f} "
         "ms): the write must re-check what the read saw, and the payment needs an idempotency key",
         "ch4-n-plus-one": "the query must say what each page loads (one more statement per 500 parents)",
         "ch5-no-invalidation": f"every write must delete every key that holds its data ({deletes} "
         "deletes in the run), and a read after it misses",
-        "ch5-key-without-currency": f"one cached copy per currency: more keys, more misses ({misses} "
-        f"misses, {hits} hits in the run)",
+        "ch5-key-without-currency": f"one cached copy per currency: more keys, more misses ({misses} misses "
+        f"and {hits} hits after, {misses_before} and {hits_before} before)",
         "ch6-spoofable-key": "clients behind one address (a NAT, an office) share one quota",
         "ch6-per-process-limiter": "a Redis round trip on every request, and a choice for when Redis is down "
         "(fail open or closed)",
@@ -143,7 +144,7 @@ def closing_table(before: Report, after: Report, findings: Iterable[Finding], se
                 key,
                 before[key].measured_text,
                 after[key].measured_text,
-                _cost(fault, after),
+                _cost(fault, before, after),
             )
         )
     return ClosingTable(rows)

@@ -38,7 +38,9 @@ def zone_for(postcode: str) -> int:
     (In the real SDK: open the tables file, parse it, look the prefix up. Synchronous.)
     """
     global _reads, _reads_on_loop
-    on_loop = on_event_loop_thread()
+    # a read that holds a service's event loop (the servers' threads are named serve:…); a loop of
+    # the caller's own, in a worker thread, blocks nobody else
+    on_loop = on_event_loop_thread() and threading.current_thread().name.startswith("serve:")
     time.sleep(RATE_TABLE_READ)
     with _reads_lock:
         _reads += 1
@@ -73,7 +75,7 @@ class ShippingClient:
 
     @staticmethod
     def rate_table_reads() -> tuple[int, int]:
-        """(reads of the rate tables so far, how many of them ran on an event loop's thread)."""
+        """(reads of the rate tables so far, how many of them held a service's event loop)."""
         with _reads_lock:
             return _reads, _reads_on_loop
 
