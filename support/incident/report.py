@@ -179,10 +179,10 @@ class Report:
 
     def __str__(self) -> str:
         width = max(len(o.key) for o in self.objectives)
-        head = f"{'':2} {'objective':{width}}  {'measured':>14}  {'target':>16}  detail"
+        head = f"{'':10} {'objective':{width}}  {'measured':>14}  {'target':>16}  detail"
         lines = [self._headline(), head]
         for o in self.objectives:
-            mark = "✅" if o.passed else "❌"
+            mark = "✅ met   " if o.passed else "❌ failed"
             lines.append(f"{mark} {o.key:{width}}  {o.measured_text:>14}  {o.target_text:>16}  {o.detail}")
         return "\n".join(lines)
 
@@ -204,7 +204,7 @@ class Report:
         for o in self.objectives:
             colour = "#e6f4ea" if o.passed else "#fce8e6"
             cells = [
-                "✅" if o.passed else "❌",
+                "✅ met" if o.passed else "❌ failed",  # words too: not every browser has an emoji font
                 html.escape(o.key),
                 html.escape(o.measured_text),
                 html.escape(o.target_text),
