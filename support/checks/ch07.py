@@ -181,9 +181,7 @@ async def _two_orders_and_twins(system: System) -> None:
                 headers={"X-Request-ID": f"probe-7-{n}"},
             )
             orders.append(await _json(response, "POST /orders"))
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and system.jobs.finished < n + 1:
-                await asyncio.sleep(0.02)
+            await wait_until_async(lambda n=n: system.jobs.finished >= n + 1, 5.0)
     expect(
         system.jobs.enqueued == 2,
         "two orders: two jobs enqueued",
@@ -206,9 +204,7 @@ async def _two_orders_and_twins(system: System) -> None:
             *(client.post("/orders", params={"customer": "probe-twin", "product_id": p}) for p in (5, 6))
         )
         twin_orders = [await _json(r, "POST /orders") for r in twins]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and system.jobs.finished < 4:
-        await asyncio.sleep(0.02)
+    await wait_until_async(lambda: system.jobs.finished >= 4, 5.0)
     sent = {m.idempotency_key for m in system.emails.sent}
     twin_keys = {f"order:{order['order_id']}" for order in twin_orders}
     expect(
