@@ -22,10 +22,11 @@ def run_notebook(path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> str
     return "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
 
 
-def run_tests(*tests: str, **env: str) -> None:
-    """Run test files in a pytest of their own, with ``env`` added to the environment."""
+def run_tests(*tests: str, shard: str | None = None, **env: str) -> None:
+    """Run test files in a pytest of their own, with ``env`` added to the environment; ``shard="I/N"``
+    runs every N-th of their tests only (tests/conftest.py), so N such runs can share the workers."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", *tests, *(["--shard", shard] if shard else [])],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,

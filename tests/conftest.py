@@ -28,10 +28,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="leave out the notebooks, the real backends and the performance tests (a minute or less)",
     )
+    parser.addoption(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run the I-th of N shares of the collected tests (every N-th test, from the I-th; I from 0): "
+        "the real-backend runs split a check file into shares that run on several workers at once",
+    )
+
+
+def _shard(config: pytest.Config, items: list[pytest.Item]) -> None:
+    option = config.getoption("--shard")
+    if option is None:
+        return
+    index, count = (int(n) for n in option.split("/"))
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--shard {option}: I must be from 0 to N - 1")
+    left_out = [item for n, item in enumerate(items) if n % count != index]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+    items[:] = [item for n, item in enumerate(items) if n % count == index]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Slow tests first (the workers then end together, quick tests filling the gaps), or none."""
+    _shard(config, items)
     slow = [item for item in items if any(item.get_closest_marker(m) for m in SLOW_MARKERS)]
     rest = [item for item in items if not any(item.get_closest_marker(m) for m in SLOW_MARKERS)]
     if config.getoption("--quick"):

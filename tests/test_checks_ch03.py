@@ -728,7 +728,7 @@ def test_3_3_observing_only_in_send_is_rejected(capsys: pytest.CaptureFixture[st
         "it\n"
     ) in out
     assert "hint:     Look at what `await self.app(scope, receive, timed_send)` does when the handler" in out
-    assert out.count("❌ not yet") == 1
+    assert out.count("❌ not yet") == 1, out
     assert out.endswith("Exercise 3.3: not yet — 19 of 20 checks pass")
 
 
@@ -840,7 +840,7 @@ def test_3_3_p99_not_interpolated_is_rejected(
         "histogram_quantile(0.99, …) estimates it\n"
     ) in out
     assert why in out
-    assert out.endswith("Exercise 3.3: not yet — 11 of 12 checks pass")
+    assert out.endswith("Exercise 3.3: not yet — 11 of 12 checks pass"), out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1033,7 +1033,7 @@ def test_3_3_each_middleware_flaw_is_named(
     out = rejected(capsys, check_latency_histogram, shop_answer(variant), p99_answer("right"))
     assert f"❌ not yet: {failed}" in out
     assert detail in out
-    assert out.count("❌ not yet") == 1
+    assert out.count("❌ not yet") == 1, out
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,17 @@ def test_notebook_runs_on_a_real_redis(
         assert f"Redis at {real_redis_url} (from REDIS_URL)" in printed
 
 
-@pytest.mark.parametrize("tests", ["tests/test_checks_ch05.py", "tests/test_checks_ch06.py"])
-def test_exercise_checks_pass_and_reject_on_a_real_redis(tests: str, real_redis_url: str) -> None:
-    run_tests(tests, REDIS_URL=real_redis_url)
+# the check tests in shares of about 30 s that several workers run at once (each worker starts a Redis
+# server of its own)
+CHECK_RUNS = [
+    pytest.param("tests/test_checks_ch05.py", "0/2", id="ch05-share-0-of-2"),
+    pytest.param("tests/test_checks_ch05.py", "1/2", id="ch05-share-1-of-2"),
+    pytest.param("tests/test_checks_ch06.py", None, id="ch06"),
+]
+
+
+@pytest.mark.parametrize(("tests", "shard"), CHECK_RUNS)
+def test_exercise_checks_pass_and_reject_on_a_real_redis(
+    tests: str, shard: str | None, real_redis_url: str
+) -> None:
+    run_tests(tests, shard=shard, REDIS_URL=real_redis_url)

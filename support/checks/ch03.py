@@ -1552,10 +1552,12 @@ def _check_timed_to_last_body(app: Any) -> None:
     if raised:
         raise raised[0]
     seconds = sum(s["sum"] for s in _probe_series(registry).values())
+    # timed with the task, it measures the task's whole sleep or more; without it, a few ms, unless a
+    # loaded machine holds the loop: the bound sits just under the sleep, not halfway to it
     expect(
-        seconds < _PROBE_BACKGROUND / 2,
+        seconds < 0.9 * _PROBE_BACKGROUND,
         f"a response with a {_PROBE_BACKGROUND * 1000:.0f} ms background task timed without it "
-        f"(under {_PROBE_BACKGROUND * 500:.0f} ms)",
+        f"(under {_PROBE_BACKGROUND * 900:.0f} ms)",
         f"{seconds * 1000:.0f} ms: the clock stopped when the app returned, after its background tasks",
         "Starlette runs a response's background tasks after its last body message, before "
         "`await self.app(…)` returns: the client already has its answer.",

@@ -48,6 +48,9 @@ CHECK_TIMEOUT = 60.0  # seconds for a check's probes and scenario runs
 BUSY_MS = 15.0
 SCENARIO_SECONDS = 3.0  # a check's traffic: shorter than the notebook's 4 s, judged by the same objectives
 LATENCY = {key for key, (_, _, unit, _) in THRESHOLDS.items() if unit == "ms"}
+# what a busy machine can make miss once in a healthy system: a latency, or the cache's read-write race
+# (report.py: a read that missed just before a price change can cache the old price)
+CAN_MISS_ONCE = LATENCY | {"stale reads"}
 ORDERS = "orders"
 
 
@@ -814,8 +817,8 @@ def _scenario_until_passed(
     must: set[str] | None = None,
     attempts: int = 2,
 ) -> Report:
-    """Run the scenario (on ``first`` if given); once more on a fresh system if only latency
-    objectives failed: on a busy machine a latency can miss once, a count cannot."""
+    """Run the scenario (on ``first`` if given); once more on a fresh system if only objectives a busy
+    machine can miss failed (a latency, the cache's race): a count of a mechanism cannot miss once."""
     result: Report | None = None
     must = set(THRESHOLDS) if must is None else must
     for attempt in range(attempts):
@@ -825,7 +828,7 @@ def _scenario_until_passed(
         finally:
             system.stop()
         failed = {o.key for o in result if not o.passed and o.key in must}
-        if not failed or not failed <= LATENCY:
+        if not failed or not failed <= CAN_MISS_ONCE:
             break
     assert result is not None
     return result

@@ -23,7 +23,7 @@ is six runs (``faults=[]``, and seed 0 with every fault fixed), each fault three
                                                                     ch2-no-retries 4 [4–4]
     jobs traceable                ≥ 95 %       100.0 [100.0–100.0]  ch2-no-request-id 0.0 [0.0–0.0]
     logs correlated               ≥ 95 %       100.0 [100.0–100.0]  ch3-request-id-dropped 0.0 [0.0–0.0]
-    stale reads                   ≤ 1 %        0.0 [0.0–0.0]        ch5-no-invalidation 50.0 [46.6–50.0]
+    stale reads                   ≤ 5 %        0.0 [0.0–0.0]        ch5-no-invalidation 50.0 [46.6–50.0]
     wrong-currency reads          ≤ 0          0 [0–0]              ch5-key-without-currency 36 [27–37]
     heavy client admitted         ≤ 1 × limit  1.00 [0.96–1.00]     ch6-per-process-limiter 2.00 [2.00–2.00]
     spoofing client admitted      ≤ 1 × limit  0.92 [0.88–1.00]     ch6-spoofable-key 2.00 [2.00–2.00]
@@ -33,9 +33,13 @@ is six runs (``faults=[]``, and seed 0 with every fault fixed), each fault three
 Where an objective can be a count of a mechanism (jobs lost, log lines that lost their request ID,
 stale and wrong-currency reads, requests admitted beyond the limit) it is one: counts do not depend on
 how fast the machine is. A client's bound is its limit times the windows its requests touched, so a
-shared, atomic counter can never pass it. Stale reads allow 1 %: invalidate-on-write still races with
-a read that missed just before the write (chapter 5); the pricing tool starts after the cache is warm,
-and no healthy run has served one since.
+shared, atomic counter can never pass it. Stale reads are the exception, a count of a race: a read that
+missed just before a price change can put the old price back in the cache after the change deleted it
+(invalidate-on-write narrows the window, the TTL bounds what slips through: chapter 5), and the page
+stays stale until the next change. The pricing tool starts after the cache is warm; healthy runs served
+none at rest (6 runs) nor beside three CPU-bound processes (6 runs, 87–119 pages each), but one in the
+full test suite served 2 of about 120 (1.7 %). So the objective allows 5 %, nine times below the fault
+that breaks it, and a check that sees only it fail runs the scenario again, as for a latency.
 
 Latency objectives are set for a busy machine, not a quiet one. The table's runs had the machine to
 themselves (load average 1–2); with two CPU-bound processes beside the kernel (as under the test
@@ -81,10 +85,10 @@ THRESHOLDS: dict[str, tuple[float, str, str, str]] = {
     "jobs traceable": (95.0, "min", "%", "the worker's lines name the request that placed the order"),
     "logs correlated": (95.0, "min", "%", "the orders service's lines carry the gateway's request ID"),
     "stale reads": (
-        1.0,
+        5.0,
         "max",
         "%",
-        "at most 1 % of the product pages show a price older than the last change",
+        "at most 5 % of the product pages show a price older than the last change",
     ),
     "wrong-currency reads": (0, "max", "", "no product page in another currency than asked"),
     "heavy client admitted": (
