@@ -62,7 +62,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     else:
         longest = ("test_real_", "test_notebooks_rerun")  # whole chapters, 10-50 s each
         slow.sort(key=lambda item: not any(name in item.nodeid for name in longest))
-        items[:] = slow + rest
+        items[:] = _spread_one_system(slow) + rest
+
+
+def _spread_one_system(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The tests that take chapter 7's lock spaced out among the others: handed out together, they
+    would hold several workers waiting for the one that has the lock."""
+    serial = [item for item in items if item.get_closest_marker("one_system")]
+    others = [item for item in items if not item.get_closest_marker("one_system")]
+    if not serial:
+        return items
+    gap = max(1, len(others) // len(serial))
+    spread: list[pytest.Item] = []
+    for n, item in enumerate(others):
+        if n % gap == 0 and serial:
+            spread.append(serial.pop(0))
+        spread.append(item)
+    return spread + serial
 
 
 @pytest.fixture

@@ -851,9 +851,14 @@ def test_2_3_more_than_queue_size_waiting_is_rejected(
     out = rejected(capsys, check_bounded_queue, *jobs_answer(variant))
     assert (
         "❌ not yet: once the queue is full, the rest are refused with 503\n"
-        "       expected: at most 6 of 30 accepted (QUEUE_SIZE 5 waiting + 1 consumer(s)'s job in progress)\n"
-        "       seen:     7 accepted, 6 of them waiting in the queue: more than QUEUE_SIZE jobs waited\n"
-    ) in out
+        "       expected: at most 6 of 30 accepted (QUEUE_SIZE 5 waiting + 1 consumer(s)'s job in progress), "
+        "at most 5 of them waiting\n"
+    ) in out, out
+    # 7 accepted when the consumer took the first job before it was held back, 6 when it was still busy
+    # with the job before (a loaded machine): the jobs waiting in the queue are 6 either way
+    assert re.search(r"seen: {5}[67] accepted, 6 of them waiting in the queue: more than QUEUE_SIZE", out), (
+        out
+    )
     assert out.endswith("Exercise 2.3: not yet — 4 of 5 checks pass")
 
 

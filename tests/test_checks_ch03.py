@@ -589,6 +589,13 @@ def shop_answer(variant: str) -> FastAPI:
             if variant == "send-only":  # a handler that raises sends nothing through timed_send
                 await self.app(scope, receive, timed_send)
                 return
+            if variant == "swallows":  # records the failing request, and the exception goes no further
+                try:
+                    await self.app(scope, receive, timed_send)
+                except Exception:
+                    if not observed:
+                        observe()
+                return
             try:
                 await self.app(scope, receive, timed_send)
             finally:  # the handler raised: its 500 goes out through ServerErrorMiddleware, outside
@@ -730,6 +737,22 @@ def test_3_3_observing_only_in_send_is_rejected(capsys: pytest.CaptureFixture[st
     assert "hint:     Look at what `await self.app(scope, receive, timed_send)` does when the handler" in out
     assert out.count("❌ not yet") == 1, out
     assert out.endswith("Exercise 3.3: not yet — 19 of 20 checks pass")
+
+
+def test_3_3_swallowing_the_handlers_exception_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # from the blind bank's second round (tests/banks/ch03.md, 3.3 wrong AY): counted, but no 500 is sent
+    out = rejected(capsys, check_latency_histogram, shop_answer("swallows"), p99_answer("right"))
+    assert (
+        "  ❌ not yet: a request whose handler raises is counted too, under its route, though its 500 never "
+        "goes through your `send`\n"
+        "       expected: the handler's exception to leave your middleware, so that Starlette answers 500 "
+        "and logs it\n"
+        "       seen:     no exception came out of your middleware, and the client got no response at all: "
+        "the error was swallowed\n"
+    ) in out, out
+    assert "hint:     An `except` that records the request must end with a bare `raise`" in out
+    assert out.count("❌ not yet") == 1, out
+    assert out.endswith("Exercise 3.3: not yet — 19 of 20 checks pass"), out
 
 
 @pytest.mark.parametrize(

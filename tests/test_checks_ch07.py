@@ -102,6 +102,7 @@ def test_a_placeholder_is_not_started_and_a_learners_running_system_comes_back()
 
 
 @pytest.mark.notebooks
+@pytest.mark.one_system
 def test_seed_14_solved_end_to_end() -> None:
     faults = plan(14)
     assert not {f.id for f in faults} & {f.id for f in plan(0)}, "seed 14 shares no fault with seed 0"
@@ -115,6 +116,7 @@ def test_seed_14_solved_end_to_end() -> None:
 
 
 @pytest.mark.notebooks
+@pytest.mark.one_system
 @pytest.mark.parametrize("fault_id", ["ch2-no-request-id", "ch3-request-id-dropped"])
 def test_the_faults_neither_seed_plants_are_solved_too(fault_id: str) -> None:
     with one_system_at_a_time():

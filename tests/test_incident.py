@@ -48,6 +48,7 @@ except ImportError:  # Windows: no lock (run the suite there without xdist)
     fcntl = None  # type: ignore[assignment]
 
 LATENCY = {key for key, (_, _, unit, _) in THRESHOLDS.items() if unit == "ms"}
+CAN_MISS_ONCE = LATENCY | {"stale reads"}  # as chapter 7's checks judge them (support/checks/ch07.py)
 LATENCY_FAULTS = ["ch1-blocking-sdk", "ch3-export-on-request-path", "ch4-session-held", "ch4-n-plus-one"]
 COUNT_GROUPS = [
     [
@@ -270,10 +271,11 @@ def _run_scenario(*, attempts: int, **start: Any) -> Outcome:
             run = asyncio.run(run_scenario(system))
             result = report(run)
             failed = {o.key for o in result.failed()}
-            if not failed or failed - LATENCY or attempt == attempts:
+            if not failed or failed - CAN_MISS_ONCE or attempt == attempts:
                 break
             print(
-                f"attempt {attempt}: only latency objectives failed ({sorted(failed)}): the machine was busy"
+                f"attempt {attempt}: only objectives a busy machine can miss failed ({sorted(failed)}): "
+                "a latency or the cache's race"
             )
             time.sleep(2)
         spans = system.spans()
@@ -299,6 +301,7 @@ def _fixed(seed: int) -> dict[str, Any]:
 
 
 @pytest.mark.notebooks
+@pytest.mark.one_system
 def test_seed_0_with_every_fault_fixed_meets_every_objective() -> None:
     outcome = _scenario(seed=0, overrides=_fixed(0), attempts=3)
     assert outcome.report.passed, f"after {outcome.attempts} attempt(s):\n{outcome.report}"
@@ -316,6 +319,7 @@ def test_seed_0_with_every_fault_fixed_meets_every_objective() -> None:
 
 
 @pytest.mark.notebooks
+@pytest.mark.one_system
 def test_seed_0_fails_the_objectives_of_its_faults() -> None:
     outcome = _scenario(seed=0)
     planted = plan(0)
@@ -361,6 +365,7 @@ def test_every_fault_has_a_test_of_its_mechanism() -> None:
 
 
 @pytest.mark.notebooks
+@pytest.mark.one_system
 @pytest.mark.parametrize("fault_id", LATENCY_FAULTS)
 def test_a_latency_fault_alone_breaks_its_objective(fault_id: str) -> None:
     outcome = _scenario(faults=[fault_id])
@@ -374,6 +379,7 @@ def test_a_latency_fault_alone_breaks_its_objective(fault_id: str) -> None:
 
 
 @pytest.mark.notebooks
+@pytest.mark.one_system
 @pytest.mark.parametrize("group", COUNT_GROUPS, ids=lambda g: "+".join(i.split("-", 1)[0] for i in g))
 def test_count_faults_break_their_own_objectives_and_no_other(group: list[str]) -> None:
     outcome = _scenario(faults=group)

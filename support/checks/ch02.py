@@ -1569,9 +1569,12 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
         "Accept while there is room: `queue.put_nowait(job_id)`, then return 202.",
     )
     waiting = f", {spike.waiting} of them waiting in the queue" if spike.waiting is not None else ""
+    # the queue's own count, where it can be read, decides: whether a consumer took a job before it was
+    # held back depends on timing (on a loaded machine it may still be finishing the job before)
     expect(
-        accepted <= bound,
-        f"at most {bound} of {_SPIKE} accepted ({why})",
+        accepted <= bound and (spike.waiting is None or spike.waiting <= queue_size),
+        f"at most {bound} of {_SPIKE} accepted ({why})"
+        + (f", at most {queue_size} of them waiting" if spike.waiting is not None else ""),
         f"{accepted} accepted{waiting}: more than QUEUE_SIZE jobs waited",
         "`maxsize` counts the jobs waiting in the queue; a job a consumer has taken (`get()`) has left it. "
         "So `maxsize=QUEUE_SIZE`, nothing added; and a hand-made test of `qsize()` is easily one off.",

@@ -1508,18 +1508,30 @@ def _probe_series(registry: CollectorRegistry) -> dict[tuple[tuple[str, str], ..
 
 
 def _run_probe(app: Any, paths: Sequence[str]) -> tuple[CollectorRegistry, list[BaseException]]:
+    registry, raised, _ = _run_probe_statuses(app, paths)
+    return registry, raised
+
+
+def _run_probe_statuses(
+    app: Any, paths: Sequence[str]
+) -> tuple[CollectorRegistry, list[BaseException], list[int | None]]:
+    """The probe's registry, what came out of the app, and each response's status: 0 if none was sent,
+    None if the app raised (Starlette's outermost layer re-raises after sending its 500)."""
     probe, registry = _probe(app)
 
-    async def main() -> list[BaseException]:
-        raised = []
+    async def main() -> tuple[list[BaseException], list[int | None]]:
+        raised: list[BaseException] = []
+        statuses: list[int | None] = []
         for path in paths:
             try:
-                await call(probe, path)
+                statuses.append((await call(probe, path)).status)
             except Exception as exc:
                 raised.append(exc)
-        return raised
+                statuses.append(None)
+        return raised, statuses
 
-    return registry, in_fresh_loop(main, timeout=10, name="check-3.3-probe")
+    raised, statuses = in_fresh_loop(main, timeout=10, name="check-3.3-probe")
+    return registry, raised, statuses
 
 
 def _check_timed_to_last_body(app: Any) -> None:
@@ -1566,10 +1578,19 @@ def _check_timed_to_last_body(app: Any) -> None:
 
 
 def _check_failed_request(app: Any) -> None:
-    registry, raised = _run_probe(app, ["/probe/fails/1"])
+    registry, raised, statuses = _run_probe_statuses(app, ["/probe/fails/1"])
     other = [exc for exc in raised if not isinstance(exc, _HandlerFailed)]
     if other:
         raise other[0]
+    expect(
+        bool(raised) or statuses == [500],
+        "the handler's exception to leave your middleware, so that Starlette answers 500 and logs it",
+        f"no exception came out of your middleware, and the client got "
+        f"{f'a {statuses[0]}' if statuses and statuses[0] else 'no response at all'}: the error was "
+        "swallowed",
+        "An `except` that records the request must end with a bare `raise`; or record it in a `finally`, "
+        "which lets the exception go on by itself.",
+    )
     series = _probe_series(registry)
     count = sum(s["count"] for labels, s in series.items() if dict(labels).get("route") == _FAILING_ROUTE)
     elsewhere = {
