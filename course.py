@@ -155,6 +155,37 @@ def ensure_environment(maintainer: bool = False) -> Path:
     return python
 
 
+def _busy_cores(seconds: float = 0.5) -> float | None:
+    """How many cores' worth of CPU the machine is using now (Linux's /proc/stat), or None."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(n) for n in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
+def worker_count(cores: int | None = None, busy: float | None = None) -> int:
+    """Four test workers per free core, from 2 to 8. The notebooks and checks mostly wait on sleeps and
+    sockets: on 2 idle cores three workers kept the CPU half busy (590 s), eight kept it 90 % busy
+    (335 s). A core that something else keeps busy (another build, a CPU hog) leaves room for fewer:
+    eight workers beside one busy core overloaded the machine until healthy latencies failed."""
+    cores = cores or os.cpu_count() or 1
+    busy = _busy_cores() if busy is None else busy
+    free = max(0.0, cores - (busy or 0.0))
+    return max(2, min(8, round(4 * free)))
+
+
 def run_child(args: list[str]) -> int:
     """Run a command in the foreground and let it handle Ctrl+C itself.
 
@@ -188,12 +219,11 @@ def main(argv: list[str]) -> int:
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers often run as root; JupyterLab refuses
             args.append("--allow-root")
     elif command == "test":
-        # Four workers per core, eight at most: the notebooks and checks mostly wait on sleeps and
-        # sockets (three workers kept 2 cores half busy; eight, 90 % busy: 335 s instead of 590 s).
-        # Each worker gets a PostgreSQL database of its own. `--dist loadgroup` hands out one test at
-        # a time as workers free up (plain `load` sends batches up front, and one worker was left with
-        # several whole chapters). `-n 0`, or plain `pytest`, runs serially.
-        workers = min(8, 4 * (os.cpu_count() or 1))
+        # Workers by the cores free now (see worker_count), each with a PostgreSQL database of its own.
+        # `--dist loadgroup` hands out one test at a time as workers free up (plain `load` sends
+        # batches up front, and one worker was left with several whole chapters). `-n 0`, or plain
+        # `pytest`, runs serially.
+        workers = worker_count()
         args = [python, "-m", "pytest", "-n", str(workers), "--dist", "loadgroup", *rest]
     else:
         args = [python, "-m", COMMANDS[command], *rest]

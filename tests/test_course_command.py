@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -122,3 +123,17 @@ def test_ctrl_c_goes_to_the_child_and_course_py_exits_quietly(child: str, code: 
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     if child == "handles":
         assert "shutting down cleanly" in out
+
+
+@pytest.mark.parametrize(
+    ("cores", "busy", "workers"),
+    [(2, 0.0, 8), (2, 0.1, 8), (2, 1.0, 4), (2, 2.0, 2), (1, 0.0, 4), (16, 3.0, 8), (4, 3.5, 2)],
+)
+def test_the_suite_runs_four_workers_per_free_core(cores: int, busy: float, workers: int) -> None:
+    assert course.worker_count(cores, busy) == workers
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux's /proc/stat")
+def test_busy_cores_are_measured_from_proc_stat() -> None:
+    busy = course._busy_cores(0.1)
+    assert busy is not None and 0.0 <= busy <= (os.cpu_count() or 1) + 0.01
