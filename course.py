@@ -155,13 +155,25 @@ def ensure_environment(maintainer: bool = False) -> Path:
     return python
 
 
+def _cores() -> float:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2)."""
+    cores: float = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1.0, cores)
+
+
 def _busy_cores(seconds: float = 0.5) -> float | None:
     """How many cores' worth of CPU the machine is using now (Linux's /proc/stat), or None."""
     import time
 
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as stat:
-            fields = [int(n) for n in stat.readline().split()[1:]]
+            fields = [int(n) for n in stat.readline().split()[1:9]]  # guest time is in user's already
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         return sum(fields), idle
 
@@ -171,19 +183,19 @@ def _busy_cores(seconds: float = 0.5) -> float | None:
         total1, idle1 = sample()
     except (OSError, ValueError, IndexError):
         return None
-    cores = os.cpu_count() or 1
-    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
 
 
-def worker_count(cores: int | None = None, busy: float | None = None) -> int:
-    """Four test workers per free core, from 2 to 8. The notebooks and checks mostly wait on sleeps and
-    sockets: on 2 idle cores three workers kept the CPU half busy (590 s), eight kept it 90 % busy
-    (335 s). A core that something else keeps busy (another build, a CPU hog) leaves room for fewer:
-    eight workers beside one busy core overloaded the machine until healthy latencies failed."""
-    cores = cores or os.cpu_count() or 1
+def worker_count(cores: float | None = None, busy: float | None = None) -> int:
+    """Three test workers per free core, from 2 to 8. The notebooks and checks mostly wait on sleeps
+    and sockets: on 2 idle cores three workers kept the CPU half busy (590 s); six, two-thirds busy
+    (443 s); eight, 90 % busy (335-354 s), and at that load the lessons' timed comparisons failed now and
+    then (a different few in each of three runs). A core that something else keeps busy (another build,
+    a CPU hog) leaves room for fewer."""
+    cores = cores or _cores()
     busy = _busy_cores() if busy is None else busy
-    free = max(0.0, cores - (busy or 0.0))
-    return max(2, min(8, round(4 * free)))
+    free = max(0.0, min(cores, cores - (busy or 0.0)))
+    return max(2, min(8, round(3 * free)))
 
 
 def run_child(args: list[str]) -> int:
@@ -220,9 +232,9 @@ def main(argv: list[str]) -> int:
             args.append("--allow-root")
     elif command == "test":
         # Workers by the cores free now (see worker_count), each with a PostgreSQL database of its own.
-        # `--dist loadgroup` hands out one test at a time as workers free up (plain `load` sends
-        # batches up front, and one worker was left with several whole chapters). `-n 0`, or plain
-        # `pytest`, runs serially.
+        # `--dist loadgroup` tops each worker up a test or two at a time as it frees up (plain `load`
+        # sends batches up front, and one worker was left with several whole chapters). `-n 0`, or
+        # plain `pytest`, runs serially.
         workers = worker_count()
         args = [python, "-m", "pytest", "-n", str(workers), "--dist", "loadgroup", *rest]
     else:

@@ -7,6 +7,7 @@ edit-test loop of day-to-day work; ``python course.py test`` with no options run
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import matplotlib
@@ -41,7 +42,10 @@ def _shard(config: pytest.Config, items: list[pytest.Item]) -> None:
     option = config.getoption("--shard")
     if option is None:
         return
-    index, count = (int(n) for n in option.split("/"))
+    try:
+        index, count = (int(n) for n in option.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard {option}: expected I/N, two whole numbers, e.g. 0/4") from None
     if not 0 <= index < count:
         raise pytest.UsageError(f"--shard {option}: I must be from 0 to N - 1")
     left_out = [item for n, item in enumerate(items) if n % count != index]
@@ -67,12 +71,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _spread_one_system(items: list[pytest.Item]) -> list[pytest.Item]:
     """The tests that take chapter 7's lock spaced out among the others: handed out together, they
-    would hold several workers waiting for the one that has the lock."""
+    would hold several workers waiting for the one that has the lock. Each worker holds a test running
+    and up to two queued, so they are at least twice the workers apart; fewer wait, not none."""
     serial = [item for item in items if item.get_closest_marker("one_system")]
     others = [item for item in items if not item.get_closest_marker("one_system")]
     if not serial:
         return items
-    gap = max(1, len(others) // len(serial))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    gap = max(1, len(others) // len(serial), 2 * workers)
     spread: list[pytest.Item] = []
     for n, item in enumerate(others):
         if n % gap == 0 and serial:

@@ -259,7 +259,8 @@ def _one_scenario_at_a_time() -> Iterator[None]:
 
 
 def _scenario(*, attempts: int = 1, **start: Any) -> Outcome:
-    """Start a system, run the scenario (again, up to ``attempts`` times, while only latency fails)."""
+    """Start a system, run the scenario (again, up to ``attempts`` times, while only what a busy machine
+    can miss fails: a latency, the cache's race)."""
     with _one_scenario_at_a_time():
         return _run_scenario(attempts=attempts, **start)
 

@@ -49,3 +49,9 @@ def test_no_option_runs_everything() -> None:
 def test_a_share_out_of_range_is_refused(option: str) -> None:
     with pytest.raises(pytest.UsageError, match="I must be from 0 to N - 1"):
         share(option, ["a"])
+
+
+@pytest.mark.parametrize("option", ["1/2/3", "a/2", "2"])
+def test_a_malformed_share_is_refused(option: str) -> None:
+    with pytest.raises(pytest.UsageError, match="expected I/N, two whole numbers"):
+        share(option, ["a"])

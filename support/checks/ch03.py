@@ -1584,7 +1584,8 @@ def _check_failed_request(app: Any) -> None:
         raise other[0]
     expect(
         bool(raised) or statuses == [500],
-        "the handler's exception to leave your middleware, so that Starlette answers 500 and logs it",
+        "the handler's exception to leave your middleware (Starlette then answers 500 and logs it), or a "
+        "500 sent by your middleware",
         f"no exception came out of your middleware, and the client got "
         f"{f'a {statuses[0]}' if statuses and statuses[0] else 'no response at all'}: the error was "
         "swallowed",

@@ -31,8 +31,8 @@ is six runs (``faults=[]``, and seed 0 with every fault fixed), each fault three
     orders loop lag p99           ≤ 60 ms      3 [2–4]              ch1-blocking-sdk 122 [122–124]
 
 Where an objective can be a count of a mechanism (jobs lost, log lines that lost their request ID,
-stale and wrong-currency reads, requests admitted beyond the limit) it is one: counts do not depend on
-how fast the machine is. A client's bound is its limit times the windows its requests touched, so a
+wrong-currency reads, requests admitted beyond the limit) it is one: counts do not depend on how fast
+the machine is. A client's bound is its limit times the windows its requests touched, so a
 shared, atomic counter can never pass it. Stale reads are the exception, a count of a race: a read that
 missed just before a price change can put the old price back in the cache after the change deleted it
 (invalidate-on-write narrows the window, the TTL bounds what slips through: chapter 5), and the page
