@@ -27,7 +27,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--quick",
         action="store_true",
-        help="leave out the notebooks, the real backends and the performance tests (about 2 minutes on 2 cores)",
+        help="leave out the notebooks, the real backends and the performance tests "
+        "(about 2 minutes on 2 cores)",
     )
     parser.addoption(
         "--shard",
