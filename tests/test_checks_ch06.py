@@ -176,7 +176,8 @@ def test_6_1_a_clock_other_than_now_is_rejected(variant: str, capsys: pytest.Cap
     bucket = bucket_answer(variant)
     first = rejected(capsys, check_token_bucket, bucket)
     assert "❌ not yet: it refills a token every 1/rate = 0.5 s of the `now` it is given\n" in first
-    assert "seen:     at +0.5 s: 1 refused; at +1.5 s: 3 refused\n" in first
+    # how many a real clock refuses depends on when its second ticks (Redis's TIME is whole seconds)
+    assert re.search(r"seen:     at \+0\.5 s: \d refused; at \+1\.5 s: \d refused\n", first), first
     forget_answers()  # the learner changes their answer: the next hint
     second = rejected(capsys, check_token_bucket, bucket)
     assert (
