@@ -187,15 +187,15 @@ def _busy_cores(seconds: float = 0.5) -> float | None:
 
 
 def worker_count(cores: float | None = None, busy: float | None = None) -> int:
-    """Three test workers for two free cores, from 2 to 8. The notebooks and checks mostly wait on
-    sleeps and sockets, so more workers than cores overlap, up to a point: on 2 idle cores three workers
-    kept the CPU half busy (589 s); four (434-502 s), six (352 s) and eight (335-354 s) were faster, but
-    at their load one of the lessons' timed comparisons failed in most runs, a different one each time.
-    A core that something else keeps busy (another build, a CPU hog) leaves room for fewer."""
+    """Three test workers per free core, from 2 to 8. The notebooks and checks mostly wait on sleeps
+    and sockets (on 2 idle cores, three workers kept the CPU about 40 % busy: 464 CPU-seconds in a
+    540 s run), so more workers than cores overlap: six took 340 s, where three took 541-561 s; eight
+    were no faster (335-354 s), the CPU being then the limit. A core that something else keeps busy
+    (another build, a CPU hog) leaves room for fewer."""
     cores = cores or _cores()
     busy = _busy_cores() if busy is None else busy
     free = max(0.0, min(cores, cores - (busy or 0.0)))
-    return max(2, min(8, round(1.5 * free)))
+    return max(2, min(8, round(3 * free)))
 
 
 def run_child(args: list[str]) -> int:
