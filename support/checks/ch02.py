@@ -338,7 +338,8 @@ def _watched(job: Callable[..., Any], run: _OrdersRun) -> Callable[..., Any]:
             raise
         finally:
             run.finished += 1
-            # whatever the argument's name; a job of another run left in the queue is not one of these
+            # each order once, whatever the argument's name: a job run twice (SAQ's sweep can retry a job
+            # just taken off the queue) or left in a real Redis by an earlier run counts once
             run.finished_orders.update(
                 v for v in kwargs.values() if isinstance(v, str) and v in _sent_headers()
             )
@@ -373,7 +374,7 @@ def _check_jobs_run(app: Any, job: Callable[..., Any], queue_name: str, run: _Or
     run.worker_errors = list(worker.errors)
     if run.errors:
         raise run.errors[0]  # the placeholder ("not started") or the learner's own error, as one line
-    if run.finished < _ORDERS and run.worker_errors:
+    if len(run.finished_orders) < _ORDERS and run.worker_errors:
         last_line = run.worker_errors[0].strip().splitlines()[-1]
         raise Mismatch(
             f"the worker to run the {_ORDERS} jobs",

@@ -1560,17 +1560,22 @@ def _check_timed_to_last_body(app: Any) -> None:
         "(`http.response.start` carries only the status and headers).",
         "Stop the clock after `await send(message)` for the body message whose `more_body` is false.",
     )
-    registry, raised = _run_probe(app, ["/probe/later/1"])
-    if raised:
-        raise raised[0]
-    seconds = sum(s["sum"] for s in _probe_series(registry).values())
-    # timed with the task, it measures the task's whole sleep or more; without it, a few ms, unless a
-    # loaded machine holds the loop: the bound sits just under the sleep, not halfway to it
+    # timed with the task, it measures the task's whole sleep or more, every time; without it, a few ms,
+    # unless a loaded machine held the loop (271 ms once, beside eight busy processes): the least of up
+    # to three tries, and a bound just under the sleep
+    tries = []
+    while len(tries) < 3 and (not tries or min(tries) >= 0.9 * _PROBE_BACKGROUND):
+        registry, raised = _run_probe(app, ["/probe/later/1"])
+        if raised:
+            raise raised[0]
+        tries.append(sum(s["sum"] for s in _probe_series(registry).values()))
+    seconds = min(tries)
     expect(
         seconds < 0.9 * _PROBE_BACKGROUND,
         f"a response with a {_PROBE_BACKGROUND * 1000:.0f} ms background task timed without it "
         f"(under {_PROBE_BACKGROUND * 900:.0f} ms)",
-        f"{seconds * 1000:.0f} ms: the clock stopped when the app returned, after its background tasks",
+        f"{seconds * 1000:.0f} ms at the least in {len(tries)} requests: the clock stopped when the app "
+        "returned, after its background tasks",
         "Starlette runs a response's background tasks after its last body message, before "
         "`await self.app(…)` returns: the client already has its answer.",
         "Stop the clock in the `send` wrapper, at the last body message, not after `await self.app(…)`.",
