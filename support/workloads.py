@@ -113,14 +113,29 @@ class GeoClient:
     synchronous call (here ``time.sleep``, standing in for a file read or a DNS lookup).
 
     Nothing in its signature says it blocks; asyncio debug mode, a loop-lag probe or blockbuster does.
+    ``max_in_flight`` is the most reads that overlapped (``reset()`` forgets it).
     """
 
     def __init__(self, delay: float = 0.05) -> None:
         self.delay = delay
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._lock = threading.Lock()
 
     def _read_database(self, ip: str) -> str:
-        time.sleep(self.delay)
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            time.sleep(self.delay)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
         return "NL" if ip.startswith("10.") else "US"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.max_in_flight = 0
 
     async def lookup(self, ip: str) -> str:
         return self._read_database(ip)

@@ -53,6 +53,22 @@ def test_the_other_workloads_compute_what_they_say() -> None:
     assert asyncio.run(GeoClient(delay=0).lookup("10.0.0.1")) == "NL"
 
 
+def test_the_geo_client_counts_the_reads_that_overlap() -> None:
+    geo = GeoClient(delay=0.05)
+
+    async def lookups(offloaded: bool) -> None:
+        if offloaded:
+            await asyncio.gather(*(asyncio.to_thread(geo._read_database, "10.0.0.1") for _ in range(4)))
+        else:
+            await asyncio.gather(*(geo.lookup("10.0.0.1") for _ in range(4)))
+
+    asyncio.run(lookups(offloaded=False))
+    assert geo.max_in_flight == 1  # each lookup blocks the loop: one at a time
+    geo.reset()
+    asyncio.run(lookups(offloaded=True))
+    assert geo.max_in_flight == 4
+
+
 def test_the_probe_from_another_process_paces_and_records_each_request(server: support.Server) -> None:
     result = asyncio.run(probe_from_another_process(server, "/status/200", requests=5, interval=0.02))
     assert (result.concurrency, len(result.records), result.ok) == (1, 5, 5)
