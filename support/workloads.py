@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,6 +69,19 @@ class CallRecord:
     thread_id: int = 0
 
 
+@contextmanager
+def _counted(client: Any) -> Iterator[None]:
+    """One call in progress on ``client``: counted in its ``max_in_flight`` (under its ``_lock``)."""
+    with client._lock:
+        client._in_flight += 1
+        client.max_in_flight = max(client.max_in_flight, client._in_flight)
+    try:
+        yield
+    finally:
+        with client._lock:
+            client._in_flight -= 1
+
+
 @dataclass
 class LegacyPriceClient:
     """A synchronous SDK, like many vendor clients: every call blocks its thread for ``delay`` seconds.
@@ -85,14 +100,8 @@ class LegacyPriceClient:
         """The price of ``symbol`` (deterministic), after blocking for ``delay`` seconds."""
         on_loop = on_event_loop_thread()
         start = time.perf_counter()
-        with self._lock:
-            self._in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self._in_flight)
-        try:
+        with _counted(self):
             time.sleep(self.delay)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
         thread = threading.current_thread()
         self.calls.append(CallRecord(start, time.perf_counter(), thread.name, on_loop, thread.ident or 0))
         return price_of(symbol)
@@ -123,14 +132,8 @@ class GeoClient:
         self._lock = threading.Lock()
 
     def _read_database(self, ip: str) -> str:
-        with self._lock:
-            self._in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self._in_flight)
-        try:
+        with _counted(self):
             time.sleep(self.delay)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
         return "NL" if ip.startswith("10.") else "US"
 
     def reset(self) -> None:
