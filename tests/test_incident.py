@@ -13,7 +13,8 @@ share a run, and the test checks that the count objectives no fault of the run t
 
 The latency objectives assume a machine that is not saturated by other work: under the suite's
 parallel workers a healthy run can starve. The healthy test runs the scenario again (three times at
-most) when only latency objectives failed, and says so.
+most) when only latency objectives failed, and says so; if the last run still misses one while the load
+generator's own loop lagged as long as check 7.6 calls a busy machine, the miss is the machine's.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ import pytest
 
 import support
 from support.backends import redis_client
-from support.checks.ch07 import CAN_MISS_ONCE  # what a busy machine can make miss once, as the checks judge
+
+# what a busy machine can make miss once, and the load generator's own lag that marks a busy machine,
+# as the checks judge them
+from support.checks.ch07 import BUSY_MS, CAN_MISS_ONCE, LATENCY, _client_lag_ms
 from support.incident import POOL, SEAMS, THRESHOLDS, fault, plan, report, run_scenario, start_system
 from support.incident.faults import resolve
 from support.incident.report import Report
@@ -48,7 +52,6 @@ try:
 except ImportError:  # Windows: no lock (run the suite there without xdist)
     fcntl = None  # type: ignore[assignment]
 
-LATENCY = {key for key, (_, _, unit, _) in THRESHOLDS.items() if unit == "ms"}
 LATENCY_FAULTS = ["ch1-blocking-sdk", "ch3-export-on-request-path", "ch4-session-held", "ch4-n-plus-one"]
 COUNT_GROUPS = [
     [
@@ -305,7 +308,11 @@ def _fixed(seed: int) -> dict[str, Any]:
 @pytest.mark.one_system
 def test_seed_0_with_every_fault_fixed_meets_every_objective() -> None:
     outcome = _scenario(seed=0, overrides=_fixed(0), attempts=3)
-    assert outcome.report.passed, f"after {outcome.attempts} attempt(s):\n{outcome.report}"
+    missed = outcome.failed()
+    if _client_lag_ms(outcome.report) >= BUSY_MS:  # the machine's, as check 7.6 judges it
+        print(f"a busy machine: {sorted(missed & LATENCY)} not held against the system")
+        missed -= LATENCY
+    assert not missed, f"after {outcome.attempts} attempt(s):\n{outcome.report}"
     run = outcome.run
     # the mechanisms at their healthy values
     assert outcome.rate_table_reads[0] > 0 and outcome.rate_table_reads[1] == 0, (
