@@ -1379,11 +1379,12 @@ _PROBES = 3
 class _Pause:
     """Holds the app's consumers back (their next ``queue.get()`` waits), so a full queue stays full;
     and notes each job put on the queue (``put`` goes through ``put_nowait``), with whether the
-    consumers were held back then, until ``stop``."""
+    consumers were held back then, and the most jobs waiting just after a put, until ``stop``."""
 
     def __init__(self, queue: Any) -> None:
         self.queue, self.go = queue, threading.Event()
         self.put: list[tuple[Any, bool]] = []  # (job, put while the consumers were held back)
+        self.most_waiting = 0
         get, put_nowait = type(queue).get, type(queue).put_nowait
 
         async def held_get() -> Any:
@@ -1394,6 +1395,7 @@ class _Pause:
         def noted_put_nowait(item: Any) -> None:
             put_nowait(queue, item)  # raises QueueFull: nothing put
             self.put.append((item, not self.go.is_set()))
+            self.most_waiting = max(self.most_waiting, queue.qsize())
 
         queue.get, queue.put_nowait = held_get, noted_put_nowait
 
@@ -1421,7 +1423,9 @@ class _Spike:
     answers: list[_Answer] = field(default_factory=list)
     processed_by_then: int = 0  # jobs the consumers had finished when the last answer came
     paused: bool = False  # the consumers were held back during the spike
-    waiting: int | None = None  # jobs in the app's queue when the last answer came (if it could be read)
+    waiting: int | None = (
+        None  # the most jobs in the app's queue as the spike's went in (if it could be read)
+    )
 
     @property
     def accepted(self) -> list[str]:
@@ -1575,7 +1579,7 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
         shown,
         "Accept while there is room: `queue.put_nowait(job_id)`, then return 202.",
     )
-    waiting = f", {spike.waiting} of them waiting in the queue" if spike.waiting is not None else ""
+    waiting = f", up to {spike.waiting} of them waiting in the queue" if spike.waiting is not None else ""
     # the queue's own count, where it can be read, decides: whether a consumer took a job before it was
     # held back depends on timing (on a loaded machine it may still be finishing the job before)
     expect(
@@ -1778,8 +1782,10 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
                     lambda: _check_spike_answered(server, processed, spike),
                 ):
                     return
-                if isinstance(queue, asyncio.Queue):
-                    spike.waiting = queue.qsize()
+                if pause is not None:
+                    # the queue's own count as each job went in: read after the spike, it depends on
+                    # whether a consumer already waiting in `get()` has run since (late, on a loaded machine)
+                    spike.waiting = pause.most_waiting
                 if not ex.step(
                     "once the queue is full, the rest are refused with 503",
                     lambda: _check_refused(spike, queue_size, consumers),
