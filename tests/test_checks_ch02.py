@@ -854,8 +854,8 @@ def test_2_3_more_than_queue_size_waiting_is_rejected(
         "       expected: at most 6 of 30 accepted (QUEUE_SIZE 5 waiting + 1 consumer(s)'s job in progress), "
         "at most 5 of them waiting\n"
     ) in out, out
-    # 7 accepted when the consumer took the first job before it was held back, 6 when it was still busy
-    # with the job before (a loaded machine): the jobs waiting in the queue are 6 either way
+    # 7 accepted when the consumer, already waiting in `get()`, took a job before the queue filled, 6 when
+    # it ran later (a loaded machine): the jobs waiting in the queue reached 6 either way
     assert re.search(
         r"seen: {5}[67] accepted, up to 6 of them waiting in the queue: more than QUEUE_SIZE", out
     ), out

@@ -1385,7 +1385,7 @@ class _Pause:
         self.queue, self.go = queue, threading.Event()
         self.put: list[tuple[Any, bool]] = []  # (job, put while the consumers were held back)
         self.most_waiting = 0
-        get, put_nowait = type(queue).get, type(queue).put_nowait
+        get, put_nowait, store = type(queue).get, type(queue).put_nowait, type(queue)._put
 
         async def held_get() -> Any:
             while not self.go.is_set():
@@ -1395,9 +1395,12 @@ class _Pause:
         def noted_put_nowait(item: Any) -> None:
             put_nowait(queue, item)  # raises QueueFull: nothing put
             self.put.append((item, not self.go.is_set()))
+
+        def counted_put(item: Any) -> None:  # every put ends here, whatever the way in
+            store(queue, item)
             self.most_waiting = max(self.most_waiting, queue.qsize())
 
-        queue.get, queue.put_nowait = held_get, noted_put_nowait
+        queue.get, queue.put_nowait, queue._put = held_get, noted_put_nowait, counted_put
 
     def release(self) -> None:
         self.go.set()
@@ -1408,6 +1411,8 @@ class _Pause:
         self.release()
         with contextlib.suppress(AttributeError):
             del self.queue.put_nowait
+        with contextlib.suppress(AttributeError):
+            del self.queue._put
 
 
 @dataclass(frozen=True)
@@ -1423,9 +1428,8 @@ class _Spike:
     answers: list[_Answer] = field(default_factory=list)
     processed_by_then: int = 0  # jobs the consumers had finished when the last answer came
     paused: bool = False  # the consumers were held back during the spike
-    waiting: int | None = (
-        None  # the most jobs in the app's queue as the spike's went in (if it could be read)
-    )
+    # the most jobs in the app's queue as the spike's went in (None: it could not be read)
+    waiting: int | None = None
 
     @property
     def accepted(self) -> list[str]:
@@ -1581,7 +1585,7 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
     )
     waiting = f", up to {spike.waiting} of them waiting in the queue" if spike.waiting is not None else ""
     # the queue's own count, where it can be read, decides: whether a consumer took a job before it was
-    # held back depends on timing (on a loaded machine it may still be finishing the job before)
+    # held back depends on timing (one already waiting in `get()` may run before the queue fills, or after)
     expect(
         accepted <= bound and (spike.waiting is None or spike.waiting <= queue_size),
         f"at most {bound} of {_SPIKE} accepted ({why})"
@@ -1785,7 +1789,7 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
                 if pause is not None:
                     # the queue's own count as each job went in: read after the spike, it depends on
                     # whether a consumer already waiting in `get()` has run since (late, on a loaded machine)
-                    spike.waiting = pause.most_waiting
+                    spike.waiting = pause.most_waiting if pause.most_waiting or not spike.accepted else None
                 if not ex.step(
                     "once the queue is full, the rest are refused with 503",
                     lambda: _check_refused(spike, queue_size, consumers),
