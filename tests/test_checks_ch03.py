@@ -961,19 +961,26 @@ def test_3_2_a_failing_step_mishandled_is_rejected(
 @pytest.mark.parametrize(
     ("variant", "why", "passed"),
     [
-        ("sum-of-children", "the step with the least time of all; checkout.", 9),
-        ("longest-leaf", "seen:     'db.query': a query, not a step", 7),
+        # subtracting the slow step's overlapping queries one by one leaves it below zero, so the answer
+        # is whichever other step kept more of its own time in that run: the fast step's few ms, or
+        # the gaps between the busy step's queries, which a loaded machine widens
+        (
+            "sum-of-children",
+            ("the step with the least time of all; checkout.", "the longest step, whose time was spent in"),
+            9,
+        ),
+        ("longest-leaf", ("seen:     'db.query': a query, not a step",), 7),
     ],
 )
 def test_3_2_own_time_miscounted_is_rejected(
-    variant: str, why: str, passed: int, capsys: pytest.CaptureFixture[str]
+    variant: str, why: tuple[str, ...], passed: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer(variant))
     assert (
         "❌ not yet: slowest_step(spans) names the step with the most time of its own, in two checkouts"
         in out
     )
-    assert why in out
+    assert any(reason in out for reason in why), out
     assert out.endswith(f"Exercise 3.2: not yet — {passed} of 10 checks pass")
 
 
