@@ -1972,6 +1972,12 @@ async def _open_shop(Stock: Any, Order: Any, sku: str, units: int) -> _Shop:
         for table in tables:
             await conn.run_sync(lambda sync, t=table: t.create(sync))
         await conn.execute(insert(Stock).values(sku=sku, available=units))
+    # the pool's connections, all open before the checkouts start: one made during a sale (slow on a
+    # busy database server) leaves the first checkouts on one connection, one at a time, where a
+    # read-then-write answer's race would not show
+    async with AsyncExitStack() as opened:
+        for _ in range(_SHOP_POOL):
+            await opened.enter_async_context(engine.connect())
     sessions, made = _tracked_sessions(engine)
     watch = PoolWatch(engine)
     return _Shop(engine, sessions, made, watch, _Holders(engine), Stock, Order, schema)
