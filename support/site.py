@@ -18,11 +18,15 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import nbformat
 from nbclient import NotebookClient
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "Async, Background Tasks, and Observability in FastAPI"
@@ -62,14 +66,37 @@ def pages(root: Path = ROOT) -> list[Page]:
     return lessons + solved
 
 
+KERNEL_DIED = "Kernel died before replying to kernel_info"
+
+
+def started_twice(start: Callable[[], T]) -> T:
+    """``start()``, once more if its kernel died before its first reply.
+
+    jupyter_client picks a kernel's ports by binding them and letting them go; with many kernels and
+    servers starting at once (the test suite's workers), another process can take one before the
+    kernel binds it (``ZMQError: Address already in use`` in the kernel's log). A fresh start picks
+    fresh ports. Any other error, and a second failure, are raised.
+    """
+    try:
+        return start()
+    except RuntimeError as error:
+        if KERNEL_DIED not in str(error):
+            raise
+    return start()
+
+
 def execute(path: Path, timeout: int = 300) -> nbformat.NotebookNode:
     """Run a notebook top to bottom in a fresh kernel; raises CellExecutionError on a failing cell."""
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(path.parent)}}
-    )
-    client.execute()
-    return nb
+
+    def run() -> nbformat.NotebookNode:
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(
+            nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(path.parent)}}
+        )
+        client.execute()
+        return nb
+
+    return started_twice(run)
 
 
 def errors(nb: nbformat.NotebookNode) -> list[str]:

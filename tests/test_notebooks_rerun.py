@@ -10,6 +10,7 @@ left running after the last cell or growing from one run to the next.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -63,11 +64,18 @@ def test_runs_twice_in_one_kernel_and_cleans_up(path: Path, tmp_path: Path) -> N
     spawn = nbformat.v4.new_code_cell(SPAWN)
     warm_up = nbformat.v4.new_code_cell(WARM_UP)
     nb.cells += [probe, spawn, warm_up]
-    client = NotebookClient(
-        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(path.parent)}}
-    )
+    stack = contextlib.ExitStack()
+
+    def start() -> NotebookClient:
+        client = NotebookClient(
+            nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(path.parent)}}
+        )
+        stack.enter_context(client.setup_kernel())
+        return client
+
     after = []
-    with client.setup_kernel():
+    with stack:
+        client = site.started_twice(start)
         client.execute_cell(warm_up, len(lesson) + 2)
         for run in range(2):
             if run == 1:

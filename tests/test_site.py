@@ -89,3 +89,30 @@ def test_a_checks_verdict_data_is_left_out_of_the_page(tmp_path: Path) -> None:
     printed = {"output_type": "stream", "name": "stdout", "text": "Exercise 1.1: passed ✅ (3 of 3 checks)\n"}
     text = site.write_page(executed(printed, verdict), all_pages[1], tmp_path, all_pages).read_text()
     assert "Exercise 1.1: passed ✅" in text and VERDICT_MIME not in text
+
+
+def test_a_kernel_that_died_before_its_first_reply_is_started_once_more() -> None:
+    calls = []
+
+    def start() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(f"{site.KERNEL_DIED}: ZMQError: Address already in use")
+        return "started"
+
+    assert site.started_twice(start) == "started" and len(calls) == 2
+
+    def always_dies() -> str:
+        raise RuntimeError(site.KERNEL_DIED)
+
+    with pytest.raises(RuntimeError, match="Kernel died"):
+        site.started_twice(always_dies)
+
+    def broken() -> str:
+        calls.append(1)
+        raise RuntimeError("something else")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="something else"):
+        site.started_twice(broken)
+    assert len(calls) == 1, "only a kernel's failed start is tried again"
