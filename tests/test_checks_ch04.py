@@ -36,7 +36,7 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import NullPool
 
-from support.checks import forget_answers, placeholder_message
+from support.checks import ch04, forget_answers, placeholder_message
 from support.checks.ch04 import (
     check_checkout,
     check_orders_with_lines,
@@ -1380,3 +1380,40 @@ def test_4_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None
     second = rejected(capsys, check_checkout, answer, *SHOP)
     assert "Stock.available > 0" not in first
     assert "update(Stock).where(Stock.sku == sku, Stock.available > 0)" in second
+
+
+def test_4_4_the_scarce_sale_makes_two_reads_of_the_stock_meet() -> None:
+    """The lost-update answer's reads meet in every run (a fixed pause left it to the timing)."""
+    models = (Stock, CheckoutOrder, PaymentDeclined)
+    sale = ch04._scarce_sale(checkout_answer("lost-update"), models)
+    paid = sum(r == "paid" for r in sale.results)
+    assert sale.met >= 1 and paid > ch04._SCARCE, (sale.met, paid, sale.stock)
+
+
+def test_4_4_a_scarce_sale_whose_reads_never_met_is_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer that reads the stock one checkout at a time (an asyncio.Lock: right, in one process)
+    never has two reads meet: its sale says nothing about the race, so it runs ``_SCARCE_RUNS`` times."""
+    monkeypatch.setattr(ch04, "_READ_WAIT", 0.01)
+    locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}  # each run of the sale has a loop of its own
+    lost_update = checkout_answer("lost-update")
+
+    async def checkout(sessions: Any, payments: Any, sku: str) -> str:
+        one_at_a_time = locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with one_at_a_time:  # the read and the write of one checkout, then the next one's
+            return await lost_update(sessions, _Unpaid(), sku)
+
+    class _Unpaid:
+        async def charge(self, sku: str) -> None:
+            return None
+
+    runs = []
+    sell = ch04._sell
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        runs.append(args[2])
+        return await sell(*args, **kwargs)
+
+    monkeypatch.setattr(ch04, "_sell", counted)
+    sale = ch04._scarce_sale(checkout, (Stock, CheckoutOrder, PaymentDeclined))
+    assert (len(runs), sale.met, sale.stock_reads) == (ch04._SCARCE_RUNS, 0, ch04._CONCURRENT_44)
+    assert sale.stock == 0 and sum(r == "paid" for r in sale.results) == ch04._SCARCE
