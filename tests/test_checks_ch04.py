@@ -1382,31 +1382,9 @@ def test_4_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None
     assert "update(Stock).where(Stock.sku == sku, Stock.available > 0)" in second
 
 
-def test_4_4_the_scarce_sale_makes_two_reads_of_the_stock_meet() -> None:
-    """The lost-update answer's reads meet in every run (a fixed pause left it to the timing)."""
-    models = (Stock, CheckoutOrder, PaymentDeclined)
-    sale = ch04._scarce_sale(checkout_answer("lost-update"), models)
-    paid = sum(r == "paid" for r in sale.results)
-    assert sale.met >= 1 and paid > ch04._SCARCE, (sale.met, paid, sale.stock)
-
-
-def test_4_4_a_scarce_sale_whose_reads_never_met_is_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An answer that reads the stock one checkout at a time (an asyncio.Lock: right, in one process)
-    never has two reads meet: its sale says nothing about the race, so it runs ``_SCARCE_RUNS`` times."""
-    monkeypatch.setattr(ch04, "_READ_WAIT", 0.01)
-    locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}  # each run of the sale has a loop of its own
-    lost_update = checkout_answer("lost-update")
-
-    async def checkout(sessions: Any, payments: Any, sku: str) -> str:
-        one_at_a_time = locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-        async with one_at_a_time:  # the read and the write of one checkout, then the next one's
-            return await lost_update(sessions, _Unpaid(), sku)
-
-    class _Unpaid:
-        async def charge(self, sku: str) -> None:
-            return None
-
-    runs = []
+def _counting_sales(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each run of a sale in check 4.4, by sku, as it starts."""
+    runs: list[str] = []
     sell = ch04._sell
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
@@ -1414,6 +1392,51 @@ def test_4_4_a_scarce_sale_whose_reads_never_met_is_run_again(monkeypatch: pytes
         return await sell(*args, **kwargs)
 
     monkeypatch.setattr(ch04, "_sell", counted)
-    sale = ch04._scarce_sale(checkout, (Stock, CheckoutOrder, PaymentDeclined))
+    return runs
+
+
+def _serialised_at_first(sales: int) -> Any:
+    """The lost-update answer, one checkout at a time (an asyncio.Lock) in its first ``sales`` scarce
+    sales (each sale has an event loop of its own), then as it is: its reads meet from then on."""
+    locks: dict[asyncio.AbstractEventLoop, asyncio.Lock | None] = {}
+    lost_update = checkout_answer("lost-update")
+
+    async def checkout(sessions: Any, payments: Any, sku: str) -> str:
+        loop = asyncio.get_running_loop()
+        if sku != "ch04x-last":  # the check's other sales
+            return await lost_update(sessions, payments, sku)
+        if loop not in locks:
+            locks[loop] = asyncio.Lock() if len(locks) < sales else None
+        lock = locks[loop]
+        if lock is None:
+            return await lost_update(sessions, payments, sku)
+        async with lock:  # the read and the write of one checkout, then the next one's
+            return await lost_update(sessions, payments, sku)
+
+    return checkout
+
+
+def test_4_4_a_scarce_sale_that_oversold_is_the_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = _counting_sales(monkeypatch)
+    sale = ch04._scarce_sale(checkout_answer("lost-update"), (Stock, CheckoutOrder, PaymentDeclined))
+    paid = sum(r == "paid" for r in sale.results)
+    assert (len(runs), sale.met >= 1, paid > ch04._SCARCE) == (1, True, True), (sale.met, paid, sale.stock)
+
+
+def test_4_4_a_scarce_sale_whose_reads_never_met_is_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads that never meet say nothing about the race: the sale runs ``_SCARCE_RUNS`` times (here
+    a right answer, in one process), and a run in which they met and it oversold is the verdict."""
+    monkeypatch.setattr(ch04, "_CHARGE", 0.01)
+    runs = _counting_sales(monkeypatch)
+    models = (Stock, CheckoutOrder, PaymentDeclined)
+    sale = ch04._scarce_sale(_serialised_at_first(ch04._SCARCE_RUNS), models)
     assert (len(runs), sale.met, sale.stock_reads) == (ch04._SCARCE_RUNS, 0, ch04._CONCURRENT_44)
     assert sale.stock == 0 and sum(r == "paid" for r in sale.results) == ch04._SCARCE
+    runs.clear()
+    sale = ch04._scarce_sale(_serialised_at_first(1), models)
+    assert len(runs) == 2 and sale.met >= 1 and sum(r == "paid" for r in sale.results) > ch04._SCARCE
+
+
+def test_4_4_the_verdict_comes_from_the_run_whose_reads_met(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_checkout, _serialised_at_first(1), *SHOP)
+    assert SCARCE_STEP + OVERSOLD in out, out

@@ -27,12 +27,12 @@ in all and by the task that called it (a checkout among ten at once is judged by
 its neighbours'); a session held across the 0.3 s charge leaves ten checkouts on two connections
 waiting at least 1.2 s for the last ones, past the 1 s pool_timeout, so its pool timeouts are a lower
 bound, not a race. Oversold stock would show only when two checkouts happen to read before either
-writes, so the check makes that happen: after each read of the stock table, the reader waits (from
-inside SQLAlchemy's greenlet, as a driver awaits its socket) until another checkout has read it too,
-0.2 s at most; a read that locked the row (``FOR UPDATE`` on PostgreSQL) does not wait, since no
-other read can come. A fixed pause did not always do it: on a busy database server the next read can
-take longer than the pause, and then no two reads meet. A run in which an answer read the stock
-without a lock but no two reads met is run again (twice at most).
+writes, so the check makes that happen: after each read of the stock table, the reader awaits 50 ms
+(from inside SQLAlchemy's greenlet, as a driver awaits its socket) while the other checkouts run. It
+counts the reads made while another read's pause ran (reads that met), and a sale that would pass
+although the answer read the stock at least twice and no two reads met is run again (three runs at
+most): such a run says nothing about a read-then-write race (one could happen if the next read is
+slower than the pause, e.g. on a busy database server).
 On PostgreSQL its tables are in a schema of their own (``ch04x_check_4_4``, its connections'
 ``search_path``), since ``$DATABASE_URL`` is the notebook's database too: the check does not drop the
 notebook's shop, and an answer that uses the notebook's ``shop_sessions`` cannot reach the check's.
@@ -1761,8 +1761,8 @@ _CHARGE = 0.3  # how long a charge of the check's provider takes
 _STOCKED = 5  # units of the sku sold alone, declined, or cut short
 _CONCURRENT_44 = 10
 _SCARCE = 3  # units for _CONCURRENT_44 checkouts that arrive together
-_READ_WAIT = 0.2  # after a read of the stock table, the reader waits for another read this long at most
-_SCARCE_RUNS = 3  # runs of the scarce sale at most, while an answer's reads of the stock never met
+_READ_PAUSE = 0.05  # after each read of the stock table, the other checkouts run this long
+_SCARCE_RUNS = 3  # runs of the scarce sale at most, while it would pass and no two reads of the stock met
 _BOUND_44 = 8.0  # the longest a scenario's checkouts may take
 _SCHEMA_44 = "ch04x_check_4_4"  # on PostgreSQL: the check's tables, apart from the notebook's own shop
 _PROVIDER_DOWN = "the payment provider did not answer (the check's provider)"
@@ -1843,8 +1843,8 @@ class _Shop:
     schema: str | None = None  # PostgreSQL: the schema of the check's tables (its connections' search_path)
     stock_reads: int = 0  # SELECTs of the stock table, counted while the check pauses after them
     locked_reads: int = 0  # of which asked for a row lock (FOR UPDATE), whether the database gives one or not
-    met: int = 0  # reads of the stock table made while another checkout's read was waiting
-    waiting: list[asyncio.Event] = field(default_factory=list)  # the reads waiting for another
+    met: int = 0  # reads of the stock table made while another read's pause ran
+    pausing: int = 0  # reads whose pause runs now
 
 
 class _Provider:
@@ -1890,7 +1890,7 @@ class _Sale:
     in_use_after: int = 0  # connections still checked out once every checkout had returned
     stock_reads: int = 0  # SELECTs of the stock table (counted only where the check pauses after them)
     locked_reads: int = 0  # of which with FOR UPDATE (SQLAlchemy leaves the clause out on SQLite)
-    met: int = 0  # reads of the stock table made while another checkout's read was waiting
+    met: int = 0  # reads of the stock table made while another read's pause ran
     dialect: str = ""
     failures: list[BaseException] = field(default_factory=list)  # the provider's errors, in "fail" mode
     reached_charge: bool = True
@@ -1911,29 +1911,13 @@ def _tracked_sessions(engine: AsyncEngine) -> tuple[async_sessionmaker[AsyncSess
 
 
 def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
-    """After a SELECT of the stock table, hold the reader until another checkout has read it too.
+    """After a SELECT of the stock table, let the other checkouts run before the reader goes on.
 
     The listener runs inside SQLAlchemy's greenlet (the learner's query is being executed there), so
-    it can await: ``await_`` hands the wait to the event loop, as a driver awaits its socket. A
-    decision taken on a number read earlier then meets another checkout's read every time, instead of
-    only when the scheduler happens to interleave them; the wait ends after ``_READ_WAIT`` s all the
-    same (the last reader has no other). A read that took a row lock (``FOR UPDATE`` sent to the
-    database: PostgreSQL; SQLAlchemy leaves it out on SQLite) does not wait: no other read of the row
-    can come until it commits, and the checkouts queued for the pool would wait out its timeout.
+    it can await: ``await_`` hands ``asyncio.sleep`` to the event loop, as a driver awaits its socket.
+    A decision taken on a number read earlier then meets the other checkouts' reads, instead of only
+    when the scheduler happens to interleave them; ``shop.met`` counts the reads that did.
     """
-
-    async def wait_for_another() -> None:
-        if shop.waiting:
-            shop.met += 1
-            for earlier in shop.waiting:
-                earlier.set()
-            shop.waiting.clear()
-        mine = asyncio.Event()
-        shop.waiting.append(mine)
-        with suppress(TimeoutError):
-            await asyncio.wait_for(mine.wait(), _READ_WAIT)
-        with suppress(ValueError):  # already released by a later read
-            shop.waiting.remove(mine)
 
     table = str(shop.Stock.__table__.name).lower()
 
@@ -1944,8 +1928,13 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
             asked = getattr(getattr(context, "compiled", None), "statement", None)
             if "for update" in text or getattr(asked, "_for_update_arg", None) is not None:
                 shop.locked_reads += 1
-            if "for update" not in text:
-                await_(wait_for_another())
+            if shop.pausing:
+                shop.met += 1
+            shop.pausing += 1
+            try:
+                await_(asyncio.sleep(_READ_PAUSE))
+            finally:
+                shop.pausing -= 1
 
     event.listen(shop.engine.sync_engine, "after_cursor_execute", pause)
     return pause
@@ -2340,9 +2329,8 @@ def _check_scarce(sale: _Sale, out_of_stock: type[BaseException]) -> None:
             f"{oversold}; {how}",
             [
                 "Between a read of the stock and the write that takes a unit, other checkouts read the "
-                "same number (the check makes sure of it: it holds each read of the stock table until "
-                "another checkout has read it too, as a busy database can). Only the write itself can "
-                "decide.",
+                f"same number (the check lets them: it pauses {_READ_PAUSE * 1000:.0f} ms after each "
+                "read of the stock table, as a busy database would). Only the write itself can decide.",
                 "Take the unit and test it in one statement, and refuse when it changed no row: "
                 + _RESERVE
                 + ".",
@@ -2671,11 +2659,14 @@ def check_checkout(
 
 
 def _scarce_sale(checkout: Callable[..., Any], models: tuple[Any, Any, type[BaseException]]) -> _Sale:
-    """The scarce sale; again (``_SCARCE_RUNS`` runs at most) while the answer read the stock without
-    a row lock and no two of its reads met: such a run says nothing about a read-then-write race."""
+    """The scarce sale; again (``_SCARCE_RUNS`` runs at most) while it sold no more than the stock
+    although the answer read the stock at least twice and no two reads met: such a run says nothing
+    about a read-then-write race. A run that oversold, hung or had reads meet is the verdict."""
     for _ in range(_SCARCE_RUNS):
         sale = _run_sale(lambda: _sell(checkout, models, "ch04x-last", _SCARCE, _CONCURRENT_44, pause=True))
-        if sale.hung or sale.met or sale.stock_reads < 2 or sale.locked_reads == sale.stock_reads:
+        paid = sum(r == "paid" for r in sale.results)
+        oversold = paid > _SCARCE or (sale.stock is not None and sale.stock < 0)
+        if oversold or sale.hung or sale.met or sale.stock_reads < 2:
             return sale
     return sale
 
