@@ -1416,11 +1416,41 @@ def _serialised_at_first(sales: int) -> Any:
     return checkout
 
 
-def test_4_4_a_scarce_sale_that_oversold_is_the_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+def _reads_one_at_a_time() -> Any:
+    """A lost update whose reads never meet: one read of the stock at a time (an asyncio.Lock around
+    the read only), the write after it; every checkout reads the same number all the same."""
+    locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+    async def checkout(sessions: Any, payments: Any, sku: str) -> str:
+        one_read_at_a_time = locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with sessions.begin() as session:
+            async with one_read_at_a_time:
+                stock = await session.get(Stock, sku)
+            if stock is None or stock.available < 1:
+                raise OutOfStock(sku)
+            stock.available -= 1
+            order = CheckoutOrder(sku=sku, status="pending")
+            session.add(order)
+        await payments.charge(sku)
+        async with sessions.begin() as session:
+            await session.execute(
+                update(CheckoutOrder).where(CheckoutOrder.id == order.id).values(status="paid")
+            )
+        return "paid"
+
+    return checkout
+
+
+def test_4_4_a_scarce_sale_that_fails_is_the_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sale that oversold (here with no two reads meeting) is not run again, nor one with no reads."""
     runs = _counting_sales(monkeypatch)
-    sale = ch04._scarce_sale(checkout_answer("lost-update"), (Stock, CheckoutOrder, PaymentDeclined))
+    models = (Stock, CheckoutOrder, PaymentDeclined)
+    sale = ch04._scarce_sale(_reads_one_at_a_time(), models, OutOfStock)
     paid = sum(r == "paid" for r in sale.results)
-    assert (len(runs), sale.met >= 1, paid > ch04._SCARCE) == (1, True, True), (sale.met, paid, sale.stock)
+    assert (len(runs), sale.met, paid > ch04._SCARCE) == (1, 0, True), (sale.met, paid, sale.stock)
+    runs.clear()
+    sale = ch04._scarce_sale(checkout_answer("right"), models, OutOfStock)
+    assert (len(runs), sale.stock_reads, sale.stock) == (1, 0, 0)
 
 
 def test_4_4_a_scarce_sale_whose_reads_never_met_is_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1429,11 +1459,11 @@ def test_4_4_a_scarce_sale_whose_reads_never_met_is_run_again(monkeypatch: pytes
     monkeypatch.setattr(ch04, "_CHARGE", 0.01)
     runs = _counting_sales(monkeypatch)
     models = (Stock, CheckoutOrder, PaymentDeclined)
-    sale = ch04._scarce_sale(_serialised_at_first(ch04._SCARCE_RUNS), models)
+    sale = ch04._scarce_sale(_serialised_at_first(ch04._SCARCE_RUNS), models, OutOfStock)
     assert (len(runs), sale.met, sale.stock_reads) == (ch04._SCARCE_RUNS, 0, ch04._CONCURRENT_44)
     assert sale.stock == 0 and sum(r == "paid" for r in sale.results) == ch04._SCARCE
     runs.clear()
-    sale = ch04._scarce_sale(_serialised_at_first(1), models)
+    sale = ch04._scarce_sale(_serialised_at_first(1), models, OutOfStock)
     assert len(runs) == 2 and sale.met >= 1 and sum(r == "paid" for r in sale.results) > ch04._SCARCE
 
 
