@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import support.checks as checks
 from support.checks import ExerciseIncomplete
-from support.checks.ch07 import RULES, check_finding, check_incident_closed
+from support.checks.ch07 import BUSY_MS, RULES, _judge, check_finding, check_incident_closed
 from support.incident import POOL, Finding, plan
+from support.incident.report import Objective
 from support.incident.system import running_system, start_system
 from tests.incident_fixes import FINDINGS
 from tests.test_incident import _one_scenario_at_a_time as one_system_at_a_time
@@ -163,3 +165,35 @@ def test_bank_answers_that_once_passed_are_rejected(path: str, seed: int, letter
     with contextlib.suppress(ExerciseIncomplete):
         check_finding("7.1", finding, seed=seed)
     assert checks.last_verdict.status == "not yet", letter
+
+
+class _Judged:
+    """What `_judge` reads of a report: its objectives, and the load generator's own loop lag."""
+
+    def __init__(self, client_lag_ms: float) -> None:
+        self.objectives = [
+            Objective("errors", "", 84.5, 1.0, "max", "%", "160 of 190: 160×no answer"),
+            Objective("PUT /products/{id}/price p50", "", 140.0, 100.0, "max", "ms", "40 requests"),
+            Objective("jobs lost", "", 0.0, 0.0, "max", "", "12 orders, 12 emails sent"),
+        ]
+        self.run = SimpleNamespace(
+            loop_lag={"client": [(0.01 * i, client_lag_ms / 1000) for i in range(100)]}
+        )
+
+    def __iter__(self):
+        return iter(self.objectives)
+
+
+def test_a_failed_objective_says_what_the_report_counted_and_a_busy_machine_excuses_only_latency(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    must = {o.key for o in _Judged(0)}
+    assert _judge(_Judged(1.0), must) == [
+        "errors: 84.5 % (objective ≤ 1.0 %): 160 of 190: 160×no answer",
+        "PUT /products/{id}/price p50: 140 ms (objective ≤ 100 ms): 40 requests",
+    ]
+    assert "the machine was busy" not in capsys.readouterr().out
+    assert _judge(_Judged(BUSY_MS + 5), must) == [
+        "errors: 84.5 % (objective ≤ 1.0 %): 160 of 190: 160×no answer"
+    ]
+    assert "the machine was busy" in capsys.readouterr().out
