@@ -805,9 +805,8 @@ def _judge(result: Report, must: set[str]) -> list[str]:
                 f"{o.key} at {o.measured_text} says nothing about your fix; judged by the probe)"
             )
             continue
-        detail = (
-            f": {o.detail}" if o.detail else ""
-        )  # what the report counted: which requests, which statuses
+        # what the report counted: which requests, which statuses
+        detail = f": {o.detail}" if o.detail else ""
         failed.append(f"{o.key}: {o.measured_text} (objective {o.target_text}){detail}")
     return failed
 
