@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,7 @@ class BackgroundLoop:
         self._loop = asyncio.new_event_loop()
         self._task: asyncio.Task[Any] | None = None
         self._killed = False
+        self._task_made = threading.Event()  # set once _run has made the task that stop() cancels
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"worker:{key}", daemon=True)
 
@@ -65,6 +67,7 @@ class BackgroundLoop:
         asyncio.set_event_loop(loop)
         self._task = loop.create_task(self._main_wrapper())
         self._task.add_done_callback(lambda _: loop.stop())
+        self._task_made.set()
         loop.run_forever()
         if self._killed:
             abandoned = list(asyncio.all_tasks(loop))
@@ -101,9 +104,14 @@ class BackgroundLoop:
         return self._thread.is_alive() and not self._killed
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Graceful shutdown: cancel the main task, let its cleanup run, close the loop."""
-        if self._thread.is_alive() and self._task is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._task.cancel)
+        """Graceful shutdown: cancel the main task, let its cleanup run, close the loop.
+
+        Called right after the start, the worker's thread may not have made its task yet (a busy
+        machine can hold a new thread back): waits for it rather than finding nothing to cancel.
+        """
+        if self._thread.is_alive() and self._task_made.wait(timeout) and self._task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: it has stopped
+                self._loop.call_soon_threadsafe(self._task.cancel)
         self._finish(timeout)
 
     def kill(self, timeout: float = 10.0) -> None:

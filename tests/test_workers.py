@@ -127,3 +127,22 @@ def test_the_worker_threads_log_is_kept_on_the_handle_not_printed(capsys: pytest
     assert worker.log == ["INFO tests.worker: working", "ERROR tests.worker: job failed"]
     assert worker.errors == ["ERROR tests.worker: job failed"]
     assert capsys.readouterr().err == ""
+
+
+def test_stop_right_after_start_stops_a_worker_whose_thread_starts_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy machine can hold a new thread back until after stop() is called: stop() must still find the
+    worker's task and cancel it, not wait out its timeout and fail."""
+    set_event_loop = asyncio.set_event_loop
+
+    def held_back(loop: asyncio.AbstractEventLoop | None) -> None:
+        time.sleep(0.3)  # the worker's thread, before it makes its task
+        set_event_loop(loop)
+
+    monkeypatch.setattr(asyncio, "set_event_loop", held_back)
+    worker = start_in_thread(make_main(fresh_events()), name="held-back")
+    started = time.perf_counter()
+    worker.stop(timeout=5.0)
+    assert not worker._thread.is_alive()
+    assert time.perf_counter() - started < 2.5, "stop() found the task once the thread made it"
