@@ -1131,6 +1131,19 @@ def checkout_answer(variant: str, notebook: list[Any] | None = None) -> Any:
             status = await charge(payments, sku)
             await record(sessions, sku, order.id, status)
             return status
+        if variant == "for-share":  # a shared lock, then an UPDATE: on PostgreSQL two of them deadlock
+            async with sessions.begin() as session:
+                stock = await session.scalar(select(Stock).where(Stock.sku == sku).with_for_update(read=True))
+                if stock is None or stock.available < 1:
+                    raise OutOfStock(sku)
+                taken = await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
+                if taken.rowcount != 1:
+                    raise OutOfStock(sku)
+                order = CheckoutOrder(sku=sku, status="pending")
+                session.add(order)
+            status = await charge(payments, sku)
+            await record(sessions, sku, order.id, status)
+            return status
         if variant == "notebook-sessions":  # the notebook's factory, not the argument
             assert notebook is not None
             order_id = await reserve(notebook[0], sku)
@@ -1342,6 +1355,23 @@ def test_4_4_a_read_with_for_update_is_judged_by_the_database(capsys: pytest.Cap
     assert "with FOR UPDATE, which SQLite ignores (it has no row locks), so the other checkouts read " in out
     assert "One statement guarded by `WHERE available > 0` is the portable way" in out
     assert out.endswith("Exercise 4.4: not yet — 7 of 8 checks pass")
+
+
+def test_4_4_a_shared_lock_that_deadlocks_is_not_blamed_on_the_charge(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = database_url()
+    if url is None or make_url(url).get_backend_name() != "postgresql":
+        check_checkout(checkout_answer("for-share"), *SHOP)  # SQLite drops FOR SHARE; the UPDATE decides
+        assert capsys.readouterr().out.endswith("Exercise 4.4: passed ✅ (8 of 8 checks)\n")
+        return
+    out = rejected(capsys, check_checkout, checkout_answer("for-share"), *SHOP)
+    assert (
+        "though no charge ran while its own checkout held a connection: the connections were held by" in out
+    )
+    assert "failed with DBAPIError: deadlock detected" in out
+    assert "(`FOR SHARE`, `with_for_update(read=True)`) and then both UPDATE it wait for each other" in out
+    assert "each held one for the whole" not in out, "the charge is not what held the connections"
 
 
 def test_4_4_the_notebooks_shop_is_left_alone(

@@ -2246,6 +2246,7 @@ def _check_pool(sale: _Sale, out_of_stock: type[BaseException]) -> None:
         sale,
         f"{_CONCURRENT_44} checkouts served by {_SHOP_POOL} connections, none holding one while its "
         "charge runs",
+        out_of_stock,
     )
     if pool is not None:
         raise pool
@@ -2259,12 +2260,14 @@ def _check_pool(sale: _Sale, out_of_stock: type[BaseException]) -> None:
     )
 
 
-def _pool_mismatch(sale: _Sale, expected: str) -> Mismatch | None:
+def _pool_mismatch(sale: _Sale, expected: str, out_of_stock: type[BaseException]) -> Mismatch | None:
     """The pool's TimeoutErrors and the charges run while their own checkout held a connection."""
     timeouts = [r for r in sale.results if isinstance(r, sqlalchemy.exc.TimeoutError)]
     holding = [c for c in sale.charges if c.held_by_caller]
     if not timeouts and not holding:
         return None
+    if not holding:
+        return _held_in_the_database(sale, timeouts, expected, out_of_stock)
     return Mismatch(
         expected,
         f"{len(timeouts)} of {len(sale.results)} failed with the pool's TimeoutError"
@@ -2281,11 +2284,46 @@ def _pool_mismatch(sale: _Sale, expected: str) -> Mismatch | None:
     )
 
 
+def _held_in_the_database(
+    sale: _Sale, timeouts: list[BaseException], expected: str, out_of_stock: type[BaseException]
+) -> Mismatch:
+    """Pool timeouts though no charge ran on a held connection: the transactions themselves held the
+    connections, most often waiting on each other's row locks (``FOR SHARE`` then an UPDATE deadlocks:
+    PostgreSQL breaks it only after ``deadlock_timeout``, 1 s, the pool's timeout here)."""
+    others = [
+        r
+        for r in sale.results
+        if isinstance(r, BaseException) and not isinstance(r, sqlalchemy.exc.TimeoutError | out_of_stock)
+    ]
+    return Mismatch(
+        expected,
+        f"{len(timeouts)} of {len(sale.results)} failed with the pool's TimeoutError "
+        f"({_first_line(timeouts[0])}), though no charge ran while its own checkout held a connection: "
+        "the connections were held by the checkouts' database work itself"
+        + (
+            f"; another checkout failed with {type(others[0]).__name__}: {_one_line(others[0])}"
+            if others
+            else ""
+        ),
+        [
+            "A connection is held for as long as its transaction lasts, including while it waits for a row "
+            "lock another transaction holds. Two checkouts that both lock the stock row for sharing "
+            "(`FOR SHARE`, `with_for_update(read=True)`) and then both UPDATE it wait for each other: a "
+            "deadlock, which PostgreSQL breaks only after a second by failing one of them.",
+            "Let one guarded UPDATE decide (`… WHERE available > 0`, then its `rowcount`): it locks the row "
+            "only for its own short transaction, and a second checkout waits its turn instead of "
+            "deadlocking. " + _THREE_STEPS,
+        ],
+    )
+
+
 def _check_scarce(sale: _Sale, out_of_stock: type[BaseException]) -> None:
     if sale.hung:
         raise _hung(f"{_CONCURRENT_44} checkouts")
     pool = _pool_mismatch(
-        sale, f"{_CONCURRENT_44} checkouts each sold a unit or refused, none failing for want of a connection"
+        sale,
+        f"{_CONCURRENT_44} checkouts each sold a unit or refused, none failing for want of a connection",
+        out_of_stock,
     )
     if pool is not None:
         raise pool
