@@ -78,24 +78,27 @@ class EmailProvider:
             failing = self.calls if self.fail_every and self.calls % self.fail_every == 0 else 0
             return self.generation, failing
 
-    def _record(self, to: str, subject: str, key: str | None) -> None:
+    def _record(self, generation: int, to: str, subject: str, key: str | None) -> None:
         with self._lock:
+            if generation != self.generation:  # begun before a reset(): no longer counted
+                return
             if self.dedupe and key is not None and any(m.idempotency_key == key for m in self.sent):
                 return
             self.sent.append(SentEmail(to, subject, key, time.perf_counter()))
 
-    def _complete(self, failing_call: int, to: str, subject: str, key: str | None) -> None:
+    def _complete(self, generation: int, failing_call: int, to: str, subject: str, key: str | None) -> None:
         if failing_call and not self.fail_after_send:
-            self._failed()
+            self._failed(generation)
             raise ProviderError(f"email provider unavailable (call {failing_call})")
-        self._record(to, subject, key)
+        self._record(generation, to, subject, key)
         if failing_call:
-            self._failed()
+            self._failed(generation)
             raise ProviderError(f"email provider timed out after accepting the message (call {failing_call})")
 
-    def _failed(self) -> None:
+    def _failed(self, generation: int) -> None:
         with self._lock:
-            self.failures += 1
+            if generation == self.generation:
+                self.failures += 1
 
     def _end(self, generation: int) -> None:
         with self._lock:
@@ -107,7 +110,7 @@ class EmailProvider:
         generation, failing_call = self._begin()
         try:
             await asyncio.sleep(self.delay)
-            self._complete(failing_call, to, subject, idempotency_key)
+            self._complete(generation, failing_call, to, subject, idempotency_key)
         finally:
             self._end(generation)
 
@@ -118,7 +121,7 @@ class EmailProvider:
         generation, failing_call = self._begin()
         try:
             time.sleep(self.delay)
-            self._complete(failing_call, to, subject, idempotency_key)
+            self._complete(generation, failing_call, to, subject, idempotency_key)
         finally:
             self._end(generation)
 

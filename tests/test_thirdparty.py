@@ -101,3 +101,4 @@ def test_a_call_begun_before_a_reset_does_not_count_when_it_ends() -> None:
         return during, after_first, provider.in_flight
 
     assert asyncio.run(scenario()) == (1, 1, 0)
+    assert [m.to for m in provider.sent] == ["b@example.com"], "nor is its email among those sent since"
