@@ -57,6 +57,7 @@ import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -1797,37 +1798,62 @@ class _Charge:
         return max(self.mine, self.mine_end)
 
 
+_CHECKOUT: ContextVar[object | None] = ContextVar("ch04_checkout", default=None)
+
+
+def _owner() -> object | None:
+    """Who is running: the check's checkout call (``_one_checkout``), else the current task.
+
+    A learner's checkout may run its work in tasks of its own (``asyncio.wait_for`` does on Python 3.11,
+    as do ``gather`` and ``create_task``): those copy the context, so they count as the same checkout.
+    """
+    owner = _CHECKOUT.get()
+    if owner is not None:
+        return owner
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no loop running on this thread
+        return None
+
+
+async def _one_checkout(checkout: Callable[..., Any], *args: Any) -> Any:
+    """``checkout(*args)`` as one checkout: every connection its tasks take is counted as its own."""
+    _CHECKOUT.set(object())  # in this task's own copy of the context, which its child tasks inherit
+    return await checkout(*args)
+
+
 class _Holders:
-    """Which task checked out each of an engine's connections, from the pool's own events.
+    """Which checkout holds each of an engine's connections, from the pool's own events.
 
     A connection is checked out inside the greenlet of the task that runs the query, on the loop's
-    thread, so ``asyncio.current_task()`` in the ``checkout`` event names the task that holds it until
-    its ``checkin`` (or ``detach``).
+    thread, with that task's context: ``_owner()`` in the ``checkout`` event names the checkout that
+    holds it until its ``checkin`` (or ``detach``).
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._lock = threading.Lock()
-        self._owners: dict[int, asyncio.Task[Any] | None] = {}
+        self._owners: dict[int, object | None] = {}
+        self.most_by_one = 0  # the most connections one checkout held at once
         sync_engine = engine.sync_engine
         event.listen(sync_engine, "checkout", self._on_checkout)
         event.listen(sync_engine, "checkin", self._on_checkin)
         event.listen(sync_engine, "detach", self._on_checkin)
 
     def _on_checkout(self, _dbapi_connection: Any, record: Any, *_: Any) -> None:
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no loop running on this thread
-            task = None
+        owner = _owner()
         with self._lock:
-            self._owners[id(record)] = task
+            self._owners[id(record)] = owner
+            if _CHECKOUT.get() is not None:
+                held = sum(held_by is owner for held_by in self._owners.values())
+                self.most_by_one = max(self.most_by_one, held)
 
     def _on_checkin(self, _dbapi_connection: Any, record: Any, *_: Any) -> None:
         with self._lock:
             self._owners.pop(id(record), None)
 
-    def held_by(self, task: asyncio.Task[Any] | None) -> int:
+    def held_by(self, checkout: object | None) -> int:
         with self._lock:
-            return sum(owner is task for owner in self._owners.values()) if task is not None else 0
+            return sum(owner is checkout for owner in self._owners.values()) if checkout is not None else 0
 
 
 @dataclass
@@ -1845,6 +1871,8 @@ class _Shop:
     stock_reads: int = 0  # SELECTs of the stock table, counted while the check pauses after them
     locked_reads: int = 0  # of which asked for a row lock (FOR UPDATE), whether the database gives one or not
     met: int = 0  # reads of the stock table that returned during another's pause, while units were unsold
+    shared: list[Any] = field(default_factory=list)  # transactions that read the stock FOR SHARE
+    shared_then_update: int = 0  # UPDATEs of the stock in one of those transactions
     pausing: int = 0  # reads whose pause runs now
     provider: _Provider | None = None  # the sale's payment provider: how many charges have started
 
@@ -1865,14 +1893,14 @@ class _Provider:
         self.charging = asyncio.Event()
 
     async def charge(self, *args: Any, **kwargs: Any) -> None:
-        task = asyncio.current_task()
-        record = _Charge(self.shop.watch.in_use, self.shop.holders.held_by(task))
+        caller = _owner()
+        record = _Charge(self.shop.watch.in_use, self.shop.holders.held_by(caller))
         self.charges.append(record)
         if self.mode == "hang":
             self.charging.set()
             await asyncio.Event().wait()  # until the check cancels the checkout
         await asyncio.sleep(_CHARGE)
-        record.in_use_end, record.mine_end = self.shop.watch.in_use, self.shop.holders.held_by(task)
+        record.in_use_end, record.mine_end = self.shop.watch.in_use, self.shop.holders.held_by(caller)
         if self.mode == "decline":
             raise self.declined("card declined (the check's provider)")
         if self.mode == "fail":
@@ -1890,9 +1918,11 @@ class _Sale:
     hung: bool = False
     queries: int = 0  # statements the learner's code ran on the check's engine
     in_use_after: int = 0  # connections still checked out once every checkout had returned
+    most_held_by_one: int = 0  # the most connections one checkout held at once
     stock_reads: int = 0  # SELECTs of the stock table (counted only where the check pauses after them)
     locked_reads: int = 0  # of which with FOR UPDATE (SQLAlchemy leaves the clause out on SQLite)
     met: int = 0  # reads of the stock table that returned during another's pause, while units were unsold
+    shared_then_update: int = 0  # UPDATEs of the stock in a transaction that had read it FOR SHARE
     dialect: str = ""
     failures: list[BaseException] = field(default_factory=list)  # the provider's errors, in "fail" mode
     reached_charge: bool = True
@@ -1930,8 +1960,12 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
         if text.startswith("select") and table in text:
             shop.stock_reads += 1
             asked = getattr(getattr(context, "compiled", None), "statement", None)
-            if "for update" in text or getattr(asked, "_for_update_arg", None) is not None:
+            lock = getattr(asked, "_for_update_arg", None)
+            if "for update" in text or lock is not None:
                 shop.locked_reads += 1
+            shared_in = _conn.get_transaction()
+            if ("for share" in text or getattr(lock, "read", False)) and shared_in is not None:
+                shop.shared.append(shared_in)  # SQLite drops the clause; the statement still asks for it
             charged = len(shop.provider.charges) if shop.provider is not None else 0
             if shop.pausing and charged < _SCARCE:
                 shop.met += 1
@@ -1940,6 +1974,8 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
                 await_(asyncio.sleep(_READ_PAUSE))
             finally:
                 shop.pausing -= 1
+        elif text.startswith("update") and table in text and _conn.get_transaction() in shop.shared:
+            shop.shared_then_update += 1
 
     event.listen(shop.engine.sync_engine, "after_cursor_execute", pause)
     return pause
@@ -2057,7 +2093,7 @@ async def _sell(
             async with scope:
                 sale.results = list(
                     await asyncio.gather(
-                        *(checkout(shop.sessions, provider, sku) for _ in range(count)),
+                        *(_one_checkout(checkout, shop.sessions, provider, sku) for _ in range(count)),
                         return_exceptions=True,
                     )
                 )
@@ -2066,7 +2102,9 @@ async def _sell(
                 raise
             sale.hung = True
         sale.queries, sale.in_use_after = shop.watch.queries, shop.watch.in_use
+        sale.most_held_by_one = shop.holders.most_by_one
         sale.stock_reads, sale.locked_reads, sale.met = shop.stock_reads, shop.locked_reads, shop.met
+        sale.shared_then_update = shop.shared_then_update
         sale.dialect = _dialect(shop.engine)
         sale.charges, sale.failures = provider.charges, provider.failures
         if pausing is not None:
@@ -2088,7 +2126,7 @@ async def _crash(
     try:
         provider = _Provider(shop, declined, "hang")
         shop.watch.reset()
-        task = asyncio.ensure_future(checkout(shop.sessions, provider, sku))
+        task = asyncio.ensure_future(_one_checkout(checkout, shop.sessions, provider, sku))
         waiter = asyncio.ensure_future(provider.charging.wait())
         await asyncio.wait({task, waiter}, timeout=_BOUND_44, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
@@ -2287,34 +2325,70 @@ def _pool_mismatch(sale: _Sale, expected: str, out_of_stock: type[BaseException]
 def _held_in_the_database(
     sale: _Sale, timeouts: list[BaseException], expected: str, out_of_stock: type[BaseException]
 ) -> Mismatch:
-    """Pool timeouts though no charge ran on a held connection: the transactions themselves held the
-    connections, most often waiting on each other's row locks (``FOR SHARE`` then an UPDATE deadlocks:
-    PostgreSQL breaks it only after ``deadlock_timeout``, 1 s, the pool's timeout here)."""
+    """Pool timeouts though no charge ran while its checkout held a connection: something else held the
+    pool's connections. Named from what was seen: transactions waiting on each other's row locks (a
+    deadlock or a lock error among the results), a checkout holding two connections at once, a session
+    left open after its checkout returned; else a transaction kept open while it waits."""
     others = [
         r
         for r in sale.results
         if isinstance(r, BaseException) and not isinstance(r, sqlalchemy.exc.TimeoutError | out_of_stock)
     ]
+    seen = (
+        f"{len(timeouts)} of {len(sale.results)} failed with the pool's TimeoutError "
+        f"({_first_line(timeouts[0])}), though no charge ran while its own checkout held a connection"
+    )
+    locks = [r for r in others if _lock_error(r)]
+    if locks:
+        return Mismatch(
+            expected,
+            f"{seen}: the checkouts' transactions waited on each other's row locks, and another failed "
+            f"with {_one_line(locks[0])}",
+            [
+                "A connection is held for as long as its transaction lasts, including while it waits for "
+                "a row lock another transaction holds. Two checkouts that both lock the stock row for "
+                "sharing (`FOR SHARE`, `with_for_update(read=True)`) and then both UPDATE it wait for each "
+                "other: a deadlock, which PostgreSQL breaks only after `deadlock_timeout` (1 s by default) "
+                "by failing one of them.",
+                "Let one guarded UPDATE decide (`… WHERE available > 0`, then its `rowcount`): it locks the "
+                "row only for its own short transaction, and a second checkout waits its turn instead of "
+                "deadlocking. " + _THREE_STEPS,
+            ],
+        )
+    if sale.most_held_by_one > 1:
+        cause = (
+            f"one checkout held {sale.most_held_by_one} connections at once: a session opened while "
+            "another of the same checkout was still open"
+        )
+    elif sale.in_use_after:
+        cause = (
+            f"{sale.in_use_after} still checked out once every checkout had returned: a session never closed"
+        )
+    else:
+        cause = "each held one outside the charge, for as long as its transaction stayed open"
     return Mismatch(
         expected,
-        f"{len(timeouts)} of {len(sale.results)} failed with the pool's TimeoutError "
-        f"({_first_line(timeouts[0])}), though no charge ran while its own checkout held a connection: "
-        "the connections were held by the checkouts' database work itself"
+        f"{seen}: {cause}"
         + (
             f"; another checkout failed with {type(others[0]).__name__}: {_one_line(others[0])}"
             if others
             else ""
         ),
         [
-            "A connection is held for as long as its transaction lasts, including while it waits for a row "
-            "lock another transaction holds. Two checkouts that both lock the stock row for sharing "
-            "(`FOR SHARE`, `with_for_update(read=True)`) and then both UPDATE it wait for each other: a "
-            "deadlock, which PostgreSQL breaks only after a second by failing one of them.",
-            "Let one guarded UPDATE decide (`… WHERE available > 0`, then its `rowcount`): it locks the row "
-            "only for its own short transaction, and a second checkout waits its turn instead of "
-            "deadlocking. " + _THREE_STEPS,
+            f"Something other than the charge kept the pool's {_SHOP_POOL} connections: a session never "
+            "closed, a second session opened while the first is still open (each holds a connection), or "
+            "a transaction kept open while it waits (a sleep, a retry).",
+            "Open each session in an `async with` block, one at a time, and keep each transaction to its "
+            "statements: " + _THREE_STEPS,
         ],
     )
+
+
+def _lock_error(exc: BaseException) -> bool:
+    """A deadlock (SQLSTATE 40P01) or a row lock not granted (55P03), whichever driver raised it."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code in ("40P01", "55P03") or "deadlock detected" in str(exc)
 
 
 def _check_scarce(sale: _Sale, out_of_stock: type[BaseException]) -> None:
@@ -2378,6 +2452,19 @@ def _check_scarce(sale: _Sale, out_of_stock: type[BaseException]) -> None:
                 "Take the unit and test it in one statement, and refuse when it changed no row: "
                 + _RESERVE
                 + ".",
+            ],
+        )
+    if sale.shared_then_update and sale.dialect == "sqlite":
+        raise Mismatch(
+            "no transaction that reads the stock FOR SHARE and then updates it: on PostgreSQL two such "
+            "checkouts deadlock",
+            f"{sale.shared_then_update} UPDATEs of the stock in a transaction that had read it with FOR "
+            "SHARE: right here only because SQLite, the course's default database, drops the clause",
+            [
+                "On PostgreSQL, `with_for_update(read=True)` takes a shared lock, which other checkouts "
+                "take too; each one's UPDATE then waits for the others to let go, a deadlock the database "
+                "breaks after `deadlock_timeout` (1 s by default) by failing one of them.",
+                "Leave out the shared lock and let the guarded UPDATE decide: " + _RESERVE + ".",
             ],
         )
     expect(
