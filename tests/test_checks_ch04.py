@@ -933,13 +933,18 @@ def notebook_shop() -> Iterator[list[async_sessionmaker[AsyncSession]]]:
 def checkout_answer(variant: str, notebook: list[Any] | None = None) -> Any:
     """``checkout(sessions, payments, sku)`` as a learner might write it."""
 
+    async def take_one(session: Any, sku: str) -> Any:
+        """The guarded UPDATE, then the pending order (in the caller's transaction)."""
+        taken = await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
+        if taken.rowcount != 1:
+            raise OutOfStock(sku)
+        order = CheckoutOrder(sku=sku, status="pending")
+        session.add(order)
+        return order
+
     async def reserve(sessions: Any, sku: str) -> int:
         async with sessions.begin() as session:
-            taken = await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
-            if taken.rowcount != 1:
-                raise OutOfStock(sku)
-            order = CheckoutOrder(sku=sku, status="pending")
-            session.add(order)
+            order = await take_one(session, sku)
         return order.id
 
     async def record(sessions: Any, sku: str, order_id: int, status: str) -> None:
@@ -1133,11 +1138,7 @@ def checkout_answer(variant: str, notebook: list[Any] | None = None) -> Any:
             return status
         if variant == "charge-in-wait-for":  # the session held across the charge, run in a child task
             async with sessions.begin() as session:
-                taken = await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
-                if taken.rowcount != 1:
-                    raise OutOfStock(sku)
-                order = CheckoutOrder(sku=sku, status="pending")
-                session.add(order)
+                order = await take_one(session, sku)
                 await session.flush()
                 try:
                     await asyncio.wait_for(payments.charge(sku), timeout=5)
@@ -1166,11 +1167,7 @@ def checkout_answer(variant: str, notebook: list[Any] | None = None) -> Any:
                 stock = await session.scalar(select(Stock).where(Stock.sku == sku).with_for_update(read=True))
                 if stock is None or stock.available < 1:
                     raise OutOfStock(sku)
-                taken = await session.execute(TAKE.where(Stock.sku == sku, Stock.available > 0))
-                if taken.rowcount != 1:
-                    raise OutOfStock(sku)
-                order = CheckoutOrder(sku=sku, status="pending")
-                session.add(order)
+                order = await take_one(session, sku)
             status = await charge(payments, sku)
             await record(sessions, sku, order.id, status)
             return status
