@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -58,7 +57,6 @@ class BackgroundLoop:
         self._loop = asyncio.new_event_loop()
         self._task: asyncio.Task[Any] | None = None
         self._killed = False
-        self._task_made = threading.Event()  # set once _run has made the task that stop() cancels
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"worker:{key}", daemon=True)
 
@@ -67,7 +65,6 @@ class BackgroundLoop:
         asyncio.set_event_loop(loop)
         self._task = loop.create_task(self._main_wrapper())
         self._task.add_done_callback(lambda _: loop.stop())
-        self._task_made.set()
         loop.run_forever()
         if self._killed:
             abandoned = list(asyncio.all_tasks(loop))
@@ -106,24 +103,40 @@ class BackgroundLoop:
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful shutdown: cancel the main task, let its cleanup run, close the loop.
 
-        Called right after the start, the worker's thread may not have made its task yet (a busy
-        machine can hold a new thread back): waits for it rather than finding nothing to cancel.
+        The cancel goes to the loop as a callback, not to the task: called right after the start, the
+        worker's thread may not have made its task yet (a busy machine can hold a new thread back), and
+        a callback queued before the loop runs still runs first, once the task is made.
         """
-        if self._thread.is_alive() and self._task_made.wait(timeout) and self._task is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: it has stopped
-                self._loop.call_soon_threadsafe(self._task.cancel)
+        self._call_in_loop(self._cancel_main)
         self._finish(timeout)
 
     def kill(self, timeout: float = 10.0) -> None:
         """Crash: halt the loop where it is; none of the worker's remaining code runs."""
-        if self._thread.is_alive() and not self._loop.is_closed():
-            self._killed = True
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if not self._loop.is_closed() and (self._task is None or not self._task.done()):  # else: ended
+            self._killed = True  # before the loop stops: its thread reads it then
+            if not self._call_in_loop(self._loop.stop):
+                self._killed = False  # it closed meanwhile: it had ended by itself
         self._finish(timeout)
 
+    def _cancel_main(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _call_in_loop(self, callback: Callable[[], object]) -> bool:
+        """Queue ``callback`` on the worker's loop; False if the loop has closed (the worker has ended)."""
+        if self._loop.is_closed():
+            return False
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # closed meanwhile
+            return False
+        return True
+
     def _finish(self, timeout: float) -> None:
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        if threading.current_thread() is self._thread:  # from the worker itself: it ends once this returns
+            _workers.discard(self.key, self)
+            return
+        self._thread.join(timeout)
         _workers.discard(self.key, self)
         if not self._thread.is_alive():
             threadlog.unroute(self._thread.name, self._record)

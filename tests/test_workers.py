@@ -146,3 +146,33 @@ def test_stop_right_after_start_stops_a_worker_whose_thread_starts_late(
     worker.stop(timeout=5.0)
     assert not worker._thread.is_alive()
     assert time.perf_counter() - started < 2.5, "stop() found the task once the thread made it"
+
+
+def test_stop_from_the_worker_itself_ends_it_without_an_error() -> None:
+    stopped: list[str] = []
+    handle: list[support.workers.BackgroundLoop] = []
+
+    async def main() -> None:
+        while not handle:  # until start_in_thread has returned it
+            await asyncio.sleep(0.01)
+        handle[0].stop(timeout=1.0)  # queues the cancel of this very task
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            stopped.append("cleaned up")
+
+    worker = start_in_thread(main, name="stops-itself")
+    handle.append(worker)
+    assert wait_until(lambda: not worker._thread.is_alive())
+    assert worker.error is None, worker.error
+    assert stopped == ["cleaned up"]
+
+
+def test_kill_after_the_worker_ended_by_itself_is_quiet() -> None:
+    async def main() -> None:
+        return None
+
+    worker = start_in_thread(main, name="ended")
+    assert wait_until(lambda: not worker._thread.is_alive())
+    worker.kill(timeout=1.0)
+    assert "stopped" in repr(worker)
