@@ -27,8 +27,13 @@ pytestmark = pytest.mark.notebooks
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted([*(ROOT / "notebooks").glob("*.ipynb"), *(ROOT / "solutions").glob("*.ipynb")])
 PROBE = """
-import collections, gc, json, multiprocessing, os, threading, support
+import asyncio, collections, gc, json, multiprocessing, os, threading, support
 gc.collect()  # an object in a reference cycle still holds its socket until the collector runs
+# the kernel's own event loop keeps a thread pool for asyncio.to_thread, grown on demand up to its cap
+# and reused by every run: its threads are not left behind by the notebook, so they are not counted
+_pool = getattr(asyncio.get_running_loop(), "_default_executor", None)
+_pool_threads = set(getattr(_pool, "_threads", ()))
+_threads = [t for t in threading.enumerate() if t not in _pool_threads]
 def _fd_kinds():  # "socket", "pipe", "anon_inode", a file's path: what grew
     kinds = collections.Counter()
     for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
@@ -39,7 +44,7 @@ def _fd_kinds():  # "socket", "pipe", "anon_inode", a file's path: what grew
     return dict(kinds)
 print(json.dumps({"fd_kinds": _fd_kinds(), "start": multiprocessing.get_start_method(),
                   "servers": len(support.running()), "workers": len(support.running_workers()),
-                  "threads": threading.active_count(),
+                  "threads": len(_threads), "thread_names": sorted(t.name for t in _threads),
                   "fds": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0}))
 """
 SPAWN = 'import multiprocessing; multiprocessing.set_start_method("spawn", force=True)'
