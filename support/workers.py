@@ -66,6 +66,12 @@ class BackgroundLoop:
         self._task = loop.create_task(self._main_wrapper())
         self._task.add_done_callback(lambda _: loop.stop())
         loop.run_forever()
+        if not self._killed:
+            try:
+                self._clean_up(loop)
+            except RuntimeError:  # "Event loop stopped before Future completed": killed during the clean-up
+                if not self._killed:
+                    raise
         if self._killed:
             abandoned = list(asyncio.all_tasks(loop))
             for task in abandoned:
@@ -73,15 +79,18 @@ class BackgroundLoop:
             _abandoned.append(abandoned)
             for hook in _kill_hooks:
                 hook(loop)
-        else:
-            leftovers = asyncio.all_tasks(loop)
-            for task in leftovers:
-                task.cancel()
-            if leftovers:
-                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
         loop.close()
+
+    @staticmethod
+    def _clean_up(loop: asyncio.AbstractEventLoop) -> None:
+        """A graceful end: cancel what is left and let it finish, as a process does on SIGTERM."""
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
 
     async def _main_wrapper(self) -> None:
         try:
@@ -112,10 +121,11 @@ class BackgroundLoop:
 
     def kill(self, timeout: float = 10.0) -> None:
         """Crash: halt the loop where it is; none of the worker's remaining code runs."""
-        if not self._loop.is_closed() and (self._task is None or not self._task.done()):  # else: ended
+        if (
+            self._thread.is_alive() and not self._loop.is_closed()
+        ):  # its clean-up may still hang: crash it too
             self._killed = True  # before the loop stops: its thread reads it then
-            if not self._call_in_loop(self._loop.stop):
-                self._killed = False  # it closed meanwhile: it had ended by itself
+            self._call_in_loop(self._loop.stop)
         self._finish(timeout)
 
     def _cancel_main(self) -> None:
@@ -135,6 +145,7 @@ class BackgroundLoop:
     def _finish(self, timeout: float) -> None:
         if threading.current_thread() is self._thread:  # from the worker itself: it ends once this returns
             _workers.discard(self.key, self)
+            threadlog.unroute(self._thread.name, self._record)
             return
         self._thread.join(timeout)
         _workers.discard(self.key, self)

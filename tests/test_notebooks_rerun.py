@@ -30,9 +30,10 @@ PROBE = """
 import asyncio, collections, gc, json, multiprocessing, os, threading, support
 gc.collect()  # an object in a reference cycle still holds its socket until the collector runs
 # the kernel's own event loop keeps a thread pool for asyncio.to_thread, grown on demand up to its cap
-# and reused by every run: its threads are not left behind by the notebook, so they are not counted
+# and reused by every run: its idle threads are not left behind by the notebook, its busy ones are
 _pool = getattr(asyncio.get_running_loop(), "_default_executor", None)
 _pool_threads = set(getattr(_pool, "_threads", ()))
+_pool_busy = len(_pool_threads) - (_pool._idle_semaphore._value if _pool_threads else 0)
 _threads = [t for t in threading.enumerate() if t not in _pool_threads]
 def _fd_kinds():  # "socket", "pipe", "anon_inode", a file's path: what grew
     kinds = collections.Counter()
@@ -45,6 +46,7 @@ def _fd_kinds():  # "socket", "pipe", "anon_inode", a file's path: what grew
 print(json.dumps({"fd_kinds": _fd_kinds(), "start": multiprocessing.get_start_method(),
                   "servers": len(support.running()), "workers": len(support.running_workers()),
                   "threads": len(_threads), "thread_names": sorted(t.name for t in _threads),
+                  "pool_busy": _pool_busy,
                   "fds": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0}))
 """
 SPAWN = 'import multiprocessing; multiprocessing.set_start_method("spawn", force=True)'
@@ -96,6 +98,9 @@ def test_runs_twice_in_one_kernel_and_cleans_up(path: Path, tmp_path: Path) -> N
     assert first["servers"] == second["servers"] == 0, "the last cell must stop every server"
     assert first["workers"] == second["workers"] == 0, "the last cell must stop every worker"
     assert second["threads"] <= first["threads"], f"threads grew from one run to the next: {after}"
+    assert second["pool_busy"] <= first["pool_busy"], (
+        f"a to_thread job of the first run never returned: {after}"
+    )
     assert second["fds"] <= first["fds"] + 2, f"file descriptors grew from one run to the next: {after}"
     check_site_page(first_run, path, tmp_path)
 

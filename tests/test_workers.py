@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -176,3 +177,22 @@ def test_kill_after_the_worker_ended_by_itself_is_quiet() -> None:
     assert wait_until(lambda: not worker._thread.is_alive())
     worker.kill(timeout=1.0)
     assert "stopped" in repr(worker)
+
+
+def test_kill_ends_a_worker_whose_clean_up_hangs() -> None:
+    """The main task has returned, but a leftover task ignores its cancel: kill() still crashes it."""
+
+    async def main() -> None:
+        async def stubborn() -> None:
+            while True:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(3600)
+
+        asyncio.get_running_loop().create_task(stubborn())
+        await asyncio.sleep(0.05)
+
+    worker = start_in_thread(main, name="stubborn")
+    assert wait_until(lambda: worker._task is not None and worker._task.done())
+    worker.kill(timeout=2.0)
+    assert not worker._thread.is_alive()
+    assert "killed" in repr(worker)

@@ -1964,7 +1964,10 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
             if "for update" in text or lock is not None:
                 shop.locked_reads += 1
             shared_in = _conn.get_transaction()
-            if ("for share" in text or getattr(lock, "read", False)) and shared_in is not None:
+            shared = "for share" in text or (
+                getattr(lock, "read", False) and not getattr(lock, "key_share", False)
+            )
+            if shared and shared_in is not None:  # FOR KEY SHARE does not stop the UPDATE: no deadlock
                 shop.shared.append(shared_in)  # SQLite drops the clause; the statement still asks for it
             charged = len(shop.provider.charges) if shop.provider is not None else 0
             if shop.pausing and charged < _SCARCE:
