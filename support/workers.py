@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -121,9 +122,8 @@ class BackgroundLoop:
 
     def kill(self, timeout: float = 10.0) -> None:
         """Crash: halt the loop where it is; none of the worker's remaining code runs."""
-        if (
-            self._thread.is_alive() and not self._loop.is_closed()
-        ):  # its clean-up may still hang: crash it too
+        # also while the clean-up of a worker that ended by itself runs: it may hang
+        if self._thread.is_alive() and not self._loop.is_closed():
             self._killed = True  # before the loop stops: its thread reads it then
             self._call_in_loop(self._loop.stop)
         self._finish(timeout)
@@ -132,15 +132,10 @@ class BackgroundLoop:
         if self._task is not None:
             self._task.cancel()
 
-    def _call_in_loop(self, callback: Callable[[], object]) -> bool:
-        """Queue ``callback`` on the worker's loop; False if the loop has closed (the worker has ended)."""
-        if self._loop.is_closed():
-            return False
-        try:
+    def _call_in_loop(self, callback: Callable[[], object]) -> None:
+        """Queue ``callback`` on the worker's loop, unless the loop has closed (the worker has ended)."""
+        with contextlib.suppress(RuntimeError):  # closed, or closed meanwhile
             self._loop.call_soon_threadsafe(callback)
-        except RuntimeError:  # closed meanwhile
-            return False
-        return True
 
     def _finish(self, timeout: float) -> None:
         if threading.current_thread() is self._thread:  # from the worker itself: it ends once this returns
