@@ -1162,6 +1162,18 @@ def checkout_answer(variant: str, notebook: list[Any] | None = None) -> Any:
             status = await charge(payments, sku)
             await record(sessions, sku, order.id, status)
             return status
+        if variant in ("skip-locked", "nowait"):  # gives up on a locked row: on PostgreSQL, refused or failed
+            async with sessions.begin() as session:
+                read = select(Stock).where(Stock.sku == sku)
+                locked = read.with_for_update(
+                    skip_locked=variant == "skip-locked", nowait=variant == "nowait"
+                )
+                if await session.scalar(locked) is None:
+                    raise OutOfStock(sku)
+                order = await take_one(session, sku)
+            status = await charge(payments, sku)
+            await record(sessions, sku, order.id, status)
+            return status
         if variant == "for-share":  # a shared lock, then an UPDATE: on PostgreSQL two of them deadlock
             async with sessions.begin() as session:
                 stock = await session.scalar(select(Stock).where(Stock.sku == sku).with_for_update(read=True))
@@ -1392,7 +1404,7 @@ def test_4_4_a_shared_lock_then_an_update_is_named_on_either_database(
         # SQLite drops FOR SHARE, so the guarded UPDATE decides and nothing deadlocks: named all the same
         out = rejected(capsys, check_checkout, checkout_answer("for-share"), *SHOP)
         assert "UPDATEs of the stock in a transaction that had read it with FOR SHARE: right here only" in out
-        assert "a deadlock the database breaks after `deadlock_timeout`" in out
+        assert "a deadlock, which PostgreSQL breaks only after `deadlock_timeout`" in out
         assert out.endswith("Exercise 4.4: not yet — 7 of 8 checks pass"), out
         return
     out = rejected(capsys, check_checkout, checkout_answer("for-share"), *SHOP)
@@ -1402,6 +1414,17 @@ def test_4_4_a_shared_lock_then_an_update_is_named_on_either_database(
     )
     assert "(`FOR SHARE`, `with_for_update(read=True)`) and then both UPDATE it wait for each other" in out
     assert "each held one for the whole" not in out, "the charge is not what held the connections"
+
+
+@pytest.mark.parametrize(("variant", "clause"), [("skip-locked", "SKIP LOCKED"), ("nowait", "NOWAIT")])
+def test_4_4_a_read_that_gives_up_on_a_lock_is_named_on_either_database(
+    variant: str, clause: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_checkout, checkout_answer(variant), *SHOP)
+    url = database_url()
+    if url is None or make_url(url).get_backend_name() != "postgresql":  # SQLite drops the clause
+        assert f"reads of the stock with {clause}: passed here only because SQLite" in out, out
+        assert out.endswith("Exercise 4.4: not yet — 7 of 8 checks pass"), out
 
 
 @pytest.mark.parametrize(

@@ -1873,6 +1873,8 @@ class _Shop:
     met: int = 0  # reads of the stock table that returned during another's pause, while units were unsold
     shared: list[Any] = field(default_factory=list)  # transactions that read the stock FOR SHARE
     shared_then_update: int = 0  # UPDATEs of the stock in one of those transactions
+    no_wait_reads: list[str] = field(default_factory=list)  # "SKIP LOCKED" / "NOWAIT" reads of the stock
+    updated: list[Any] = field(default_factory=list)  # transactions that have updated the stock
     pausing: int = 0  # reads whose pause runs now
     provider: _Provider | None = None  # the sale's payment provider: how many charges have started
 
@@ -1923,6 +1925,9 @@ class _Sale:
     locked_reads: int = 0  # of which with FOR UPDATE (SQLAlchemy leaves the clause out on SQLite)
     met: int = 0  # reads of the stock table that returned during another's pause, while units were unsold
     shared_then_update: int = 0  # UPDATEs of the stock in a transaction that had read it FOR SHARE
+    no_wait_reads: list[str] = field(
+        default_factory=list
+    )  # reads of the stock that would not wait for a lock
     dialect: str = ""
     failures: list[BaseException] = field(default_factory=list)  # the provider's errors, in "fail" mode
     reached_charge: bool = True
@@ -1969,6 +1974,13 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
             )
             if shared and shared_in is not None:  # FOR KEY SHARE does not stop the UPDATE: no deadlock
                 shop.shared.append(shared_in)  # SQLite drops the clause; the statement still asks for it
+            # a read that gives up on a locked row, unless it cannot meet one: FOR KEY SHARE does not
+            # conflict with an UPDATE's lock, and a transaction's own lock never blocks it
+            key_share = getattr(lock, "read", False) and getattr(lock, "key_share", False)
+            if not key_share and shared_in not in shop.updated:
+                for clause, asked_for in (("SKIP LOCKED", "skip_locked"), ("NOWAIT", "nowait")):
+                    if getattr(lock, asked_for, False):
+                        shop.no_wait_reads.append(clause)
             charged = len(shop.provider.charges) if shop.provider is not None else 0
             if shop.pausing and charged < _SCARCE:
                 shop.met += 1
@@ -1977,8 +1989,10 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
                 await_(asyncio.sleep(_READ_PAUSE))
             finally:
                 shop.pausing -= 1
-        elif text.startswith("update") and table in text and _conn.get_transaction() in shop.shared:
-            shop.shared_then_update += 1
+        elif text.startswith("update") and table in text:
+            shop.updated.append(_conn.get_transaction())
+            if _conn.get_transaction() in shop.shared:
+                shop.shared_then_update += 1
 
     event.listen(shop.engine.sync_engine, "after_cursor_execute", pause)
     return pause
@@ -2107,7 +2121,7 @@ async def _sell(
         sale.queries, sale.in_use_after = shop.watch.queries, shop.watch.in_use
         sale.most_held_by_one = shop.holders.most_by_one
         sale.stock_reads, sale.locked_reads, sale.met = shop.stock_reads, shop.locked_reads, shop.met
-        sale.shared_then_update = shop.shared_then_update
+        sale.shared_then_update, sale.no_wait_reads = shop.shared_then_update, shop.no_wait_reads
         sale.dialect = _dialect(shop.engine)
         sale.charges, sale.failures = provider.charges, provider.failures
         if pausing is not None:
@@ -2325,6 +2339,13 @@ def _pool_mismatch(sale: _Sale, expected: str, out_of_stock: type[BaseException]
     )
 
 
+_SHARED_LOCK_DEADLOCK = (
+    "Two checkouts that both lock the stock row for sharing (`FOR SHARE`, `with_for_update(read=True)`) "
+    "and then both UPDATE it wait for each other: a deadlock, which PostgreSQL breaks only after "
+    "`deadlock_timeout` (1 s by default) by failing one of them."
+)
+
+
 def _held_in_the_database(
     sale: _Sale, timeouts: list[BaseException], expected: str, out_of_stock: type[BaseException]
 ) -> Mismatch:
@@ -2349,10 +2370,7 @@ def _held_in_the_database(
             f"with {_one_line(locks[0])}",
             [
                 "A connection is held for as long as its transaction lasts, including while it waits for "
-                "a row lock another transaction holds. Two checkouts that both lock the stock row for "
-                "sharing (`FOR SHARE`, `with_for_update(read=True)`) and then both UPDATE it wait for each "
-                "other: a deadlock, which PostgreSQL breaks only after `deadlock_timeout` (1 s by default) "
-                "by failing one of them.",
+                "a row lock another transaction holds. " + _SHARED_LOCK_DEADLOCK,
                 "Let one guarded UPDATE decide (`… WHERE available > 0`, then its `rowcount`): it locks the "
                 "row only for its own short transaction, and a second checkout waits its turn instead of "
                 "deadlocking. " + _THREE_STEPS,
@@ -2457,6 +2475,29 @@ def _check_scarce(sale: _Sale, out_of_stock: type[BaseException]) -> None:
                 + ".",
             ],
         )
+    if sale.no_wait_reads:  # on every database: where the lock is real, retrying on it only busy-waits
+        clause = sale.no_wait_reads[0]
+        count = sale.no_wait_reads.count(clause)
+        gives_up = (
+            "the read returns no row, as if the product did not exist, so the checkout is refused or fails"
+            if clause == "SKIP LOCKED"
+            else "the read fails at once with a lock-not-available error"
+        )
+        raise Mismatch(
+            f"no read of the stock that gives up on a locked row ({clause})",
+            f"{count} read{'s' if count > 1 else ''} of the stock with {clause}"
+            + (
+                ": passed here only because SQLite, the course's default database, drops the clause"
+                if sale.dialect == "sqlite"
+                else ""
+            ),
+            [
+                f"On PostgreSQL, a read with `{clause}` does not wait for a row another checkout has locked: "
+                f"{gives_up} while units are left; an answer that retries instead busy-waits for what a "
+                "guarded UPDATE waits for anyway.",
+                "Leave out the lock and let the guarded UPDATE decide: " + _RESERVE + ".",
+            ],
+        )
     if sale.shared_then_update and sale.dialect == "sqlite":
         raise Mismatch(
             "no transaction that reads the stock FOR SHARE and then updates it: on PostgreSQL two such "
@@ -2464,9 +2505,7 @@ def _check_scarce(sale: _Sale, out_of_stock: type[BaseException]) -> None:
             f"{sale.shared_then_update} UPDATEs of the stock in a transaction that had read it with FOR "
             "SHARE: right here only because SQLite, the course's default database, drops the clause",
             [
-                "On PostgreSQL, `with_for_update(read=True)` takes a shared lock, which other checkouts "
-                "take too; each one's UPDATE then waits for the others to let go, a deadlock the database "
-                "breaks after `deadlock_timeout` (1 s by default) by failing one of them.",
+                _SHARED_LOCK_DEADLOCK,
                 "Leave out the shared lock and let the guarded UPDATE decide: " + _RESERVE + ".",
             ],
         )
