@@ -16,6 +16,14 @@ import pytest
 import support
 from support.checks import reset_hints
 from tests.apps import make_app
+from tests.backends import (  # noqa: F401 (the fixtures, for every test module)
+    database_backend,
+    missing_stores,
+    postgres_url,
+    real_redis_url,
+    redis_backend,
+    stores_of,
+)
 
 matplotlib.use("Agg")
 
@@ -30,34 +38,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="leave out the notebooks, the real backends and the performance tests "
         "(about 2 minutes on 2 cores)",
     )
-    parser.addoption(
-        "--shard",
-        default=None,
-        metavar="I/N",
-        help="run the I-th of N shares of the collected tests (every N-th test, from the I-th; I from 0): "
-        "the real-backend runs split a check file into shares that run on several workers at once",
-    )
 
 
-def _shard(config: pytest.Config, items: list[pytest.Item]) -> None:
-    option = config.getoption("--shard")
-    if option is None:
-        return
-    try:
-        index, count = (int(n) for n in option.split("/"))
-    except ValueError:
-        raise pytest.UsageError(f"--shard {option}: expected I/N, two whole numbers, e.g. 0/4") from None
-    if not 0 <= index < count:
-        raise pytest.UsageError(f"--shard {option}: I must be from 0 to N - 1")
-    left_out = [item for n, item in enumerate(items) if n % count != index]
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    names = {"redis": "Redis", "postgresql": "PostgreSQL"}
+    return [f"real {names[store]}: {why}; its tests are left out" for store, why in missing_stores().items()]
+
+
+def _leave_out_missing_stores(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests whose real stores are all missing (tests/backends.py), left out rather than skipped one
+    by one (a run without redis-server would list some two hundred skips)."""
+    missing = missing_stores()
+    left_out = [item for item in items if (stores := stores_of(item)) and stores <= set(missing)]
     if left_out:
         config.hook.pytest_deselected(items=left_out)
-    items[:] = [item for n, item in enumerate(items) if n % count == index]
+        items[:] = [item for item in items if item not in left_out]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Slow tests first (the workers then end together, quick tests filling the gaps), or none."""
-    _shard(config, items)
+    _leave_out_missing_stores(config, items)
     slow = [item for item in items if any(item.get_closest_marker(m) for m in SLOW_MARKERS)]
     rest = [item for item in items if not any(item.get_closest_marker(m) for m in SLOW_MARKERS)]
     if config.getoption("--quick"):

@@ -49,7 +49,8 @@ from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
 @pytest.fixture(autouse=True)
-def _fresh_and_leaves_nothing_running() -> Iterator[None]:
+def _fresh_and_leaves_nothing_running(database_backend: str) -> Iterator[None]:
+    """Every test runs on SQLite and on PostgreSQL (tests/backends.py)."""
     with fresh_and_leaves_nothing_running():
         yield
 

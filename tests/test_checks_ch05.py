@@ -30,7 +30,8 @@ from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
 @pytest.fixture(autouse=True)
-def _fresh_and_leaves_nothing_running() -> Iterator[None]:
+def _fresh_and_leaves_nothing_running(redis_backend: str) -> Iterator[None]:
+    """Every test runs on fakeredis and on a real Redis (tests/backends.py)."""
     with fresh_and_leaves_nothing_running(redis_pattern="ex05:*", redis_keys=("7", "404")):
         yield
 

@@ -23,7 +23,6 @@ from starlette.datastructures import Headers
 
 import support
 import support.checks
-from support.backends import redis_url
 from support.checks import forget_answers, placeholder_message
 from support.checks.ch06 import (
     check_client_key,
@@ -35,7 +34,8 @@ from tests.checking import fresh_and_leaves_nothing_running, rejected
 
 
 @pytest.fixture(autouse=True)
-def _fresh_and_leaves_nothing_running() -> Iterator[None]:
+def _fresh_and_leaves_nothing_running(redis_backend: str) -> Iterator[None]:
+    """Every test runs on fakeredis and on a real Redis (tests/backends.py)."""
     with fresh_and_leaves_nothing_running(redis_pattern="ex06:*"):
         yield
 
@@ -340,10 +340,8 @@ def test_6_1_an_expire_sent_apart_from_the_script_is_rejected(capsys: pytest.Cap
     assert out.endswith("Exercise 6.1: not yet — 8 of 9 checks pass")
 
 
-@pytest.mark.skipif(
-    redis_url() is not None,
-    reason="a real Redis client used from several event loops cannot be closed cleanly",
-)
+# fakeredis only: a real Redis client used from several event loops cannot be closed cleanly
+@pytest.mark.parametrize("redis_backend", ["fakeredis"], indirect=True)
 def test_6_1_a_script_on_another_client_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     notebook_redis = support.redis_client(decode_responses=True)  # the notebook's: never used by the check
     script = notebook_redis.register_script(bucket_script("right"))
