@@ -187,15 +187,15 @@ def _busy_cores(seconds: float = 0.5) -> float | None:
 
 
 def worker_count(cores: float | None = None, busy: float | None = None) -> int:
-    """Three test workers per free core, from 2 to 8. The notebooks and checks mostly wait on sleeps
-    and sockets (on 2 idle cores, three workers kept the CPU about 40 % busy: 464 CPU-seconds in a
-    540 s run), so more workers than cores overlap: six took 340 s, where three took 541-561 s; eight
-    were no faster (335-354 s), the CPU being then the limit. A core that something else keeps busy
-    (another build, a CPU hog) leaves room for fewer."""
+    """Four test workers per free core, from 2 to 8. The notebooks and checks mostly wait on sleeps
+    and sockets (on 2 idle cores, six workers kept the CPU about 75 % busy: 447 CPU-seconds in a
+    297 s run), so more workers than cores overlap: on 2 idle cores eight workers took 257-303 s where
+    six took 297 s (Redis only), and 294-318 s where six took 334 s (with PostgreSQL). A core that
+    something else keeps busy (another build, a CPU hog) leaves room for fewer."""
     cores = cores or _cores()
     busy = _busy_cores() if busy is None else busy
     free = max(0.0, min(cores, cores - (busy or 0.0)))
-    return max(2, min(8, round(3 * free)))
+    return max(2, min(8, round(4 * free)))
 
 
 def run_child(args: list[str]) -> int:

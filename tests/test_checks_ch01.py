@@ -25,7 +25,7 @@ import nbformat
 import pytest
 from fastapi import FastAPI
 
-from support.checks import forget_answers, placeholder_message
+from support.checks import ch01, forget_answers, placeholder_message
 from support.checks.ch01 import (
     check_blocking_sdk,
     check_loop_lag_probe,
@@ -455,7 +455,10 @@ def offloader(variant: str) -> Any:
         if variant == "placeholder":
             raise NotImplementedError(placeholder_message("1.3"))
         known = kind in ("blocking_io", "python_cpu", "gil_releasing")
-        validated = ("right", "asyncio.to_thread", "thread-join", "cores", "is", "kept-pool", "pool-per-call")
+        validated = (
+            *("right", "asyncio.to_thread", "thread-join", "callback-wait"),
+            *("cores", "is", "kept-pool", "pool-per-call"),
+        )
         if variant in validated and not known:
             raise ValueError(f"unknown kind of work: {kind!r}")
         if variant == "right":
@@ -478,6 +481,12 @@ def offloader(variant: str) -> Any:
             if kind == "python_cpu":
                 return await anyio.to_process.run_sync(func, *args)
             return await asyncio.to_thread(func, *args)
+        if variant == "callback-wait":  # awaited, but a callback it queued waits on the loop's thread
+            if kind == "python_cpu":
+                return await anyio.to_process.run_sync(func, *args)
+            future = concurrent.futures.ThreadPoolExecutor(1).submit(func, *args)
+            asyncio.get_running_loop().call_soon(future.result)
+            return await asyncio.wrap_future(future)
         if variant == "thread-join":  # a thread of its own, but the loop waits for it
             if kind == "python_cpu":
                 return await anyio.to_process.run_sync(func, *args)
@@ -543,6 +552,24 @@ def test_1_3_threads_and_a_process_pass(variant: str, capsys: pytest.CaptureFixt
     assert f"  ✅ passed: {PYTHON_CPU_STEP}\n" in out
     assert '  ✅ passed: an unknown kind ("python-cpu") raises ValueError\n' in out
     assert out.endswith("Exercise 1.3: passed ✅ (4 of 4 checks)\n")
+
+
+@pytest.mark.parametrize(
+    ("variant", "passes"), [("asyncio.to_thread", True), ("thread-join", False), ("callback-wait", False)]
+)
+def test_1_3_a_busy_machine_does_not_pass_for_a_wait_on_the_loop(
+    variant: str, passes: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat held up for the whole of every call, as on a machine busy with other work: the
+    loop's thread was in its selector, so the awaiting answer passes; one that joins the thread on the
+    loop, and one whose queued callback (library code: `future.result`) waits there, are still named."""
+    monkeypatch.setattr(ch01._Beat, "held_up", lambda self, start: 10.0)
+    if passes:
+        check_offload_choice(offloader(variant))
+        assert capsys.readouterr().out.endswith("Exercise 1.3: passed ✅ (4 of 4 checks)\n")
+    else:
+        out = rejected(capsys, check_offload_choice, offloader(variant))
+        assert "but the loop was held up 10.00 s" in out and "instead of awaiting it" in out
 
 
 def test_1_3_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fingerprint", "is_cell_file", "previous_input"]
+__all__ = ["fingerprint", "is_cell_file", "is_learner_file", "previous_input"]
 
 _MAX_DEPTH = 9
 _MAX_NODES = 4000
@@ -79,7 +79,8 @@ def _library_roots() -> tuple[str, ...]:
 
 
 @functools.cache
-def _is_learner_file(filename: str) -> bool:
+def is_learner_file(filename: str) -> bool:
+    """Whether code from ``filename`` is the learner's: not the standard library's, a package's or ours."""
     if is_cell_file(filename):
         return True
     if filename.startswith("<"):  # <string>, <frozen …>: generated or built-in code
@@ -92,7 +93,7 @@ def _is_learner_class(cls: type) -> bool:
     if cls.__module__ == "__main__" or module is None:
         return cls.__module__ not in ("builtins",)
     filename = getattr(module, "__file__", None)
-    return filename is not None and _is_learner_file(filename)
+    return filename is not None and is_learner_file(filename)
 
 
 def _code_text(function: types.FunctionType) -> str:
@@ -186,7 +187,7 @@ class _Walk:
                     self.visit(item, deeper)
 
     def _function(self, function: types.FunctionType, depth: int) -> None:
-        learner = _is_learner_file(function.__code__.co_filename)
+        learner = is_learner_file(function.__code__.co_filename)
         if learner:
             self.texts.add(_code_text(function))
         cells = function.__closure__ or ()

@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import CodeType, FrameType, TracebackType
@@ -37,6 +38,7 @@ from urllib.parse import urlencode
 import httpx
 
 from support.checks import Mismatch, exercise, expect
+from support.checks.answers import is_learner_file
 from support.checks.running import (
     NoReturn,
     find_route,
@@ -1151,6 +1153,8 @@ _UNKNOWN_KIND = "python-cpu"  # a typo of "python_cpu"
 _MANY_CPUS = 64
 _WAITED_FOR = 0.05  # the loop held up this long in all during one call …
 _WAITED_SHARE = 0.5  # … and for this share of the call's time: something waited on the loop's thread
+_SAMPLE_EVERY = 0.002  # seconds between two looks at where the loop's thread is (at most)
+_FEW_LOOKS = 5  # fewer looks than this during a call: too few to tell, the heartbeat decides alone
 
 
 @dataclass(frozen=True)
@@ -1319,6 +1323,7 @@ class _Outcome:
     awaitable: bool = True
     elapsed: float = 0.0
     held_up: float = 0.0  # how long a heartbeat on the loop was held up during the call
+    held: float = 1.0  # share of looks at the loop's thread that found it held (not idle, or in learner code)
     literal_place: str | None = None  # where it ran when ``kind`` was the very literal, if asked
     processes_before: frozenset[int] | None = None  # this process's descendants when the call began
 
@@ -1371,6 +1376,70 @@ class _Beat:
         return sum(lag for when, lag in self.lags if when >= start and lag > _HELD)
 
 
+def _learners(frame: FrameType | None) -> bool:
+    """Whether learner code (not the standard library's, a package's or the course's) is on the stack."""
+    while frame is not None:
+        if is_learner_file(frame.f_code.co_filename):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _WhereTheLoopIs:
+    """Where the loop's thread is, looked at from a thread of its own (every 2 ms at most).
+
+    An idle loop waits in its selector, the same innermost frame at every look (``idle``, learnt by
+    ``learn_idle()`` while nothing but the heartbeat runs). A loop that waits for the work
+    synchronously is elsewhere: in the learner's code (``future.result()``, ``Pool.apply`` called from
+    it), or in a callback it queued (``loop.call_soon(future.result)``), or in a loop of its own run from
+    the learner's code. A busy machine delays the heartbeat's wake-ups but leaves an idle loop in its
+    selector, so the share of looks that find the loop held tells the two apart where the heartbeat
+    alone cannot.
+    """
+
+    def __init__(self, idle: CodeType | None = None) -> None:
+        self._loop_thread = threading.get_ident()
+        self._idle = idle
+        self._stop = False
+        self.looks = self.held = 0
+        self.innermost: Counter[CodeType] = Counter()
+        self._thread = threading.Thread(target=self._watch, name="check-1.3-watch", daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop:
+            time.sleep(_SAMPLE_EVERY)  # not Event.wait: its timeout is ~16 ms on Windows
+            frame = sys._current_frames().get(self._loop_thread)
+            if frame is None:
+                continue
+            self.looks += 1
+            self.innermost[frame.f_code] += 1
+            self.held += (self._idle is not None and frame.f_code is not self._idle) or _learners(frame)
+            del frame
+
+    def __enter__(self) -> _WhereTheLoopIs:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+    @property
+    def share(self) -> float:
+        """Share of the looks that found the loop held (1.0 when too few to tell)."""
+        return self.held / self.looks if self.looks >= _FEW_LOOKS else 1.0
+
+
+async def _learn_idle() -> CodeType | None:
+    """The innermost frame of this loop's thread while it is idle (its selector's wait), or None."""
+    with _WhereTheLoopIs() as where:
+        await asyncio.sleep(0.05)
+    if where.looks < _FEW_LOOKS:
+        return None
+    code, count = where.innermost.most_common(1)[0]
+    return code if count >= where.looks / 2 else None
+
+
 def _descendants() -> frozenset[int] | None:
     """The ids of this process's child processes and theirs (None where psutil is missing)."""
     try:
@@ -1383,17 +1452,21 @@ def _descendants() -> frozenset[int] | None:
         return None
 
 
-async def _call(run_offloaded: Callable[..., Any], beat: _Beat, kind: str, func: Any, args: Any) -> _Outcome:
+async def _call(
+    run_offloaded: Callable[..., Any], beat: _Beat, idle: CodeType | None, kind: str, func: Any, args: Any
+) -> _Outcome:
     loop = asyncio.get_running_loop()
     outcome = _Outcome(processes_before=_descendants())
     start, began = loop.time(), time.perf_counter()
-    try:
-        result = run_offloaded(kind, func, *args)
-        outcome.awaitable = inspect.isawaitable(result)
-        outcome.value = await result if outcome.awaitable else result
-    except Exception as exc:
-        outcome.error = exc
+    with _WhereTheLoopIs(idle) as where:
+        try:
+            result = run_offloaded(kind, func, *args)
+            outcome.awaitable = inspect.isawaitable(result)
+            outcome.value = await result if outcome.awaitable else result
+        except Exception as exc:
+            outcome.error = exc
     outcome.elapsed = time.perf_counter() - began
+    outcome.held = where.share
     await asyncio.sleep(3 * _HEARTBEAT)  # the heartbeat notes a gap that lasted until the call's end
     outcome.held_up = beat.held_up(start)
     return outcome
@@ -1403,18 +1476,20 @@ async def _offload_each(run_offloaded: Callable[..., Any]) -> dict[Any, _Outcome
     """Each kind of work, as if on one CPU and on many, then an unknown kind, beside a heartbeat."""
     outcomes: dict[Any, _Outcome] = {}
     async with _Beat() as beat:
+        idle = await _learn_idle()
         for cpus in _VIEWS:
             with _as_if_cpus(cpus):
                 for work in _WORKLOADS:
-                    outcome = await _call(run_offloaded, beat, _fresh(work.kind), work.func, work.args())
+                    kind, args = _fresh(work.kind), work.args()
+                    outcome = await _call(run_offloaded, beat, idle, kind, work.func, args)
                     outcomes[work.kind, cpus] = outcome
                     if outcome.place not in (None, work.right):  # was it `kind is "…"`?
-                        again = await _call(run_offloaded, beat, work.kind, work.func, work.args())
+                        again = await _call(run_offloaded, beat, idle, work.kind, work.func, work.args())
                         outcome.literal_place = again.place
                         if inspect.iscoroutine(again.value):
                             again.value.close()
         outcomes[_UNKNOWN_KIND] = await _call(
-            run_offloaded, beat, _fresh(_UNKNOWN_KIND), price_where, (_SYMBOL,)
+            run_offloaded, beat, idle, _fresh(_UNKNOWN_KIND), price_where, (_SYMBOL,)
         )
     for outcome in outcomes.values():
         if inspect.iscoroutine(outcome.value):
@@ -1426,8 +1501,10 @@ _OFFLOAD_ATTEMPTS = 3  # a loop held up where the work ran in the right place is
 
 
 def _waited(outcome: _Outcome) -> bool:
-    """The loop was held up for much of the call: waited for on the loop's thread (or a busy machine)."""
-    return outcome.held_up >= max(_WAITED_FOR, _WAITED_SHARE * outcome.elapsed)
+    """The heartbeat was held up for much of the call, and the loop's thread was found held for much of
+    it: the work was waited for on the loop's thread (a busy machine delays the heartbeat alone)."""
+    late = outcome.held_up >= max(_WAITED_FOR, _WAITED_SHARE * outcome.elapsed)
+    return late and outcome.held >= _WAITED_SHARE
 
 
 def _waited_where_right(outcomes: dict[Any, _Outcome]) -> bool:
