@@ -1153,7 +1153,7 @@ _UNKNOWN_KIND = "python-cpu"  # a typo of "python_cpu"
 _MANY_CPUS = 64
 _WAITED_FOR = 0.05  # the loop held up this long in all during one call …
 _WAITED_SHARE = 0.5  # … and for this share of the call's time: something waited on the loop's thread
-_SAMPLE_EVERY = 0.002  # seconds between two looks at where the loop's thread is (at most)
+_SAMPLE_EVERY = 0.002  # seconds at least between two looks at where the loop's thread is
 _FEW_LOOKS = 5  # fewer looks than this during a call: too few to tell, the heartbeat decides alone
 
 
@@ -1323,7 +1323,7 @@ class _Outcome:
     awaitable: bool = True
     elapsed: float = 0.0
     held_up: float = 0.0  # how long a heartbeat on the loop was held up during the call
-    held: float = 1.0  # share of looks at the loop's thread that found it held (not idle, or in learner code)
+    held: float = 1.0  # share of looks at the loop's thread that found it held (1.0: too few looks to tell)
     literal_place: str | None = None  # where it ran when ``kind`` was the very literal, if asked
     processes_before: frozenset[int] | None = None  # this process's descendants when the call began
 
@@ -1386,10 +1386,12 @@ def _learners(frame: FrameType | None) -> bool:
 
 
 class _WhereTheLoopIs:
-    """Where the loop's thread is, looked at from a thread of its own (every 2 ms at most).
+    """Where the loop's thread is, looked at from a thread of its own (looks at least 2 ms apart, taken
+    when this thread gets the GIL).
 
-    An idle loop waits in its selector, the same innermost frame at every look (``idle``, learnt by
-    ``learn_idle()`` while nothing but the heartbeat runs). A loop that waits for the work
+    An idle loop waits in its selector: one innermost frame at most looks (``idle``, learnt by
+    ``_learn_idle()`` while nothing but the heartbeat runs; under uvloop the frame that started the
+    loop). A loop that waits for the work
     synchronously is elsewhere: in the learner's code (``future.result()``, ``Pool.apply`` called from
     it), or in a callback it queued (``loop.call_soon(future.result)``), or in a loop of its own run from
     the learner's code. A busy machine delays the heartbeat's wake-ups but leaves an idle loop in its
@@ -1406,8 +1408,10 @@ class _WhereTheLoopIs:
         self._thread = threading.Thread(target=self._watch, name="check-1.3-watch", daemon=True)
 
     def _watch(self) -> None:
-        while not self._stop:
+        while True:
             time.sleep(_SAMPLE_EVERY)  # not Event.wait: its timeout is ~16 ms on Windows
+            if self._stop:  # the loop's thread is joining this one now: not a look at the call
+                return
             frame = sys._current_frames().get(self._loop_thread)
             if frame is None:
                 continue
@@ -1431,9 +1435,13 @@ class _WhereTheLoopIs:
 
 
 async def _learn_idle() -> CodeType | None:
-    """The innermost frame of this loop's thread while it is idle (its selector's wait), or None."""
+    """The innermost frame of this loop's thread while it is idle (its selector's wait), or None
+    if a busy machine gave too few looks in half a second."""
     with _WhereTheLoopIs() as where:
-        await asyncio.sleep(0.05)
+        for _ in range(10):
+            await asyncio.sleep(0.05)
+            if where.looks >= 2 * _FEW_LOOKS:
+                break
     if where.looks < _FEW_LOOKS:
         return None
     code, count = where.innermost.most_common(1)[0]
@@ -1501,8 +1509,9 @@ _OFFLOAD_ATTEMPTS = 3  # a loop held up where the work ran in the right place is
 
 
 def _waited(outcome: _Outcome) -> bool:
-    """The heartbeat was held up for much of the call, and the loop's thread was found held for much of
-    it: the work was waited for on the loop's thread (a busy machine delays the heartbeat alone)."""
+    """The heartbeat was held up for much of the call, and the loop's thread was found held in much of
+    it: the work was waited for on the loop's thread (a busy machine delays the heartbeat alone). With
+    too few looks to tell, the heartbeat decides alone."""
     late = outcome.held_up >= max(_WAITED_FOR, _WAITED_SHARE * outcome.elapsed)
     return late and outcome.held >= _WAITED_SHARE
 
