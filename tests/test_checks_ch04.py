@@ -1555,3 +1555,18 @@ def test_4_4_a_scarce_sale_whose_reads_never_met_is_run_again(monkeypatch: pytes
 def test_4_4_the_verdict_comes_from_the_run_whose_reads_met(capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_checkout, _serialised_at_first(1), *SHOP)
     assert SCARCE_STEP + OVERSOLD in out, out
+
+
+@pytest.mark.parametrize(
+    ("statement", "named"),
+    [
+        ("select ch04x_stock.available from ch04x_stock where ch04x_stock.sku = $1", True),
+        ('select "ch04x_stock".available from public."ch04x_stock" for update', True),
+        ("update ch04x_stock set available=(ch04x_stock.available - ?)", True),
+        ("select count(*) from ch04x_stock_log", False),
+        ("select * from old_ch04x_stock", False),
+    ],
+)
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # no database: one run is enough
+def test_4_4_the_stock_table_is_told_from_tables_whose_names_contain_it(statement: str, named: bool) -> None:
+    assert ch04._names_table(statement, "ch04x_stock") is named

@@ -1947,6 +1947,12 @@ def _tracked_sessions(engine: AsyncEngine) -> tuple[async_sessionmaker[AsyncSess
     return async_sessionmaker(engine, class_=_Session, expire_on_commit=False), made
 
 
+def _names_table(statement: str, table: str) -> bool:
+    """Whether ``statement`` (lower case) names ``table`` itself, not a table whose name contains it
+    (``ch04x_stock_log`` is not ``ch04x_stock``)."""
+    return re.search(rf"(?<!\w){re.escape(table)}(?!\w)", statement) is not None
+
+
 def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
     """After a SELECT of the stock table, let the other checkouts run before the reader goes on.
 
@@ -1962,7 +1968,7 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
 
     def pause(_conn: Any, _cursor: Any, statement: str, _parameters: Any, context: Any, *_: Any) -> None:
         text = statement.lstrip().lower()
-        if text.startswith("select") and table in text:
+        if text.startswith("select") and _names_table(text, table):
             shop.stock_reads += 1
             asked = getattr(getattr(context, "compiled", None), "statement", None)
             lock = getattr(asked, "_for_update_arg", None)
@@ -1989,7 +1995,7 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
                 await_(asyncio.sleep(_READ_PAUSE))
             finally:
                 shop.pausing -= 1
-        elif text.startswith("update") and table in text:
+        elif text.startswith("update") and _names_table(text, table):
             shop.updated.append(_conn.get_transaction())
             if _conn.get_transaction() in shop.shared:
                 shop.shared_then_update += 1
