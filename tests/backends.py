@@ -119,24 +119,27 @@ def worker_database(url: str) -> str:
     return base.set(database=name).render_as_string(hide_password=False)
 
 
+def _on_store(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, variable: str, real: str
+) -> str:
+    """Point ``variable`` at the real store's URL (fixture ``real``) for the real run; unset it otherwise."""
+    if request.param in ("real-redis", "postgresql"):
+        monkeypatch.setenv(variable, request.getfixturevalue(real))
+    else:
+        monkeypatch.delenv(variable, raising=False)
+    return request.param
+
+
 @pytest.fixture(params=["fakeredis", pytest.param("real-redis", marks=pytest.mark.backends)])
 def redis_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The test's Redis: the embedded one, or (second run) the worker's real server through REDIS_URL."""
-    if request.param == "real-redis":
-        monkeypatch.setenv("REDIS_URL", request.getfixturevalue("real_redis_url"))
-    else:
-        monkeypatch.delenv("REDIS_URL", raising=False)
-    return request.param
+    return _on_store(request, monkeypatch, "REDIS_URL", "real_redis_url")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.backends)])
 def database_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The test's database: SQLite files, or (second run) the worker's PostgreSQL through DATABASE_URL."""
-    if request.param == "postgresql":
-        monkeypatch.setenv("DATABASE_URL", request.getfixturevalue("postgres_url"))
-    else:
-        monkeypatch.delenv("DATABASE_URL", raising=False)
-    return request.param
+    return _on_store(request, monkeypatch, "DATABASE_URL", "postgres_url")
 
 
 def missing_stores() -> dict[str, str]:
