@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -183,3 +184,29 @@ def test_the_app_sees_the_real_peer_unless_proxy_headers_are_asked_for() -> None
         assert httpx.get(f"{plain.url}/peer", headers=forged).json() == {"host": "127.0.0.1"}
     with support.serve(app, name="t-peer-proxied", proxy_headers=True) as proxied:
         assert httpx.get(f"{proxied.url}/peer", headers=forged).json() == {"host": "203.0.113.9"}
+
+
+def _second_request_after(server: support.Server, idle: float) -> bytes:
+    """Two GET /ping on one connection, the second sent ``idle`` seconds after the first's response."""
+    request = b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(idle)
+        with contextlib.suppress(ConnectionError):  # a closed connection may refuse the send or the read
+            sock.sendall(request)
+            return sock.recv(65536)
+        return b""
+
+
+def test_a_slow_client_keeps_its_keep_alive_connection(monkeypatch) -> None:
+    """A load generator starved for seconds once lost four requests to uvicorn's 5 s keep-alive timeout.
+
+    The server's timer closed the four idle connections just as their next requests were sent.
+    """
+    assert support.server.KEEP_ALIVE_TIMEOUT >= 30
+    with support.serve(make_app(), name="keep-alive") as server:
+        assert _second_request_after(server, 0.3).startswith(b"HTTP/1.1 200")
+    monkeypatch.setattr(support.server, "KEEP_ALIVE_TIMEOUT", 0.1)  # the mechanism, at a testable scale
+    with support.serve(make_app(), name="keep-alive") as server:
+        assert _second_request_after(server, 0.3) == b"", "the server closed the idle connection"
