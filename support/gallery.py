@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
+
+from support.kernels import notebook_client
 
 ROOT = Path(__file__).resolve().parent.parent
 GALLERY = ROOT / "docs" / "gallery"
@@ -45,9 +46,7 @@ def render(path: Path) -> bytes:
     """Run the whole notebook, as Restart & Run All does; return the PNG its headline cell drew."""
     notebook = nbformat.read(path, as_version=4)
     index = headline_cell(notebook)
-    NotebookClient(
-        notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+    notebook_client(notebook, timeout=300, resources={"metadata": {"path": str(path.parent)}}).execute()
     outputs = notebook.cells[index].outputs
     images = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
     if not images:

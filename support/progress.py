@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 
 from support.checks import MARKS, RAISE_ENV, VERDICT_MIME, Verdict
+from support.kernels import notebook_client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,11 +83,10 @@ def read_checks(nb: nbformat.NotebookNode, chapter: str) -> list[Row]:
 
 def run_notebook(path: Path, timeout: int = 300) -> nbformat.NotebookNode:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
+    client = notebook_client(
         nb,
         timeout=timeout,
         allow_errors=True,
-        kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
     # The kernel's own stderr (ipykernel's start-up warnings) would clutter the table's terminal. The

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import nbformat
-from nbclient import NotebookClient
+
+from support.kernels import notebook_client
 
 T = TypeVar("T")
 
@@ -90,9 +91,7 @@ def execute(path: Path, timeout: int = 300) -> nbformat.NotebookNode:
 
     def run() -> nbformat.NotebookNode:
         nb = nbformat.read(path, as_version=4)
-        client = NotebookClient(
-            nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(path.parent)}}
-        )
+        client = notebook_client(nb, timeout=timeout, resources={"metadata": {"path": str(path.parent)}})
         client.execute()
         return nb
 

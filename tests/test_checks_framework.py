@@ -35,6 +35,7 @@ from support.checks import (
 )
 from support.checks.answers import fingerprint
 from support.checks.running import run_in_fresh_loop
+from support.kernels import notebook_client
 
 SOLUTION = "solutions/99_demo.ipynb"
 ROOT = Path(__file__).resolve().parent.parent
@@ -628,12 +629,9 @@ def output_types(cell: nbformat.NotebookNode) -> list[str]:
 
 @pytest.mark.notebooks
 def test_in_a_kernel_a_failing_check_is_ordinary_output_with_a_verdict() -> None:
-    from nbclient import NotebookClient
 
     nb = kernel_notebook()
-    client = NotebookClient(
-        nb, kernel_name="python3", timeout=60, resources={"metadata": {"path": str(ROOT)}}
-    )
+    client = notebook_client(nb, timeout=60, resources={"metadata": {"path": str(ROOT)}})
     with client.setup_kernel(env=kernel_env()):
         assert client.kc is not None
         client.kc.allow_stdin = True  # as JupyterLab sends its requests
@@ -661,10 +659,9 @@ def test_in_a_kernel_a_failing_check_is_ordinary_output_with_a_verdict() -> None
 
 @pytest.mark.notebooks
 def test_a_batch_run_fails_on_a_failing_check_and_progress_does_not(tmp_path: Path) -> None:
-    from nbclient import NotebookClient
 
     batch = kernel_notebook()
-    NotebookClient(batch, kernel_name="python3", timeout=60, allow_errors=True).execute(env=kernel_env())
+    notebook_client(batch, timeout=60, allow_errors=True).execute(env=kernel_env())
     assert output_types(batch.cells[2]) == ["stream", "display_data", "error"]
     assert batch.cells[2].outputs[2].ename == "ExerciseIncomplete"
     path = tmp_path / "99_demo_exercises.ipynb"

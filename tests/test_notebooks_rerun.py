@@ -21,6 +21,7 @@ import pytest
 from nbclient import NotebookClient
 
 from support import site
+from support.kernels import notebook_client
 
 pytestmark = pytest.mark.notebooks
 
@@ -74,9 +75,7 @@ def test_runs_twice_in_one_kernel_and_cleans_up(path: Path, tmp_path: Path) -> N
     stack = contextlib.ExitStack()
 
     def start() -> NotebookClient:
-        client = NotebookClient(
-            nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(path.parent)}}
-        )
+        client = notebook_client(nb, timeout=300, resources={"metadata": {"path": str(path.parent)}})
         stack.enter_context(client.setup_kernel())
         return client
 

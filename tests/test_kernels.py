@@ -1,0 +1,27 @@
+"""support.kernels: notebooks run from code get kernels that need no TCP ports (on POSIX)."""
+
+from __future__ import annotations
+
+import os
+
+import nbformat
+
+from support import kernels
+
+
+def test_a_kernel_runs_over_ipc_files_and_leaves_none_behind() -> None:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    client = kernels.notebook_client(nb, timeout=60)
+    with client.setup_kernel():
+        client.execute_cell(nb.cells[0], 0)
+        assert client.km is not None
+        transport, ip = client.km.transport, client.km.ip
+        files = os.listdir(kernels._ipc_directory()) if kernels.IPC else []
+    assert nb.cells[0].outputs[0]["text"] == "42\n"
+    if kernels.IPC:
+        # no port chosen by binding port 0 and closing it, for another process to take meanwhile
+        assert transport == "ipc" and ip.startswith(kernels._ipc_directory())
+        assert len(files) == 5, f"one socket file per channel: {files}"
+        assert os.listdir(kernels._ipc_directory()) == [], "the kernel's socket files are removed"
+    else:
+        assert transport == "tcp"
