@@ -34,7 +34,9 @@ def _ipc_directory() -> str:
     """
     global _directory
     if _directory is None:
-        _directory = tempfile.mkdtemp(prefix="kernels-")
+        # a long TMPDIR (some macOS set-ups) would leave no room for the file names
+        parent = None if len(tempfile.gettempdir()) <= 60 else "/tmp"
+        _directory = tempfile.mkdtemp(prefix="kernels-", dir=parent)
         atexit.register(shutil.rmtree, _directory, ignore_errors=True)
     return _directory
 
@@ -45,6 +47,7 @@ class PrivateKernelManager(AsyncKernelManager):
     def __init__(self, **kwargs: Any) -> None:
         if IPC:
             kwargs.setdefault("transport", "ipc")
+        if kwargs.get("transport") == "ipc":
             kwargs.setdefault("ip", os.path.join(_ipc_directory(), uuid.uuid4().hex[:12]))
         super().__init__(**kwargs)
 

@@ -73,10 +73,11 @@ KERNEL_DIED = "Kernel died before replying to kernel_info"
 def started_twice(start: Callable[[], T]) -> T:
     """``start()``, once more if its kernel died before its first reply.
 
-    jupyter_client picks a kernel's ports by binding them and letting them go; with many kernels and
-    servers starting at once (the test suite's workers), another process can take one before the
+    jupyter_client picks a kernel's TCP ports by binding them and letting them go; with many kernels
+    and servers starting at once (the test suite's workers), another process can take one before the
     kernel binds it (``ZMQError: Address already in use`` in the kernel's log). A fresh start picks
-    fresh ports. Any other error, and a second failure, are raised.
+    fresh ports. Kernels from ``support.kernels`` use IPC files instead where Unix sockets exist, so
+    this matters where they cannot (Windows). Any other error, and a second failure, are raised.
     """
     try:
         return start()

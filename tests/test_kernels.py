@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 
 import nbformat
+import pytest
 
 from support import kernels
 
 
+@pytest.mark.notebooks
 def test_a_kernel_runs_over_ipc_files_and_leaves_none_behind() -> None:
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
     client = kernels.notebook_client(nb, timeout=60)
