@@ -104,8 +104,12 @@ def job_queue(name: str, *, abort_wait: float = 0.1) -> CourseQueue:
     return CourseQueue(redis_client(), name=name, abort_wait=abort_wait)
 
 
-async def finished_job(queue: RedisQueue, key: str, timeout: float = 5.0) -> Job:
+async def finished_job(queue: RedisQueue, key: str, timeout: float = 30.0) -> Job:
     """Wait until the job ``key`` has finished (complete, failed or aborted); returns the job.
+
+    ``timeout`` is generous: it is reached only when something is wrong, and a busy machine (the test
+    suite's workers beside the kernel) once took over 15 s to recover from chapter 2's crash, which
+    takes about 2.5 s on an idle one.
 
     It polls the job in Redis. SAQ's ``job.refresh(until_complete=...)`` waits on pub/sub instead,
     which lagged about half a second behind on the embedded Redis. Raises ``TimeoutError``.

@@ -144,7 +144,7 @@ def test_a_killed_workers_job_with_default_retries_is_aborted_by_the_sweep_not_r
     async def outcome() -> list:
         queue = job_queue(QUEUE)
         await queue.connect()
-        finished = [await finished_job(queue, job.key, 15) for job in jobs]
+        finished = [await finished_job(queue, job.key, 60) for job in jobs]
         await queue.disconnect()
         return finished
 
