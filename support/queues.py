@@ -48,11 +48,15 @@ __all__ = ["CourseQueue", "finished_job", "job_queue", "start_worker"]
 
 
 class CourseQueue(RedisQueue):
-    """SAQ's Redis queue, working on fakeredis too, with a configurable sweep abort wait."""
+    """SAQ's Redis queue, working on fakeredis too, with a configurable sweep abort wait.
 
-    def __init__(self, *args: Any, abort_wait: float = 0.1, **kwargs: Any) -> None:
+    ``sweeps=False`` makes its ``sweep`` do nothing: a worker on it never sweeps.
+    """
+
+    def __init__(self, *args: Any, abort_wait: float = 0.1, sweeps: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.abort_wait = abort_wait
+        self.sweeps = sweeps
 
     async def version(self) -> tuple[int, ...]:
         if redis_url() is None:
@@ -60,6 +64,8 @@ class CourseQueue(RedisQueue):
         return await super().version()
 
     async def sweep(self, lock: int = 60, abort: float | None = None) -> list[str]:
+        if not self.sweeps:
+            return []
         return await super().sweep(lock, abort=self.abort_wait if abort is None else abort)
 
     async def dequeue(self, timeout: float = 0.0, poll_interval: float = 0.0) -> Job | None:
@@ -95,21 +101,30 @@ def _drop_blocked_command(sock: Any) -> None:
             sock._db.wake_all()
 
 
-def job_queue(name: str, *, abort_wait: float = 0.1) -> CourseQueue:
+def job_queue(name: str, *, abort_wait: float = 0.1, sweeps: bool = True) -> CourseQueue:
     """A SAQ queue called ``name`` on the course's Redis, for the event loop that uses it.
 
     Create one per event loop (the app's lifespan, the notebook, each worker): they share the jobs
     through Redis. ``await queue.connect()`` before use and ``await queue.disconnect()`` after.
     """
-    return CourseQueue(redis_client(), name=name, abort_wait=abort_wait)
+    return CourseQueue(redis_client(), name=name, abort_wait=abort_wait, sweeps=sweeps)
+
+
+async def _whereabouts(queue: RedisQueue, key: str) -> str:
+    """Which of the queue's lists holds job ``key``: a job in none while marked active is lost."""
+    job_id = queue.job_id(key)
+    for name, where in (("active", queue._active), ("queued", queue._queued)):
+        listed = await queue.redis.lrange(where, 0, -1)
+        if job_id in {x.decode() if isinstance(x, bytes) else x for x in listed}:
+            return f"in the queue's {name} list"
+    return "in neither the queued nor the active list (no sweep will find it)"
 
 
 async def finished_job(queue: RedisQueue, key: str, timeout: float = 30.0) -> Job:
     """Wait until the job ``key`` has finished (complete, failed or aborted); returns the job.
 
-    ``timeout`` is generous: it is reached only when something is wrong, and a busy machine (the test
-    suite's workers beside the kernel) once took over 15 s to recover from chapter 2's crash, which
-    takes about 2.5 s on an idle one.
+    ``timeout`` is generous, so that a slow machine does not reach it: a job that has not finished
+    by then is lost or stuck, and the error says where the job is (in which of the queue's lists).
 
     It polls the job in Redis. SAQ's ``job.refresh(until_complete=...)`` waits on pub/sub instead,
     which lagged about half a second behind on the embedded Redis. Raises ``TimeoutError``.
@@ -118,7 +133,7 @@ async def finished_job(queue: RedisQueue, key: str, timeout: float = 30.0) -> Jo
     while (job := await queue.job(key)) is None or job.status not in TERMINAL_STATUSES:
         if time.perf_counter() > deadline:
             state = "missing" if job is None else f"still {job.status.value}"
-            raise TimeoutError(f"job {key} {state} after {timeout} s")
+            raise TimeoutError(f"job {key} {state} after {timeout} s, {await _whereabouts(queue, key)}")
         await asyncio.sleep(0.02)
     return job
 
@@ -128,7 +143,7 @@ def start_worker(
     functions: Iterable[Callable[..., Any]],
     *,
     concurrency: int = 10,
-    sweep_every: int = 60,
+    sweep_every: int | None = 60,
     name: str | None = None,
     **worker_options: Any,
 ) -> BackgroundLoop:
@@ -140,6 +155,9 @@ def start_worker(
     that a live worker has just taken and not yet marked active, and run it a second time (SAQ
     issues #124 and #277): with frequent sweeps, expect duplicates, and make jobs idempotent. A
     sweep also locks out the other workers' sweeps of the queue for ``sweep_every`` seconds.
+    ``sweep_every=None``: this worker never sweeps (a worker about to be crashed on purpose: a sweep of
+    its own that met a job it was just taking could leave that job marked active in none of the
+    queue's lists, where no later sweep finds it).
     Other keyword arguments go to ``saq.Worker``. The handle's ``stop()`` shuts the worker down as
     SIGTERM would: SAQ cancels the jobs in progress (after ``shutdown_grace_period_s``, if given) and
     puts them back on the queue, whatever their ``retries``. ``kill()`` crashes it: a job in progress
@@ -151,9 +169,9 @@ def start_worker(
     functions = list(functions)
 
     async def main() -> None:
-        queue = job_queue(queue_name)
+        queue = job_queue(queue_name, sweeps=sweep_every is not None)
         await queue.connect()
-        timers = {"sweep": sweep_every, "schedule": 1, "abort": 1}
+        timers = {"sweep": sweep_every or 60, "schedule": 1, "abort": 1}
         timers.update(worker_options.pop("timers", {}))
         worker = Worker(queue, functions=functions, concurrency=concurrency, timers=timers, **worker_options)
         worker.SIGNALS = ()  # type: ignore[misc]  # signal handlers belong to the main thread

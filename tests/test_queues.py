@@ -91,7 +91,7 @@ def test_a_flaky_job_is_retried_until_it_succeeds() -> None:
 
 
 def test_jobs_of_a_killed_worker_are_run_again_by_the_next_one() -> None:
-    first = start_worker(QUEUE, [slow], name="first", sweep_every=1)
+    first = start_worker(QUEUE, [slow], name="first", sweep_every=None)  # crashed on purpose: no sweeps
 
     async def enqueue() -> list:
         queue = job_queue(QUEUE)
@@ -124,7 +124,7 @@ def test_jobs_of_a_killed_worker_are_run_again_by_the_next_one() -> None:
 def test_a_killed_workers_job_with_default_retries_is_aborted_by_the_sweep_not_run_again() -> None:
     # SAQ's sweep re-queues a stuck job only `if job.retryable` (retries > attempts); `retries`
     # defaults to 1, so the one attempt the dead worker started was the job's last.
-    first = start_worker(QUEUE, [slow], name="first", sweep_every=1)
+    first = start_worker(QUEUE, [slow], name="first", sweep_every=None)  # crashed on purpose: no sweeps
 
     async def enqueue() -> list:
         queue = job_queue(QUEUE)
@@ -200,5 +200,22 @@ def test_finished_job_says_what_it_was_waiting_for() -> None:
         finally:
             await queue.disconnect()
 
-    with pytest.raises(TimeoutError, match=r"job .* still queued after 0\.1 s"):
+    with pytest.raises(TimeoutError, match=r"job .* still queued after 0\.1 s, in the queue's queued list"):
         asyncio.run(scenario())
+
+
+def test_a_queue_without_sweeps_leaves_a_stuck_job_to_the_others() -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        quiet, sweeping = job_queue(QUEUE, sweeps=False), job_queue(QUEUE)
+        await quiet.connect()
+        await sweeping.connect()
+        try:
+            await quiet.enqueue("slow", name="stuck")
+            await quiet.redis.lmove(quiet._queued, quiet._active, "RIGHT", "LEFT")  # as a dequeue leaves it
+            return await quiet.sweep(1), await sweeping.sweep(1)
+        finally:
+            await quiet.disconnect()
+            await sweeping.disconnect()
+
+    ignored, swept = asyncio.run(scenario())
+    assert ignored == [] and len(swept) == 1
