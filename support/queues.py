@@ -111,12 +111,18 @@ def job_queue(name: str, *, abort_wait: float = 0.1, sweeps: bool = True) -> Cou
 
 
 async def _whereabouts(queue: RedisQueue, key: str) -> str:
-    """Which of the queue's lists holds job ``key``: a job in none while marked active is lost."""
+    """Where job ``key`` is: in the queue's active or queued list, or only in its incomplete set (waiting
+    for a retry's delay or a scheduled time). A job marked active or aborting in none of them is lost."""
     job_id = queue.job_id(key)
-    for name, where in (("active", queue._active), ("queued", queue._queued)):
-        listed = await queue.redis.lrange(where, 0, -1)
+    async with queue.redis.pipeline(transaction=True) as pipe:  # one snapshot: a job may move meanwhile
+        active, queued, incomplete = await (
+            pipe.lrange(queue._active, 0, -1).lrange(queue._queued, 0, -1).zscore(queue._incomplete, job_id)
+        ).execute()
+    for name, listed in (("active", active), ("queued", queued)):
         if job_id in {x.decode() if isinstance(x, bytes) else x for x in listed}:
             return f"in the queue's {name} list"
+    if incomplete is not None:
+        return "waiting in the queue's incomplete set (a retry's delay, or a scheduled time)"
     return "in neither the queued nor the active list (no sweep will find it)"
 
 
@@ -156,8 +162,8 @@ def start_worker(
     issues #124 and #277): with frequent sweeps, expect duplicates, and make jobs idempotent. A
     sweep also locks out the other workers' sweeps of the queue for ``sweep_every`` seconds.
     ``sweep_every=None``: this worker never sweeps (a worker about to be crashed on purpose: a sweep of
-    its own that met a job it was just taking could leave that job marked active in none of the
-    queue's lists, where no later sweep finds it).
+    its own that met a job it was just taking could leave that job marked active or aborting in none
+    of the queue's lists, where no later sweep finds it).
     Other keyword arguments go to ``saq.Worker``. The handle's ``stop()`` shuts the worker down as
     SIGTERM would: SAQ cancels the jobs in progress (after ``shutdown_grace_period_s``, if given) and
     puts them back on the queue, whatever their ``retries``. ``kill()`` crashes it: a job in progress
