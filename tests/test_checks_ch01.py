@@ -1137,3 +1137,15 @@ def test_1_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None
         forget_answers()
         out = rejected(capsys, check_blocking_sdk, finder("right"), fixed_app("unchanged"), ShippingClient)
     assert "client._quote_request, origin, destination, weight_kg" in out
+
+
+@pytest.mark.parametrize(("variant", "late"), [("right", True), ("no-subtract", False)])
+def test_1_2_an_idle_run_as_late_as_a_counted_sleep_is_asked_again_with_longer_sleeps(
+    variant: str, late: bool
+) -> None:
+    """A busy machine once kept the idle loop 46 ms late, beside the heartbeat: as late as a probe
+    that counts its 50 ms sleeps reads. Sleeps of 0.2 s tell the two apart (asked on this idle loop)."""
+    busy_run = ch01._ProbeRun(value=0.046, worst_beat=0.045)  # what the heartbeat saw too
+    assert ch01._late_by_the_machine(lag_probe(variant), busy_run) is late
+    quiet_run = ch01._ProbeRun(value=0.046, worst_beat=0.002)  # the heartbeat was on time: no excuse
+    assert ch01._late_by_the_machine(lag_probe("right"), quiet_run) is False

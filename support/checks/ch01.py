@@ -553,6 +553,7 @@ _SMALL_INTERVAL = 0.01
 _SMALL_STALL_AT = 0.1
 _SMALL_DURATION = 0.3
 _SMALL_RANGE = (0.02, 0.15)  # the lag is at least stall − interval (0.03 s) whatever the phase
+_WIDE_INTERVAL = 0.2  # an idle run asked again with longer sleeps (see _late_by_the_machine)
 
 
 @dataclass
@@ -820,7 +821,25 @@ def _check_probe_awaits(runs: dict[str, _ProbeRun]) -> None:
     )
 
 
-def _check_probe_idle(runs: dict[str, _ProbeRun]) -> None:
+def _late_by_the_machine(probe: Callable[..., Any], run: _ProbeRun, busy: float = 0.0) -> bool:
+    """The idle loop really was late, by about what the probe reported: the heartbeat beside it saw as
+    much. Up to 0.8 of the interval that settles it. Later than that, a probe that counts its 50 ms
+    sleeps as lag would read the same on a busy machine, so the run is asked again with 0.2 s sleeps:
+    such a probe then reads 0.2 s or more, a right one still reads what the machine kept it waiting
+    (a run beside eight test workers read 0.046 s, with the heartbeat as late)."""
+    if not _measured_by_heartbeat(run):
+        return False
+    if run.value < 0.8 * _INTERVAL:
+        return True
+    wide = _quietest(lambda: _run_probe(probe, _IDLE_DURATION, interval=_WIDE_INTERVAL, busy=busy))
+    return (
+        isinstance(wide.value, int | float)
+        and _measured_by_heartbeat(wide)
+        and wide.value < 0.8 * _WIDE_INTERVAL
+    )
+
+
+def _check_probe_idle(probe: Callable[..., Any], runs: dict[str, _ProbeRun]) -> None:
     run = runs["idle"]
     value = run.value
     if 0.8 * _INTERVAL <= value <= _INTERVAL + 0.04 and not _measured_by_heartbeat(run):
@@ -842,16 +861,15 @@ def _check_probe_idle(runs: dict[str, _ProbeRun]) -> None:
                 "Return the worst lag as it came out of the subtraction, without `* 1000`.",
             ],
         )
-    busy_machine = _measured_by_heartbeat(run) and value < 0.8 * _INTERVAL  # the loop was late that long
     expect(
-        value < _IDLE_MAX or busy_machine,
+        value < _IDLE_MAX or _late_by_the_machine(probe, run),
         f"less than {_IDLE_MAX} s on an idle loop",
         f"{value:.3f} s"
         + (
             f", though a heartbeat task on the same loop was never more than {run.worst_beat * 1000:.0f} ms "
             "late"
             if not _measured_by_heartbeat(run)
-            else ""
+            else f" (with sleeps of {_WIDE_INTERVAL} s too, asked because the machine was busy)"
         ),
         "On an idle loop every wake-up comes within a millisecond or two of the time asked.",
         "Measure each wake-up: `lag = loop.time() - asked`, where `asked = loop.time() + interval` "
@@ -888,7 +906,7 @@ def _check_probe_busy_threads(probe: Callable[..., Any], runs: dict[str, _ProbeR
             ],
         )
     expect(
-        value < _IDLE_MAX or (_measured_by_heartbeat(run) and value < 0.8 * _INTERVAL),
+        value < _IDLE_MAX or _late_by_the_machine(probe, run, busy=_BUSY),
         expected,
         f"{value:.3f} s",
         "On an idle loop every wake-up comes within a millisecond or two of the time asked, "
@@ -1096,7 +1114,8 @@ def check_loop_lag_probe(max_loop_lag: Callable[..., Awaitable[float]]) -> None:
     Each run is measured again (up to 4 times, 3 for the long ones) while the heartbeat was held up
     more than the check's own stalls account for, or while the probe's code seemed to hold the loop
     (a probe that blocks does so in two runs in a row); the quietest run counts. An idle lag that the
-    heartbeat measured too (a busy machine) is no fault of the probe.
+    heartbeat measured too (a busy machine) is no fault of the probe; one as late as 0.8 of the
+    interval or more is asked again with 0.2 s sleeps, where a probe counting its sleeps reads 0.2 s.
     """
     with exercise("1.2", "Write a loop-lag probe", SOLUTION) as ex:
         runs: dict[str, _ProbeRun] = {}
@@ -1110,7 +1129,10 @@ def check_loop_lag_probe(max_loop_lag: Callable[..., Awaitable[float]]) -> None:
             lambda: _check_probe_awaits(runs),
         ):
             return
-        ex.step(f"an idle loop shows less than {_IDLE_MAX} s of lag", lambda: _check_probe_idle(runs))
+        ex.step(
+            f"an idle loop shows less than {_IDLE_MAX} s of lag",
+            lambda: _check_probe_idle(max_loop_lag, runs),
+        )
         ex.step(
             f"an idle loop whose worker threads are all busy still shows less than {_IDLE_MAX} s: "
             "the probe measures the loop, not a thread pool",
