@@ -270,10 +270,12 @@ def lag_probe(variant: str) -> Any:
                 await asyncio.sleep(0)
             elif variant == "to_thread":  # "sleeps without blocking the loop", in a worker thread
                 await asyncio.to_thread(time.sleep, interval)
+            elif variant == "fixed-sleep":  # counts the sleep as lag, and sleeps 50 ms whatever it is asked
+                await asyncio.sleep(0.05)
             else:
                 await asyncio.sleep(interval)
             lag = loop.time() - before
-            lags.append(lag if variant == "no-subtract" else lag - interval)
+            lags.append(lag if variant in ("no-subtract", "fixed-sleep") else lag - interval)
             if variant == "one-sample":
                 break
         if variant == "mean":
@@ -1139,13 +1141,23 @@ def test_1_4_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None
     assert "client._quote_request, origin, destination, weight_kg" in out
 
 
-@pytest.mark.parametrize(("variant", "late"), [("right", True), ("no-subtract", False)])
+@pytest.mark.parametrize(
+    ("variant", "late"), [("right", True), ("no-subtract", False), ("fixed-sleep", False)]
+)
 def test_1_2_an_idle_run_as_late_as_a_counted_sleep_is_asked_again_with_longer_sleeps(
     variant: str, late: bool
 ) -> None:
     """A busy machine once kept the idle loop 46 ms late, beside the heartbeat: as late as a probe
-    that counts its 50 ms sleeps reads. Sleeps of 0.2 s tell the two apart (asked on this idle loop)."""
+    that counts its 50 ms sleeps reads. Sleeps of 0.2 s tell them apart (asked on this idle loop): such
+    a probe reads 0.2 s or more, or, if it sleeps 50 ms whatever it is asked, waits too often."""
     busy_run = ch01._ProbeRun(value=0.046, worst_beat=0.045)  # what the heartbeat saw too
-    assert ch01._late_by_the_machine(lag_probe(variant), busy_run) is late
-    quiet_run = ch01._ProbeRun(value=0.046, worst_beat=0.002)  # the heartbeat was on time: no excuse
-    assert ch01._late_by_the_machine(lag_probe("right"), quiet_run) is False
+    verdict, note = ch01._late_by_the_machine(lag_probe(variant), busy_run)
+    assert verdict is late, note
+    assert "asked again with `interval=0.2`" in note
+
+
+def test_1_2_an_idle_run_the_heartbeat_saw_on_time_has_no_excuse() -> None:
+    quiet_run = ch01._ProbeRun(value=0.046, worst_beat=0.002)
+    assert ch01._late_by_the_machine(lag_probe("right"), quiet_run) == (False, "")
+    slightly_late = ch01._ProbeRun(value=0.035, worst_beat=0.03)  # under 0.8 of the interval: no new run
+    assert ch01._late_by_the_machine(lag_probe("no-subtract"), slightly_late) == (True, "")
