@@ -175,3 +175,45 @@ def test_progress_line_is_plain_text_and_ends_as_a_summary(monkeypatch: pytest.M
     assert all(options.get("raw") is True for _, _, options in shown)
     assert shown[0][1] == {"text/plain": "blocking call: 14/40 requests · 1.5 s"}
     assert shown[-1][1] == {"text/plain": "blocking call: 40 requests in 2.4 s"}
+
+
+async def _closes_idle_connections(method: str, partial: bool = False) -> support.LoadResult:
+    """A raw server that answers each connection's first request, then reads the second and closes the
+    connection (after part of an answer, if ``partial``): a keep-alive timer firing as it arrives."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await reader.readuntil(b"\r\n\r\n")
+            if partial:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the load generator closed it first, or the server is closing
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await support.load(f"http://127.0.0.1:{port}", "/", requests=4, concurrency=1, method=method)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_an_idempotent_request_on_a_connection_closed_under_it_is_sent_again() -> None:
+    result = run(_closes_idle_connections("GET"))
+    # each connection answers one request: every request after the first meets a closed connection
+    assert result.statuses == {200: 4} and result.errors == {}
+    assert [r.retried for r in result.records] == [False, True, True, True] and result.retried == 3
+    assert "(3 sent again on a new connection)" in str(result)
+
+
+def test_a_post_or_a_half_answered_request_is_not_sent_again() -> None:
+    post = run(_closes_idle_connections("POST"))
+    assert post.retried == 0
+    assert post.errors["connection closed by the server before answering"] == 2  # requests 1 and 3
+    half = run(_closes_idle_connections("GET", partial=True))
+    assert half.retried == 0 and half.errors["connection closed by the server"] == 2

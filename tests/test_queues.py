@@ -219,3 +219,29 @@ def test_a_queue_without_sweeps_leaves_a_stuck_job_to_the_others() -> None:
 
     ignored, swept = asyncio.run(scenario())
     assert ignored == [] and len(swept) == 1
+
+
+@pytest.mark.parametrize("sweep_every, sweeps", [(None, False), (1, True)])
+def test_start_worker_hands_its_queue_sweeps_only_when_it_sweeps(monkeypatch, sweep_every, sweeps) -> None:
+    made: list[bool] = []
+
+    def spy(name: str, **options):
+        queue = job_queue(name, **options)
+        made.append(queue.sweeps)
+        return queue
+
+    monkeypatch.setattr("support.queues.job_queue", spy)
+    worker = start_worker(QUEUE, [slow], name="spied", sweep_every=sweep_every)
+    try:
+        deadline = time.monotonic() + 10
+        while not made and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+    assert made == [sweeps]
+
+
+@pytest.mark.parametrize("sweep_every", [0, -1])
+def test_start_worker_refuses_a_sweep_interval_that_is_not_above_zero(sweep_every) -> None:
+    with pytest.raises(ValueError, match="above 0, or None"):
+        start_worker(QUEUE, [slow], name="refused", sweep_every=sweep_every)
