@@ -23,7 +23,6 @@ import httptools
 
 __all__ = ["LoadResult", "RequestRecord", "load"]
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})  # RFC 9110, 9.2.2
 PathSpec = str | Callable[[int], str]
 HeaderSpec = Mapping[str, str] | Callable[[int], Mapping[str, str]] | None
 
@@ -32,8 +31,7 @@ HeaderSpec = Mapping[str, str] | Callable[[int], Mapping[str, str]] | None
 class RequestRecord:
     """One request: when it started and ended (seconds since the run's start), and how it went.
 
-    ``status`` is the HTTP status, or 0 when no response came (``error`` says why). ``retried``: the
-    keep-alive connection it was sent on turned out closed, so it was sent again on a new one.
+    ``status`` is the HTTP status, or 0 when no response came (``error`` says why).
     """
 
     index: int
@@ -42,7 +40,6 @@ class RequestRecord:
     status: int
     error: str | None = None
     body: bytes = b""
-    retried: bool = False
 
     @property
     def latency(self) -> float:
@@ -77,11 +74,6 @@ class LoadResult:
     @property
     def errors(self) -> Counter[str]:
         return Counter(r.error for r in self.records if r.error)
-
-    @property
-    def retried(self) -> int:
-        """How many requests were sent again on a new connection (see ``load``)."""
-        return sum(r.retried for r in self.records)
 
     @property
     def ok(self) -> int:
@@ -133,8 +125,7 @@ class LoadResult:
 
     def _status_text(self) -> str:
         parts = [f"{n}×{'error' if code == 0 else code}" for code, n in sorted(self.statuses.items())]
-        retried = f" ({self.retried} sent again on a new connection)" if self.retried else ""
-        return ", ".join(parts) + retried
+        return ", ".join(parts)
 
     def __str__(self) -> str:
         s = self.summary()
@@ -162,11 +153,6 @@ class LoadResult:
         return f"<b>{self.label}</b><table><tr>{head}</tr><tr>{body}</tr></table>"
 
 
-class StaleConnection(ConnectionError):
-    """The server closed a keep-alive connection that had served a response before, and sent nothing
-    of this request's response: it closed the idle connection as the request went out."""
-
-
 class _Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection; ``request()`` sends bytes and awaits one response."""
 
@@ -176,15 +162,12 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[tuple[int, bytes, bool]] | None = None
         self.body = bytearray()
         self.closed = False
-        self.responses = 0  # complete responses read on this connection
-        self.received = False  # a byte of the pending request's response has arrived
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -192,17 +175,13 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.responses and not self.received:
-            self._fail(StaleConnection("connection closed by the server before answering"))
-        else:
-            self._fail(ConnectionError("connection closed by the server"))
+        self._fail(ConnectionError("connection closed by the server"))
 
     # httptools callbacks
     def on_body(self, body: bytes) -> None:
         self.body += body
 
     def on_message_complete(self) -> None:
-        self.responses += 1
         if self.waiter is not None and not self.waiter.done():
             status = self.parser.get_status_code()
             self.waiter.set_result((status, bytes(self.body), self.parser.should_keep_alive()))
@@ -216,7 +195,6 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self.body.clear()
-        self.received = False
         self.waiter = waiter = loop.create_future()
         timer = loop.call_later(timeout, self._fail, TimeoutError(f"no response within {timeout} s"))
         self.transport.write(data)
@@ -299,10 +277,7 @@ async def load(
     at most every ``interval`` seconds (a probe: ``concurrency=1, interval=0.01``).
 
     Connections are opened before the clock starts, like a warm connection pool; a request's latency
-    runs from writing its first byte to reading its response's last byte. A server may close an idle
-    keep-alive connection just as a request goes out on it; an idempotent request (GET, PUT, DELETE …)
-    that got no byte of an answer is then sent once more on a new connection, as browsers and HTTP
-    libraries do (RFC 9110, 9.2.2), its latency counted from the first try (``LoadResult.retried``).
+    runs from writing its first byte to reading its response's last byte.
     """
     base = urlsplit(getattr(url, "url", url))
     if base.scheme != "http" or not base.hostname:
@@ -329,7 +304,6 @@ async def load(
         return _request_bytes(method.upper(), host_header, prefix + p + query, h, body)
 
     fixed = None if callable(path) or callable(headers) else build(0)
-    idempotent = method.upper() in IDEMPOTENT
     loop = asyncio.get_running_loop()
 
     opened: list[_Connection] = []
@@ -362,26 +336,16 @@ async def load(
                 next_start = max(next_start, time.perf_counter() - t0) + interval
             data = fixed if fixed is not None else build(i)
             start = time.perf_counter()
-            status, error, payload, keep_alive, retried = 0, None, b"", False, False
+            status, error, payload, keep_alive = 0, None, b"", False
             try:
                 if conn is None or conn.closed:
                     conn = await connect()
-                try:
-                    status, payload, keep_alive = await conn.request(data, timeout)
-                except StaleConnection:
-                    if not idempotent:
-                        raise
-                    retried = True
-                    conn = await connect()
-                    left = timeout - (time.perf_counter() - start)
-                    status, payload, keep_alive = await conn.request(data, max(left, 0.001))
+                status, payload, keep_alive = await conn.request(data, timeout)
             except OSError as exc:  # ConnectionError and TimeoutError are OSErrors
                 error = str(exc) or type(exc).__name__
             end = time.perf_counter()
             records.append(
-                RequestRecord(
-                    i, start - t0, end - t0, status, error, payload if keep_bodies else b"", retried
-                )
+                RequestRecord(i, start - t0, end - t0, status, error, payload if keep_bodies else b"")
             )
             if not keep_alive and conn is not None:
                 conn.close()

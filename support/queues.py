@@ -171,9 +171,15 @@ def start_worker(
     attempts so far, else finished as ABORTED ("swept"), which is what happens to a job enqueued
     with the default ``retries=1``.
     """
-    if sweep_every is not None and not sweep_every > 0:
+    # Without sweeps, SAQ's upkeep still calls the queue's sweep every 60 s, which then does nothing.
+    timers = {"sweep": sweep_every or 60, "schedule": 1, "abort": 1}
+    timers.update(worker_options.pop("timers", {}))
+    if (sweep_every is not None and not sweep_every > 0) or not all(
+        seconds > 0 for seconds in timers.values()
+    ):
         raise ValueError(
-            f"sweep_every is a number of seconds above 0, or None for no sweeps; got {sweep_every!r}"
+            f"sweep_every is a number of seconds above 0, or None for no sweeps, and every timer is above 0; "
+            f"got sweep_every={sweep_every!r}, timers={timers!r}"
         )
     key = name or caller_key()
     functions = list(functions)
@@ -181,8 +187,6 @@ def start_worker(
     async def main() -> None:
         queue = job_queue(queue_name, sweeps=sweep_every is not None)
         await queue.connect()
-        timers = {"sweep": sweep_every or 60, "schedule": 1, "abort": 1}  # 60: never used without sweeps
-        timers.update(worker_options.pop("timers", {}))
         worker = Worker(queue, functions=functions, concurrency=concurrency, timers=timers, **worker_options)
         worker.SIGNALS = ()  # type: ignore[misc]  # signal handlers belong to the main thread
         try:

@@ -241,7 +241,9 @@ def test_start_worker_hands_its_queue_sweeps_only_when_it_sweeps(monkeypatch, sw
     assert made == [sweeps]
 
 
-@pytest.mark.parametrize("sweep_every", [0, -1])
-def test_start_worker_refuses_a_sweep_interval_that_is_not_above_zero(sweep_every) -> None:
+@pytest.mark.parametrize(
+    ("sweep_every", "timers"), [(0, {}), (-1, {}), (60, {"sweep": 0}), (60, {"abort": 0})]
+)
+def test_start_worker_refuses_a_sweep_interval_or_timer_that_is_not_above_zero(sweep_every, timers) -> None:
     with pytest.raises(ValueError, match="above 0, or None"):
-        start_worker(QUEUE, [slow], name="refused", sweep_every=sweep_every)
+        start_worker(QUEUE, [slow], name="refused", sweep_every=sweep_every, timers=timers)
