@@ -246,6 +246,19 @@ def test_1_1_hints_get_more_specific(capsys: pytest.CaptureFixture[str]) -> None
 # ---------------------------------------------------------------------------------------------------
 
 
+def _lag_probe_step(variant: str, interval: float, left: float) -> float:
+    """How long ``lag_probe(variant)`` sleeps at a time, measuring the lag against that."""
+    if variant == "finer":  # "finer than asked catches shorter stalls"
+        return 0.01
+    if variant == "fixed-step":  # 50 ms whatever it is asked, the lag measured right
+        return 0.05
+    if variant == "at-most-50ms":  # "longer sleeps miss short stalls"
+        return min(interval, 0.05)
+    if variant == "trimmed":  # right: the last sleep ends at the deadline
+        return max(min(interval, left), 0.001)
+    return interval
+
+
 def lag_probe(variant: str) -> Any:
     """``max_loop_lag`` as a learner might write it."""
 
@@ -265,6 +278,7 @@ def lag_probe(variant: str) -> Any:
             or (variant not in ("count", "fits") and loop.time() < deadline)
         ):
             before = loop.time()
+            step = _lag_probe_step(variant, interval, deadline - before)
             if variant == "time.sleep":
                 time.sleep(interval)
                 await asyncio.sleep(0)
@@ -273,9 +287,11 @@ def lag_probe(variant: str) -> Any:
             elif variant == "fixed-sleep":  # counts the sleep as lag, and sleeps 50 ms whatever it is asked
                 await asyncio.sleep(0.05)
             else:
-                await asyncio.sleep(interval)
+                await asyncio.sleep(step)
             lag = loop.time() - before
-            lags.append(lag if variant in ("no-subtract", "fixed-sleep") else lag - interval)
+            if variant == "fixed-reference":  # "the interval is 0.05 s": right only at the default
+                step = 0.05
+            lags.append(lag if variant in ("no-subtract", "fixed-sleep") else lag - step)
             if variant == "one-sample":
                 break
         if variant == "mean":
@@ -290,6 +306,8 @@ def lag_probe(variant: str) -> Any:
             return max(lags) * 1000
         if variant == "fits":
             return max(lags, default=0.0)
+        if variant == "capped":  # "a wake-up more than three intervals late is an outlier"
+            return max(min(lag, 3 * interval) for lag in lags)
         if variant == "rounded":  # "sub-100 ms jitter is noise"
             return round(max(lags), 1)
         if variant == "error":
@@ -317,7 +335,7 @@ def test_1_2_worst_lag_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "  ✅ passed: a loop blocked three times for 0.2 s shows a worst lag of about 0.2 s\n" in out
     assert "  ✅ passed: an idle loop whose worker threads are all busy still shows less than 0.03 s" in out
     assert "  ✅ passed: a short stall (0.04 s, with `interval=0.01`) shows too" in out
-    assert out.endswith("Exercise 1.2: passed ✅ (9 of 9 checks)\n")
+    assert out.endswith("Exercise 1.2: passed ✅ (11 of 11 checks)\n")
 
 
 def test_1_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> None:
@@ -333,56 +351,58 @@ def test_1_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
             "mean",
             "a loop blocked three times for 0.2 s shows a worst lag of about 0.2 s",
             "far less than one stall; the stalls were averaged with the on-time wake-ups",
-            6,
+            8,
         ),
         (
             "sum",
             "a loop blocked three times for 0.2 s shows a worst lag of about 0.2 s",
             "more than the longest stall (0.2 s): the lags were added up",
-            8,
+            10,
         ),
         (
             "no-subtract",
             "an idle loop shows less than 0.03 s of lag",
             "about the interval itself (0.05 s): the sleep was counted as lag",
-            7,
+            8,
         ),
         (
             "ms",
             "an idle loop shows less than 0.03 s of lag",
             "a thousand times too much for an idle loop; milliseconds, not seconds?",
-            3,
+            4,
         ),
         (
             "one-sample",
             "it stops after `duration` (1.3 s), however late the loop wakes it",
             "it returned after 0.0",
-            5,
+            7,
         ),
         (
             "count",
             "it stops after `duration` (1.3 s), however late the loop wakes it",
             "it kept sleeping past `duration`, about as long as the stalls added",
-            8,
+            10,
         ),
         (
             "p95",
-            "a loop blocked once for 0.2 s among on-time wake-ups shows a worst lag of about 0.2 s",
-            "the single stall was dropped, though three stalls showed: a percentile",
-            7,
+            "a loop blocked once for 0.2 s among on-time wake-ups (`interval=0.01`) shows a worst lag of "
+            "about 0.2 s",
+            "the single stall was dropped or cut short, though three stalls showed with 0.05 s sleeps: a "
+            "percentile",
+            9,
         ),
         (
             "fits",
             "a duration (0.03 s) shorter than the interval still measures: a 0.2 s stall shows",
             "it returned before `duration` had passed, so the stall went unseen",
-            8,
+            10,
         ),
         (
             "rounded",
             "a short stall (0.04 s, with `interval=0.01`) shows too: a worst lag of about 0.03–0.04 s",
             "s for the 0.2 s stalls: your probe rounds the lag to 1 decimal place, so a lag of tens of "
             "milliseconds reads as 0 s, or as 0.1 s, never as what it was",
-            8,
+            10,
         ),
         (
             "to_thread",
@@ -390,7 +410,7 @@ def test_1_2_placeholder_is_not_started(capsys: pytest.CaptureFixture[str]) -> N
             "measures the loop, not a thread pool",
             "your probe slept in a worker thread, so it waited for a free one first: it measured the "
             "queue of the loop's thread pool, not the loop",
-            8,
+            9,
         ),
     ],
 )
@@ -406,7 +426,59 @@ def test_1_2_wrong_measures_are_named(
         # up over 0.5 s (sum). Each idle step that fails besides the named one is one pass fewer.
         idle_steps = ("an idle loop shows less than 0.03 s of lag", "an idle loop whose worker threads")
         passing -= sum(f"  ❌ not yet: {idle}" in out for idle in idle_steps if not step.startswith(idle))
-    assert out.endswith(f"Exercise 1.2: not yet — {passing} of 9 checks pass")
+    assert out.endswith(f"Exercise 1.2: not yet — {passing} of 11 checks pass")
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected", "seen"),
+    [
+        ("finer", "max_loop_lag(0.5, 0.05) to sleep `interval` (0.05 s) each time", "sleeps of 0.01 s"),
+        ("fixed-step", "max_loop_lag(0.7, 0.01) to sleep `interval` (0.01 s) each time", "sleeps of 0.05 s"),
+        ("at-most-50ms", "max_loop_lag(0.5, 0.2) to sleep `interval` (0.2 s) each time", "sleeps of 0.05 s"),
+        (
+            "to_thread",
+            "max_loop_lag(0.5, 0.05) to `await asyncio.sleep(interval)`",
+            "no `asyncio.sleep` on that loop",
+        ),
+    ],
+)
+def test_1_2_a_probe_that_does_not_sleep_interval_on_the_loop_is_rejected(
+    variant: str, expected: str, seen: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = rejected(capsys, check_loop_lag_probe, lag_probe(variant))
+    assert (
+        "  ❌ not yet: it sleeps `interval` each time, with `asyncio.sleep` on the loop it measures\n" in out
+    )
+    assert f"expected: {expected}" in out
+    assert re.search(rf"seen: +(\d+ )?{re.escape(seen)}", out), out
+
+
+def test_1_2_a_lag_capped_at_a_few_intervals_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    out = rejected(capsys, check_loop_lag_probe, lag_probe("capped"))
+    assert "  ❌ not yet: a loop blocked once for 0.2 s among on-time wake-ups (`interval=0.01`)" in out
+    assert "the single stall was dropped or cut short" in out
+    assert out.endswith("Exercise 1.2: not yet — 10 of 11 checks pass")
+
+
+def test_1_2_a_last_sleep_cut_to_the_deadline_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    check_loop_lag_probe(lag_probe("trimmed"))
+    assert capsys.readouterr().out.endswith("Exercise 1.2: passed ✅ (11 of 11 checks)\n")
+
+
+def test_1_2_sleeps_are_seen_only_on_a_loop_whose_call_later_can_be_wrapped() -> None:
+    """The check notes the probe's sleeps by wrapping the loop's ``call_later``; where it cannot (a loop
+    whose attributes are read-only), the sleeps are not judged, rather than every probe rejected."""
+
+    class Sealed:
+        __slots__ = ()
+
+        def call_later(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - never called
+            raise AssertionError
+
+    run = ch01._ProbeRun()
+    with ch01._sleeps_watched(Sealed(), run, besides=None):  # type: ignore[arg-type]
+        pass
+    assert run.sleeps is None
 
 
 @pytest.mark.parametrize("variant", ["time.sleep", "never-awaits", "calibrate"])
@@ -1161,3 +1233,88 @@ def test_1_2_an_idle_run_the_heartbeat_saw_on_time_has_no_excuse() -> None:
     assert ch01._late_by_the_machine(lag_probe("right"), quiet_run) == (False, "")
     slightly_late = ch01._ProbeRun(value=0.035, worst_beat=0.03)  # under 0.8 of the interval: no new run
     assert ch01._late_by_the_machine(lag_probe("no-subtract"), slightly_late) == (True, "")
+
+
+@pytest.mark.parametrize(
+    "run_loop", [asyncio.run, pytest.importorskip("uvloop").run], ids=["asyncio", "uvloop"]
+)
+def test_1_2_the_probes_sleeps_are_seen_on_asyncio_and_uvloop_loops(run_loop: Any) -> None:
+    async def main() -> list[float] | None:
+        heartbeat = asyncio.create_task(asyncio.sleep(0.05))
+        run = ch01._ProbeRun()
+        with ch01._sleeps_watched(asyncio.get_running_loop(), run, besides=heartbeat):
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+        await heartbeat  # its sleep is not the probe's
+        return run.sleeps
+
+    assert run_loop(main()) == [0.01, 0.01, 0.01]
+
+
+def test_1_2_a_lag_measured_against_a_fixed_time_shows_with_longer_sleeps(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = rejected(capsys, check_loop_lag_probe, lag_probe("fixed-reference"))
+    assert "  ❌ not yet: with `interval=0.2` too, an idle loop shows less than 0.03 s of lag\n" in out
+    assert "the lag depends on the interval, so it is measured against another time than the one asked" in out
+
+
+@pytest.mark.parametrize(("sleeps", "fit"), [(26, False), (24, False), (18, True), (12, True)])
+def test_1_2_sleeps_that_outlast_duration_beside_the_stalls_are_a_count(sleeps: int, fit: bool) -> None:
+    """1.3 s with three 0.2 s stalls: a probe watching the clock sleeps 0.05 s at most 18 times (each
+    stall makes one wake-up at least 0.15 s late), on any machine; a count sleeps 26 times. At most
+    1.1 s of sleeps pass."""
+    run = ch01._ProbeRun(value=0.2, sleeps=[0.05] * sleeps)
+    if fit:
+        ch01._expect_sleeps_fit(run)
+    else:
+        with pytest.raises(ch01.Mismatch, match=f"{sleeps} sleeps, .* it counted its sleeps"):
+            ch01._expect_sleeps_fit(run)
+
+
+def test_1_2_a_lag_above_the_range_is_accepted_only_as_late_as_the_heartbeat() -> None:
+    assert ch01._within(ch01._ProbeRun(value=0.157, worst_beat=0.15), 0.02, 0.15)  # a busy machine
+    assert not ch01._within(ch01._ProbeRun(value=0.157, worst_beat=0.04), 0.02, 0.15)  # the probe
+    assert not ch01._within(ch01._ProbeRun(value=0.01, worst_beat=0.15), 0.02, 0.15)  # below: never
+
+
+def test_1_2_a_sampling_task_timed_by_one_sleep_of_duration_passes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async def max_loop_lag(duration: float, interval: float = 0.05) -> float:
+        loop = asyncio.get_running_loop()
+        worst, stop = 0.0, False
+
+        async def sample() -> None:
+            nonlocal worst
+            while True:
+                asked = loop.time() + interval
+                await asyncio.sleep(interval)
+                worst = max(worst, loop.time() - asked)
+                if stop:
+                    return
+
+        sampler = asyncio.create_task(sample())
+        await asyncio.sleep(duration)  # the whole run's timer, beside the samples
+        stop = True
+        await sampler
+        return worst
+
+    check_loop_lag_probe(max_loop_lag)
+    assert capsys.readouterr().out.endswith("Exercise 1.2: passed ✅ (11 of 11 checks)\n")
+
+
+def test_1_2_sleeps_are_not_judged_where_asyncio_sleep_was_never_seen() -> None:
+    """A Python whose ``asyncio.sleep`` set its timer another way would show no sleep at all, the
+    heartbeat's included: the sleeps are then not judged, rather than every probe rejected."""
+
+    async def main() -> list[float] | None:
+        run = ch01._ProbeRun()
+        loop = asyncio.get_running_loop()
+        with ch01._sleeps_watched(loop, run, besides=None):  # type: ignore[arg-type]
+            waiter = loop.create_future()
+            loop.call_later(0.01, waiter.set_result, None)  # a wait, not through asyncio.sleep
+            await waiter
+        return run.sleeps
+
+    assert asyncio.run(main()) is None
