@@ -284,6 +284,8 @@ async def load(
         raise ValueError(f"load() needs an http:// URL or a server handle, got {url!r}")
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be at least 1")
+    if method.upper() == "HEAD":  # its answer announces a body it never sends: the parser would wait for it
+        raise ValueError("load() does not send HEAD requests; measure the GET of the same path")
     concurrency = min(concurrency, requests)
     host, port = base.hostname, base.port or 80
     prefix = base.path.rstrip("/")

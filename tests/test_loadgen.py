@@ -129,6 +129,8 @@ def test_bad_arguments_are_refused() -> None:
         run(support.load("localhost:8000", "/"))
     with pytest.raises(ValueError, match="at least 1"):
         run(support.load("http://127.0.0.1:9", "/", requests=0))
+    with pytest.raises(ValueError, match="does not send HEAD"):
+        run(support.load("http://127.0.0.1:9", "/", method="head"))
 
 
 def test_summary_and_display(server: support.Server) -> None:
