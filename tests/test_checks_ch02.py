@@ -731,9 +731,9 @@ def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
             return {"job_id": job_id, "queued": True}
         if variant == "qsize-guard" and queue.qsize() > QUEUE_SIZE:  # one off: QUEUE_SIZE + 1 wait
             raise HTTPException(503, "queue full", headers={"Retry-After": retry_after})
-        if variant == "wait-for":  # waits up to a second for room before refusing
+        if variant in ("wait-for", "wait-briefly"):  # waits up to a second (or 50 ms) for room, then refuses
             try:
-                await asyncio.wait_for(queue.put(job_id), timeout=1.0)
+                await asyncio.wait_for(queue.put(job_id), timeout=1.0 if variant == "wait-for" else 0.05)
             except TimeoutError:
                 raise HTTPException(503, "queue full", headers={"Retry-After": retry_after}) from None
             return {"job_id": job_id, "queued": True}
@@ -833,13 +833,24 @@ def test_2_3_a_429_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
 def test_2_3_waiting_a_while_for_room_before_a_503_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     # wait_for(put, 1.0): every answer within 1.5 s, but a refusal only after a second of waiting
     out = rejected(capsys, check_bounded_queue, *jobs_answer("wait-for"))
+    flat = " ".join(out.split())  # as wrapped for any width
     assert (
-        "❌ not yet: while the queue stays full, a refusal comes at once (faster than a 0.1 s job)\n"
-        "       expected: a refusal at once: faster than one job takes (0.1 s), with no wait for room\n"
-    ) in out
+        "❌ not yet: while the queue stays full, a refusal comes at once, with no wait for room "
+        "expected: a refusal at once, with no wait for room (no `await queue.put(…)` on the full queue)"
+    ) in flat
     assert re.search(
-        r"seen:     the fastest of 3 refusals, sent while the queue stayed full, took 1\.\d\d s", out
+        r"seen: 3 `await queue.put\(…\)` on the full queue ended before the answers to the 3 requests "
+        r"sent while it stayed full, the fastest of which took 1\.\d\d s",
+        flat,
     )
+    assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
+
+
+def test_2_3_a_brief_wait_for_room_is_seen_however_short(capsys: pytest.CaptureFixture[str]) -> None:
+    """50 ms of waiting is within any timing backstop; the queue's own record of the wait catches it."""
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("wait-briefly"))
+    flat = " ".join(out.split())
+    assert re.search(r"seen: 3 `await queue.put\(…\)` on the full queue ended before the answers", flat)
     assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
 
 

@@ -1,8 +1,9 @@
 """Checks for chapter 2's exercises: background task processing.
 
 Each check counts what happened rather than timing it: which request ID each queued job worked for,
-how many emails the provider sent, how many requests a full queue accepted and refused; the one
-timing (a refusal faster than one job) is taken while the queue is held full, fastest of three. Where a
+how many emails the provider sent, how many requests a full queue accepted and refused, whether a
+refusal awaited room on the full queue (with one timing as a backstop: the fastest of three refusals
+within the time a full queue takes to drain). Where a
 race is the point (Exercise 2.2), the check makes it happen rather than hoping for it: its Redis
 client takes a millisecond per command, as a Redis across a network does, so a read followed by a
 write leaves room for another job in between; it expires a claim mid-send and lets another copy
@@ -1374,23 +1375,35 @@ _RETRY_AFTER_MAX = (
 )
 _JOB_SECONDS = 0.1  # the consumer's time per job, as the exercise gives it
 _PROBES = 3
+_REFUSED_WITHIN = 5 * _JOB_SECONDS  # a backstop for waits the queue does not see: a full queue's drain
 
 
 class _Pause:
     """Holds the app's consumers back (their next ``queue.get()`` waits), so a full queue stays full;
     and notes each job put on the queue (``put`` goes through ``put_nowait``), with whether the
-    consumers were held back then, and the most jobs waiting just after a put, until ``stop``."""
+    consumers were held back then, the most jobs waiting just after a put, and how many ``put`` calls
+    met a full queue (they wait for room), until ``stop``."""
 
     def __init__(self, queue: Any) -> None:
         self.queue, self.go = queue, threading.Event()
         self.put: list[tuple[Any, bool]] = []  # (job, put while the consumers were held back)
         self.most_waiting = 0
-        get, put_nowait, store = type(queue).get, type(queue).put_nowait, type(queue)._put
+        self.waits_for_room: list[float] = []  # when each `await queue.put(…)` begun on a full queue ended
+        get, put, put_nowait = type(queue).get, type(queue).put, type(queue).put_nowait
+        store = type(queue)._put
 
         async def held_get() -> Any:
             while not self.go.is_set():
                 await asyncio.sleep(0.01)
             return await get(queue)
+
+        async def noted_put(item: Any) -> None:
+            if not queue.full():
+                return await put(queue, item)
+            try:
+                return await put(queue, item)
+            finally:  # done, or given up (a timeout around it): either way it waited for room
+                self.waits_for_room.append(time.perf_counter())
 
         def noted_put_nowait(item: Any) -> None:
             put_nowait(queue, item)  # raises QueueFull: nothing put
@@ -1400,7 +1413,12 @@ class _Pause:
             store(queue, item)
             self.most_waiting = max(self.most_waiting, queue.qsize())
 
-        queue.get, queue.put_nowait, queue._put = held_get, noted_put_nowait, counted_put
+        queue.get, queue.put, queue.put_nowait, queue._put = (
+            held_get,
+            noted_put,
+            noted_put_nowait,
+            counted_put,
+        )
 
     def release(self) -> None:
         self.go.set()
@@ -1409,6 +1427,8 @@ class _Pause:
 
     def stop(self) -> None:
         self.release()
+        with contextlib.suppress(AttributeError):
+            del self.queue.put
         with contextlib.suppress(AttributeError):
             del self.queue.put_nowait
         with contextlib.suppress(AttributeError):
@@ -1606,7 +1626,10 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
     )
 
 
-def _check_refused_at_once(server: Server, spike: _Spike) -> None:
+def _check_refused_at_once(server: Server, spike: _Spike, pause: _Pause) -> None:
+    """The probes are refused without waiting for room: no ``queue.put`` awaited on the full queue (the
+    mechanism, whatever the machine), and the fastest refusal within 0.5 s (a backstop for waits the
+    queue does not see, such as polling ``full()``; a loaded machine once took 0.21 s for a right one)."""
     # The spike can end with one slot free (a consumer took its job after the last answer came):
     # fill the queue one request at a time until a 503, so that the probes meet a full queue.
     for n in range(4):
@@ -1617,6 +1640,8 @@ def _check_refused_at_once(server: Server, spike: _Spike) -> None:
         if answer.status == 503:
             break
     probes = [f"probe-{i}" for i in range(_PROBES)]
+    pause.waits_for_room.clear()
+    sent = time.perf_counter()
     answers = in_fresh_loop(lambda: _post_jobs(server, probes), timeout=10, name="check-2.3-probes")
     taken = [a for a in answers if 200 <= a.status < 300]
     expect(
@@ -1626,12 +1651,21 @@ def _check_refused_at_once(server: Server, spike: _Spike) -> None:
         "Refuse when the queue is full: `queue.put_nowait(job_id)` raises `asyncio.QueueFull`.",
     )
     fastest = min(a.latency if a.status else _ANSWER_WITHIN for a in answers)
+    # a wait that ended before the last answer held a request (a put still waiting after it, in a task
+    # of its own, held none: that answer is judged by what happens to its job)
+    answered = time.perf_counter()  # every answer is in
+    waited = sum(sent <= ended <= answered for ended in list(pause.waits_for_room))
     expect(
-        fastest < _JOB_SECONDS,
-        f"a refusal at once: faster than one job takes ({_JOB_SECONDS:g} s), with no wait for room",
-        f"the fastest of {_PROBES} refusals, sent while the queue stayed full, took {fastest:.2f} s: the "
-        "endpoint waited for room before refusing, holding the client (and a request's worth of the "
-        "server) exactly when the server is overloaded",
+        not waited and fastest < _REFUSED_WITHIN,
+        "a refusal at once, with no wait for room (no `await queue.put(…)` on the full queue)",
+        (
+            f"{waited} `await queue.put(…)` on the full queue ended before the answers to the {_PROBES} "
+            f"requests sent while it stayed full, the fastest of which took {fastest:.2f} s"
+            if waited
+            else f"the fastest of {_PROBES} refusals, sent while the queue stayed full, took {fastest:.2f} s"
+        )
+        + ": the endpoint waited for room before refusing, holding the client (and a request's worth of "
+        "the server) exactly when the server is overloaded",
         "A full queue is the answer: refuse then, and let `Retry-After` say when to come back.",
         "`queue.put_nowait(job_id)` raises `asyncio.QueueFull` at once; no `wait_for` around `put`.",
     )
@@ -1735,10 +1769,11 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
     (their next ``queue.get()`` waits, so the queue stays full), a spike of 30
     ``POST /jobs/{job_id}`` at once: every request answered within 1.5 s and none with 500; some
     accepted (2xx), at most ``queue_size + consumers``; the rest 503, each with ``Retry-After`` in
-    whole seconds from 1 to 10; 3 more requests, sent while the queue is still full, refused faster
-    than one 0.1 s job (no wait for room). No refused job may have entered the queue (counted as each
-    is put, while the consumers are held back). Released, the consumers must process every accepted
-    job (``processed`` lists the job ids done), once, and no refused one.
+    whole seconds from 1 to 10; 3 more requests, sent while the queue is still full, refused without
+    awaiting ``queue.put`` on it, the fastest within 0.5 s (no wait for room). No refused job may have
+    entered the queue (counted as each is put, while the consumers are held back). Released, the
+    consumers must process every accepted job (``processed`` lists the job ids done), once, and no
+    refused one.
     """
     with exercise("2.3", "Bound a queue with a proper 503", SOLUTION) as ex:
 
@@ -1797,9 +1832,8 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
                     return
                 if pause is not None:
                     ex.step(
-                        f"while the queue stays full, a refusal comes at once (faster than a "
-                        f"{_JOB_SECONDS:g} s job)",
-                        lambda: _check_refused_at_once(server, spike),
+                        "while the queue stays full, a refusal comes at once, with no wait for room",
+                        lambda: _check_refused_at_once(server, spike, pause),
                     )
                 ex.step(
                     f"every 503 carries Retry-After: whole seconds, at least 1, at most {_RETRY_AFTER_MAX}",
