@@ -3,7 +3,7 @@
 Each check counts what happened rather than timing it: which request ID each queued job worked for,
 how many emails the provider sent, how many requests a full queue accepted and refused, whether a
 refusal awaited room on the full queue (with one timing as a backstop: the fastest of three refusals
-within the time a full queue takes to drain). Where a
+no slower than a request for a missing path sent beside them, plus one job). Where a
 race is the point (Exercise 2.2), the check makes it happen rather than hoping for it: its Redis
 client takes a millisecond per command, as a Redis across a network does, so a read followed by a
 write leaves room for another job in between; it expires a claim mid-send and lets another copy
@@ -1382,8 +1382,8 @@ _REFUSED_WITHIN = 0.5  # the slowest a refusal may be, however slow the machine
 class _Pause:
     """Holds the app's consumers back (their next ``queue.get()`` waits), so a full queue stays full;
     and notes each job put on the queue (``put`` goes through ``put_nowait``), with whether the
-    consumers were held back then, the most jobs waiting just after a put, and how many ``put`` calls
-    met a full queue (they wait for room), until ``stop``."""
+    consumers were held back then, the most jobs waiting just after a put, and when each wait of a
+    ``put`` on the full queue ended (``waits_for_room``), until ``stop``."""
 
     def __init__(self, queue: Any) -> None:
         self.queue, self.go = queue, threading.Event()
@@ -1639,8 +1639,9 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
 
 def _check_refused_at_once(server: Server, spike: _Spike, pause: _Pause) -> None:
     """The probes are refused without waiting for room: no ``queue.put`` awaited on the full queue (the
-    mechanism, whatever the machine), and the fastest refusal within 0.5 s (a backstop for waits the
-    queue does not see, such as polling ``full()``; a loaded machine once took 0.21 s for a right one)."""
+    mechanism, whatever the machine), and the fastest refusal no slower than a request for a missing
+    path sent beside the probes, plus one job, 0.5 s at most (a backstop for waits the queue does not
+    see, such as polling ``full()``; a loaded machine once took 0.21 s for a right one)."""
     # The spike can end with one slot free (a consumer took its job after the last answer came):
     # fill the queue one request at a time until a 503, so that the probes meet a full queue.
     for n in range(4):
@@ -1791,7 +1792,8 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
     ``POST /jobs/{job_id}`` at once: every request answered within 1.5 s and none with 500; some
     accepted (2xx), at most ``queue_size + consumers``; the rest 503, each with ``Retry-After`` in
     whole seconds from 1 to 10; 3 more requests, sent while the queue is still full, refused without
-    awaiting ``queue.put`` on it, the fastest within 0.5 s (no wait for room). No refused job may have
+    awaiting ``queue.put`` on it, the fastest no slower than a request for a missing path sent beside
+    them plus 0.1 s, and within 0.5 s (no wait for room). No refused job may have
     entered the queue (counted as each is put, while the consumers are held back). Released, the
     consumers must process every accepted job (``processed`` lists the job ids done), once, and no
     refused one.
