@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 
 import support
 import support.checks
+import support.checks.ch02 as ch02
 from support.checks import forget_answers, placeholder_message
 from support.checks.ch02 import (
     check_async_exports,
@@ -1378,16 +1379,27 @@ def test_2_4_an_unknown_id_not_404_is_rejected(
     assert out.endswith("Exercise 2.4: not yet — 8 of 9 checks pass")
 
 
-def test_2_4_waiting_a_moment_for_the_build_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
-    # enqueued, then up to 0.5 s waiting for the job to finish: within the 1 s budget, but not at once
+@pytest.mark.parametrize("budget", [None, 0.4])
+def test_2_4_waiting_a_moment_for_the_build_is_rejected(
+    budget: float | None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enqueued, then up to 0.5 s waiting for the job to finish: within the 1 s budget, but not at once.
+    The listening is named whether the POSTs answered in time or not: with a budget of 0.4 s (what a
+    loaded machine does to the 1 s one) they all time out, and the cause is still the wait."""
+    if budget is not None:
+        monkeypatch.setattr(ch02, "_POST_WITHIN", budget)
     out = rejected(capsys, check_async_exports, *exports_answer("wait-briefly"))
-    assert (
-        "       expected: each POST answered as soon as its export is on the queue: the 202 says accepted, "
-        "not built\n"
-        "       seen:     8 of 8 POSTs waited for their job to finish before answering (listening for its "
-        "status, as `job.refresh(until_complete=…)` does)"
-    ) in out
-    assert out.endswith("Exercise 2.4: not yet — 1 of 2 checks pass")
+    # all 8 listen (a machine too busy to reach the wait before the client gives up may show fewer)
+    assert re.search(
+        r"       expected: each POST answered as soon as its export is on the queue: the 202 says accepted, "
+        r"not built\n"
+        r"       seen:     [1-8] of 8 POSTs waited for their job to finish before answering \(listening for "
+        r"its status, as `job\.refresh\(until_complete=…\)` does\)",
+        out,
+    ), out
+    if budget is not None:  # none answered (each waits 0.65 s or more): no "up to" a wait's length
+        assert "beyond their queue calls" not in out, out
+    assert out.endswith("Exercise 2.4: not yet — 1 of 2 checks pass"), out
 
 
 def test_2_4_an_enqueue_left_to_a_task_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
