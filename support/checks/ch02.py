@@ -1899,6 +1899,7 @@ _CALL_2_4 = "Call the check as `check_async_exports(reports_app, run_export, EXP
 _STATES = ("queued", "running", "done", "failed")
 _SLOTS = 4  # the check's worker builds at most this many exports at once
 _POST_WITHIN = 1.0  # each POST answered within this, while every build is held back
+_SETTLE_WITHIN = 2.0  # after POSTs got no answer in time, how long the check waits to see why
 _STARTED_WITHIN = 3.0
 _BUILD_SECONDS_2_4 = 0.1  # a build's time once the check lets it go (the notebook's takes 0.5 s)
 _HELD_AT_MOST = 15.0  # a build held back longer than this goes on anyway: nothing waits for ever
@@ -2232,6 +2233,17 @@ class _Traced:
             self.stalls.leave()
             _TRACE.reset(token)
 
+    def settle(self, within: float) -> None:
+        """From the check's thread: wait up to ``within`` s for the POSTs still listening for their job to
+        answer (their waits run out); after 0.3 s, not for POSTs doing anything else (one that awaits its
+        held-back build never answers)."""
+        start = time.monotonic()
+        while (now := time.monotonic()) < start + within:
+            pending = [t for t in self.traces if t.answered is None]
+            if not pending or (now > start + 0.3 and not any(t.listened for t in pending)):
+                return
+            time.sleep(0.02)
+
     def waited(self, trace: _PostTrace) -> float:
         """A POST's time in the endpoint beyond its queue calls and the moments the server could not run."""
         if trace.answered is None:
@@ -2431,8 +2443,10 @@ def _check_posts(server: Server, run: _ExportsRun) -> None:
     run.posts = {e.label: a for e, a in zip(_SENT, answers, strict=True)}
     statuses = [a.status for a in answers]
     late = [e for e, a in zip(_SENT, answers, strict=True) if a.status == 0]
-    if late and run.served is not None and (listened := _listened(run.served)):
-        raise listened  # the cause, whichever POSTs it made late on a slow machine
+    if late and run.served is not None:
+        run.served.settle(_SETTLE_WITHIN)  # the late POSTs go on: see what they were waiting for
+        if listened := _listened(run.served, late=len(late)):
+            raise listened  # the cause, whichever POSTs it made late on a slow machine
     if late:
         inline = [b for b in run.warehouse.builds if not b.thread.startswith("worker:")]
         raise Mismatch(
@@ -2523,19 +2537,20 @@ def _at_once_hints() -> list[str]:
     ]
 
 
-def _listened(served: _Traced) -> Mismatch | None:
+def _listened(served: _Traced, late: int = 0) -> Mismatch | None:
     """The failure of POSTs that listened for their job to change state before answering, if any did:
     counted over every POST, answered in time or not (on a slow machine the wait can outlast the
-    client's)."""
+    client's: ``late`` of them got no answer in time)."""
     listened = [t for t in served.traces if t.listened]
     if not listened:
         return None
     waits = [served.waited(t) for t in listened if t.answered is not None]
     return Mismatch(
         "each POST answered as soon as its export is on the queue: the 202 says accepted, not built",
-        f"{len(listened)} of {len(served.traces)} POSTs waited for their job to finish before answering "
+        f"{len(listened)} of {len(_SENT)} POSTs waited for their job to finish before answering "
         "(listening for its status, as `job.refresh(until_complete=…)` does)"
         + (f", up to {max(waits):.2f} s beyond their queue calls" if waits else "")
+        + (f", and {late} got no answer within {_POST_WITHIN:g} s" if late else "")
         + ": the check held every build back, so each waited until its wait ran out. Every client is held "
         "that long, and what it gets depends on how fast the build was",
         _at_once_hints(),
