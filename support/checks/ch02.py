@@ -1390,6 +1390,7 @@ class _Pause:
         self.put: list[tuple[Any, bool]] = []  # (job, put while the consumers were held back)
         self.most_waiting = 0
         self.waits_for_room: list[float] = []  # when each wait of a `put` on the full queue ended
+        self.stored: list[Any] = []  # every job that entered the queue, in order
         get, put_nowait, store = type(queue).get, type(queue).put_nowait, type(queue)._put
         noted = self.waits_for_room
 
@@ -1413,6 +1414,7 @@ class _Pause:
 
         def counted_put(item: Any) -> None:  # every put ends here, whatever the way in
             store(queue, item)
+            self.stored.append(item)
             self.most_waiting = max(self.most_waiting, queue.qsize())
 
         queue.get, queue.put_nowait, queue._put = held_get, noted_put_nowait, counted_put
@@ -1430,6 +1432,95 @@ class _Pause:
         self.queue._putters = collections.deque(self.queue._putters)
         with contextlib.suppress(AttributeError):
             del self.queue._put
+
+
+@dataclass
+class _JobTrace:
+    """One ``POST /jobs/{job}`` as the served app handled it."""
+
+    job: str
+    status: int | None = None  # set when its response started
+    queued_first: bool | None = None  # for a 2xx: whether its job was on the queue by then
+    timers: list[float] = field(default_factory=list)  # delays of the timers set before it answered
+
+
+_JOB_TRACE: contextvars.ContextVar[_JobTrace | None] = contextvars.ContextVar("check_2_3_job", default=None)
+
+
+class _Watched:
+    """The app as check 2.3 serves it the second time: each ``POST /jobs/{job}`` runs with a
+    ``_JobTrace`` in ``_JOB_TRACE`` (which tasks it creates inherit), noting its status, for a 2xx
+    whether its job was already on the queue (``queued``, once the check can tell), and every timer its
+    code set on the event loop before the response started: a sleep, a timeout around a wait
+    (``wait_for``, ``asyncio.timeout``, anyio's scopes), ``asyncio.wait(timeout=…)``. An endpoint that
+    refuses at once sets none, whatever the machine."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.traces: list[_JobTrace] = []
+        self.queued: Callable[[str], bool] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = str(scope.get("path", ""))
+        if scope.get("type") != "http" or scope.get("method") != "POST" or not path.startswith("/jobs/"):
+            await self.app(scope, receive, send)
+            return
+        self._watch(asyncio.get_running_loop())
+        trace = _JobTrace(path.removeprefix("/jobs/"))
+        self.traces.append(trace)
+
+        async def traced_send(message: dict[str, Any]) -> None:
+            if message.get("type") == "http.response.start" and trace.status is None:
+                trace.status = int(message.get("status", 0))
+                if 200 <= trace.status < 300 and self.queued is not None:
+                    trace.queued_first = self.queued(trace.job)
+            await send(message)
+
+        token = _JOB_TRACE.set(trace)
+        try:
+            await self.app(scope, receive, traced_send)
+        finally:
+            _JOB_TRACE.reset(token)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Note the timers set on ``loop`` (``call_at``, and ``call_later`` where it does not go
+        through it) from a request's context before it answers."""
+        if self._loop is loop:
+            return
+        self.unwatch()
+        self._loop = loop
+        for name in ("call_later", "call_at"):
+            original = getattr(loop, name)
+
+            def noting(
+                time_or_delay: float, *args: Any, _original: Any = original, _name: str = name, **kwargs: Any
+            ) -> Any:
+                trace = _JOB_TRACE.get()
+                if trace is not None and trace.status is None:
+                    delay = time_or_delay - loop.time() if _name == "call_at" else time_or_delay
+                    trace.timers.append(float(delay))
+                return _original(time_or_delay, *args, **kwargs)
+
+            with contextlib.suppress(AttributeError, TypeError):  # a loop that takes no attribute
+                setattr(loop, name, noting)
+
+    def unwatch(self) -> None:
+        loop, self._loop = self._loop, None
+        for name in ("call_later", "call_at"):
+            if loop is not None and name in getattr(loop, "__dict__", {}):
+                with contextlib.suppress(AttributeError, TypeError):
+                    delattr(loop, name)
+
+    def timed_refusals(self) -> list[_JobTrace]:
+        """The refusals (answered, not 2xx) whose code set a timer before answering."""
+        return [t for t in self.refusals() if any(delay > 0 for delay in t.timers)]
+
+    def refusals(self) -> list[_JobTrace]:
+        return [t for t in self.traces if t.status is not None and not 200 <= t.status < 300]
+
+    def answered_before_queued(self) -> list[_JobTrace]:
+        return [t for t in self.traces if t.queued_first is False]
 
 
 @dataclass(frozen=True)
@@ -1589,7 +1680,25 @@ def _check_spike_answered(server: Server, processed: list[Any], spike: _Spike) -
         raise Mismatch("no 500 (Internal Server Error)", f"statuses {dict(statuses)}")
 
 
-def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
+def _expect_queued_before_202(spike: _Spike, watched: _Watched | None) -> None:
+    """Each 2xx went out once its job was on the queue (the order of two events on the server's loop)."""
+    early = watched.answered_before_queued() if watched is not None else []
+    expect(
+        not early,
+        "each 202 sent once its job is on the queue (a 202 promises the job is queued)",
+        f"{len(early)} of {len(spike.accepted)} 202s went out before their job was on the queue (e.g. "
+        f"{early[0].job!r}): the put came after the response"
+        if early
+        else "",
+        "Until the put has succeeded, nothing is promised: the queue may fill meanwhile, and the put "
+        "fail after the client was told its job was accepted.",
+        "Put the job on the queue in the endpoint, before returning: `queue.put_nowait(job_id)`, then "
+        "return 202; no BackgroundTasks or task for the put.",
+    )
+
+
+def _check_refused(spike: _Spike, queue_size: int, consumers: int, watched: _Watched | None = None) -> None:
+    _expect_queued_before_202(spike, watched)  # accepted first, queued (or not) later: say so first
     statuses = Counter(a.status for a in spike.answers)
     accepted = len(spike.accepted)
     finished = 0 if spike.paused else spike.processed_by_then
@@ -1637,7 +1746,7 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int) -> None:
     )
 
 
-def _check_refused_at_once(server: Server, spike: _Spike, pause: _Pause) -> None:
+def _check_refused_at_once(server: Server, spike: _Spike, pause: _Pause, watched: _Watched) -> None:
     """The probes are refused without waiting for room: no ``queue.put`` awaited on the full queue (the
     mechanism, whatever the machine), and the fastest refusal no slower than a request for a missing
     path sent beside the probes, plus one job, 0.5 s at most (a backstop for waits the queue does not
@@ -1674,8 +1783,10 @@ def _check_refused_at_once(server: Server, spike: _Spike, pause: _Pause) -> None
     # a backstop for waits the queue does not see (polling `full()`, a sleep then one more try): no slower
     # than a request for a path the app does not have, sent beside them, plus one job; 0.5 s at most
     allowed = min(_REFUSED_WITHIN, max(controls) + _JOB_SECONDS)
+    # any refusal of the spike, the top-ups or the probes whose code set a timer before it answered
+    timed = watched.timed_refusals()
     expect(
-        not waited and fastest <= allowed,
+        not waited and not timed and fastest <= allowed,
         "a refusal at once, with no wait for room (no `await queue.put(…)` on the full queue; the fastest "
         f"of {_PROBES} refusals within {allowed:.2f} s: a request for a path the app does not have, sent "
         f"beside them, took {max(controls):.2f} s, plus {_JOB_SECONDS:g} s)",
@@ -1684,12 +1795,17 @@ def _check_refused_at_once(server: Server, spike: _Spike, pause: _Pause) -> None
             f"requests sent while it stayed full, the fastest of which took {fastest:.2f} s: the endpoint "
             "waited for room"
             if waited
+            else f"{len(timed)} of {len(watched.refusals())} refusals set a timer before answering (e.g. "
+            f"the one of job {timed[0].job!r}, {max(timed[0].timers):.3f} s: a sleep, or a timeout around a "
+            "wait): the endpoint waited before refusing"
+            if timed
             else f"the fastest of {_PROBES} refusals, sent while the queue stayed full, took "
             f"{fastest:.2f} s: the endpoint seems to wait before refusing"
         )
         + ", holding the client (and a request's worth of the server) exactly when the server is overloaded",
         "A full queue is the answer: refuse then, and let `Retry-After` say when to come back.",
-        "`queue.put_nowait(job_id)` raises `asyncio.QueueFull` at once; no `wait_for` around `put`.",
+        "`queue.put_nowait(job_id)` raises `asyncio.QueueFull` at once; no `wait_for` around `put`, no "
+        "sleep, no second try.",
     )
 
 
@@ -1721,7 +1837,10 @@ def _check_retry_after(spike: _Spike) -> None:
     )
 
 
-def _check_all_processed(processed: list[Any], spike: _Spike, queue: Any, pause: _Pause | None) -> None:
+def _check_all_processed(
+    processed: list[Any], spike: _Spike, queue: Any, pause: _Pause | None, watched: _Watched
+) -> None:
+    _expect_queued_before_202(spike, watched)
     accepted = set(spike.accepted)
     _wait_processed(processed, accepted, _PROCESSED_WITHIN)
     done = list(processed)
@@ -1828,20 +1947,29 @@ def check_bounded_queue(app: Any, processed: list[Any], queue_size: int, consume
             ):
                 return
             first_queue = getattr(app.state, "queue", None)
-        with joins_new_threads(), serve_answer(app, "check-2.3", "2.3", _SERVE_FAILED) as server:
-            if not ex.step(
-                "started again (a new server, a new event loop), the app accepts and processes a job",
-                lambda: _check_restarted(server, processed, first_queue, app),
-            ):
-                return
-            queue = getattr(app.state, "queue", None)
-            pause = _Pause(queue) if isinstance(queue, asyncio.Queue) else None
-            spike.paused = pause is not None
-            try:
-                _bounded_queue_steps(ex, server, processed, spike, queue, pause, queue_size, consumers)
-            finally:
+        watched = _Watched(app)
+        try:
+            with joins_new_threads(), serve_answer(watched, "check-2.3", "2.3", _SERVE_FAILED) as server:
+                if not ex.step(
+                    "started again (a new server, a new event loop), the app accepts and processes a job",
+                    lambda: _check_restarted(server, processed, first_queue, app),
+                ):
+                    return
+                queue = getattr(app.state, "queue", None)
+                pause = _Pause(queue) if isinstance(queue, asyncio.Queue) else None
+                spike.paused = pause is not None
                 if pause is not None:
-                    pause.stop()
+                    stored = pause.stored
+                    watched.queued = lambda job: job in stored
+                try:
+                    _bounded_queue_steps(
+                        ex, server, processed, spike, queue, pause, watched, queue_size, consumers
+                    )
+                finally:
+                    if pause is not None:
+                        pause.stop()
+        finally:
+            watched.unwatch()
 
 
 def _bounded_queue_steps(
@@ -1851,6 +1979,7 @@ def _bounded_queue_steps(
     spike: _Spike,
     queue: Any,
     pause: _Pause | None,
+    watched: _Watched,
     queue_size: int,
     consumers: int,
 ) -> None:
@@ -1868,13 +1997,13 @@ def _bounded_queue_steps(
             spike.waiting = pause.most_waiting if pause.most_waiting or not spike.accepted else None
         if not ex.step(
             "once the queue is full, the rest are refused with 503",
-            lambda: _check_refused(spike, queue_size, consumers),
+            lambda: _check_refused(spike, queue_size, consumers, watched),
         ):
             return
         if pause is not None:
             ex.step(
                 "while the queue stays full, a refusal comes at once, with no wait for room",
-                lambda: _check_refused_at_once(server, spike, pause),
+                lambda: _check_refused_at_once(server, spike, pause, watched),
             )
         ex.step(
             f"every 503 carries Retry-After: whole seconds, at least 1, at most {_RETRY_AFTER_MAX}",
@@ -1885,7 +2014,7 @@ def _bounded_queue_steps(
             pause.release()
     ex.step(
         "every accepted job is processed, once, and no refused one",
-        lambda: _check_all_processed(processed, spike, queue, pause),
+        lambda: _check_all_processed(processed, spike, queue, pause, watched),
     )
 
 
