@@ -742,7 +742,9 @@ def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
             "short-sleep",
             "anyio-scope",
             "blocking-sleep",
+            "busy-wait",
             "thread-sleep",
+            "executor-sleep",
             "log-throttle",
             "spawn-sleeper",
         ):
@@ -761,6 +763,14 @@ def jobs_answer(variant: str) -> tuple[FastAPI, list[str], int, int]:
                 import time
 
                 time.sleep(0.02)
+            elif variant == "busy-wait":  # 30 ms of a busy loop on the clock: the whole loop waits
+                deadline = asyncio.get_running_loop().time() + 0.03
+                while asyncio.get_running_loop().time() < deadline:
+                    pass
+            elif variant == "executor-sleep":  # 20 ms of `time.sleep` in the loop's executor (no context)
+                import time
+
+                await asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.02)
             elif variant == "thread-sleep":  # 20 ms of `time.sleep` in a worker thread
                 import time
 
@@ -915,8 +925,8 @@ def test_2_3_waiting_a_while_for_room_before_a_503_is_rejected(capsys: pytest.Ca
     assert (
         "❌ not yet: while the queue stays full, a refusal comes at once, with no wait for room "
         "expected: a refusal at once, with no wait for room: no `await queue.put(…)` on the full queue, no "
-        "sleep or timeout that runs out before the 503, and typically 0.1 s at most in the app from the "
-        "request to its 503"
+        "sleep or timeout that runs out before the 503, no blocking wait that keeps the event loop "
+        "(typically 0.02 s at most), and typically 0.1 s at most in the app from the request to its 503"
     ) in flat
     assert re.search(
         r"seen: 3 `await queue.put\(…\)` on the full queue ended before the answers to the 3 requests "
@@ -1538,6 +1548,7 @@ def test_2_3_a_wait_neither_the_queue_nor_a_timer_shows_is_timed_in_the_app(
         ("anyio-scope", r"a timer of 0\.0[12]\d s"),
         ("blocking-sleep", "`time.sleep` of 0.020 s"),
         ("thread-sleep", "`time.sleep` of 0.020 s"),
+        ("executor-sleep", "`time.sleep` of 0.020 s"),
     ],
 )
 def test_2_3_a_wait_before_a_refusal_is_seen_however_short(
@@ -1565,6 +1576,20 @@ def test_2_3_a_timer_that_does_not_go_off_before_the_refusal_is_no_wait(
     assert capsys.readouterr().out.rstrip().endswith("Exercise 2.3: passed ✅ (8 of 8 checks)")
 
 
+def test_2_3_a_blocking_wait_before_a_refusal_is_seen_as_the_loop_kept(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 30 ms of a busy loop: no timer, no sleep, no put; the loop runs nothing else meanwhile
+    out = rejected(capsys, check_bounded_queue, *jobs_answer("busy-wait"))
+    flat = " ".join(out.split())
+    assert re.search(
+        r"seen: the \d+ refusals each kept the event loop to themselves for 0\.0[3-9]\d s \(the median\) "
+        r"before the 503: a blocking wait",
+        flat,
+    ), out
+    assert out.endswith("Exercise 2.3: not yet — 7 of 8 checks pass")
+
+
 def test_2_3_a_202_sent_before_its_job_is_queued_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     # room checked with full(), the put left to a background task: nothing queued when the 202 goes out
     out = rejected(capsys, check_bounded_queue, *jobs_answer("put-after-response"))
@@ -1584,3 +1609,6 @@ def test_2_3_the_checks_wrappers_leave_the_queue_however_the_check_ends() -> Non
     queue = app.state.queue
     assert not {"get", "put_nowait", "_put"} & set(vars(queue))
     assert type(queue._putters) is collections.deque
+    import time
+
+    assert type(time.sleep).__name__ == "builtin_function_or_method", "time.sleep put back"

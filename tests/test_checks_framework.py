@@ -670,3 +670,20 @@ def test_a_batch_run_fails_on_a_failing_check_and_progress_does_not(tmp_path: Pa
     assert all(o.output_type != "error" for cell in ran.cells for o in cell.outputs)
     assert [r.status for r in progress.read_checks(ran, "99")] == ["not yet"] * 3
     assert [r.status for r in progress.read_checks(copy.deepcopy(batch), "99")] == ["not yet"] * 3
+
+
+def test_joining_new_threads_waits_for_one_listed_but_not_yet_begun() -> None:
+    """A thread pool adding a worker as the block ends: the thread is listed, not yet started, and
+    ``Thread.join`` raises for it; the check waits for it to begin and then for it to end."""
+    import threading
+    import time
+
+    from support.checks.running import joins_new_threads
+
+    worker = threading.Thread(target=time.sleep, args=(0.01,), name="late-worker")
+    begin = threading.Timer(0.05, lambda: (threading._limbo.pop(worker, None), worker.start()))
+    begin.start()  # before the block: not one of its threads
+    with joins_new_threads():
+        threading._limbo[worker] = worker  # as `start()` lists it before it begins
+    assert not worker.is_alive() and worker.ident is not None
+    begin.join()

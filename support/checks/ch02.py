@@ -1381,6 +1381,9 @@ _PROBES = 3
 # a refusal's typical time in the app, from the request to its 503 (the median of all of them): a right
 # answer's is a fraction of a millisecond, and stayed below 5 ms with the machine and the GIL kept busy
 _REFUSED_WITHIN = 0.1
+# … and how long it may keep the event loop to itself from the start (a blocking wait keeps it): a right
+# answer's median was 0.1 ms, idle or with the GIL kept busy
+_LOOP_KEPT_AT_MOST = 0.02
 
 
 class _Pause:
@@ -1445,6 +1448,7 @@ class _JobTrace:
     job: str
     entered: float = field(default_factory=time.perf_counter)  # when the app was called
     answered: float | None = None  # when its response started
+    yielded: float | None = None  # when the event loop first ran something else meanwhile
     status: int | None = None  # … and with which status
     queued_first: bool | None = None  # for a 2xx: whether its job was on the queue by then
     waits: list[tuple[str, float]] = field(default_factory=list)  # (what, seconds), before it answered
@@ -1452,6 +1456,14 @@ class _JobTrace:
     @property
     def in_app(self) -> float | None:
         return None if self.answered is None else self.answered - self.entered
+
+    @property
+    def held(self) -> float | None:
+        """How long it kept the event loop to itself from the start: until it first let something else
+        run, or until it answered."""
+        if self.answered is None:
+            return None
+        return min(self.answered, self.yielded or self.answered) - self.entered
 
 
 _JOB_TRACE: contextvars.ContextVar[_JobTrace | None] = contextvars.ContextVar("check_2_3_job", default=None)
@@ -1469,6 +1481,7 @@ class _Watched:
     and cancelled, or still pending when the response starts, is no wait."""
 
     _TIMERS = ("call_later", "call_at")
+    _WRAPPED = (*_TIMERS, "run_in_executor")
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -1484,9 +1497,15 @@ class _Watched:
         if scope.get("type") != "http" or scope.get("method") != "POST" or not path.startswith("/jobs/"):
             await self.app(scope, receive, send)
             return
-        self._watch(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self._watch(loop)
         trace = _JobTrace(path.removeprefix("/jobs/"))
         self.traces.append(trace)
+
+        def yielded() -> None:  # runs once the request lets the loop go on (or after it answered)
+            trace.yielded = time.perf_counter()
+
+        loop.call_soon(yielded)
 
         async def traced_send(message: dict[str, Any]) -> None:
             if message.get("type") == "http.response.start" and trace.status is None:
@@ -1509,7 +1528,7 @@ class _Watched:
         if self._loop is loop:
             return
         self.unwatch()
-        self._loop, self._saved = loop, {n: vars(loop).get(n, _ABSENT) for n in self._TIMERS}
+        self._loop, self._saved = loop, {n: vars(loop).get(n, _ABSENT) for n in self._WRAPPED}
         for name in self._TIMERS:
             original = getattr(loop, name)
 
@@ -1533,6 +1552,17 @@ class _Watched:
                 self.watching = True
             except (AttributeError, TypeError):  # a loop that takes no attribute: the time backstop only
                 self.watching = False
+        run_in_executor = loop.run_in_executor
+
+        def in_context(executor: Any, func: Any, *args: Any) -> Any:
+            """``run_in_executor`` with the request's context, as ``asyncio.to_thread`` has: its
+            ``time.sleep`` is noted too."""
+            if _JOB_TRACE.get() is None:
+                return run_in_executor(executor, func, *args)
+            return run_in_executor(executor, functools.partial(contextvars.copy_context().run, func, *args))
+
+        with contextlib.suppress(AttributeError, TypeError):
+            loop.run_in_executor = in_context  # type: ignore[method-assign]
         if self._sleep is None:
             self._sleep = sleep = time.sleep
 
@@ -1780,9 +1810,11 @@ def _check_refused(spike: _Spike, queue_size: int, consumers: int, watched: _Wat
 def _check_refused_at_once(server: Server, spike: _Spike, pause: _Pause, watched: _Watched) -> None:
     """The refusals, of the spike and of probes sent while the queue stays full, come without waiting:
     no ``queue.put`` awaited on the full queue, no timer from their code that went off before the 503,
-    no ``time.sleep`` (mechanisms, whatever the machine); and, as a backstop for waits none of these
-    show (polling ``full()`` with ``sleep(0)``, a busy loop), their median time in the app from the
-    request to its 503 within ``_REFUSED_WITHIN``, timed on the server (a client's latency depends on the
+    no ``time.sleep`` (mechanisms, whatever the machine); no blocking wait: the median time a refusal
+    keeps the event loop to itself from its start within ``_LOOP_KEPT_AT_MOST`` (a busy loop,
+    ``threading.Event.wait``; a thread hop lets the loop go on); and, as a backstop for waits none of
+    these show (polling ``full()`` with ``sleep(0)``), their median time in the app from the request to
+    its 503 within ``_REFUSED_WITHIN``, timed on the server (a client's latency depends on the
     machine: on a loaded one a right answer's probes took 0.39 s, their time in the app 0.1 ms)."""
     # The spike can end with one slot free (a consumer took its job after the last answer came):
     # fill the queue one request at a time until a 503, so that the probes meet a full queue.
@@ -1811,11 +1843,13 @@ def _check_refused_at_once(server: Server, spike: _Spike, pause: _Pause, watched
     slow = watched.waited_refusals()
     in_app = [t.in_app for t in watched.refusals() if t.in_app is not None]
     typical = statistics.median(in_app) if in_app else 0.0
+    held = statistics.median(t.held or 0.0 for t in watched.refusals()) if in_app else 0.0
     expect(
-        not waited and not slow and typical <= _REFUSED_WITHIN,
+        not waited and not slow and held <= _LOOP_KEPT_AT_MOST and typical <= _REFUSED_WITHIN,
         "a refusal at once, with no wait for room: no `await queue.put(…)` on the full queue, no sleep or "
-        f"timeout that runs out before the 503, and typically {_REFUSED_WITHIN:g} s at most in the app "
-        "from the request to its 503",
+        "timeout that runs out before the 503, no blocking wait that keeps the event loop (typically "
+        f"{_LOOP_KEPT_AT_MOST:g} s at most), and typically {_REFUSED_WITHIN:g} s at most in the app from the "
+        "request to its 503",
         (
             f"{waited} `await queue.put(…)` on the full queue ended before the answers to the {_PROBES} "
             "requests sent while it stayed full: the endpoint waited for room"
@@ -1823,6 +1857,10 @@ def _check_refused_at_once(server: Server, spike: _Spike, pause: _Pause, watched
             else f"{len(slow)} of {len(in_app)} refusals waited before answering: job {slow[0].job!r} waited "
             f"for {_waits(slow[0])} before its 503"
             if slow
+            else f"the {len(in_app)} refusals each kept the event loop to themselves for {held:.3f} s (the "
+            "median) before the 503: a blocking wait (`time.sleep`, a busy loop, `threading.Event.wait`) "
+            "in an `async def` endpoint, during which the whole server stands still"
+            if held > _LOOP_KEPT_AT_MOST
             else f"the {len(in_app)} refusals spent {typical:.2f} s in the app from the request to the 503 "
             "(the median): the endpoint waits before refusing"
         )

@@ -40,7 +40,20 @@ def joins_new_threads(grace: float = 3.0) -> Iterator[None]:
         deadline = time.monotonic() + grace
         for thread in threading.enumerate():
             if thread not in before and thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+                _join(thread, deadline)
+
+
+def _join(thread: threading.Thread, deadline: float) -> None:
+    """Join ``thread`` until ``deadline``; one that ``start()`` has listed but not yet begun (a thread
+    pool adding a worker at that moment) cannot be joined yet: wait for it to begin."""
+    while True:
+        try:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            return
+        except RuntimeError:  # "cannot join thread before it is started"
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.001)
 
 
 def run_in_fresh_loop(main: Callable[[], Awaitable[T]], *, timeout: float, name: str) -> T:
