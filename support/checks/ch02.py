@@ -1448,10 +1448,10 @@ class _JobTrace:
     job: str
     entered: float = field(default_factory=time.perf_counter)  # when the app was called
     answered: float | None = None  # when its response started
-    steps: int = 0  # runs of its own code on the event loop before the response started
-    longest: float = 0.0  # the longest of them, in seconds
     status: int | None = None  # … and with which status
     retry_after: str | None = None  # … and Retry-After
+    steps: int = 0  # runs of its own code on the event loop before the response started (``_Stepped``)
+    longest: float = 0.0  # the longest of them, in seconds
     queued_first: bool | None = None  # for a 2xx: whether its job was on the queue by then
     waits: list[tuple[str, float]] = field(default_factory=list)  # (what, seconds), before it answered
 
@@ -1503,7 +1503,8 @@ class _Watched:
     and each wait it made before its response started: a timer set on the event loop from its context
     that went off before then (a sleep, a timeout around any wait: ``wait_for``, ``asyncio.timeout``,
     anyio's scopes, ``asyncio.wait(timeout=…)``), and each ``time.sleep`` from its context. A timer set
-    and cancelled, or still pending when the response starts, is no wait."""
+    and cancelled, or still pending when the response starts, is no wait. The app is awaited one step
+    at a time (``_Stepped``), so the request's own runs on the loop are counted and timed."""
 
     _TIMERS = ("call_later", "call_at")
     _WRAPPED = (*_TIMERS, "run_in_executor")
@@ -1512,7 +1513,6 @@ class _Watched:
         self.app = app
         self.traces: list[_JobTrace] = []
         self.queued: Callable[[str], bool] | None = None
-        self.watching = False  # whether the loop took the timer wrappers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._saved: dict[str, Any] = {}
         self._sleep: Any = None
@@ -1550,7 +1550,8 @@ class _Watched:
         if self._loop is loop:
             return
         self.unwatch()
-        self._loop, self._saved = loop, {n: vars(loop).get(n, _ABSENT) for n in self._WRAPPED}
+        own = getattr(loop, "__dict__", {})
+        self._loop, self._saved = loop, {n: own.get(n, _ABSENT) for n in self._WRAPPED}
         for name in self._TIMERS:
             original = getattr(loop, name)
 
@@ -1569,11 +1570,8 @@ class _Watched:
                 setattr(fired, _NOTED, True)
                 return _original(at, fired, *rest, **kwargs)
 
-            try:
+            with contextlib.suppress(AttributeError, TypeError):  # a loop that takes no attribute
                 setattr(loop, name, noting)
-                self.watching = True
-            except (AttributeError, TypeError):  # a loop that takes no attribute: the time backstop only
-                self.watching = False
         run_in_executor = loop.run_in_executor
 
         def in_context(executor: Any, func: Any, *args: Any) -> Any:
@@ -1724,15 +1722,12 @@ def _check_restarted(server: Server, processed: list[Any], first_queue: Any, app
     )
 
 
-def _check_spike_answered(
-    server: Server, processed: list[Any], spike: _Spike, watched: _Watched | None = None
-) -> None:
+def _check_spike_answered(server: Server, processed: list[Any], spike: _Spike, watched: _Watched) -> None:
     processed.clear()
     jobs = [f"j-{i:02d}" for i in range(_SPIKE)]
     spike.answers = in_fresh_loop(lambda: _post_jobs(server, jobs), timeout=30, name="check-2.3-spike")
     spike.processed_by_then = len(processed)
-    if watched is not None:
-        spike.answers = _as_served(spike.answers, watched)
+    spike.answers = _as_served(spike.answers, watched)
     statuses = Counter(a.status for a in spike.answers)
     unanswered = statuses.get(0, 0)
     if unanswered:
@@ -1767,9 +1762,9 @@ def _check_spike_answered(
         raise Mismatch("no 500 (Internal Server Error)", f"statuses {dict(statuses)}")
 
 
-def _expect_queued_before_202(spike: _Spike, watched: _Watched | None) -> None:
+def _expect_queued_before_202(spike: _Spike, watched: _Watched) -> None:
     """Each 2xx went out once its job was on the queue (the order of two events on the server's loop)."""
-    early = watched.answered_before_queued() if watched is not None else []
+    early = watched.answered_before_queued()
     expect(
         not early,
         "each 202 sent once its job is on the queue (a 202 promises the job is queued)",
@@ -1806,7 +1801,7 @@ def _as_served(answers: list[_Answer], watched: _Watched) -> list[_Answer]:
     ]
 
 
-def _check_refused(spike: _Spike, queue_size: int, consumers: int, watched: _Watched | None = None) -> None:
+def _check_refused(spike: _Spike, queue_size: int, consumers: int, watched: _Watched) -> None:
     _expect_queued_before_202(spike, watched)  # accepted first, queued (or not) later: say so first
     statuses = Counter(a.status for a in spike.answers)
     accepted = len(spike.accepted)
