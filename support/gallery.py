@@ -14,8 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
-
+from support._nbformat import nbformat
 from support.kernels import notebook_client
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-import nbformat
-
+from support._nbformat import nbformat
 from support.checks import placeholder_message
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,9 @@ import tempfile
 import uuid
 from typing import Any
 
-import nbformat
+from support._nbformat import nbformat  # before nbclient, which imports nbformat too
+
+# isort: split
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
+from support._nbformat import nbformat
 
 __all__ = ["Estimate", "estimate", "is_optional", "main", "stated_minutes"]
 

@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
-
+from support._nbformat import nbformat
 from support.checks import MARKS, RAISE_ENV, VERDICT_MIME, Verdict
 from support.kernels import notebook_client
 

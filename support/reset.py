@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
-
+from support._nbformat import nbformat
 from support.generate import ROOT, exercise_path, generate
 
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import nbformat
-
+from support._nbformat import nbformat
 from support.kernels import notebook_client
 
 T = TypeVar("T")

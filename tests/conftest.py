@@ -7,8 +7,12 @@ edit-test loop of day-to-day work; ``python course.py test`` with no options run
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -25,10 +29,19 @@ from tests.backends import (  # noqa: F401 (the fixtures, for every test module)
     stores_of,
 )
 
+try:
+    import fcntl
+except ImportError:  # Windows: no slots (run the suite there without xdist)
+    fcntl = None  # type: ignore[assignment]
+
 matplotlib.use("Agg")
 
 
 SLOW_MARKERS = ("notebooks", "backends", "performance")
+# whole lessons and solved notebooks running at once across the workers: their timing cells (chapter
+# 1's GIL medians, chapter 4's pool sizes) need a share of the CPU, and the workers beside them mostly
+# wait on sleeps and sockets
+NOTEBOOK_SLOTS = 3
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -65,9 +78,74 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=slow)
         items[:] = rest
     else:
-        longest = ("test_real_", "test_notebooks_rerun")  # whole chapters, 10-50 s each
+        longest = ("test_real_", "test_notebooks_rerun")  # whole chapters, 10-100 s each
         slow.sort(key=lambda item: not any(name in item.nodeid for name in longest))
-        items[:] = _spread_one_system(slow) + rest
+        whole = sorted(
+            (item for item in slow if item.get_closest_marker("whole_notebook")), key=_longest_first
+        )
+        slow = [item for item in slow if not item.get_closest_marker("whole_notebook")]
+        items[:] = _spread(whole, _spread_one_system(slow) + rest, over=0.6)
+
+
+def _longest_first(item: pytest.Item) -> tuple[bool, bool, int]:
+    """The solved drill (eight whole systems a run, about 50 s), then lessons by the size of their code,
+    then the solutions; each notebook's second kernel (on the real stores) after its first."""
+    name = item.nodeid.split("[")[-1].rstrip("]")
+    path = Path(__file__).resolve().parent.parent / name
+    size = len(path.read_text()) if path.is_file() else 0
+    return "test_real_" in item.nodeid, "07_incident_drill_exercises" not in name, -size
+
+
+def _spread(spaced: list[pytest.Item], others: list[pytest.Item], over: float) -> list[pytest.Item]:
+    """``spaced`` (in their order) evenly among the first ``over`` of ``others``: the whole notebooks
+    take one of a few slots (``notebook_slot``), so handed out together they would keep most workers
+    waiting; spaced out, the quick tests run beside them. The last starts well before the end, so that
+    the run does not end on one notebook with the other workers idle."""
+    if not spaced:
+        return others
+    return _interleave(spaced, others, gap=int(len(others) * over) // len(spaced))
+
+
+def _interleave(spaced: list[pytest.Item], others: list[pytest.Item], gap: int) -> list[pytest.Item]:
+    """One of ``spaced`` before every ``gap`` of ``others``; what is left of ``spaced`` at the end."""
+    spaced, gap = list(spaced), max(1, gap)
+    spread: list[pytest.Item] = []
+    for n, item in enumerate(others):
+        if n % gap == 0 and spaced:
+            spread.append(spaced.pop(0))
+        spread.append(item)
+    return spread + spaced
+
+
+@contextlib.contextmanager
+def notebook_slot(slots: int = NOTEBOOK_SLOTS, directory: Path | None = None) -> Iterator[None]:
+    """Hold one of ``slots`` lock files shared by the workers (and by two runs on one machine)."""
+    if fcntl is None or "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    directory = directory or Path(tempfile.gettempdir())
+    while True:
+        for n in range(slots):
+            with open(directory / f"fastapi-async-course-notebook-{n}.lock", "w") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                return
+        time.sleep(0.1)
+
+
+@pytest.fixture(autouse=True)
+def _notebook_slot(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("whole_notebook") is None:
+        yield
+        return
+    with notebook_slot():
+        yield
 
 
 def _spread_one_system(items: list[pytest.Item]) -> list[pytest.Item]:
@@ -79,13 +157,7 @@ def _spread_one_system(items: list[pytest.Item]) -> list[pytest.Item]:
     if not serial:
         return items
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    gap = max(1, len(others) // len(serial), 2 * workers)
-    spread: list[pytest.Item] = []
-    for n, item in enumerate(others):
-        if n % gap == 0 and serial:
-            spread.append(serial.pop(0))
-        spread.append(item)
-    return spread + serial
+    return _interleave(serial, others, gap=max(len(others) // len(serial), 2 * workers))
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from nbclient import NotebookClient
 from support import site
 from support.kernels import notebook_client
 
-pytestmark = pytest.mark.notebooks
+pytestmark = [pytest.mark.notebooks, pytest.mark.whole_notebook]
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted([*(ROOT / "notebooks").glob("*.ipynb"), *(ROOT / "solutions").glob("*.ipynb")])

@@ -38,6 +38,7 @@ def test_every_notebook_that_uses_a_store_runs_on_a_real_one() -> None:
 
 
 @pytest.mark.backends
+@pytest.mark.whole_notebook
 @pytest.mark.parametrize(
     ("name", "stores"),
     [pytest.param(name, uses, marks=pytest.mark.stores(*uses), id=name) for name, uses in STORES.items()],
