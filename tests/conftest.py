@@ -7,10 +7,7 @@ edit-test loop of day-to-day work; ``python course.py test`` with no options run
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 
 import support
 from support.checks import reset_hints
+from tests import locks
 from tests.apps import make_app
 from tests.backends import (  # noqa: F401 (the fixtures, for every test module)
     database_backend,
@@ -28,11 +26,6 @@ from tests.backends import (  # noqa: F401 (the fixtures, for every test module)
     redis_backend,
     stores_of,
 )
-
-try:
-    import fcntl
-except ImportError:  # Windows: no slots (run the suite there without xdist)
-    fcntl = None  # type: ignore[assignment]
 
 matplotlib.use("Agg")
 
@@ -88,11 +81,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _longest_first(item: pytest.Item) -> tuple[bool, bool, int]:
-    """The solved drill (eight whole systems a run, about 50 s), then lessons by the size of their code,
-    then the solutions; each notebook's second kernel (on the real stores) after its first."""
+    """The solved drill (eight whole systems a run, about 50 s), then the other notebooks by the size of
+    their file (a rough guide: the lessons are the biggest); the runs on the real stores (one run each)
+    after the runs twice in one kernel."""
     name = item.nodeid.split("[")[-1].rstrip("]")
     path = Path(__file__).resolve().parent.parent / name
-    size = len(path.read_text()) if path.is_file() else 0
+    size = path.stat().st_size if path.is_file() else 0
     return "test_real_" in item.nodeid, "07_incident_drill_exercises" not in name, -size
 
 
@@ -117,34 +111,16 @@ def _interleave(spaced: list[pytest.Item], others: list[pytest.Item], gap: int) 
     return spread + spaced
 
 
-@contextlib.contextmanager
-def notebook_slot(slots: int = NOTEBOOK_SLOTS, directory: Path | None = None) -> Iterator[None]:
-    """Hold one of ``slots`` lock files shared by the workers (and by two runs on one machine)."""
-    if fcntl is None or "PYTEST_XDIST_WORKER" not in os.environ:
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """A whole notebook holds one of a few slots (tests/locks.py) while it runs. It waits for the slot
+    before pytest-timeout starts its clock (this wrapper is outside pytest-timeout's own), so that the
+    wait is not counted against the notebook's 300 s: with few other tests to space them out
+    (``-m notebooks``), whole notebooks queue for minutes."""
+    if item.get_closest_marker("whole_notebook") is None:
         yield
         return
-    directory = directory or Path(tempfile.gettempdir())
-    while True:
-        for n in range(slots):
-            with open(directory / f"fastapi-async-course-notebook-{n}.lock", "w") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                try:
-                    yield
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
-                return
-        time.sleep(0.1)
-
-
-@pytest.fixture(autouse=True)
-def _notebook_slot(request: pytest.FixtureRequest) -> Iterator[None]:
-    if request.node.get_closest_marker("whole_notebook") is None:
-        yield
-        return
-    with notebook_slot():
+    with locks.held("notebook", slots=NOTEBOOK_SLOTS):
         yield
 
 

@@ -494,15 +494,17 @@ def test_1_2_a_probe_that_blocks_the_loop_is_rejected(
 @pytest.mark.parametrize(
     ("variant", "message"),
     [
-        ("list", "seen:     a list of 10 values"),
-        ("none", "seen:     None: the function returns nothing"),
-        ("sync", "expected: an awaitable: `max_loop_lag` defined with `async def`"),
-        ("error", "your code raised ZeroDivisionError: float division by zero"),
+        # as many lags as the probe woke up in 0.5 s: ten on an idle machine (eleven if a wake-up lands a
+        # hair early), fewer on a busy one
+        ("list", r"seen:     a list of (1[01]|[1-9]) values"),
+        ("none", re.escape("seen:     None: the function returns nothing")),
+        ("sync", re.escape("expected: an awaitable: `max_loop_lag` defined with `async def`")),
+        ("error", re.escape("your code raised ZeroDivisionError: float division by zero")),
     ],
 )
 def test_1_2_not_a_number_of_seconds(variant: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = rejected(capsys, check_loop_lag_probe, lag_probe(variant))
-    assert message in out
+    assert re.search(message, out), out
     assert out.endswith("Exercise 1.2: not yet — 0 of 1 checks pass")
 
 

@@ -22,12 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,11 +44,7 @@ from support.incident.scenario import REQUEST_TIMEOUT, ScenarioRun
 from support.incident.seams import check_replacement, seam_source
 from support.incident.system import running_system
 from support.telemetry import by_trace
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock (run the suite there without xdist)
-    fcntl = None  # type: ignore[assignment]
+from tests import locks
 
 LATENCY_FAULTS = ["ch1-blocking-sdk", "ch3-export-on-request-path", "ch4-session-held", "ch4-n-plus-one"]
 COUNT_GROUPS = [
@@ -250,15 +244,8 @@ class Outcome:
 @contextlib.contextmanager
 def _one_scenario_at_a_time() -> Iterator[None]:
     """Serialise the scenario tests across pytest-xdist's workers: two at once on 2 cores starve both."""
-    if fcntl is None:
+    with locks.held("ch07"):
         yield
-        return
-    with open(Path(tempfile.gettempdir()) / "fastapi-async-course-ch07.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _scenario(*, attempts: int = 1, **start: Any) -> Outcome:

@@ -10,15 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests import conftest
+from tests import conftest, locks
 
 
-def test_a_notebook_waits_while_every_slot_is_taken(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+def test_a_notebook_waits_while_every_slot_is_taken(tmp_path: Path) -> None:
     release, holding, entered = threading.Event(), threading.Barrier(3), []
 
     def hold() -> None:
-        with conftest.notebook_slot(slots=2, directory=tmp_path):
+        with locks.held("notebook", slots=2, directory=tmp_path):
             holding.wait(timeout=5)
             release.wait(timeout=10)
 
@@ -28,7 +27,7 @@ def test_a_notebook_waits_while_every_slot_is_taken(monkeypatch: pytest.MonkeyPa
     holding.wait(timeout=5)  # both slots taken
 
     def third() -> None:
-        with conftest.notebook_slot(slots=2, directory=tmp_path):
+        with locks.held("notebook", slots=2, directory=tmp_path):
             entered.append(time.monotonic())
 
     waiter = threading.Thread(target=third)
@@ -42,10 +41,14 @@ def test_a_notebook_waits_while_every_slot_is_taken(monkeypatch: pytest.MonkeyPa
     assert len(entered) == 1 and entered[0] >= released, "the third notebook runs once a slot is free"
 
 
-def test_without_workers_there_is_no_slot_to_wait_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-    with conftest.notebook_slot(slots=1), conftest.notebook_slot(slots=1):
-        pass  # a serial run holds no lock: nested, it would wait for itself
+def test_the_whole_notebook_tests_take_a_slot() -> None:
+    from tests import test_notebooks_rerun, test_real_backends
+
+    marked = {
+        "rerun": [m.name for m in test_notebooks_rerun.pytestmark],
+        "real stores": [m.name for m in test_real_backends.test_notebook_runs_on_the_real_stores.pytestmark],
+    }
+    assert all("whole_notebook" in names for names in marked.values()), marked
 
 
 def _item(name: str, *markers: str) -> SimpleNamespace:
@@ -63,3 +66,18 @@ def test_whole_notebooks_are_spread_over_the_first_part_of_the_run() -> None:
     assert all(b - a >= 15 for a, b in itertools.pairwise(at)), f"notebooks next to each other: {at}"
     assert at[-1] < 0.65 * len(order), f"the last notebook starts too late: position {at[-1]}"
     assert sorted(order) == sorted(item.nodeid for item in [*notebooks, *others]), "no test lost or repeated"
+
+
+def test_a_test_that_raises_frees_its_slot(tmp_path: Path) -> None:
+    with pytest.raises(ValueError), locks.held("notebook", slots=1, directory=tmp_path):
+        raise ValueError("the notebook failed")
+    taken = []
+
+    def take() -> None:
+        with locks.held("notebook", slots=1, directory=tmp_path):
+            taken.append(time.monotonic())
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    thread.join(timeout=2)
+    assert taken, "the slot of a test that raised was never freed"
