@@ -3,6 +3,8 @@
 The suite's markers: ``notebooks`` (runs whole notebooks in a kernel), ``backends`` (real Redis and
 PostgreSQL), ``performance`` (the instruments' own speed). ``--quick`` leaves all three out, for the
 edit-test loop of day-to-day work; ``python course.py test`` with no options runs everything.
+Tests marked ``whole_notebook`` (a lesson or solved notebook, start to end) run at most three at once
+across the workers, and are spread out in the order.
 """
 
 from __future__ import annotations
@@ -93,9 +95,9 @@ def _longest_first(item: pytest.Item) -> tuple[bool, bool, int]:
 
 def _spread(spaced: list[pytest.Item], others: list[pytest.Item], over: float) -> list[pytest.Item]:
     """``spaced`` (in their order) evenly among the first ``over`` of ``others``: the whole notebooks
-    take one of a few slots (``notebook_slot``), so handed out together they would keep most workers
-    waiting; spaced out, the quick tests run beside them. The last starts well before the end, so that
-    the run does not end on one notebook with the other workers idle."""
+    take one of a few slots (``pytest_runtest_protocol`` below), so handed out together they would
+    keep most workers waiting; spaced out, the quick tests run beside them. The last starts well
+    before the end, so that the run does not end on one notebook with the other workers idle."""
     if not spaced:
         return others
     return _interleave(spaced, others, gap=int(len(others) * over) // len(spaced))
