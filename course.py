@@ -187,16 +187,16 @@ def _busy_cores(seconds: float = 0.5) -> float | None:
 
 
 def worker_count(cores: float | None = None, busy: float | None = None) -> int:
-    """Four test workers per free core, from 2 to 8. The checks mostly wait on sleeps and sockets, so
+    """Three test workers per free core, from 2 to 8. The checks mostly wait on sleeps and sockets, so
     more workers than cores overlap: on 2 idle cores six took 297-334 s where three took 541-561 s.
-    Eight made the machine too busy for the margins of the lessons' timing cells (chapter 1's GIL
-    medians failed) while every worker could be running a whole notebook at once; with at most three
-    notebooks at a time (tests/conftest.py) the other workers run checks beside them. A core that
-    something else keeps busy (another build, a CPU hog) leaves room for fewer."""
+    Eight, with at most three whole notebooks at a time (tests/conftest.py), took 317-338 s for the
+    README's command, but made the machine busy enough for chapter 4's check to time out on
+    PostgreSQL in CI (its pool of 2 waits at most 1 s). A core that something else keeps busy
+    (another build, a CPU hog) leaves room for fewer."""
     cores = cores or _cores()
     busy = _busy_cores() if busy is None else busy
     free = max(0.0, min(cores, cores - (busy or 0.0)))
-    return max(2, min(8, round(4 * free)))
+    return max(2, min(8, round(3 * free)))
 
 
 def run_child(args: list[str]) -> int:
