@@ -35,8 +35,8 @@ matplotlib.use("Agg")
 SLOW_MARKERS = ("notebooks", "backends", "performance")
 # whole lessons and solved notebooks running at once across the workers: their timing cells (chapter
 # 1's GIL medians, chapter 4's pool sizes) need a share of the CPU, and the workers beside them mostly
-# wait on sleeps and sockets. On 2 cores the run is CPU-bound either way: four slots took 317 s where
-# three took 323 s, so the lessons get the quieter machine.
+# wait on sleeps and sockets. On 2 cores with eight workers the run was CPU-bound either way: four
+# slots took 317 s where three took 323 s, so the lessons get the quieter machine.
 NOTEBOOK_SLOTS = 3
 
 
