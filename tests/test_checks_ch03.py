@@ -392,7 +392,7 @@ def test_3_2_spans_per_step_and_self_time_pass(slowest: str, capsys: pytest.Capt
     assert out.startswith("Exercise 3.2 · Custom spans, and the slow step\n")
     assert "  ✅ passed: spans made inside a step nest under the step's span (it is current)\n" in out
     assert (
-        "  ✅ passed: slowest_step(spans) names the step with the most time of its own, in two checkouts\n"
+        "  ✅ passed: slowest_step(spans) names the step with the most time of its own, in three checkouts\n"
         in out
     )
     assert out.endswith("Exercise 3.2: passed ✅ (10 of 10 checks)\n")
@@ -530,7 +530,7 @@ def test_3_2_a_step_not_found_from_the_spans_is_rejected(
 ) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer(variant))
     assert (
-        "❌ not yet: slowest_step(spans) names the step with the most time of its own, in two checkouts"
+        "❌ not yet: slowest_step(spans) names the step with the most time of its own, in three checkouts"
         in out
     )
     # a stall can make the run's slowest step another than the one made slow: the message says which
@@ -1031,7 +1031,7 @@ def test_3_2_own_time_miscounted_is_rejected(
 ) -> None:
     out = rejected(capsys, check_checkout_spans, checkout_answer("right"), slowest_answer(variant))
     assert (
-        "❌ not yet: slowest_step(spans) names the step with the most time of its own, in two checkouts"
+        "❌ not yet: slowest_step(spans) names the step with the most time of its own, in three checkouts"
         in out
     )
     assert any(reason in out for reason in why), out
@@ -1061,7 +1061,8 @@ def test_3_2_slowest_step_on_traces_with_set_times(
     assert f"❌ not yet: slowest_step(spans) {failed}\n" in out
     assert detail in out
     assert (
-        "✅ passed: slowest_step(spans) names the step with the most time of its own, in two checkouts" in out
+        "✅ passed: slowest_step(spans) names the step with the most time of its own, in three checkouts"
+        in out
     )
     assert out.endswith("Exercise 3.2: not yet — 9 of 10 checks pass")
 

@@ -1171,7 +1171,7 @@ def check_checkout_spans(checkout: Callable[..., Awaitable[None]], slowest_step:
         if not all(structure):
             runs = _run_all(_reference_checkout, plan)  # spans of the right shape, to check slowest_step
         ex.step(
-            "slowest_step(spans) names the step with the most time of its own, in two checkouts",
+            "slowest_step(spans) names the step with the most time of its own, in three checkouts",
             lambda: _check_slowest(slowest_step, runs),
         )
         ex.step(
