@@ -1381,11 +1381,16 @@ def test_4_4_wrong_answers_are_rejected(
     assert out.endswith(f"Exercise 4.4: not yet — {passed} checks pass")
 
 
-def test_4_4_a_read_with_for_update_is_judged_by_the_database(capsys: pytest.CaptureFixture[str]) -> None:
+def test_4_4_a_read_with_for_update_is_judged_by_the_database(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = database_url()
     if url is not None and make_url(url).get_backend_name() == "postgresql":
+        runs = _counting_sales(monkeypatch)
         check_checkout(checkout_answer("for-update"), *SHOP)  # the row is locked: no other read meanwhile
         assert capsys.readouterr().out.endswith("Exercise 4.4: passed ✅ (8 of 8 checks)\n")
+        # reads that lock the row cannot meet: no pause after them, and no run again for want of a meeting
+        assert runs.count("ch04x-last") == 1, runs
         return
     out = rejected(capsys, check_checkout, checkout_answer("for-update"), *SHOP)
     assert (
@@ -1439,10 +1444,18 @@ def test_4_4_a_read_that_gives_up_on_a_lock_is_named_on_either_database(
         ),
     ],
 )
-def test_4_4_what_held_the_pool_is_named(variant: str, seen: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_4_4_what_held_the_pool_is_named(
+    variant: str, seen: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = _counting_sales(monkeypatch)
     out = rejected(capsys, check_checkout, checkout_answer(variant), *SHOP)
     assert re.search(seen, out), out
     assert "row lock" not in out, "no lock was waited on"
+    if variant == "charge-in-wait-for":  # a charge run while its checkout held a connection: one run
+        assert runs.count("ch04x-mug") == 1, runs
+    else:  # timeouts nothing names, in every run
+        assert runs.count("ch04x-last") == ch04._STALLED_RUNS, runs
+        assert f"in each of the {ch04._STALLED_RUNS - 1} runs just before this one too" in out, out
 
 
 def test_4_4_the_notebooks_shop_is_left_alone(
@@ -1532,10 +1545,11 @@ def test_4_4_a_scarce_sale_that_fails_is_the_verdict(monkeypatch: pytest.MonkeyP
     models = (Stock, CheckoutOrder, PaymentDeclined)
     sale = ch04._scarce_sale(checkout_answer("lost-update-reads-in-turn"), models, OutOfStock)
     paid = sum(r == "paid" for r in sale.results)
-    assert (len(runs), sale.met, paid > ch04._SCARCE) == (1, 0, True), (sale.met, paid, sale.stock)
+    # a run again only after pool timeouts alone (a stalled machine), not for want of a meeting
+    assert (len(runs), sale.met, paid > ch04._SCARCE) == (sale.runs, 0, True), (sale.met, paid, sale.stock)
     runs.clear()
     sale = ch04._scarce_sale(checkout_answer("right"), models, OutOfStock)
-    assert (len(runs), sale.stock_reads, sale.stock) == (1, 0, 0)
+    assert (len(runs), sale.stock_reads, sale.stock) == (sale.runs, 0, 0)
 
 
 def test_4_4_a_scarce_sale_whose_reads_never_met_is_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1552,16 +1566,16 @@ def test_4_4_a_scarce_sale_whose_reads_never_met_is_run_again(monkeypatch: pytes
     assert len(runs) == 2 and sale.met >= 1 and sum(r == "paid" for r in sale.results) > ch04._SCARCE
 
 
-def _stalled_at_first(sales: int) -> Any:
-    """The right answer, but in its first ``sales`` sales of ten at once (an event loop each), every
-    checkout first holds a connection 0.3 s in a transaction of its own, as a stalled database server
-    would: ten such holds on two connections leave the last checkouts past the 1 s pool_timeout."""
+def _stalled_at_first(sales: int, sku_stalled: str = "ch04x-mug") -> Any:
+    """The right answer, but in its first ``sales`` sales of ``sku_stalled`` (ten at once, an event loop
+    each), every checkout first holds a connection 0.3 s in a transaction of its own, as a stalled
+    database server would: ten such holds on two connections leave the last past the 1 s pool_timeout."""
     stalled: dict[asyncio.AbstractEventLoop, bool] = {}
     right = checkout_answer("right")
 
     async def checkout(sessions: Any, payments: Any, sku: str) -> str:
         loop = asyncio.get_running_loop()
-        if sku == "ch04x-mug" and stalled.setdefault(loop, len(stalled) < sales):
+        if sku == sku_stalled and stalled.setdefault(loop, len(stalled) < sales):
             async with sessions.begin() as session:
                 await session.execute(select(Stock.available).where(Stock.sku == sku))
                 await asyncio.sleep(0.3)
@@ -1584,8 +1598,37 @@ def test_4_4_pool_timeouts_nothing_explains_are_run_again(
     out = rejected(capsys, check_checkout, _stalled_at_first(ch04._STALLED_RUNS), *SHOP)
     assert runs.count("ch04x-mug") == ch04._STALLED_RUNS, runs
     assert CONCURRENT_STEP in out and "each held one outside the charge" in out, out
-    assert f"pool timeouts in each of the {ch04._STALLED_RUNS - 1} runs before this one too" in out, out
+    assert f"pool timeouts alone in each of the {ch04._STALLED_RUNS - 1} runs just before this one" in out
     assert out.endswith("7 of 8 checks pass"), out
+
+
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # the check's logic alone
+def test_4_4_a_scarce_sale_that_stalled_is_run_again(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = _counting_sales(monkeypatch)
+    check_checkout(_stalled_at_first(1, "ch04x-last"), *SHOP)
+    assert capsys.readouterr().out.endswith("Exercise 4.4: passed ✅ (8 of 8 checks)\n")
+    assert (runs.count("ch04x-mug"), runs.count("ch04x-last")) == (1, 2), runs
+
+
+@pytest.mark.parametrize(
+    ("runs", "said"),
+    [
+        (1, None),
+        (2, "; pool timeouts alone in the run just before this one too"),
+        (3, "; pool timeouts alone in each of the 2 runs just before this one too"),
+    ],
+)
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # no database
+def test_4_4_the_runs_before_are_counted_in_words(runs: int, said: str | None) -> None:
+    timeout = sqlalchemy.exc.TimeoutError("QueuePool limit of size 2 overflow 0 reached")
+    sale = ch04._Sale(results=[timeout, "paid"], runs=runs)
+    seen = ch04._held_in_the_database(sale, [timeout], "expected", OutOfStock).seen
+    if said is None:
+        assert "just before" not in seen, seen
+    else:
+        assert seen.endswith(said), seen
 
 
 def test_4_4_the_verdict_comes_from_the_run_whose_reads_met(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1034,11 +1034,31 @@ def _gap_trace() -> _Trace:
     )
 
 
-def _own_ms(trace: _Trace, index: int, *, envelope: bool = False) -> int:
+def _outliving_trace() -> _Trace:
+    """A checkout whose slow step starts a query it does not wait for, which ends long after the step."""
+    q = _CHILD
+    return _trace(
+        "a checkout whose checkout.validate works 90 ms, then starts a 300 ms query it does not wait for "
+        "(it ends after the step has)",
+        "validate",
+        [
+            (_PARENT, None, 0, 400),
+            ("checkout.validate", 0, 0, 100),
+            (q, 1, 90, 390),
+            ("checkout.price", 0, 100, 160),  # 40 ms of its own, and a query
+            (q, 3, 120, 140),
+            ("checkout.reserve", 0, 160, 380),
+            *[(q, 5, 160 + 50 * n, 210 + 50 * n) for n in range(4)],
+        ],
+    )
+
+
+def _own_ms(trace: _Trace, index: int, *, envelope: bool = False, clipped: bool = True) -> int:
     """A span's own time in the trace's layout; with ``envelope``, its children taken as one block from
-    the first one's start to the last one's end."""
+    the first one's start to the last one's end; not ``clipped``, a child's time after the span's end
+    taken from the span too."""
     _, _, start, end = trace.layout[index]
-    kids = sorted((s, e) for _, parent, s, e in trace.layout if parent == index)
+    kids = sorted((s, min(e, end) if clipped else e) for _, parent, s, e in trace.layout if parent == index)
     if envelope and kids:
         return end - start - (max(e for _, e in kids) - kids[0][0])
     covered, cursor = 0, start
@@ -1065,6 +1085,7 @@ def _check_slowest_in(slowest_step: Callable[..., Any], traces: list[_Trace]) ->
         spans = f"Time of their own: {shown}; the longest query {max(queries)} ms"
         steps = [i for i, (name, _, _, _) in enumerate(trace.layout) if name.startswith(f"{_PARENT}.")]
         by_envelope = max(steps, key=lambda i: _own_ms(trace, i, envelope=True))
+        by_unclipped = max(steps, key=lambda i: _own_ms(trace, i, clipped=False))
         hints: list[str]
         if answer in (_PARENT, _CHILD):
             what = "the root span" if answer == _PARENT else "a query"
@@ -1090,6 +1111,20 @@ def _check_slowest_in(slowest_step: Callable[..., Any], traces: list[_Trace]) ->
                 "child's start is the span's own.",
                 "Merge the children's intervals and subtract the length of their union, as "
                 "`self_time(span, spans)` from `support.telemetry` does.",
+            ]
+        elif answer == trace.layout[by_unclipped][0] != expected:
+            slow = next(i for i in steps if trace.layout[i][0] == expected)
+            why = (
+                "the step with the most time of its own if a child's time after its step had ended were "
+                f"taken from the step; {expected} worked {own[slow]} ms of its own, and its query's time "
+                "after the step ended is not the step's"
+            )
+            hints = [
+                "A child can end after its parent (a task the step started and did not wait for): only "
+                "the part of a child's interval inside the span covers the span's time.",
+                "Clip each child's interval to the span, `max(child.start_time, span.start_time)` and "
+                "`min(child.end_time, span.end_time)`, before merging, as `self_time(span, spans)` "
+                "from `support.telemetry` does.",
             ]
         else:
             why = "not the step's span with the most time of its own"
@@ -1118,8 +1153,9 @@ def check_checkout_spans(checkout: Callable[..., Awaitable[None]], slowest_step:
     the step runs; and ``slowest_step(spans)`` must name the slow step's span: in those two runs (or
     the step the spans give the most time of its own, when a stall on the machine gave another step
     more than the slow one), in a checkout like them made with set times, and in traces the check makes
-    with set times, where the root or a query has more time of its own than any step, and where the slow
-    step's own time lies between two of its children.
+    with set times, where the root or a query has more time of its own than any step, where the slow
+    step's own time lies between two of its children, and where a query of the slow step ends long
+    after the step (a task it did not wait for: only time inside a span covers it).
     """
     with exercise("3.2", "Custom spans, and the slow step", SOLUTION) as ex:
 
@@ -1179,8 +1215,9 @@ def check_checkout_spans(checkout: Callable[..., Awaitable[None]], slowest_step:
             lambda: _check_slowest_in(slowest_step, _not_a_step_traces()),
         )
         ex.step(
-            "slowest_step(spans) counts the time between a step's children as the step's own",
-            lambda: _check_slowest_in(slowest_step, [_gap_trace()]),
+            "slowest_step(spans) counts as a step's own the time inside it that no child covers: between "
+            "its children, and not a child's time after the step has ended",
+            lambda: _check_slowest_in(slowest_step, [_gap_trace(), _outliving_trace()]),
         )
 
 

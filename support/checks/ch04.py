@@ -26,18 +26,21 @@ Exercise 4.4's check counts connections with the pool's events at the start and 
 all and by the task that called it (a checkout among ten at once is judged by its own holds, not its
 neighbours'); a session held across the 0.3 s charge leaves ten checkouts on two connections waiting at
 least 1.2 s for the last ones, past the 1 s pool_timeout, so its pool timeouts are a lower bound, not a
-race. Pool timeouts with nothing to name them (no charge run while its checkout held a connection, no
-second connection, no session left open, no lock error) come from a transaction kept open while it
-waits, or from a stall (a machine or database server so busy for a second that twenty short transactions
-on two connections outlast the pool wait): such a sale runs again, three runs at most, and only timeouts
-in every run are the verdict. Oversold stock would show only when two checkouts happen to read before
-either writes, so the check makes that happen: after each read of the stock table, the reader awaits 50
-ms (from inside SQLAlchemy's greenlet, as a driver awaits its socket) while the other checkouts run. It
-counts the reads that returned while another read's pause ran, before the stock's units had all been
-charged for (reads that met while a race could still oversell), and a sale that would pass although the
-answer read the stock at least twice and no two reads met is run again (three runs at most): such a run
-says nothing about a read-then-write race (a run with no meeting could come if the next read is slower
-than the pause, e.g. on a busy database server).
+race. Pool timeouts with nothing to name them (the sale did not hang, no charge ran while its checkout
+held a connection, no checkout held two, none was left checked out, no error but pool timeouts and
+OutOfStock) come from a transaction kept open while it waits (a sleep, a retry, a lock), or from a stall
+(a machine or database server so busy for a second that the checkouts' short transactions, two at a
+time, outlast the pool wait): such a sale runs again, a second apart, three runs at most, and only
+timeouts in every run are the verdict. Oversold stock would show only when two checkouts happen to read
+before either writes, so the check makes that happen: after each read of the stock table, the reader
+awaits 50 ms (from inside SQLAlchemy's greenlet, as a driver awaits its socket) while the other
+checkouts run, except after a read that locks its row for writing on PostgreSQL (FOR UPDATE), which no
+other such read can meet. It counts the reads that returned while another read's pause ran, before the
+stock's units had all been charged for (reads that met while a race could still oversell), and a sale
+that would pass although the answer read the stock at least twice (reads that lock their row on
+PostgreSQL aside) and no two reads met is run again (three runs at most): such a run says nothing about
+a read-then-write race (a run with no meeting could come if the next read is slower than the pause, e.g.
+on a busy database server).
 On PostgreSQL its tables are in a schema of their own (``ch04x_check_4_4``, its connections'
 ``search_path``), since ``$DATABASE_URL`` is the notebook's database too: the check does not drop the
 notebook's shop, and an answer that uses the notebook's ``shop_sessions`` cannot reach the check's.
@@ -1770,6 +1773,7 @@ _SCARCE = 3  # units for _CONCURRENT_44 checkouts that arrive together
 _READ_PAUSE = 0.05  # after each read of the stock table, the other checkouts run this long
 _SCARCE_RUNS = 3  # runs of the scarce sale at most, while it would pass and no two reads of the stock met
 _STALLED_RUNS = 3  # runs of a sale at most, while pool timeouts nothing named explains are all it did wrong
+_STALL_GAP = 1.0  # seconds between those runs, so that a stall has time to pass
 _BOUND_44 = 8.0  # the longest a scenario's checkouts may take
 _SCHEMA_44 = "ch04x_check_4_4"  # on PostgreSQL: the check's tables, apart from the notebook's own shop
 _PROVIDER_DOWN = "the payment provider did not answer (the check's provider)"
@@ -1874,6 +1878,9 @@ class _Shop:
     Order: Any
     schema: str | None = None  # PostgreSQL: the schema of the check's tables (its connections' search_path)
     stock_reads: int = 0  # SELECTs of the stock table, counted while the check pauses after them
+    serialised_reads: int = (
+        0  # of which held the row's lock on PostgreSQL: not paused after (they cannot meet)
+    )
     locked_reads: int = 0  # of which asked for a row lock (FOR UPDATE), whether the database gives one or not
     met: int = 0  # reads of the stock table that returned during another's pause, while units were unsold
     shared: list[Any] = field(default_factory=list)  # transactions that read the stock FOR SHARE
@@ -1927,6 +1934,7 @@ class _Sale:
     in_use_after: int = 0  # connections still checked out once every checkout had returned
     most_held_by_one: int = 0  # the most connections one checkout held at once
     stock_reads: int = 0  # SELECTs of the stock table (counted only where the check pauses after them)
+    serialised_reads: int = 0  # of which held the row's lock on PostgreSQL (FOR UPDATE): no pause after them
     locked_reads: int = 0  # of which with FOR UPDATE (SQLAlchemy leaves the clause out on SQLite)
     met: int = 0  # reads of the stock table that returned during another's pause, while units were unsold
     shared_then_update: int = 0  # UPDATEs of the stock in a transaction that had read it FOR SHARE
@@ -1959,6 +1967,14 @@ def _names_table(statement: str, table: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(table)}(?!\w)", statement) is not None
 
 
+def _holds_the_row(statement: str, lock: Any) -> bool:
+    """Whether a read (lower case, and its ``with_for_update`` arguments if any) locks the row it reads
+    for writing and waits for that lock: FOR UPDATE or FOR NO KEY UPDATE, neither NOWAIT nor SKIP LOCKED."""
+    if lock is not None:
+        return not (lock.read or lock.nowait or lock.skip_locked)
+    return re.search(r"for (no key )?update(?!\s+(nowait|skip locked))", statement) is not None
+
+
 def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
     """After a SELECT of the stock table, let the other checkouts run before the reader goes on.
 
@@ -1968,6 +1984,11 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
     when the scheduler happens to interleave them; ``shop.met`` counts the reads that did while fewer
     charges than ``_SCARCE`` had started (later, every unit is taken: two reads that meet then find
     none left, and show no race).
+
+    A read that takes the row's lock for writing on PostgreSQL (FOR UPDATE or FOR NO KEY UPDATE, with
+    neither NOWAIT nor SKIP LOCKED) gets no pause: no other such read can return before its transaction
+    ends, so a pause would not let them meet; it would only hold the lock 50 ms longer, and ten
+    checkouts queued behind that lock would spend half the pool wait on the check's pauses.
     """
 
     table = str(shop.Stock.__table__.name).lower()
@@ -1980,6 +2001,9 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
             lock = getattr(asked, "_for_update_arg", None)
             if "for update" in text or lock is not None:
                 shop.locked_reads += 1
+            if _conn.dialect.name == "postgresql" and _holds_the_row(text, lock):
+                shop.serialised_reads += 1
+                return
             shared_in = _conn.get_transaction()
             shared = "for share" in text or (
                 getattr(lock, "read", False) and not getattr(lock, "key_share", False)
@@ -2133,6 +2157,7 @@ async def _sell(
         sale.queries, sale.in_use_after = shop.watch.queries, shop.watch.in_use
         sale.most_held_by_one = shop.holders.most_by_one
         sale.stock_reads, sale.locked_reads, sale.met = shop.stock_reads, shop.locked_reads, shop.met
+        sale.serialised_reads = shop.serialised_reads
         sale.shared_then_update, sale.no_wait_reads = shop.shared_then_update, shop.no_wait_reads
         sale.dialect = _dialect(shop.engine)
         sale.charges, sale.failures = provider.charges, provider.failures
@@ -2375,8 +2400,10 @@ def _held_in_the_database(
         f"({_first_line(timeouts[0])}), though no charge ran while its own checkout held a connection"
     )
     again = ""
-    if sale.runs > 1:
-        again = f"; pool timeouts in each of the {sale.runs - 1} runs before this one too"
+    if sale.runs == 2:
+        again = "; pool timeouts alone in the run just before this one too"
+    elif sale.runs > 2:
+        again = f"; pool timeouts alone in each of the {sale.runs - 1} runs just before this one too"
     locks = [r for r in others if _lock_error(r)]
     if locks:
         return Mismatch(
@@ -2485,7 +2512,8 @@ def _check_scarce(sale: _Sale, out_of_stock: type[BaseException]) -> None:
             [
                 "Between a read of the stock and the write that takes a unit, other checkouts read the "
                 f"same number (the check lets them: it pauses {_READ_PAUSE * 1000:.0f} ms after each "
-                "read of the stock table, as a busy database would). Only the write itself can decide.",
+                "read of the stock table that does not lock its row, as a busy database would). Only the "
+                "write itself can decide.",
                 "Take the unit and test it in one statement, and refuse when it changed no row: "
                 + _RESERVE
                 + ".",
@@ -2783,19 +2811,19 @@ def check_checkout(
     Each scenario runs ``await checkout(sessions, payments, sku)`` on a database of the check's own
     (tables ``Stock`` and ``CheckoutOrder``, created and dropped), with a session factory on an engine
     whose pool has 2 connections, no overflow and a 1 s ``pool_timeout``, and a payment provider of the
-    check's whose ``charge()`` takes 0.3 s and notes how many connections are checked out when it
-    starts and ends, in all and by the calling task (the pool's own events tell). One checkout of a sku
-    with 5 units: 'paid', one unit taken, one order 'paid', no connection checked out during the
-    charge nor after the return. Ten at once with 10 units: all 'paid', no pool ``TimeoutError``, no
-    charge while its own checkout holds a connection (a sale of ten whose only fault is pool timeouts
-    that nothing named explains runs again, three runs at most). Ten at once for 3 units, the check pausing 50 ms
-    after each read of the stock table so that a read-then-write races (and runs the sale again, three
-    runs at most, while it would pass and no two reads met): 3 'paid', 7
-    ``OutOfStock``, stock 0, 3 orders. A declined card: 'declined' returned, the order 'declined',
-    the unit back. A checkout cancelled while the provider charges (as by a crash): its order left
-    'pending' and its unit still reserved. A charge that fails with ``ConnectionError`` (no answer: the
-    card may or may not have been charged): that error raised out of checkout, charged once, the order
-    left 'pending' and its unit reserved.
+    check's whose ``charge()`` takes 0.3 s and notes how many connections are checked out when it starts
+    and ends, in all and by the calling task (the pool's own events tell). One checkout of a sku with 5
+    units: 'paid', one unit taken, one order 'paid', no connection checked out during the charge nor after
+    the return. Ten at once with 10 units: all 'paid', no pool ``TimeoutError``, no charge while its own
+    checkout holds a connection (a sale of ten whose only fault is pool timeouts that nothing named
+    explains runs again, three runs at most). Ten at once for 3 units, the check pausing 50 ms after each
+    read of the stock table (but a read that locks its row on PostgreSQL) so that a read-then-write races
+    (and runs the sale again, three runs at most, while it would pass and no two reads met): 3 'paid', 7
+    ``OutOfStock``, stock 0, 3 orders. A declined card: 'declined' returned, the order 'declined', the
+    unit back. A checkout cancelled while the provider charges (as by a crash): its order left 'pending'
+    and its unit still reserved. A charge that fails with ``ConnectionError`` (no answer: the card may or
+    may not have been charged): that error raised out of checkout, charged once, the order left 'pending'
+    and its unit reserved.
     """
     with exercise("4.4", "A checkout that holds no connection while the provider charges", SOLUTION) as ex:
         if not ex.step(
@@ -2873,7 +2901,7 @@ def _scarce_sale(
             _check_scarce(sale, out_of_stock)
         except Exception:  # the step's verdict: the step judges this sale again and says why
             return sale
-        if sale.met or sale.stock_reads < 2:
+        if sale.met or sale.stock_reads - sale.serialised_reads < 2:
             return sale
     return sale
 
@@ -2883,6 +2911,8 @@ def _unless_stalled(run: Callable[[], _Sale], out_of_stock: type[BaseException])
     and nothing the check can name held the pool (``_stalled``). A run that did anything else is the
     verdict."""
     for runs in range(1, _STALLED_RUNS + 1):
+        if runs > 1:
+            time.sleep(_STALL_GAP)
         sale = run()
         sale.runs = runs
         if not _stalled(sale, out_of_stock):
@@ -2891,14 +2921,18 @@ def _unless_stalled(run: Callable[[], _Sale], out_of_stock: type[BaseException])
 
 
 def _stalled(sale: _Sale, out_of_stock: type[BaseException]) -> bool:
-    """Whether the sale's pool TimeoutErrors are unexplained: no charge ran while its own checkout held
-    a connection, no checkout held two at once, none was left checked out, no lock error, no other error.
+    """Whether the sale's pool TimeoutErrors are unexplained: the sale did not hang, no charge ran
+    while its own checkout held a connection, no checkout held two at once, none was left checked out,
+    and no checkout failed with anything but a pool timeout or OutOfStock.
 
-    A transaction kept open while it waits (a sleep, a retry) does that, and so does a right answer
-    whose short transactions a stall made long: a machine or a database server busy for a second
-    (CPU, or a disk slow to flush commits) slows twenty transactions on two connections past the 1 s
-    pool_timeout, as a fresh-clone test run on a 2-core machine once did. The first answer's
-    transactions hold their connections in every run; a stall is seldom three runs long.
+    A transaction kept open while it waits (a sleep, a retry, a row or advisory lock another
+    transaction holds) does that, and so does a right answer whose short transactions a stall made
+    long: a machine or a database server busy for a second (CPU, or a disk slow to flush commits)
+    slows the checkouts' transactions, two at a time, past the 1 s pool_timeout, as in a loaded
+    test run on a 2-core machine. A wait in the answer's own transactions comes back in every run; a
+    stall that spans three runs a second apart is rarer. Load that stays (more work than the machine
+    can do for minutes) is not told apart: under it, a right answer whose checkouts wait on each
+    other's locks can still fail.
     """
     if sale.hung or not any(isinstance(r, sqlalchemy.exc.TimeoutError) for r in sale.results):
         return False
