@@ -284,7 +284,9 @@ def test_2_1_a_202_before_the_job_is_stored_is_rejected(capsys: pytest.CaptureFi
         "       expected: each 202 sent once its job is stored in Redis (a 202 promises the job is queued)\n"
     ) in out
     assert re.search(
-        r"seen:     20 of 20 answered 202 before their job was stored \(the job of 'o-\d\d' was", out
+        # how many depends on when the client saw each 202: on a loaded machine, some after the store
+        r"seen:     \d+ of 20 answered 202 before their job was stored \(the job of 'o-\d\d' was",
+        out,
     )
     assert out.endswith("Exercise 2.1: not yet — 1 of 2 checks pass")
 

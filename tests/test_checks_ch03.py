@@ -1056,7 +1056,7 @@ def test_3_2_own_time_miscounted_is_rejected(
             "all-spans",
             "names a step, even where the root or a query has more time of its own",
             "seen:     'checkout': the root span: it has the most time of its own here, but it is not a step",
-            8,  # a query has the most in the trace whose query outlives its step, too
+            9,
         ),
         (
             "envelope",

@@ -1387,6 +1387,9 @@ def test_4_4_a_read_with_for_update_is_judged_by_the_database(
     url = database_url()
     if url is not None and make_url(url).get_backend_name() == "postgresql":
         runs = _counting_sales(monkeypatch)
+        # a pause after each locked read would hold the lock: ten of 0.3 s, one after the other, outlast
+        # the 1 s pool wait
+        monkeypatch.setattr(ch04, "_READ_PAUSE", 0.3)
         check_checkout(checkout_answer("for-update"), *SHOP)  # the row is locked: no other read meanwhile
         assert capsys.readouterr().out.endswith("Exercise 4.4: passed ✅ (8 of 8 checks)\n")
         # reads that lock the row cannot meet: no pause after them, and no run again for want of a meeting

@@ -1967,12 +1967,21 @@ def _names_table(statement: str, table: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(table)}(?!\w)", statement) is not None
 
 
-def _holds_the_row(statement: str, lock: Any) -> bool:
-    """Whether a read (lower case, and its ``with_for_update`` arguments if any) locks the row it reads
-    for writing and waits for that lock: FOR UPDATE or FOR NO KEY UPDATE, neither NOWAIT nor SKIP LOCKED."""
+def _holds_the_row(statement: str, lock: Any, table: str) -> bool:
+    """Whether a read (lower case, and its ``with_for_update`` arguments if any) locks the row of
+    ``table`` it reads for writing and waits for that lock: FOR UPDATE or FOR NO KEY UPDATE, of that
+    table if ``OF`` names tables, neither NOWAIT nor SKIP LOCKED. Comments in SQL text do not count."""
     if lock is not None:
+        of = getattr(lock, "of", None)
+        if of and not any(_names_table(str(getattr(o, "table", o)).lower(), table) for o in of):
+            return False
         return not (lock.read or lock.nowait or lock.skip_locked)
-    return re.search(r"for (no key )?update(?!\s+(nowait|skip locked))", statement) is not None
+    code = re.sub(r"--[^\n]*|/\*.*?\*/", " ", statement, flags=re.S)
+    clause = re.search(r"\bfor\s+(no\s+key\s+)?update\b([^;]*)", code)
+    if clause is None or re.search(r"\b(nowait|skip\s+locked)\b", clause.group(2)):
+        return False
+    named = re.match(r"\s+of\s+([\w\s,.\"]+)", clause.group(2))
+    return named is None or _names_table(named.group(1), table)
 
 
 def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
@@ -1985,10 +1994,11 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
     charges than ``_SCARCE`` had started (later, every unit is taken: two reads that meet then find
     none left, and show no race).
 
-    A read that takes the row's lock for writing on PostgreSQL (FOR UPDATE or FOR NO KEY UPDATE, with
-    neither NOWAIT nor SKIP LOCKED) gets no pause: no other such read can return before its transaction
-    ends, so a pause would not let them meet; it would only hold the lock 50 ms longer, and ten
-    checkouts queued behind that lock would spend half the pool wait on the check's pauses.
+    A read that holds the row's lock on PostgreSQL (it takes it: FOR UPDATE or FOR NO KEY UPDATE, with
+    neither NOWAIT nor SKIP LOCKED; or its transaction has updated the stock) gets no pause: no other
+    read that wants the lock can return before its transaction ends, so a pause would not let them
+    meet; it would only hold the lock 50 ms longer, and ten checkouts, one after the other behind that
+    lock, would spend half the pool wait on the check's pauses.
     """
 
     table = str(shop.Stock.__table__.name).lower()
@@ -2001,7 +2011,10 @@ def _pause_after_stock_reads(shop: _Shop) -> Callable[..., None]:
             lock = getattr(asked, "_for_update_arg", None)
             if "for update" in text or lock is not None:
                 shop.locked_reads += 1
-            if _conn.dialect.name == "postgresql" and _holds_the_row(text, lock):
+            # on PostgreSQL, a read that holds the row's lock (taken by this read, or by an UPDATE of this
+            # transaction) cannot meet another read that wants it
+            held = _holds_the_row(text, lock, table) or _conn.get_transaction() in shop.updated
+            if _conn.dialect.name == "postgresql" and held:
                 shop.serialised_reads += 1
                 return
             shared_in = _conn.get_transaction()
@@ -2852,6 +2865,7 @@ def check_checkout(
                         lambda: _sell(checkout, models, "ch04x-mug", _CONCURRENT_44, _CONCURRENT_44)
                     ),
                     OutOfStock,
+                    _CONCURRENT_44,
                 ),
                 OutOfStock,
             ),
@@ -2896,6 +2910,7 @@ def _scarce_sale(
                 lambda: _sell(checkout, models, "ch04x-last", _SCARCE, _CONCURRENT_44, pause=True)
             ),
             out_of_stock,
+            _SCARCE,
         )
         try:
             _check_scarce(sale, out_of_stock)
@@ -2906,7 +2921,7 @@ def _scarce_sale(
     return sale
 
 
-def _unless_stalled(run: Callable[[], _Sale], out_of_stock: type[BaseException]) -> _Sale:
+def _unless_stalled(run: Callable[[], _Sale], out_of_stock: type[BaseException], units: int) -> _Sale:
     """``run()``, again (``_STALLED_RUNS`` runs at most) while its pool timeouts are all it did wrong
     and nothing the check can name held the pool (``_stalled``). A run that did anything else is the
     verdict."""
@@ -2915,15 +2930,15 @@ def _unless_stalled(run: Callable[[], _Sale], out_of_stock: type[BaseException])
             time.sleep(_STALL_GAP)
         sale = run()
         sale.runs = runs
-        if not _stalled(sale, out_of_stock):
+        if not _stalled(sale, out_of_stock, units):
             break
     return sale
 
 
-def _stalled(sale: _Sale, out_of_stock: type[BaseException]) -> bool:
-    """Whether the sale's pool TimeoutErrors are unexplained: the sale did not hang, no charge ran
-    while its own checkout held a connection, no checkout held two at once, none was left checked out,
-    and no checkout failed with anything but a pool timeout or OutOfStock.
+def _stalled(sale: _Sale, out_of_stock: type[BaseException], units: int) -> bool:
+    """Whether the sale's pool TimeoutErrors are unexplained: the sale did not hang nor sell more than
+    its ``units``, no charge ran while its own checkout held a connection, no checkout held two at once,
+    none was left checked out, and no checkout failed with anything but a pool timeout or OutOfStock.
 
     A transaction kept open while it waits (a sleep, a retry, a row or advisory lock another
     transaction holds) does that, and so does a right answer whose short transactions a stall made
@@ -2936,6 +2951,8 @@ def _stalled(sale: _Sale, out_of_stock: type[BaseException]) -> bool:
     """
     if sale.hung or not any(isinstance(r, sqlalchemy.exc.TimeoutError) for r in sale.results):
         return False
+    if (sale.stock is not None and sale.stock < 0) or sum(r == "paid" for r in sale.results) > units:
+        return False  # oversold: a fault of its own, judged now
     if any(c.held_by_caller for c in sale.charges) or sale.most_held_by_one > 1 or sale.in_use_after:
         return False
     return all(
