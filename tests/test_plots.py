@@ -6,6 +6,7 @@ import time
 
 import matplotlib.pyplot as plt
 import pytest
+from opentelemetry import trace as otel_trace
 
 from support.loadgen import LoadResult, RequestRecord
 from support.plots import bar_chart, compare, plot_cdf, plot_latency_over_time, plot_timeline
@@ -70,13 +71,15 @@ def test_waterfall_nests_spans_and_outlines_the_one_with_most_time_of_its_own() 
 
     tracing = support.tracing("svc", name="t-waterfall")
     tracer = tracing.tracer
-    with tracer.start_as_current_span("request"):
-        with tracer.start_as_current_span("fast"):
-            time.sleep(0.002)
-        with tracer.start_as_current_span("slow"):
-            time.sleep(0.03)
-        with tracer.start_as_current_span("tiny"):
-            pass
+    # set times (ms), so that a busy machine changes nothing: "slow" has the most time of its own
+    t0, ms = time.time_ns(), 1_000_000
+    request = tracer.start_span("request", start_time=t0)
+    inside = otel_trace.set_span_in_context(request)
+    for name, start, end in (("fast", 0, 2), ("slow", 3, 33), ("tiny", 34, 34.1)):
+        tracer.start_span(name, context=inside, start_time=t0 + int(start * ms)).end(
+            end_time=t0 + int(end * ms)
+        )
+    request.end(end_time=t0 + 35 * ms)
     ax = plot_waterfall(tracing.spans(), min_ms=1)
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels == ["svc: request", "  svc: fast", "  svc: slow"]  # "tiny" is under 1 ms
