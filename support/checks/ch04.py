@@ -1878,9 +1878,7 @@ class _Shop:
     Order: Any
     schema: str | None = None  # PostgreSQL: the schema of the check's tables (its connections' search_path)
     stock_reads: int = 0  # SELECTs of the stock table, counted while the check pauses after them
-    serialised_reads: int = (
-        0  # of which held the row's lock on PostgreSQL: not paused after (they cannot meet)
-    )
+    serialised_reads: int = 0  # of which held the row's lock on PostgreSQL: no pause after them
     locked_reads: int = 0  # of which asked for a row lock (FOR UPDATE), whether the database gives one or not
     met: int = 0  # reads of the stock table that returned during another's pause, while units were unsold
     shared: list[Any] = field(default_factory=list)  # transactions that read the stock FOR SHARE
